@@ -1,0 +1,62 @@
+# chronorisk: `make demo` sets everything up and runs the whole chain;
+# `make test` sets everything up and runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+WORK ?= $(CURDIR)/work
+
+# Health data: every tool's telemetry off, every tool's state in the work folder.
+export CHRONORISK_WORK := $(WORK)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export FLWR_TELEMETRY_ENABLED := 0
+export BENTOML_DO_NOT_TRACK := true
+export DVC_NO_ANALYTICS := 1
+export BENTOML_HOME := $(WORK)/bentoml
+export FLWR_HOME := $(WORK)/flwr
+export DVC_SITE_CACHE_DIR := $(WORK)/dvc-site-cache
+export MPLCONFIGDIR := $(WORK)/matplotlib
+export RAY_USAGE_STATS_ENABLED := 0
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-fast lint bench clean distclean
+
+$(BIN)/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+$(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/uv
+	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/chronorisk demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not deployment" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m benchmarks.run_all
+
+# Regenerate the lock file after changing pyproject.toml.
+lock: | $(BIN)/uv
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --generate-hashes -q -o requirements.lock
+
+clean:
+	rm -rf $(WORK)
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,44 @@
+"""Process environment for health data: telemetry off, tool state in the work folder.
+
+Called once at the CLI entry point (never at import) and by the test
+fixtures, so every tool a command starts (MLflow, BentoML, Flower, DVC, Ray)
+inherits it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "BENTOML_DO_NOT_TRACK": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def tool_homes(work: Path) -> dict[str, str]:
+    """Environment variables that keep every tool's state under `work`."""
+    return {
+        "CHRONORISK_WORK": str(work),
+        "BENTOML_HOME": str(work / "bentoml"),
+        "FLWR_HOME": str(work / "flwr"),
+        "DVC_SITE_CACHE_DIR": str(work / "dvc-site-cache"),
+        "MPLCONFIGDIR": str(work / "matplotlib"),
+        "MLFLOW_TRACKING_URI": os.environ.get(
+            "MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
+        ),
+    }
+
+
+def configure_environment(work: Path) -> None:
+    """Switch telemetry off and point tool homes at `work` (forced, not defaulted)."""
+    os.environ.update(TELEMETRY_OFF)
+    for key, value in tool_homes(work).items():
+        os.environ[key] = value
+    for key in ("BENTOML_HOME", "FLWR_HOME", "MPLCONFIGDIR"):
+        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)

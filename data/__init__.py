@@ -1,0 +1,1 @@
+"""Data layer: MEDS I/O, the shared clinical vocabulary, the synthetic cohort, FHIR ingestion."""

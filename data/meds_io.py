@@ -1,0 +1,186 @@
+"""MEDS datasets on disk: one dataset per site under `<root>/sites/<site_id>/`.
+
+Layout (MEDS 0.4): `data/*.parquet` shards with subject_id, time, code,
+numeric_value, text_value (a subject lives in exactly one shard, rows sorted
+by subject then time, static rows with null time first), plus
+`metadata/codes.parquet`, `metadata/dataset.json` and
+`metadata/subject_splits.parquet`. Readers return polars LazyFrames so that
+feature pipelines stay lazy end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import meds
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from chronorisk.data.files import atomic_output, write_text_atomic
+
+EVENT_SCHEMA = pl.Schema(
+    {
+        "subject_id": pl.Int64,
+        "time": pl.Datetime("us"),
+        "code": pl.String,
+        "numeric_value": pl.Float32,
+        "text_value": pl.String,
+    }
+)
+LABEL_SCHEMA = pl.Schema({"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean})
+SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
+_ARROW_EVENTS = meds.DataSchema.schema()
+
+
+def site_root(root: Path, site_id: str) -> Path:
+    return Path(root) / "sites" / site_id
+
+
+def site_ids(root: Path) -> list[str]:
+    """Sites present under `root` (sorted), i.e. folders of `root/sites` holding MEDS data."""
+    sites = Path(root) / "sites"
+    if not sites.is_dir():
+        return []
+    return sorted(p.name for p in sites.iterdir() if (p / meds.data_subdirectory).is_dir())
+
+
+def conform_events(df: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
+    """Cast to the MEDS event schema and sort (subject, time with statics first, code)."""
+    frame = df.lazy() if isinstance(df, pl.DataFrame) else df
+    for col, dtype in EVENT_SCHEMA.items():
+        if col not in frame.collect_schema().names():
+            frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(col))
+    return (
+        frame.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
+        .sort(["subject_id", "time", "code"], nulls_last=False)
+        .collect()
+    )
+
+
+def write_events(df: pl.DataFrame, path: Path) -> None:
+    """Write one MEDS data shard atomically, with the exact MEDS arrow schema."""
+    table = conform_events(df).to_arrow()
+    table = table.cast(pa.schema([_ARROW_EVENTS.field(n) for n in table.column_names]))
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def write_labels(df: pl.DataFrame, path: Path) -> None:
+    """Write MEDS label parquet (subject_id, prediction_time, boolean_value) atomically."""
+    table = df.select([pl.col(c).cast(t) for c, t in LABEL_SCHEMA.items()]).to_arrow()
+    full = meds.LabelSchema.schema()
+    table = table.cast(pa.schema([full.field(n).with_nullable(False) for n in table.column_names]))
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def split_of(subject_ids: pl.Expr, seed: int = 0) -> pl.Expr:
+    """Deterministic split from the subject id: 70% train, 15% tuning, 15% held_out."""
+    bucket = (subject_ids.hash(seed=seed) % 100).cast(pl.Int32)
+    return (
+        pl.when(bucket < 70)
+        .then(pl.lit(meds.train_split))
+        .when(bucket < 85)
+        .then(pl.lit(meds.tuning_split))
+        .otherwise(pl.lit(meds.held_out_split))
+    )
+
+
+def write_metadata(
+    site_dir: Path,
+    *,
+    dataset_name: str,
+    etl_name: str,
+    subject_ids: Iterable[int] | pl.Series,
+    code_descriptions: dict[str, str | None],
+    extra: dict | None = None,
+    split_seed: int = 0,
+) -> None:
+    """Write codes.parquet, dataset.json and subject_splits.parquet for one site."""
+    meta = Path(site_dir) / "metadata"
+    ids = pl.Series("subject_id", list(subject_ids) if not isinstance(subject_ids, pl.Series) else subject_ids)
+    splits = pl.DataFrame({"subject_id": ids.cast(pl.Int64)}).with_columns(
+        split_of(pl.col("subject_id"), split_seed).alias("split")
+    )
+    with atomic_output(meta / "subject_splits.parquet") as tmp:
+        pq.write_table(splits.to_arrow().cast(meds.SubjectSplitSchema.schema()), tmp)
+    codes = pl.DataFrame(
+        {
+            "code": list(code_descriptions),
+            "description": list(code_descriptions.values()),
+            "parent_codes": [[] for _ in code_descriptions],
+        },
+        schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
+    )
+    with atomic_output(meta / "codes.parquet") as tmp:
+        pq.write_table(codes.to_arrow().cast(meds.CodeMetadataSchema.schema()), tmp)
+    dataset = {
+        "dataset_name": dataset_name,
+        "dataset_version": "1",
+        "etl_name": etl_name,
+        "etl_version": _package_version(),
+        "meds_version": getattr(meds, "__version__", "0.4"),
+        "created_at": datetime.now(UTC).isoformat(),
+        **(extra or {}),
+    }
+    write_text_atomic(meta / "dataset.json", json.dumps(dataset, indent=2, default=str))
+
+
+def _package_version() -> str:
+    from chronorisk import __version__
+
+    return __version__
+
+
+def scan_site(root: Path, site_id: str) -> pl.LazyFrame:
+    """All events of one site as a LazyFrame in the MEDS event schema."""
+    data = site_root(root, site_id) / meds.data_subdirectory
+    files = sorted(data.glob("**/*.parquet"))
+    if not files:
+        return pl.LazyFrame(schema=EVENT_SCHEMA)
+    return pl.scan_parquet(files).select(list(EVENT_SCHEMA))
+
+
+def scan_sites(root: Path, sites: Iterable[str] | None = None) -> pl.LazyFrame:
+    """The pooled view: every site's events with a `site` column (centralized baseline only)."""
+    chosen = list(sites) if sites is not None else site_ids(root)
+    frames = [scan_site(root, s).with_columns(pl.lit(s).alias("site")) for s in chosen]
+    if not frames:
+        return pl.LazyFrame(schema={**EVENT_SCHEMA, "site": pl.String})
+    return pl.concat(frames, how="vertical")
+
+
+def read_splits(root: Path, site_id: str) -> pl.DataFrame:
+    path = site_root(root, site_id) / meds.subject_splits_filepath
+    return pl.read_parquet(path)
+
+
+def read_dataset_metadata(root: Path, site_id: str) -> dict:
+    path = site_root(root, site_id) / meds.dataset_metadata_filepath
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def validate_site(root: Path, site_id: str) -> None:
+    """Check every shard and metadata file against the `meds` package's schemas (raises on failure)."""
+    base = site_root(root, site_id)
+    for shard in sorted((base / meds.data_subdirectory).glob("**/*.parquet")):
+        meds.DataSchema.validate(pq.read_table(shard))
+    meds.CodeMetadataSchema.validate(pq.read_table(base / meds.code_metadata_filepath))
+    meds.SubjectSplitSchema.validate(pq.read_table(base / meds.subject_splits_filepath))
+    meds.DatasetMetadataSchema.validate(json.loads((base / meds.dataset_metadata_filepath).read_text()))
+
+
+def fingerprint(paths: Iterable[Path]) -> str:
+    """Content fingerprint of files (sha256 over names, sizes and bytes); for model provenance."""
+    h = hashlib.sha256()
+    for p in sorted(Path(x) for x in paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

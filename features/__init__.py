@@ -1,0 +1,1 @@
+"""Features: tasks and labels, and the fit-once / transform-everywhere polars pipeline."""

@@ -1,0 +1,1 @@
+"""Federated training with Flower: thin apps over plain, tested modules."""

@@ -1,0 +1,1 @@
+"""Models: LightGBM wrapper, calibration, SHAP explanations, model bundle and card."""

@@ -1,0 +1,1 @@
+"""Serving: BentoML service, score store, pages, access control, audit, monitoring."""

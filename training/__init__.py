@@ -1,0 +1,1 @@
+"""Training: centralized training, evaluation, MLflow tracking and registry."""
