@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chronorisk.data.config import GenerateConfig, IngestConfig
 from chronorisk.errors import ConfigError
-from chronorisk.federated.config import FederatedConfig
 from chronorisk.features.config import FeatureConfig, LabelConfig
+from chronorisk.federated.config import FederatedConfig
 from chronorisk.models.config import ModelConfig
 from chronorisk.serving.config import MonitorConfig, ServeConfig
 from chronorisk.training.config import EvaluateConfig, PromoteConfig, TrainConfig
