@@ -21,7 +21,7 @@ export MPLCONFIGDIR := $(WORK)/matplotlib
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint bench clean distclean
+.PHONY: setup browser-deps demo test test-fast lint bench clean distclean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,14 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/chronorisk demo
 
-test: setup
+# Debian packages some tests need (headless Chromium for the browser tests).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium missing: run 'sudo apt-get install chromium' (browser tests will fail)"; fi; }
+
+test: setup browser-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
