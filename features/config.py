@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class FeatureConfig(BaseModel):
@@ -11,7 +11,16 @@ class FeatureConfig(BaseModel):
     windows_days: list[int] = Field(default_factory=lambda: [90, 365, 1095])
     min_code_subjects: int = Field(20, ge=1, description="a code becomes a feature when this many subjects have it")
     max_codes: int = Field(200, ge=0, description="at most this many data-driven code features")
-    prediction_interval_days: int = Field(182, gt=0)
+    pdc_days: int = Field(365, gt=0, description="window of medication counts and proportion of days covered")
+    chunk_subjects: int = Field(100_000, gt=0, description="subjects transformed at a time (memory bound)")
+    concepts: str | None = Field(None, description="concept map YAML (default: the built-in features/concepts.yaml)")
+
+    @field_validator("windows_days")
+    @classmethod
+    def _positive_windows(cls, value: list[int]) -> list[int]:
+        if not value or any(w <= 0 for w in value):
+            raise ValueError(f"windows_days must be positive day counts, got {value}")
+        return sorted(set(value))
 
 
 class LabelConfig(BaseModel):

@@ -2,24 +2,94 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ServeConfig(BaseModel):
+    """Scoring, the risk service and its pages (`serve:` in params.yaml)."""
+
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = 3000
-    store_url: str | None = None
-    max_payload_mb: float = 5.0
-    small_cell: int = Field(10, ge=1)
+    port: int = Field(3000, ge=1, le=65535)
+    workers: int = Field(2, ge=1, le=64, description="BentoML worker processes")
+    store_url: str | None = Field(None, description="score store URL; default SQLite in the work folder")
+    tasks: list[str] = Field(default_factory=lambda: ["complication_1y", "onset_2y"])
+    model_source: Literal["registry", "folder"] = Field(
+        "registry", description="champion models from the MLflow registry, or an exported folder"
+    )
+    model_dir: str | None = Field(None, description="exported models: <model_dir>/<task>/ (model_source: folder)")
+    model_alias: str = "champion"
+    max_payload_mb: float = Field(5.0, gt=0)
+    max_events: int = Field(200_000, ge=1, description="events per /score request")
+    small_cell: int = Field(10, ge=1, description="aggregate counts below this are suppressed")
+    cohort_row_limit: int = Field(5000, ge=1, description="rows in a JSON cohort answer (exports are complete)")
+    explain_tiers: list[Literal["low", "medium", "high"]] = Field(
+        default_factory=lambda: ["medium", "high"], description="tiers whose factors batch scoring stores"
+    )
+    secret_env: str = Field("CHRONORISK_SERVE_SECRET", description="env var holding the signing secret")
+    secret_file: str | None = Field(None, description="file holding the signing secret (outside the repo)")
+    session_hours: float = Field(8.0, gt=0, description="lifetime of a signed page session")
+    key_cache_seconds: float = Field(2.0, ge=0, description="how long a worker trusts a key lookup")
 
 
 class MonitorConfig(BaseModel):
+    """Drift and performance monitoring (`monitor:` in params.yaml); see serving/monitoring.py for the tests."""
+
     model_config = ConfigDict(extra="forbid")
 
-    window: str = "week"
-    drift_share_warning: float = Field(0.15, ge=0, le=1)
-    drift_share_alert: float = Field(0.30, ge=0, le=1)
-    prediction_drift_alert: bool = True
-    min_window_rows: int = Field(200, ge=1)
+    window: Literal["week", "day"] = Field("week", description="monitoring window of prediction times")
+    html: Literal["flagged", "all", "none"] = Field(
+        "flagged", description="Evidently HTML for windows not ok plus each site's latest (flagged), every window, none"
+    )
+    # status of a (site, window)
+    drift_share_warning: float = Field(0.15, ge=0, le=1, description="drifted share of tested features: warning")
+    drift_share_alert: float = Field(0.30, ge=0, le=1, description="drifted share of tested features: alert")
+    prediction_drift_alert: bool = Field(True, description="a drifted risk distribution is an alert (else warning)")
+    min_window_rows: int = Field(200, ge=1, description="windows with fewer rows are not tested")
+    # which features are tested, on how many rows
+    top_features: int = Field(20, ge=1, description="most important features always tested with Evidently")
+    screen_smd: float = Field(0.1, gt=0, description="polars screen: standardized mean shift that adds a feature")
+    sample_rows: int = Field(5000, ge=100, description="current rows per window for the tests (seeded sample)")
+    reference_rows: int = Field(5000, ge=100, description="training reference rows per site (seeded sample)")
+    reference_recent_times: int = Field(
+        2, ge=0, description="reference = latest N prediction times of the train split (0 = all)"
+    )
+    seed: int = Field(0, description="seed of the reference and window samples")
+    # per-feature tests: each needs an effect size and significance
+    stattest: str = Field("wasserstein", description="Evidently drift method for numeric columns")
+    feature_drift_threshold: float = Field(0.3, gt=0, description="normed Wasserstein (reference SDs) of a drift")
+    severe_drift_threshold: float = Field(1.0, gt=0, description="normed Wasserstein that alerts on its own")
+    prediction_drift_threshold: float = Field(0.25, gt=0, description="normed Wasserstein of the risk distribution")
+    significance: float = Field(1e-4, gt=0, lt=1, description="p-value a shift must also reach (KS, binomial, z)")
+    out_of_range_quantile: float = Field(0.005, gt=0, lt=0.5, description="reference range = [q, 1 - q] quantiles")
+    out_of_range_share: float = Field(0.04, gt=0, le=1, description="share outside the reference range: drift")
+    severe_out_of_range_share: float = Field(0.10, gt=0, le=1, description="share outside the range: alert alone")
+    missing_share_change: float = Field(0.10, gt=0, le=1, description="absolute change of the missing share")
+    min_feature_rows: int = Field(30, ge=5, description="non-missing values a distribution test needs")
+    # realized performance once outcomes arrive
+    min_outcomes: int = Field(200, ge=10, description="outcomes a window needs before its performance is judged")
+    min_positive_outcomes: int = Field(10, ge=1, description="positive outcomes needed too")
+    auroc_drop_warning: float = Field(0.05, ge=0, description="AUROC below the reference by this much: warning")
+    auroc_drop_alert: float = Field(0.10, ge=0, description="AUROC below the reference by this much: alert")
+    ece_warning: float = Field(0.05, ge=0, description="expected calibration error: warning")
+    ece_alert: float = Field(0.10, ge=0, description="expected calibration error: alert")
+    calibration_slope_range: tuple[float, float] = Field((0.7, 1.4), description="calibration slope outside: warning")
+    performance_significance: float = Field(
+        0.001, gt=0, lt=1, description="p-value a performance finding must reach (AUROC drop, ECE, slope)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MonitorConfig:
+        pairs = [("drift_share_warning", "drift_share_alert"), ("auroc_drop_warning", "auroc_drop_alert"),
+                 ("ece_warning", "ece_alert"), ("feature_drift_threshold", "severe_drift_threshold"),
+                 ("out_of_range_share", "severe_out_of_range_share")]
+        for low, high in pairs:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low)}) must not exceed {high} ({getattr(self, high)})")
+        lo, hi = self.calibration_slope_range
+        if not 0 < lo < hi:
+            raise ValueError(f"calibration_slope_range must be two increasing positive numbers, got {lo}, {hi}")
+        return self

@@ -1,0 +1,280 @@
+"""FHIR R4 -> MEDS per site: plan, convert in a process pool, place patients at sites, write.
+
+1. Discover the input files and cut them into tasks (`sources.plan_tasks`).
+2. Workers convert each task's resources and spill rows to staging parquet,
+   bucketed by subject (`worker.run_task`); records that cannot be converted
+   go to the quarantine. Memory stays flat: a worker holds at most
+   `flush_rows` rows, the parent only counts.
+3. Sites. With `--site`, every patient goes there. Otherwise each encounter's
+   serviceProvider names an Organization (found in any input file: Synthea
+   writes them in the patient bundle and in `hospitalInformation*.json`); its
+   site is the value of its `urn:chronorisk:site` identifier, else its name
+   slugified. A patient goes to ONE site: the site of most of their encounters
+   (ties: the alphabetically first site); a patient with no such encounter
+   goes to the site of their Patient.managingOrganization, else of the only
+   Organization in their bundle, else to `ingest.unassigned_site`. Resources that name no patient are
+   counted under "(no subject)".
+4. Each staging bucket becomes one MEDS shard per site (a subject lives in
+   exactly one shard), then metadata, the quarantine file and the report.
+
+Everything is written into a temporary folder beside `--out` and swapped in
+at the end, so a failed run leaves the previous output untouched and a re-run
+replaces it whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing import get_context
+from pathlib import Path
+
+from chronorisk.data.config import IngestConfig
+from chronorisk.data.fhir.quarantine import QUARANTINE_FILE, merge_parts
+from chronorisk.data.fhir.report import REPORT_FILE, build_report, report_json
+from chronorisk.data.fhir.sources import Source, discover, plan_tasks
+from chronorisk.data.fhir.worker import TaskResult, WorkerSettings, init_worker, peak_rss_mb, run_task
+from chronorisk.data.files import write_text_atomic
+from chronorisk.errors import ChronoriskError, InputError
+
+log = logging.getLogger(__name__)
+NO_SUBJECT = "(no subject)"
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    input: Path
+    out: Path
+    quarantine_root: Path
+    site: str | None = None
+    workers: int | None = None  # None: config.workers
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a folder that is not an earlier ingest output (or empty)."""
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT_FILE).is_file():
+        raise InputError("--out", f"{out} is not empty and holds no {REPORT_FILE}: refusing to replace it")
+
+
+def _run_tasks(tasks: list[list[Source]], key: bytes, settings: WorkerSettings, workers: int) -> list[TaskResult]:
+    results: list[TaskResult] = []
+    started = time.perf_counter()
+    if workers <= 1:
+        init_worker(key, settings, single_threaded=False)
+        for i, task in enumerate(tasks):
+            results.append(run_task(i, task))
+        return results
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=get_context("spawn"), initializer=init_worker, initargs=(key, settings)
+    )
+    try:
+        futures = [pool.submit(run_task, i, task) for i, task in enumerate(tasks)]
+        # The writer's imports (pyarrow, meds: ~1 s) overlap the workers instead of following them.
+        import chronorisk.data.meds_io  # noqa: F401
+
+        for done, future in enumerate(as_completed(futures), 1):
+            results.append(future.result())
+            if done % 50 == 0:
+                log.info("ingest: %d/%d tasks done (%.0f s)", done, len(tasks), time.perf_counter() - started)
+    except BrokenProcessPool:
+        raise ChronoriskError(
+            "a worker process died (out of memory?); lower ingest.flush_rows or ingest.workers"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return sorted(results, key=lambda r: r.index)
+
+
+def _merge(results: list[TaskResult]) -> dict:
+    merged = {
+        "files": 0, "bytes_in": 0, "rows": 0, "worker_seconds": 0.0, "organizations": 0, "worker_peak_rss_mb": 0.0,
+        "outcomes": Counter(), "categories": Counter(), "file_problems": Counter(),
+        "line_problems": Counter(), "notes": Counter(), "orgs": {}, "displays": {},
+    }
+    for r in results:
+        for key in ("files", "bytes_in", "rows", "organizations"):
+            merged[key] += getattr(r, key)
+        merged["worker_seconds"] += r.seconds
+        merged["worker_peak_rss_mb"] = max(merged["worker_peak_rss_mb"], r.peak_rss_mb)
+        for key in ("outcomes", "categories", "file_problems", "line_problems"):
+            merged[key].update(getattr(r, key))
+        merged["notes"].update(r.notes)
+        for k, v in r.orgs.items():
+            if merged["orgs"].get(k) is None:
+                merged["orgs"][k] = v
+        for k, v in r.displays.items():
+            merged["displays"].setdefault(k, v)
+    return merged
+
+
+def _site_map(staging: Path, orgs: dict[str, str | None], site: str | None):
+    """subject_id -> site (most encounters at that site's organizations; ties: first by name)."""
+    import polars as pl
+
+    schema = {"subject_id": pl.Int64, "site": pl.String}
+    files = sorted((staging / "events").glob("b*/*.parquet"))
+    if site is not None or not files:
+        return pl.DataFrame(schema=schema)
+    org_table = pl.DataFrame(
+        {"org": list(orgs), "site": list(orgs.values())}, schema={"org": pl.String, "site": pl.String}
+    ).drop_nulls()
+    votes = (
+        pl.scan_parquet(files)
+        .drop_nulls("org")
+        .select(
+            "subject_id", "org",
+            # encounters vote first; the patient's own organization only when no encounter resolves
+            pl.when(pl.col("code").str.starts_with("ENCOUNTER//")).then(0).otherwise(1).alias("rank"),
+        )
+        .join(org_table.lazy(), on="org", how="inner")
+        .group_by("subject_id", "rank", "site")
+        .len()
+        .sort(["subject_id", "rank", "len", "site"], descending=[False, False, True, False])
+        .group_by("subject_id", maintain_order=True)
+        .first()
+        .select("subject_id", "site")
+    )
+    return votes.collect()
+
+
+def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unassigned: str, displays: dict,
+                 run_id: str) -> dict[str, dict]:
+    """One MEDS shard per (bucket, site) plus metadata per site; returns per-site subjects/events."""
+    import polars as pl
+
+    from chronorisk.data.codes import display_for
+    from chronorisk.data.meds_io import EVENT_SCHEMA, site_root, write_events, write_metadata
+
+    subjects: dict[str, list] = {}
+    codes: dict[str, set[str]] = {}
+    events: Counter = Counter()
+    shards: Counter = Counter()
+    for bucket_dir in sorted((staging / "events").glob("b*")):
+        frame = pl.scan_parquet(sorted(bucket_dir.glob("*.parquet")))
+        if site is not None:
+            frame = frame.with_columns(pl.lit(site).alias("site"))
+        else:
+            frame = frame.join(site_map.lazy(), on="subject_id", how="left").with_columns(
+                pl.col("site").fill_null(unassigned)
+            )
+        collected = frame.collect()
+        for (site_id,), part in collected.partition_by("site", as_dict=True).items():
+            target = site_root(tmp_out, site_id) / "data" / f"{bucket_dir.name[1:]}.parquet"
+            write_events(part.select(list(EVENT_SCHEMA)), target)
+            subjects.setdefault(site_id, []).append(part.get_column("subject_id").unique())
+            codes.setdefault(site_id, set()).update(part.get_column("code").unique().to_list())
+            events[site_id] += part.height
+            shards[site_id] += 1
+    summary = {}
+    for site_id in sorted(subjects):
+        ids = pl.concat(subjects[site_id]).unique().sort()
+        write_metadata(
+            site_root(tmp_out, site_id),
+            dataset_name=f"chronorisk-fhir-{site_id}",
+            etl_name="chronorisk ingest (FHIR R4)",
+            subject_ids=ids,
+            code_descriptions={c: display_for(c) or displays.get(c) or None for c in sorted(codes[site_id])},
+            extra={"site_id": site_id, "source": "fhir-r4", "ingest_run": run_id},
+        )
+        summary[site_id] = {"subjects": ids.len(), "events": events[site_id], "shards": shards[site_id]}
+    return summary
+
+
+def _site_outcomes(staging: Path, site_map, site: str | None, unassigned: str) -> dict:
+    """{site: {resource_type: {outcome: n}}} from the per-subject outcome counts."""
+    import polars as pl
+
+    files = sorted((staging / "counts").glob("*.parquet"))
+    if not files:
+        return {}
+    frame = pl.scan_parquet(files)
+    if site is not None:
+        frame = frame.with_columns(pl.lit(site).alias("site"))
+    else:
+        frame = frame.join(site_map.lazy(), on="subject_id", how="left").with_columns(
+            pl.when(pl.col("subject_id").is_null()).then(pl.lit(NO_SUBJECT))
+            .otherwise(pl.col("site").fill_null(unassigned)).alias("site")
+        )
+    table = frame.group_by("site", "resource_type", "outcome").agg(pl.col("n").sum()).collect()
+    out: dict = {}
+    for row in table.iter_rows(named=True):
+        out.setdefault(row["site"], {}).setdefault(row["resource_type"], {})[row["outcome"]] = row["n"]
+    return out
+
+
+def _swap_in(tmp_out: Path, out: Path, run_id: str) -> None:
+    old = out.parent / f".{out.name}.old-{run_id}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp_out, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source: str = "") -> dict:
+    """Run one ingestion; return the report (also written to `<out>/ingest_report.json`)."""
+    started_at = datetime.now(UTC)
+    t0 = time.perf_counter()
+    sources, ignored = discover(options.input)
+    out = Path(options.out).resolve()
+    _check_out(out)
+    run_id = new_run_id()
+    tmp_out = out.parent / f".{out.name}.tmp-{run_id}"
+    staging = tmp_out / "_staging"
+    quarantine_dir = Path(options.quarantine_root) / run_id
+    workers = options.workers or config.workers
+    total_bytes = sum(s.size for s in sources)
+    if total_bytes < config.inline_below_mb * 1e6:
+        workers = 1
+    n_buckets = max(1, math.ceil(total_bytes / (config.shard_input_mb * 1e6)))
+    settings = WorkerSettings(
+        staging=str(staging), quarantine_parts=str(quarantine_dir / ".parts"), n_buckets=n_buckets,
+        max_bytes=int(config.max_file_mb * 1e6), flush_rows=config.flush_rows,
+    )
+    tasks = plan_tasks(sources, int(config.task_mb * 1e6), workers)
+    log.info("ingest: %d file(s), %.1f MB, %d task(s), %d worker(s)", len(sources), total_bytes / 1e6,
+             len(tasks), workers)
+    tmp_out.mkdir(parents=True)
+    done = False
+    try:
+        results = _run_tasks(tasks, key, settings, workers)
+        t_convert = time.perf_counter() - t0
+        merged = _merge(results)
+        site_map = _site_map(staging, merged["orgs"], options.site)
+        sites = _write_sites(tmp_out, staging, site_map, options.site, config.unassigned_site,
+                             merged["displays"], run_id)
+        per_site = _site_outcomes(staging, site_map, options.site, config.unassigned_site)
+        shutil.rmtree(staging, ignore_errors=True)
+        quarantined_lines = merge_parts(quarantine_dir / ".parts", quarantine_dir / QUARANTINE_FILE)
+        seconds = time.perf_counter() - t0
+        report = build_report(
+            run_id=run_id, started_at=started_at, seconds=seconds, convert_seconds=t_convert,
+            input_path=Path(options.input).resolve(), out=out, quarantine_file=quarantine_dir / QUARANTINE_FILE,
+            key_source=key_source, site=options.site, workers=workers, n_sources=len(sources), ignored=ignored,
+            merged=merged, sites=sites, per_site=per_site, quarantined_lines=quarantined_lines,
+            parent_peak_rss_mb=peak_rss_mb(),
+        )
+        write_text_atomic(tmp_out / REPORT_FILE, report_json(report))
+        _swap_in(tmp_out, out, run_id)
+        done = True
+    finally:
+        if tmp_out.exists():
+            shutil.rmtree(tmp_out, ignore_errors=True)
+        if not done:  # a failed run leaves no half-written quarantine either
+            shutil.rmtree(quarantine_dir, ignore_errors=True)
+    return report

@@ -1,0 +1,150 @@
+"""Ground truth: P(the task's outcome is recorded within the horizon | everything up to t).
+
+For each prediction time t (a grid month) and each patient in a task's
+population, `task_risk()` runs the hazard model forward from the patient's
+state at t along the *expected path* of the risk factors (no random walk,
+medication coverage at the patient's expected adherence, conditions and
+treatments held as they are at t) and propagates a three-state chain month
+by month (`hazards.chain_step`): no outcome condition / present but not yet
+recorded / recorded, with death absorbing. It never looks at the realized
+future. The approximation is that the factors' random walk and any new
+condition or treatment inside the horizon are averaged out; the test suite
+checks that mean true risk matches the realized label rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from chronorisk.data.synth import dynamics as dyn
+from chronorisk.data.synth.hazards import (
+    CHRONIC_VISIT_FACTOR,
+    COEFFICIENTS,
+    COMPLICATION_OUTCOMES,
+    COND_INDEX,
+    DETECTION_GROUPS,
+    IMMEDIATE,
+    ONSET_CONDITIONS,
+    OUTCOMES,
+    chain_step,
+    covariates,
+    monthly_probability,
+    yearly_hazards,
+)
+
+def _coef(outcome: str, covariate: str) -> float:
+    return COEFFICIENTS[outcome].get(covariate, 0.0)
+
+
+def walk_variance(lat: dyn.Latent, vals: dict[str, np.ndarray]) -> np.ndarray:
+    """(outcomes, n): variance added per month to each log-hazard by the factors' random walk.
+
+    The log-hazards are linear in the latent factors, each of which takes a
+    Gaussian step of SD `dynamics.NOISE_SD` every month; k months ahead the
+    linear predictor is Gaussian around its expected path with variance
+    k * this, so the expected hazard is exp(eta + k * this / 2).
+    """
+    dm = lat.present[COND_INDEX["diabetes"]]
+    sd = dyn.NOISE_SD
+    ldl_scale = vals["ldl"] / lat.ldl  # treatment scales the LDL walk
+    below_60 = vals["egfr"] < 60.0
+    rows = []
+    for o in OUTCOMES:
+        g_coef = _coef(o, "hba1c_pre") + _coef(o, "hba1c7_dm") * dm + _coef(o, "glucose10") * 2.8
+        egfr_coef = _coef(o, "egfr60") + _coef(o, "egfr30") + _coef(o, "egfr_low") * below_60
+        rows.append(
+            (_coef(o, "sbp10") / 10.0 * sd["p"]) ** 2
+            + (g_coef * sd["g"]) ** 2
+            + (_coef(o, "bmi5") / 5.0 * sd["bmi"]) ** 2
+            + (_coef(o, "ldl40") / 40.0 * sd["ldl"] * ldl_scale) ** 2
+            + (_coef(o, "hdl15") / 15.0 * sd["hdl"]) ** 2
+            + (egfr_coef / 10.0 * sd["egfr"]) ** 2
+        )
+    return np.stack(rows)
+
+
+ONSET_IDX = np.array([COND_INDEX[c] for c in ONSET_CONDITIONS])
+COMPLICATION_IDX = np.array([COND_INDEX[c] for c in COMPLICATION_OUTCOMES])
+
+
+@dataclass(frozen=True)
+class TaskHorizon:
+    """Which task is evaluated and for how many months (0 = not at this date)."""
+
+    onset_months: int
+    complication_months: int
+
+
+def hazards_now(lat: dyn.Latent, month: int, day: int, hidden: np.ndarray | None):
+    """(age, treated values, onset hazards, death hazard) of every patient at the start of `month`.
+
+    `hidden` is the (outcomes, n) hidden log-hazard shift, or None (ideal mode).
+    """
+    age = dyn.age_years(lat, day)
+    vals = dyn.treated(lat, age)
+    x = covariates(
+        age=age, female=lat.female, sbp=vals["sbp"], hba1c=vals["hba1c"], glucose=vals["glucose"],
+        bmi=vals["bmi"], ldl=vals["ldl"], hdl=vals["hdl"], egfr=vals["egfr"],
+        smoker=lat.smoke == dyn.SMOKE_CURRENT, present=lat.present, dm_years=dyn.dm_years(lat, month),
+        statin=vals["statin"],
+    )
+    lam, death = yearly_hazards(x, lat.present, hidden)
+    return age, vals, lam, death
+
+
+def task_risk(
+    lat: dyn.Latent,
+    *,
+    month: int,
+    month_start: np.ndarray,
+    hidden: np.ndarray | None,
+    visit_rate: np.ndarray,
+    ideal: bool,
+    horizon: TaskHorizon,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(onset risk, complication risk) for every patient of `lat` at the start of `month`.
+
+    `lat` is modified (pass a copy: `Latent.take`). `visit_rate` is the
+    routine-visit rate per year of a patient without recorded diabetes or
+    hypertension. Each risk is computed for every row; the caller keeps the
+    rows that belong to the task's population.
+    """
+    n = lat.female.shape[0]
+    months = max(horizon.onset_months, horizon.complication_months)
+    present = lat.present
+    chains = {}
+    for task, idx in (("onset", ONSET_IDX), ("complication", COMPLICATION_IDX)):
+        b = present[idx].any(axis=0).astype(np.float64)
+        chains[task] = [1.0 - b, b, np.zeros(n)]
+    imm_onset = np.ones((len(ONSET_IDX), 1)) if ideal else np.zeros((len(ONSET_IDX), 1))
+    imm_comp = np.array([[1.0 if ideal else IMMEDIATE.get(c, 0.0)] for c in COMPLICATION_OUTCOMES])
+    if ideal:
+        q_onset = q_comp = 0.0
+    else:
+        q_onset = monthly_probability(visit_rate) * DETECTION_GROUPS["metabolic"][1]
+        q_comp = monthly_probability(visit_rate * CHRONIC_VISIT_FACTOR) * DETECTION_GROUPS["complication"][1]
+    expected_coverage = lat.slot_active * lat.alpha[None, :]
+    variance = None
+    for k in range(months):
+        m = month + k
+        age, vals, lam, death = hazards_now(lat, m, int(month_start[m]), hidden)
+        if variance is None:
+            variance = walk_variance(lat, vals)
+        elif k:
+            spread = np.exp(0.5 * k * variance)
+            lam *= spread[:-1]
+            death = death * spread[-1]
+        p_death = monthly_probability(death)
+        p_onset = monthly_probability(lam)
+        if k < horizon.onset_months:
+            chains["onset"] = list(chain_step(*chains["onset"], p_death=p_death, p_onset=p_onset[ONSET_IDX],
+                                              immediate=imm_onset, q_detect=q_onset))
+        if k < horizon.complication_months:
+            chains["complication"] = list(chain_step(
+                *chains["complication"], p_death=p_death, p_onset=p_onset[COMPLICATION_IDX],
+                immediate=imm_comp, q_detect=q_comp))
+        if k + 1 < months:
+            dyn.advance(lat, age, vals, expected_coverage, rng=None)
+    return chains["onset"][2], chains["complication"][2]

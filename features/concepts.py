@@ -1,0 +1,209 @@
+"""The concept map: codes of several vocabularies grouped into clinical concepts.
+
+Sites code the same disease differently (SNOMED CT at one, ICD-10-CM at
+another, ICD-9-CM in old records, local codes in a lab system). Tasks
+(population, outcome) and features (condition history, measurements, drug
+classes) speak in concepts; this module says which codes make a concept.
+
+`concepts.yaml` beside this file is the documented map; `data/codes.py` is
+always merged in, so a code the generator or ingestion writes is never
+missing from it. Conditions match exact codes and code-family prefixes
+(`ICD10CM//E11` covers every E11 sub-code); measurements and drug classes
+match exact codes only.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import polars as pl
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chronorisk.data import codes as vocab
+from chronorisk.errors import InputError
+
+CONCEPTS_YAML = Path(__file__).with_name("concepts.yaml")
+
+# data/codes.py diagnosis name -> the concepts its codes belong to
+_DIAGNOSIS_CONCEPTS: dict[str, tuple[str, ...]] = {
+    "ckd3": ("ckd", "ckd3plus"),
+    "ckd4": ("ckd", "ckd3plus"),
+    "nephropathy": ("nephropathy", "diabetes"),
+    "retinopathy": ("retinopathy", "diabetes"),
+    "neuropathy": ("neuropathy", "diabetes"),
+}
+
+
+def _check_code(code: str) -> str:
+    vocab_part, sep, value = code.partition("//")
+    if not sep or not vocab_part or not value:
+        raise ValueError(f"code {code!r} is not of the form VOCAB//value")
+    return code
+
+
+class Condition(BaseModel):
+    """A clinical condition: its display name, exact codes and code-family prefixes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    display: str
+    codes: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+
+    @field_validator("codes", "prefixes")
+    @classmethod
+    def _codes_well_formed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_code(c) for c in value)
+
+    def matches(self, code: str) -> bool:
+        return code in self.codes or any(code.startswith(p) for p in self.prefixes)
+
+
+class DrugClass(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    display: str
+    codes: tuple[str, ...] = ()
+
+    @field_validator("codes")
+    @classmethod
+    def _codes_well_formed(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_code(c) for c in value)
+
+
+class ConceptMap(BaseModel):
+    """Conditions, measurement codes and drug classes, with data/codes.py merged in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = 1
+    conditions: dict[str, Condition]
+    measurements: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    medications: dict[str, DrugClass] = Field(default_factory=dict)
+
+    @field_validator("measurements")
+    @classmethod
+    def _known_measurements(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for name, codes in value.items():
+            if name not in vocab.MEASUREMENTS:
+                raise ValueError(
+                    f"measurement {name!r} is not in data/codes.py; known: {', '.join(vocab.MEASUREMENTS)}"
+                )
+            for c in codes:
+                _check_code(c)
+        return value
+
+    # ---- lookups -------------------------------------------------------------------------
+    def condition_names(self) -> list[str]:
+        return list(self.conditions)
+
+    def measurement_codes(self) -> dict[str, list[str]]:
+        """Measurement name -> every code that carries it (canonical code first)."""
+        out: dict[str, list[str]] = {}
+        for name, m in vocab.MEASUREMENTS.items():
+            codes = [m.code, *m.aliases, *self.measurements.get(name, ())]
+            out[name] = list(dict.fromkeys(codes))
+        return out
+
+    def drug_class_codes(self) -> dict[str, list[str]]:
+        """Drug class -> RxNorm codes, in a stable order."""
+        out: dict[str, list[str]] = {name: list(dc.codes) for name, dc in self.medications.items()}
+        for med in vocab.MEDICATIONS.values():
+            out.setdefault(med.drug_class, [])
+            if med.code not in out[med.drug_class]:
+                out[med.drug_class].insert(0, med.code)
+        return out
+
+    def drug_class_display(self, name: str) -> str:
+        dc = self.medications.get(name)
+        return dc.display if dc else name.replace("_", " ").capitalize()
+
+    def concepts_of(self, code: str) -> list[str]:
+        """Every condition concept a code belongs to (python-side, for one code)."""
+        return [name for name, cond in self.conditions.items() if cond.matches(code)]
+
+    def condition_expr(self, name: str, code: pl.Expr | None = None) -> pl.Expr:
+        """Boolean polars expression: does `code` belong to condition `name`?"""
+        if name not in self.conditions:
+            raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
+        col = pl.col("code") if code is None else code
+        cond = self.conditions[name]
+        expr = col.is_in(list(cond.codes)) if cond.codes else pl.lit(False)
+        for prefix in cond.prefixes:
+            expr = expr | col.str.starts_with(prefix)
+        return expr
+
+    def concept_table(self, codes: pl.LazyFrame, names: list[str] | None = None) -> pl.LazyFrame:
+        """Long table (code, concept) for the distinct `codes` (a frame with a `code` column).
+
+        Evaluated on the distinct codes only, so prefix matching costs nothing per event.
+        """
+        chosen = names if names is not None else self.condition_names()
+        distinct = codes.select(pl.col("code").drop_nulls()).unique()
+        parts = [
+            distinct.filter(self.condition_expr(name)).with_columns(pl.lit(name).alias("concept"))
+            for name in chosen
+        ]
+        if not parts:
+            return pl.LazyFrame(schema={"code": pl.String, "concept": pl.String})
+        return pl.concat(parts, how="vertical")
+
+    def known_codes(self) -> set[str]:
+        """Exact codes the map knows (conditions, measurements, drugs), for vocabulary selection."""
+        known: set[str] = set()
+        for cond in self.conditions.values():
+            known.update(cond.codes)
+        for codes in self.measurement_codes().values():
+            known.update(codes)
+        for codes in self.drug_class_codes().values():
+            known.update(codes)
+        return known
+
+    def is_condition_code(self, code: str) -> bool:
+        return any(c.matches(code) for c in self.conditions.values())
+
+
+def _merge_vocabulary(raw: dict) -> dict:
+    """Add data/codes.py diagnoses to the YAML conditions (both SNOMED and ICD-10-CM codes)."""
+    conditions = raw.setdefault("conditions", {})
+    for name, dx in vocab.DIAGNOSES.items():
+        for concept in _DIAGNOSIS_CONCEPTS.get(name, (name,)):
+            entry = conditions.setdefault(concept, {"display": dx.display, "codes": [], "prefixes": []})
+            codes = list(entry.get("codes") or [])
+            for code in (dx.snomed, dx.icd10):
+                if code not in codes:
+                    codes.append(code)
+            entry["codes"] = codes
+    return raw
+
+
+def load_concepts(path: Path | str | None = None) -> ConceptMap:
+    """Parse a concept map YAML (default: the built-in one) with data/codes.py merged in."""
+    if path is None:
+        return _builtin_concepts()
+    return _parse_concepts(Path(path))
+
+
+@lru_cache(maxsize=1)
+def _builtin_concepts() -> ConceptMap:
+    return _parse_concepts(CONCEPTS_YAML)
+
+
+def _parse_concepts(path: Path) -> ConceptMap:
+    if not path.is_file():
+        raise InputError(str(path), "concept map file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(str(path), f"not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise InputError(str(path), "a concept map must be a mapping with a `conditions:` section")
+    try:
+        return ConceptMap.model_validate(_merge_vocabulary(raw))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise InputError(str(path), problems) from None

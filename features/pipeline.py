@@ -1,0 +1,282 @@
+"""Fit once, transform everywhere: the feature pipeline.
+
+- `code_summary(events)`: per code, how many subjects have it. A site's
+  summary holds counts only, never records, so federated sites can share it.
+- `fit_spec(summary, config, task)`: the vocabulary (data-driven code features)
+  and every feature's name, display and unit, as a `FeatureSpec`. Summaries of
+  several sites can be concatenated: counts are summed per code.
+- `transform(spec, events, index)`: one row per index row, every feature as
+  Float32, from events strictly before each row's prediction time. A pure
+  LazyFrame -> LazyFrame composition of the family functions in
+  `families.py`; training, serving (one patient's events) and federated
+  clients all call this one function.
+- `transform_shards(...)`: the same, run in subject chunks over MEDS shards
+  so that a million patients fit in memory (a subject lives in one shard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from chronorisk.data import codes as vocab
+from chronorisk.errors import InputError
+from chronorisk.features import families as fam
+from chronorisk.features.concepts import ConceptMap, load_concepts
+from chronorisk.features.config import FeatureConfig
+from chronorisk.features.spec import (
+    ConditionSpec,
+    DrugClassSpec,
+    FeatureInfo,
+    FeatureSpec,
+    MeasurementSpec,
+)
+from chronorisk.features.tasks import TaskDefinition
+
+_US = pl.Datetime("us")
+_US_PER_DAY = 86_400_000_000.0
+EVENT_COLUMNS = {
+    "subject_id": pl.Int64,
+    "time": _US,
+    "code": pl.String,
+    "numeric_value": pl.Float32,
+    "text_value": pl.String,
+}
+_SUMMARY_SCHEMA = {"code": pl.String, "n_subjects": pl.Int64}
+
+
+# ---- fit ------------------------------------------------------------------------------------
+def code_summary(events: pl.LazyFrame | pl.DataFrame, min_subjects: int = 1) -> pl.DataFrame:
+    """(code, n_subjects): distinct subjects per code; codes under `min_subjects` are left out."""
+    return (
+        events.lazy()
+        .select("subject_id", "code")
+        .filter(pl.col("code").is_not_null())
+        .group_by("code")
+        .agg(pl.col("subject_id").n_unique().cast(pl.Int64).alias("n_subjects"))
+        .filter(pl.col("n_subjects") >= min_subjects)
+        .sort("code")
+        .collect()
+    )
+
+
+def merge_summaries(summaries: Iterable[pl.DataFrame]) -> pl.DataFrame:
+    """Sum per-site code summaries (each site counts its own subjects; sites do not share subjects)."""
+    frames = [s.select(pl.col("code").cast(pl.String), pl.col("n_subjects").cast(pl.Int64)) for s in summaries]
+    if not frames:
+        return pl.DataFrame(schema=_SUMMARY_SCHEMA)
+    return pl.concat(frames).group_by("code").agg(pl.col("n_subjects").sum()).sort("code")
+
+
+def _builtin_code(code: str, cmap: ConceptMap, known: set[str]) -> bool:
+    return (
+        code in known
+        or code in (vocab.BIRTH, vocab.DEATH, vocab.SEX_FEMALE, vocab.SEX_MALE, vocab.SMOKING_STATUS)
+        or code in {f"{vocab.ENCOUNTER_PREFIX}{e}" for e in vocab.ENCOUNTER_CLASSES}
+        or cmap.is_condition_code(code)
+    )
+
+
+def select_vocabulary(summary: pl.DataFrame, config: FeatureConfig, cmap: ConceptMap) -> list[str]:
+    """Top `max_codes` codes by subjects (ties by code), with >= `min_code_subjects`, not built in."""
+    if not {"code", "n_subjects"} <= set(summary.columns):
+        raise InputError("summary", f"needs columns code and n_subjects, got {summary.columns}")
+    merged = merge_summaries([summary]).filter(pl.col("n_subjects") >= config.min_code_subjects)
+    known = cmap.known_codes()
+    candidates = [
+        (n, code) for code, n in merged.iter_rows() if not _builtin_code(code, cmap, known)
+    ]
+    candidates.sort(key=lambda x: (-x[0], x[1]))
+    return [code for _, code in candidates[: config.max_codes]]
+
+
+def fit_spec(
+    summary: pl.DataFrame,
+    config: FeatureConfig | None = None,
+    task: TaskDefinition | None = None,
+    concepts: ConceptMap | None = None,
+) -> FeatureSpec:
+    """The feature spec: built-in concept features plus the selected code vocabulary."""
+    config = config or FeatureConfig()
+    cmap = concepts or load_concepts()
+    windows = tuple(sorted(set(config.windows_days)))
+    conditions = tuple(
+        ConditionSpec(name=n, display=c.display, codes=c.codes, prefixes=c.prefixes)
+        for n, c in cmap.conditions.items()
+    )
+    measurements = tuple(
+        MeasurementSpec(name=n, display=vocab.MEASUREMENTS[n].display, unit=vocab.MEASUREMENTS[n].unit,
+                        codes=tuple(codes))
+        for n, codes in cmap.measurement_codes().items()
+    )
+    classes = tuple(
+        DrugClassSpec(name=n, display=cmap.drug_class_display(n), codes=tuple(codes))
+        for n, codes in cmap.drug_class_codes().items()
+    )
+    encounter_classes = tuple(vocab.ENCOUNTER_CLASSES)
+    vocabulary = tuple(select_vocabulary(summary, config, cmap))
+    features: dict[str, FeatureInfo] = {}
+    features.update(fam.declare_demographics())
+    features.update(fam.declare_conditions(conditions))
+    features.update(fam.declare_measurements(measurements, windows))
+    features.update(fam.declare_missingness(measurements))
+    features.update(fam.declare_medications(classes, config.pdc_days))
+    features.update(fam.declare_encounters(encounter_classes, windows))
+    features.update(fam.declare_smoking())
+    code_features, _ = fam.declare_codes(vocabulary)
+    features.update(code_features)
+    return FeatureSpec(
+        task=task.name if task is not None else None,
+        windows_days=windows,
+        pdc_days=config.pdc_days,
+        conditions=conditions,
+        measurements=measurements,
+        drug_classes=classes,
+        encounter_classes=encounter_classes,
+        vocabulary=vocabulary,
+        feature_names=tuple(features),
+        features=features,
+        fit_info={
+            "codes_in_summary": summary.height,
+            "subjects_for_selection_min": config.min_code_subjects,
+            "max_codes": config.max_codes,
+            "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+
+
+# ---- transform ------------------------------------------------------------------------------
+def _exact_code_table(spec: FeatureSpec) -> pl.DataFrame:
+    rows: list[tuple[str, int, int]] = [
+        (vocab.BIRTH, fam.KIND_BIRTH, 0),
+        (vocab.SEX_FEMALE, fam.KIND_SEX, 1),
+        (vocab.SEX_MALE, fam.KIND_SEX, 0),
+        (vocab.SMOKING_STATUS, fam.KIND_SMOKE, 0),
+    ]
+    rows += [(f"{vocab.ENCOUNTER_PREFIX}{e}", fam.KIND_ENC, i) for i, e in enumerate(spec.encounter_classes)]
+    rows += [(c, fam.KIND_MEAS, i) for i, m in enumerate(spec.measurements) for c in m.codes]
+    rows += [(c, fam.KIND_MED, i) for i, k in enumerate(spec.drug_classes) for c in k.codes]
+    rows += [(c, fam.KIND_COND, i) for i, cond in enumerate(spec.conditions) for c in cond.codes]
+    rows += [(c, fam.KIND_CODE, i) for i, c in enumerate(spec.vocabulary)]
+    return pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row").unique()
+
+
+def code_table(spec: FeatureSpec, events: pl.LazyFrame) -> pl.LazyFrame:
+    """(code, kind, idx) for every code of `events` a feature uses; prefix rules on distinct codes only."""
+    exact = _exact_code_table(spec).lazy()
+    prefixed = [(i, c.prefixes) for i, c in enumerate(spec.conditions) if c.prefixes]
+    if not prefixed:
+        return exact
+    distinct = events.select("code").unique()
+    parts = [exact]
+    for i, prefixes in prefixed:
+        hit = pl.any_horizontal([pl.col("code").str.starts_with(p) for p in prefixes])
+        parts.append(
+            distinct.filter(hit).select(
+                "code", pl.lit(fam.KIND_COND, pl.UInt8).alias("kind"), pl.lit(i, pl.Int32).alias("idx")
+            )
+        )
+    return pl.concat(parts).unique()
+
+
+def conform_events_lazy(events: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """MEDS event columns with their types (missing value columns become nulls)."""
+    frame = events.lazy()
+    names = frame.collect_schema().names()
+    for col in ("subject_id", "time", "code"):
+        if col not in names:
+            raise InputError("events", f"missing column {col}; MEDS events need subject_id, time, code")
+    return frame.select(
+        pl.col(c).cast(t) if c in names else pl.lit(None, dtype=t).alias(c) for c, t in EVENT_COLUMNS.items()
+    )
+
+
+def _conform_index(index: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    frame = index.lazy()
+    schema = frame.collect_schema()
+    for col in ("subject_id", "prediction_time"):
+        if col not in schema:
+            raise InputError("index", f"missing column {col}; the index needs subject_id and prediction_time")
+    if not isinstance(schema["prediction_time"], pl.Datetime):
+        raise InputError("index", f"prediction_time has type {schema['prediction_time']}, expected a datetime")
+    return frame.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(_US))
+
+
+def tag_events(spec: FeatureSpec, events: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
+    """Events tagged for the families (see families.py), strictly before each prediction time.
+
+    `keys` is (_ix, subject_id, prediction_time). Static rows (null time) are kept only for sex.
+    """
+    ev = conform_events_lazy(events)
+    table = code_table(spec, ev)
+    t = pl.col("time")
+    pt = pl.col("prediction_time")
+    return (
+        ev.join(table, on="code", how="inner")
+        .join(keys, on="subject_id", how="inner")
+        .filter((t < pt) | (t.is_null() & (pl.col("kind") == fam.KIND_SEX)))
+        .select(
+            "_ix",
+            ((pt - t).dt.total_microseconds().cast(pl.Float64) / _US_PER_DAY).alias("days"),
+            "kind",
+            "idx",
+            pl.col("numeric_value").cast(pl.Float64).alias("value"),
+            "text_value",
+        )
+    )
+
+
+def transform(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, index: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+    """Index rows (same order, all their columns) plus `spec.feature_names` as Float32."""
+    idx = _conform_index(index).with_row_index("_ix")
+    keys = idx.select("_ix", "subject_id", "prediction_time")
+    ev = tag_events(spec, events, keys)
+    out = idx
+    for family in fam.FAMILIES:
+        for part in family(spec, ev):
+            out = out.join(part, on="_ix", how="left", maintain_order="left")
+    passthrough = [c for c in idx.collect_schema().names() if c != "_ix"]
+    zero = set(fam.zero_filled(spec))
+    feature_exprs = []
+    for name in spec.feature_names:
+        if name.startswith("miss_") and name.endswith("_never"):
+            count = name.removesuffix("_never") + "_count"
+            expr = pl.col(count).is_null().cast(pl.Float32)
+        elif name in zero:
+            expr = pl.col(name).fill_null(0)
+        else:
+            expr = pl.col(name)
+        feature_exprs.append(expr.cast(pl.Float32).alias(name))
+    return out.select(*passthrough, *feature_exprs)
+
+
+# ---- batch runs over MEDS shards ---------------------------------------------------------------
+def transform_shards(
+    spec: FeatureSpec,
+    shards: Iterable[Path],
+    index: pl.DataFrame,
+    chunk_subjects: int = 100_000,
+) -> Iterator[pl.DataFrame]:
+    """Feature frames for `index`, shard by shard, at most `chunk_subjects` subjects at a time.
+
+    A MEDS subject lives in exactly one shard, so each chunk's events are only
+    that chunk's subjects' rows of one shard (read with a range filter the
+    parquet statistics can prune). Index rows whose subject is in no shard are
+    not returned.
+    """
+    index = _conform_index(index).collect()
+    for shard in shards:
+        ids = pl.scan_parquet(shard).select(pl.col("subject_id").unique()).collect()
+        part = index.join(ids, on="subject_id", how="semi")
+        if part.height == 0:
+            continue
+        subjects = part.get_column("subject_id").unique().sort()
+        for lo in range(0, len(subjects), chunk_subjects):
+            chunk = subjects[lo : lo + chunk_subjects]
+            first, last = chunk[0], chunk[-1]
+            events = pl.scan_parquet(shard).filter(pl.col("subject_id").is_between(first, last))
+            rows = part.filter(pl.col("subject_id").is_between(first, last))
+            yield transform(spec, events, rows).collect()

@@ -1,0 +1,54 @@
+"""Flower ClientApp: one SuperNode serves one site; messages in, site.py does the work.
+
+Started by Flower in a fresh `flwr-clientapp` process per message, so this
+module stays cheap to import; the handlers only translate between Flower
+records and `site.py` payloads. The site comes from the SuperNode's
+`--node-config 'site="..." meds="..." cache="..."'`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN
+
+app = ClientApp()
+
+
+def _reply(kind: str, msg: Message, context: Context) -> Message:
+    received = time.time()
+    from chronorisk.federated import site
+    from chronorisk.federated.protocol import from_records, to_records
+
+    ctx = site.SiteContext.from_node_config(context.node_config)
+    payload = site.handle(kind, from_records(msg.content), ctx)
+    payload.config["startup_s"] = _startup_seconds(received)
+    return Message(to_records(payload), reply_to=msg)
+
+
+def _startup_seconds(received: float) -> float:
+    """Seconds from this process's start to the handler: Flower's per-message process cost."""
+    try:
+        import psutil
+
+        return max(received - psutil.Process().create_time(), 0.0)
+    except Exception:
+        return 0.0
+
+
+@app.query()
+def summary(msg: Message, context: Context) -> Message:
+    return _reply(SUMMARY, msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _reply(TRAIN, msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _reply(EVALUATE, msg, context)

@@ -1,0 +1,289 @@
+"""Calibration: a monotone map from LightGBM's raw margin (log-odds) to risk.
+
+Boosted trees rank well but their probabilities drift with early stopping,
+bagging and class balance, so the risk shown to a GP comes from a calibrator
+fitted on rows the booster never trained on:
+
+- Platt: risk = sigmoid(a + b * margin), two numbers fitted by Newton's method
+  (unpenalized logistic regression on the margin).
+- isotonic: a non-decreasing step function of the margin (pool-adjacent-
+  violators, scikit-learn's `IsotonicRegression`), stored as its thresholds
+  and linearly interpolated between them, flat outside.
+
+`calibration: auto` chooses between them by cross-fitting on the calibration
+rows: the rows are split into k folds (stratified by outcome, seeded); each
+method is fitted on k-1 folds and scored on the held-out fold; the method with
+the lower pooled out-of-fold log loss wins (ties within 1e-4 go to Platt,
+which has two parameters instead of hundreds). Out-of-fold ECE is recorded
+beside it. The winner is then refitted on all calibration rows. Isotonic wins
+when there are many rows and the margin is miscalibrated in a non-logistic
+way; Platt wins on small sets, where isotonic's steps overfit.
+
+Both calibrators serialize to small JSON dicts (`to_dict` / `calibrator_from_dict`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CALIBRATION_METHODS = ("auto", "isotonic", "platt")
+_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] where a logarithm is taken
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function."""
+    x = np.asarray(x, dtype=float)
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def logit(p: np.ndarray, eps: float = _EPS) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def fit_logistic_1d(
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray | None = None,
+    *,
+    fixed_slope: float | None = None,
+    max_iter: int = 50,
+    tol: float = 1e-10,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unpenalized logistic regression y ~ a + b*x by Newton's method, vectorized over weight rows.
+
+    `weights` may be (n,) or (B, n) (bootstrap replicates); the result is
+    `(a, b)` with shape () or (B,). With `fixed_slope`, b is held at that value
+    and only a is fitted (x enters as an offset). Starts at a=0, b=1: the
+    identity map, where a calibrated score already sits, so a handful of steps
+    suffice. Under complete separation the estimates grow until `max_iter`;
+    the caller sees large numbers, never an exception.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
+    squeeze = w.ndim == 1
+    w = np.atleast_2d(w)
+    n_rep = w.shape[0]
+    a = np.zeros(n_rep)
+    b = np.full(n_rep, 1.0 if fixed_slope is None else float(fixed_slope))
+    for _ in range(max_iter):
+        mu = sigmoid(a[:, None] + b[:, None] * x[None, :])
+        r = w * (y[None, :] - mu)
+        v = w * mu * (1.0 - mu)
+        g0 = r.sum(axis=1)
+        h00 = v.sum(axis=1)
+        if fixed_slope is None:
+            g1 = (r * x).sum(axis=1)
+            h01 = (v * x).sum(axis=1)
+            h11 = (v * x * x).sum(axis=1)
+            det = h00 * h11 - h01 * h01
+            ok = det > 1e-300
+            safe = np.where(ok, det, 1.0)
+            da = np.where(ok, (h11 * g0 - h01 * g1) / safe, 0.0)
+            db = np.where(ok, (h00 * g1 - h01 * g0) / safe, 0.0)
+        else:
+            ok = h00 > 1e-300
+            da = np.where(ok, g0 / np.where(ok, h00, 1.0), 0.0)
+            db = np.zeros(n_rep)
+        a = a + da
+        b = b + db
+        if np.all(np.abs(da) + np.abs(db) < tol):
+            break
+    if squeeze:
+        return a[0], b[0]
+    return a, b
+
+
+class Calibrator:
+    """A fitted map from raw margin (log-odds) to calibrated risk."""
+
+    method: str = ""
+
+    def predict(self, margin: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class PlattCalibrator(Calibrator):
+    """risk = sigmoid(intercept + slope * margin)."""
+
+    intercept: float = 0.0
+    slope: float = 1.0
+    info: dict = field(default_factory=dict)
+    method: str = "platt"
+
+    @classmethod
+    def fit(cls, margin: np.ndarray, y: np.ndarray) -> PlattCalibrator:
+        _check_xy(margin, y)
+        a, b = fit_logistic_1d(margin, y)
+        if not (math.isfinite(float(a)) and math.isfinite(float(b))):
+            raise ValueError("Platt calibration did not converge (non-finite coefficients)")
+        return cls(intercept=float(a), slope=float(b))
+
+    def predict(self, margin: np.ndarray) -> np.ndarray:
+        return sigmoid(self.intercept + self.slope * np.asarray(margin, dtype=float))
+
+    def to_dict(self) -> dict:
+        return {"method": "platt", "intercept": self.intercept, "slope": self.slope, "info": self.info}
+
+
+@dataclass
+class IsotonicCalibrator(Calibrator):
+    """Non-decreasing interpolation through (margin threshold, risk) points; flat outside them."""
+
+    x_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    y_thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    info: dict = field(default_factory=dict)
+    method: str = "isotonic"
+
+    @classmethod
+    def fit(cls, margin: np.ndarray, y: np.ndarray) -> IsotonicCalibrator:
+        from sklearn.isotonic import IsotonicRegression
+
+        _check_xy(margin, y)
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+        iso.fit(np.asarray(margin, dtype=float), np.asarray(y, dtype=float))
+        return cls(
+            x_thresholds=np.asarray(iso.X_thresholds_, dtype=float),
+            y_thresholds=np.asarray(iso.y_thresholds_, dtype=float),
+        )
+
+    def predict(self, margin: np.ndarray) -> np.ndarray:
+        m = np.asarray(margin, dtype=float)
+        if self.x_thresholds.size == 1:
+            return np.full(m.shape, float(self.y_thresholds[0]))
+        return np.interp(m, self.x_thresholds, self.y_thresholds)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": "isotonic",
+            "x_thresholds": [float(v) for v in self.x_thresholds],
+            "y_thresholds": [float(v) for v in self.y_thresholds],
+            "info": self.info,
+        }
+
+
+def calibrator_from_dict(raw: object) -> Calibrator:
+    """Rebuild a calibrator from `to_dict` output; ValueError naming what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError("a calibrator must be a JSON object with a 'method'")
+    method = raw.get("method")
+    info = raw.get("info") or {}
+    if method == "platt":
+        try:
+            a, b = float(raw["intercept"]), float(raw["slope"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("platt calibrator needs numeric 'intercept' and 'slope'") from None
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError("platt calibrator coefficients must be finite")
+        return PlattCalibrator(intercept=a, slope=b, info=info)
+    if method == "isotonic":
+        try:
+            xs = np.asarray(raw["x_thresholds"], dtype=float)
+            ys = np.asarray(raw["y_thresholds"], dtype=float)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("isotonic calibrator needs numeric lists 'x_thresholds' and 'y_thresholds'") from None
+        if xs.ndim != 1 or xs.shape != ys.shape or xs.size == 0:
+            raise ValueError("isotonic thresholds must be two non-empty lists of the same length")
+        if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+            raise ValueError("isotonic thresholds must be finite")
+        if np.any(np.diff(xs) < 0) or np.any(np.diff(ys) < 0) or ys.min() < 0 or ys.max() > 1:
+            raise ValueError("isotonic thresholds must be non-decreasing, with risks in [0, 1]")
+        return IsotonicCalibrator(x_thresholds=xs, y_thresholds=ys, info=info)
+    raise ValueError(f"calibrator method {method!r} is not one of platt, isotonic")
+
+
+def fit_calibrator(
+    margin: np.ndarray, y: np.ndarray, method: str = "auto", *, folds: int = 5, seed: int = 0
+) -> Calibrator:
+    """Fit the chosen calibrator (or choose one, for `auto`) on held-out margins and outcomes.
+
+    The returned calibrator's `info` records the choice: method, rows, and
+    for `auto` the out-of-fold log loss and ECE of both candidates.
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
+    margin = np.asarray(margin, dtype=float)
+    y = np.asarray(y).astype(float)
+    _check_xy(margin, y)
+    info: dict = {"n": int(y.size), "n_positive": int(y.sum()), "requested": method}
+    if method == "auto":
+        scores = cross_fitted_scores(margin, y, folds=folds, seed=seed)
+        info["cross_fitted"] = scores
+        info["folds"] = folds
+        if scores["isotonic"]["log_loss"] < scores["platt"]["log_loss"] - 1e-4:
+            method = "isotonic"
+        else:
+            method = "platt"
+    cal = IsotonicCalibrator.fit(margin, y) if method == "isotonic" else PlattCalibrator.fit(margin, y)
+    info["method"] = method
+    cal.info = info
+    return cal
+
+
+def cross_fitted_scores(margin: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> dict:
+    """Out-of-fold log loss and ECE of Platt and isotonic on stratified, seeded folds."""
+    fold_of = stratified_folds(y, folds, seed)
+    oof = {"platt": np.empty_like(margin), "isotonic": np.empty_like(margin)}
+    for k in range(folds):
+        test = fold_of == k
+        train = ~test
+        if not test.any():
+            continue
+        for name, cls in (("platt", PlattCalibrator), ("isotonic", IsotonicCalibrator)):
+            if np.unique(y[train]).size < 2:
+                oof[name][test] = y[train].mean()
+            else:
+                oof[name][test] = cls.fit(margin[train], y[train]).predict(margin[test])
+    return {name: {"log_loss": _log_loss(y, p), "ece": _ece(y, p)} for name, p in oof.items()}
+
+
+def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold number of every row: positives and negatives each dealt round-robin after a seeded shuffle."""
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(y.size, dtype=np.int64)
+    for value in (0.0, 1.0):
+        idx = np.flatnonzero(y == value)
+        rng.shuffle(idx)
+        fold_of[idx] = np.arange(idx.size) % folds
+    return fold_of
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def _ece(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
+    """Equal-mass ECE (the same definition as `chronorisk.training.metrics.ece`)."""
+    order = np.argsort(p, kind="stable")
+    bins = np.minimum((np.arange(y.size) + 0.5) * n_bins // y.size, n_bins - 1).astype(np.int64)
+    diff = np.bincount(bins, weights=(y - p)[order], minlength=n_bins)
+    return float(np.abs(diff).sum() / y.size)
+
+
+def _check_xy(margin: np.ndarray, y: np.ndarray) -> None:
+    margin = np.asarray(margin)
+    y = np.asarray(y)
+    if margin.ndim != 1 or margin.shape != y.shape:
+        raise ValueError(f"margin and y must be 1-D of the same length, got {margin.shape} and {y.shape}")
+    if margin.size == 0:
+        raise ValueError("no rows to calibrate on")
+    if not np.all(np.isfinite(margin)):
+        raise ValueError("margins must be finite")
+    if not np.all((y == 0) | (y == 1)):
+        raise ValueError("outcomes must be 0/1")
+    if np.unique(y).size < 2:
+        raise ValueError(f"calibration needs both outcomes; all {margin.size} rows have outcome {int(y[0])}")

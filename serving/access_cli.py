@@ -1,0 +1,84 @@
+"""`chronorisk access`: API keys (create, revoke, list) and consent withdrawal, for admins.
+
+Every change is written to the audit log with the operating-system user as
+the actor. A new key is printed once; only its hash is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from chronorisk.serving.cli_common import add_demo_argument, add_store_argument
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_store_argument(parser)
+    add_demo_argument(parser)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = sub.add_parser("create-key", help="create an API key for a role (printed once)")
+    create.add_argument("--role", required=True, help="gp, public_health, data_scientist, mlops or admin")
+    create.add_argument("--site", default=None, help="the GP's site (required for --role gp)")
+    create.add_argument("--label", default=None, help="a note to recognise the key by (no personal data)")
+    revoke = sub.add_parser("revoke", help="revoke a key by its id (the part after crk_)")
+    revoke.add_argument("key_id")
+    sub.add_parser("list", help="list keys (ids, roles, sites; never the secrets)")
+    withdraw = sub.add_parser("withdraw-consent", help="exclude a patient from exports and cohorts from now on")
+    withdraw.add_argument("--subject", required=True, type=int, help="pseudonymous subject id")
+    withdraw.add_argument("--site", default=None, help="only at this site (default: every site)")
+    withdraw.add_argument("--at", default=None, help="effective time, ISO 8601 (default: now)")
+
+
+def run(args, ctx) -> int:
+    from chronorisk.errors import InputError
+    from chronorisk.serving import access
+    from chronorisk.serving.cli_common import audit_log, cli_actor, open_store
+
+    store = open_store(args, ctx)
+    try:
+        audit = audit_log(args, ctx, store)
+        if args.action == "create-key":
+            access.validate_role(args.role, args.site)
+            key_id, key = access.create_key(store.engine, args.role, args.site, args.label)
+            audit.append(actor=cli_actor(), role="admin", site=args.site, action="key_create",
+                         detail={"key_id": key_id, "role": args.role})
+            print(f"key id {key_id} for role {args.role}{' at ' + args.site if args.site else ''}")
+            print(key)
+            print("(shown once: store it safely; `chronorisk access revoke " + key_id + "` disables it)")
+            return 0
+        if args.action == "revoke":
+            if not access.revoke_key(store.engine, args.key_id):
+                raise InputError("key_id", "no active key with that id")
+            audit.append(actor=cli_actor(), role="admin", action="key_revoke", detail={"key_id": args.key_id})
+            print(f"revoked {args.key_id}")
+            return 0
+        if args.action == "list":
+            for k in access.list_keys(store.engine):
+                state = f"revoked {k['revoked_at']:%Y-%m-%d}" if k["revoked_at"] else "active"
+                print(f"{k['key_id']}  {k['role']:<15} {k['site'] or '-':<16} {state:<18} {k['label'] or ''}")
+            return 0
+        if args.action == "withdraw-consent":
+            at = _parse_time(args.at)
+            if args.subject < 0 or args.subject > 2**63 - 1:
+                raise InputError("--subject", "a subject id is a non-negative 64-bit integer")
+            when = store.withdraw_consent(args.subject, site=args.site, at=at, by=cli_actor())
+            audit.append(actor=cli_actor(), role="admin", site=args.site, action="consent_withdraw",
+                         subject_id=args.subject, detail={"withdrawn_at": when.isoformat(), "via": "cli"})
+            print(f"consent withdrawal recorded, effective {when:%Y-%m-%d %H:%M:%S} UTC")
+            return 0
+    finally:
+        store.dispose()
+    return 2
+
+
+def _parse_time(text: str | None):
+    from datetime import datetime
+
+    from chronorisk.errors import InputError
+    from chronorisk.serving.schemas import naive_utc
+
+    if text is None:
+        return None
+    try:
+        return naive_utc(datetime.fromisoformat(text))
+    except ValueError:
+        raise InputError("--at", f"{text!r} is not an ISO 8601 time (e.g. 2026-03-01T09:00)") from None

@@ -1,0 +1,1219 @@
+"""Drift and performance monitoring: per site and window, inputs and outputs vs the training reference.
+
+What is compared. The *reference* of a site is a seeded sample of the
+model's training split at that site (features, and the risk the model gives
+them), taken from the latest `reference_recent_times` prediction times of
+the train split: a feature such as "events in the last 1095 days" is
+truncated at the start of the data, and the population ages, so the most
+recent training times are the fair comparison for what is scored now. A
+site the model never saw is compared with all sites pooled (said in the
+reasons). The *current* data is one window (ISO week or day, by
+`prediction_time`) of the prediction log at that site.
+
+How a feature is judged (each test needs an effect size AND significance,
+so that neither tiny shifts in large windows nor noise in small ones raise
+an alarm):
+
+- distribution: Evidently's normed Wasserstein distance (W1 / reference SD,
+  method `stattest`) >= `feature_drift_threshold`, and Evidently's
+  two-sample KS p-value < `significance`;
+- out of range: the share of values outside the reference's
+  [`out_of_range_quantile`, 1 - q] quantile range is >= `out_of_range_share`
+  and binomially significant against the reference's own share (a unit
+  change of some of the values, e.g. glucose in mmol/L, shows here first);
+- missingness: the missing share moved by >= `missing_share_change`,
+  significant by a two-proportion z-test.
+
+Which features are tested with Evidently: the `top_features` most important
+ones (LightGBM gain) plus every feature that a cheap polars screen over all
+features flags (standardized mean shift, out-of-range share or missing
+share moved); the statistical tests run on a seeded sample of at most
+`sample_rows` current and reference rows. This keeps a window's cost
+bounded however many features and rows there are (see
+benchmarks/monitor_bench.py), and still names every drifted feature.
+
+Status of a (site, window): `alert` when the drifted share of the tested
+features reaches `drift_share_alert`, when any feature drifts severely
+(normed Wasserstein >= `severe_drift_threshold` or out-of-range share >=
+`severe_out_of_range_share`), when the risk distribution drifted and
+`prediction_drift_alert` is on, or when realized performance fell past the
+alert thresholds; `warning` at the warning thresholds; else `ok`. A window
+with fewer than `min_window_rows` rows is not tested (status ok, `tested`
+false, said in the reasons). Every status comes with reasons that name the
+features.
+
+Delayed labels: outcomes joined by the log's one-way join key (see
+prediction_log) give per window the realized AUROC, calibration slope and
+intercept, ECE and Brier score, beside the reference's (held-out rows of
+the same site), once at least `min_outcomes` outcomes with
+`min_positive_outcomes` positives have arrived.
+
+Outputs under `<work>/monitoring/`: `reports/<task>/<site>/<window>.json`
+for every window, `<window>.html` (Evidently's report) for windows whose
+status is not ok and the latest window of each site (`html: all` for every
+window), `summary.json` and `metrics.prom`. A window whose inputs (rows,
+outcomes, reference, thresholds) are unchanged is not recomputed: re-running
+leaves its files untouched, and the outputs hold no run timestamps, so a
+re-run is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from chronorisk.data.files import atomic_output, write_text_atomic
+from chronorisk.errors import ChronoriskError, InputError
+
+log = logging.getLogger(__name__)
+
+MONITOR_VERSION = 1  # bump when the meaning of the outputs changes: forces recomputation
+STATUSES = ("ok", "warning", "alert")
+_STATUS_RANK = {s: i for i, s in enumerate(STATUSES)}
+_REFERENCE_FILE = "reference.parquet"
+_REFERENCE_META = "reference.json"
+
+
+# --------------------------------------------------------------------------- windows
+@dataclass(frozen=True, order=True)
+class Window:
+    """A half-open time window [start, end) of prediction times."""
+
+    start: datetime
+    end: datetime
+    kind: str
+
+    @property
+    def label(self) -> str:
+        if self.kind == "week":
+            year, week, _ = self.start.isocalendar()
+            return f"{year}-W{week:02d}"
+        return self.start.date().isoformat()
+
+
+def window_of(moment: datetime | date, kind: str) -> Window:
+    """The day or ISO week (Monday to Monday) holding `moment`."""
+    if kind not in ("day", "week"):
+        raise InputError("window", f"{kind!r} is not a window; use 'day' or 'week'")
+    day = moment.date() if isinstance(moment, datetime) else moment
+    if kind == "week":
+        day = day - timedelta(days=day.weekday())
+    start = datetime(day.year, day.month, day.day)
+    return Window(start, start + timedelta(days=7 if kind == "week" else 1), kind)
+
+
+def windows_for_days(days: Iterable[date], kind: str) -> list[Window]:
+    return sorted({window_of(d, kind) for d in days})
+
+
+# ------------------------------------------------------------------------- reference
+@dataclass
+class Reference:
+    """What a model was trained on, per site: features, risk and (held-out) outcomes.
+
+    `drift` rows: site, risk, tier?, features (the train split sample);
+    `performance` rows: site, risk, outcome (held-out rows, for realized-vs-expected).
+    """
+
+    task: str
+    model_version: str
+    feature_names: list[str]
+    importance: dict[str, float]
+    infos: dict[str, dict[str, str]]
+    drift: pl.DataFrame
+    performance: pl.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(self.drift["site"].unique().to_list())
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.blake2b(digest_size=12)
+        digest.update(json.dumps([self.task, self.model_version, self.feature_names, self.meta],
+                                 sort_keys=True, default=str).encode())
+        digest.update(str(self.drift.height).encode())
+        if self.drift.height:
+            digest.update(str(int(self.drift.hash_rows(seed=0).sum())).encode())
+        return digest.hexdigest()
+
+    def ranked_features(self) -> list[str]:
+        """Features by importance, most important first (ties by name)."""
+        return sorted(self.feature_names, key=lambda f: (-self.importance.get(f, 0.0), f))
+
+    def display(self, feature: str) -> str:
+        info = self.infos.get(feature) or {}
+        text = info.get("display") or feature
+        return f"{text} ({info['unit']})" if info.get("unit") else text
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        frame = pl.concat(
+            [self.drift.with_columns(pl.lit("drift").alias("_role")),
+             self.performance.with_columns(pl.lit("performance").alias("_role"))],
+            how="diagonal_relaxed",
+        )
+        with atomic_output(folder / _REFERENCE_FILE) as tmp:
+            frame.write_parquet(tmp, compression="zstd")
+        meta = {
+            "task": self.task, "model_version": self.model_version, "feature_names": self.feature_names,
+            "importance": self.importance, "infos": self.infos, "meta": self.meta,
+        }
+        write_text_atomic(folder / _REFERENCE_META, json.dumps(meta, indent=1, sort_keys=True))
+
+    @classmethod
+    def load(cls, folder: Path) -> Reference:
+        try:
+            meta = json.loads((folder / _REFERENCE_META).read_text())
+            frame = pl.read_parquet(folder / _REFERENCE_FILE)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ChronoriskError(
+                f"{folder}: cannot read the monitoring reference ({exc.__class__.__name__})"
+            ) from None
+        drift = frame.filter(pl.col("_role") == "drift").drop("_role")
+        perf = frame.filter(pl.col("_role") == "performance").select("site", "risk", "outcome")
+        return cls(meta["task"], meta["model_version"], meta["feature_names"], meta["importance"],
+                   meta["infos"], drift, perf, meta.get("meta", {}))
+
+
+def reference_from_frame(
+    frame: pl.DataFrame,
+    risk: np.ndarray | Sequence[float],
+    *,
+    task: str,
+    model_version: str | int,
+    feature_names: Sequence[str],
+    importance: dict[str, float] | None = None,
+    infos: dict[str, dict[str, str]] | None = None,
+    rows_per_site: int = 5000,
+    recent_times: int = 2,
+    seed: int = 0,
+) -> Reference:
+    """The reference from a scored feature table (site, split, prediction_time, boolean_value, features).
+
+    Drift rows: train split, latest `recent_times` prediction times (0 = all),
+    at most `rows_per_site` per site (seeded). Performance rows: the other
+    splits (held out from training) with their outcome; the train split when
+    there is no other.
+    """
+    if frame.height != len(risk):
+        raise InputError("risk", f"has {len(risk)} values for {frame.height} feature rows")
+    missing = [f for f in ("site", *feature_names) if f not in frame.columns]
+    if missing:
+        raise InputError("features", f"the reference table lacks columns {missing[:5]}")
+    scored = frame.with_columns(pl.Series("risk", np.asarray(risk, dtype=float)))
+    split = pl.col("split") if "split" in scored.columns else pl.lit("train")
+    train = scored.filter(split == "train")
+    if train.height == 0:
+        train = scored
+    if recent_times > 0 and "prediction_time" in train.columns:
+        latest = (train.select("site", "prediction_time").unique()
+                  .with_columns(pl.col("prediction_time").rank("dense", descending=True).over("site").alias("_r"))
+                  .filter(pl.col("_r") <= recent_times).drop("_r"))
+        train = train.join(latest, on=["site", "prediction_time"], how="semi")
+    keep = ["site", "risk", *(["tier"] if "tier" in train.columns else []), *feature_names]
+    drift = _sample_per_site(train.select(keep), rows_per_site, seed)
+    held = scored.filter(split != "train") if "split" in scored.columns else scored.head(0)
+    if held.height == 0:
+        held = scored
+    perf = pl.DataFrame(schema={"site": pl.String, "risk": pl.Float64, "outcome": pl.Boolean})
+    if "boolean_value" in held.columns:
+        perf = _sample_per_site(
+            held.select("site", "risk", pl.col("boolean_value").cast(pl.Boolean).alias("outcome"))
+            .drop_nulls("outcome"),
+            max(rows_per_site, 20000), seed,
+        )
+    meta = {"rows_per_site": rows_per_site, "recent_times": recent_times, "seed": seed,
+            "train_times": sorted({str(t) for t in train["prediction_time"].unique().to_list()})
+            if "prediction_time" in train.columns else []}
+    return Reference(
+        task=task, model_version=str(model_version), feature_names=list(feature_names),
+        importance={k: float(v) for k, v in (importance or {}).items()},
+        infos={k: dict(v) for k, v in (infos or {}).items()},
+        drift=drift.with_columns(pl.col("site").cast(pl.String)),
+        performance=perf.with_columns(pl.col("site").cast(pl.String)),
+        meta=meta,
+    )
+
+
+def build_reference(features_dir: Path, bundle, model_version: str | int, config, *, task: str) -> Reference:
+    """The reference of a served model from its feature tables (`<work>/features/<task>/<site>.parquet`).
+
+    Reads only what it keeps: per site the latest train-split prediction
+    times and the held-out rows, sampled; scores them with the bundle.
+    """
+    files = sorted(Path(features_dir).glob("*.parquet"))
+    if not files:
+        raise ChronoriskError(f"no feature tables under {features_dir}: run `chronorisk features` first")
+    names = list(bundle.spec.feature_names)
+    frames = []
+    for path in files:
+        frame = pl.scan_parquet(path)
+        cols = frame.collect_schema().names()
+        if "site" not in cols:
+            frame = frame.with_columns(pl.lit(path.stem).alias("site"))
+        frames.append(_reference_rows(frame, cols, config))
+    table = pl.concat(frames, how="diagonal_relaxed")
+    risk = np.asarray(bundle.predict_risk(table), dtype=float) if table.height else np.array([])
+    tiers = [str(t) for t in bundle.tier(risk)] if table.height else []
+    table = table.with_columns(pl.Series("tier", tiers, dtype=pl.String))
+    infos = {n: {"display": i.display, "unit": i.unit} for n, i in bundle.spec.features.items()}
+    ref = reference_from_frame(table, risk, task=task, model_version=model_version, feature_names=names,
+                               importance=_importance(bundle, names), infos=infos,
+                               rows_per_site=config.reference_rows, recent_times=config.reference_recent_times,
+                               seed=config.seed)
+    return ref
+
+
+def _reference_rows(frame: pl.LazyFrame, cols: list[str], config) -> pl.DataFrame:
+    """Train rows of the latest prediction times, and the held-out rows (each capped, seeded)."""
+    split = pl.col("split") if "split" in cols else pl.lit("train")
+    train = frame.filter(split == "train")
+    if config.reference_recent_times > 0 and "prediction_time" in cols:
+        times = (train.select("prediction_time").unique().sort("prediction_time", descending=True)
+                 .head(config.reference_recent_times).collect()["prediction_time"])
+        train = train.filter(pl.col("prediction_time").is_in(times.implode()))
+    held = frame.filter(split != "train")
+    parts = []
+    for part, cap in ((train, config.reference_rows), (held, max(config.reference_rows, 20000))):
+        rows = part.collect()
+        if rows.height > cap:
+            rows = rows.sample(cap, seed=_seed(config.seed, "reference-rows"))
+        parts.append(rows)
+    return pl.concat(parts, how="diagonal_relaxed")
+
+
+def _importance(bundle, names: list[str]) -> dict[str, float]:
+    """LightGBM gain per feature (the bundle's own method first); empty when the model says nothing."""
+    for attr in ("feature_importance", "importance"):
+        fn = getattr(bundle, attr, None)
+        if callable(fn):
+            try:
+                found = fn()
+                if isinstance(found, dict):
+                    return {str(k): float(v) for k, v in found.items()}
+            except TypeError:
+                pass
+    booster = getattr(bundle, "booster", None)
+    if booster is not None and hasattr(booster, "feature_importance"):
+        gains = booster.feature_importance(importance_type="gain")
+        return {str(n): float(g) for n, g in zip(booster.feature_name(), gains, strict=True)}
+    return {n: 0.0 for n in names}
+
+
+def load_or_build_reference(monitoring_dir: Path, features_dir: Path, model, config, *, task: str,
+                            rebuild: bool = False) -> Reference:
+    """The cached reference of `model` (a ServedModel: bundle + version), built on first use."""
+    folder = Path(monitoring_dir) / "reference" / task / _safe(str(model.version))
+    if not rebuild and (folder / _REFERENCE_META).is_file():
+        return Reference.load(folder)
+    ref = build_reference(features_dir, model.bundle, model.version, config, task=task)
+    ref.save(folder)
+    return ref
+
+
+def _sample_per_site(frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    parts = []
+    for (site,), part in frame.sort("site").group_by("site", maintain_order=True):
+        if part.height > n:
+            part = part.sample(n, seed=_seed(seed, "reference", site))
+        parts.append(part)
+    return pl.concat(parts) if parts else frame
+
+
+def _seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=4).digest(), "big")
+
+
+# ----------------------------------------------------------------- site baselines
+@dataclass
+class FeatureBaseline:
+    values: np.ndarray  # non-null reference values (float64)
+    n: int  # reference rows (null included)
+    missing: float
+    lo: float
+    hi: float
+    outside: float  # reference share outside [lo, hi]
+    mean: float
+    std: float
+    median: float
+
+
+@dataclass
+class SiteBaseline:
+    site: str
+    pooled: bool
+    n: int
+    features: dict[str, FeatureBaseline]
+    risk: np.ndarray
+    tiers: dict[str, float]
+    performance: dict[str, Any] | None
+
+
+def site_baseline(reference: Reference, site: str, config) -> SiteBaseline:
+    """Per-feature reference statistics of one site (all sites pooled if the site is new)."""
+    drift = reference.drift.filter(pl.col("site") == site)
+    pooled = drift.height == 0
+    if pooled:
+        drift = reference.drift
+    q = config.out_of_range_quantile
+    feats = {}
+    for f in reference.feature_names:
+        col = drift[f].cast(pl.Float64) if f in drift.columns else pl.Series(f, [], dtype=pl.Float64)
+        values = col.drop_nulls().drop_nans().to_numpy()
+        n = col.len()
+        if values.size:
+            lo, hi = (float(v) for v in np.quantile(values, [q, 1 - q]))
+            outside = float(np.mean((values < lo) | (values > hi)))
+            mean, std, median = float(values.mean()), float(values.std()), float(np.median(values))
+        else:
+            lo = hi = outside = mean = std = median = math.nan
+        feats[f] = FeatureBaseline(values, n, 1.0 - values.size / n if n else math.nan, lo, hi, outside,
+                                   mean, std, median)
+    risk = drift["risk"].cast(pl.Float64).to_numpy() if "risk" in drift.columns else np.array([])
+    tiers = _shares(drift["tier"]) if "tier" in drift.columns else {}
+    perf_rows = reference.performance.filter(pl.col("site") == site)
+    if perf_rows.height == 0:
+        perf_rows = reference.performance
+    performance = _performance(perf_rows["outcome"].to_numpy(), perf_rows["risk"].to_numpy(), config)
+    return SiteBaseline(site, pooled, drift.height, feats, risk, tiers, performance)
+
+
+def _shares(col: pl.Series) -> dict[str, float]:
+    if col.len() == 0:
+        return {}
+    counts = col.value_counts()
+    total = counts["count"].sum()
+    return {str(k): round(float(c) / total, 4) for k, c in zip(counts[col.name], counts["count"], strict=True)}
+
+
+# --------------------------------------------------------------------- the tests
+def _evidently_stattest(name: str):
+    from evidently.legacy.calculations.stattests.registry import get_registered_stattest
+    from evidently.legacy.core import ColumnType
+
+    return get_registered_stattest(name, ColumnType.Numerical)
+
+
+def screen_features(current: pl.DataFrame, baseline: SiteBaseline, features: Sequence[str]) -> dict[str, dict]:
+    """Cheap statistics of every feature on the whole window, in one polars pass."""
+    exprs = []
+    usable = [f for f in features if f in current.columns]
+    for f in usable:
+        b = baseline.features[f]
+        col = pl.col(f).cast(pl.Float64)
+        col = pl.when(col.is_nan()).then(None).otherwise(col)
+        exprs += [
+            col.null_count().alias(f"{f}\x00miss"),
+            col.mean().alias(f"{f}\x00mean"),
+            col.median().alias(f"{f}\x00median"),
+            ((col < b.lo) | (col > b.hi)).sum().alias(f"{f}\x00out") if not math.isnan(b.lo)
+            else pl.lit(0).alias(f"{f}\x00out"),
+        ]
+    row = current.select(exprs).row(0, named=True) if exprs else {}
+    n = current.height
+    stats = {}
+    for f in usable:
+        miss = row[f"{f}\x00miss"]
+        present = n - miss
+        stats[f] = {
+            "n": present,
+            "missing_share": miss / n if n else math.nan,
+            "mean": row[f"{f}\x00mean"],
+            "median": row[f"{f}\x00median"],
+            "out_of_range_share": (row[f"{f}\x00out"] / present) if present else 0.0,
+            "out_of_range_count": int(row[f"{f}\x00out"] or 0),
+        }
+    return stats
+
+
+def _screened(stats: dict[str, dict], baseline: SiteBaseline, config) -> list[str]:
+    flagged = []
+    for f, s in stats.items():
+        b = baseline.features[f]
+        smd = abs((s["mean"] - b.mean) / b.std) if s["mean"] is not None and b.std > 0 else 0.0
+        oor = s["out_of_range_share"] >= max(2 * b.outside, b.outside + 0.01) if s["n"] else False
+        miss = not math.isnan(b.missing) and abs(s["missing_share"] - b.missing) >= config.missing_share_change / 2
+        if smd >= config.screen_smd or oor or miss:
+            flagged.append(f)
+    return flagged
+
+
+def _binomial_p(k: int, n: int, p0: float) -> float:
+    from scipy.stats import binom
+
+    if n == 0:
+        return 1.0
+    return float(binom.sf(k - 1, n, min(max(p0, 1e-9), 1 - 1e-9)))
+
+
+def _two_proportion_p(p1: float, n1: int, p2: float, n2: int) -> float:
+    from scipy.stats import norm
+
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    se = math.sqrt(max(pooled * (1 - pooled) * (1 / n1 + 1 / n2), 1e-12))
+    return float(2 * norm.sf(abs(p1 - p2) / se))
+
+
+def judge_feature(
+    name: str,
+    current: np.ndarray,
+    n_rows: int,
+    stats: dict,
+    baseline: FeatureBaseline,
+    config,
+    wasserstein,
+    ks,
+) -> dict:
+    """One feature's drift verdict: scores, which tests fired, and how strongly."""
+    import pandas as pd
+    from evidently.legacy.core import ColumnType
+
+    values = current[~np.isnan(current)]
+    out: dict[str, Any] = {
+        "feature": name, "n": int(stats["n"]), "missing_share": _r(stats["missing_share"]),
+        "reference_missing_share": _r(baseline.missing), "median": _r(stats["median"]),
+        "reference_median": _r(baseline.median), "mean": _r(stats["mean"]), "reference_mean": _r(baseline.mean),
+        "reference_range": [_r(baseline.lo), _r(baseline.hi)],
+        "out_of_range_share": _r(stats["out_of_range_share"]), "reference_out_of_range_share": _r(baseline.outside),
+        "wasserstein": None, "ks_p": None, "kinds": [], "severe": False,
+    }
+    if values.size >= config.min_feature_rows and baseline.values.size >= config.min_feature_rows:
+        ref_s, cur_s = pd.Series(baseline.values), pd.Series(values)
+        w = wasserstein(ref_s, cur_s, ColumnType.Numerical, config.feature_drift_threshold)
+        p = ks(ref_s, cur_s, ColumnType.Numerical, config.significance)
+        out["wasserstein"], out["ks_p"] = _r(w.drift_score), _p(p.drift_score)
+        if w.drift_score >= config.feature_drift_threshold and p.drift_score < config.significance:
+            out["kinds"].append("distribution")
+            out["severe"] |= bool(w.drift_score >= config.severe_drift_threshold)
+    if stats["n"] and not math.isnan(baseline.lo):
+        share = stats["out_of_range_share"]
+        outside = values[(values < baseline.lo) | (values > baseline.hi)]
+        out["out_of_range_median"] = _r(np.median(outside)) if outside.size else None
+        p_oor = _binomial_p(stats["out_of_range_count"], stats["n"], max(baseline.outside, 0.5 / max(baseline.n, 1)))
+        out["out_of_range_p"] = _p(p_oor)
+        if share >= config.out_of_range_share and p_oor < config.significance:
+            out["kinds"].append("out_of_range")
+            out["severe"] |= bool(share >= config.severe_out_of_range_share)
+    if not math.isnan(baseline.missing):
+        p_miss = _two_proportion_p(stats["missing_share"], n_rows, baseline.missing, baseline.n)
+        out["missing_p"] = _p(p_miss)
+        moved = abs(stats["missing_share"] - baseline.missing)
+        if moved >= config.missing_share_change and p_miss < config.significance:
+            out["kinds"].append("missingness")
+    out["drifted"] = bool(out["kinds"])
+    return out
+
+
+def _r(value, digits: int = 4):
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) or math.isinf(value) else round(value, digits)
+
+
+def _p(value) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else float(f"{value:.3g}")
+
+
+# ----------------------------------------------------------------- performance
+def _performance(outcome: np.ndarray, risk: np.ndarray, config) -> dict[str, Any] | None:
+    """AUROC (with its standard error), calibration slope / intercept, ECE, Brier; None if too few outcomes.
+
+    Each figure carries what its significance test needs: weekly windows
+    hold a few hundred outcomes, so AUROC and ECE move by chance alone.
+    """
+    y = np.asarray(outcome, dtype=float)
+    p = np.clip(np.asarray(risk, dtype=float), 1e-6, 1 - 1e-6)
+    positives = int(y.sum())
+    if y.size < config.min_outcomes or positives < config.min_positive_outcomes or positives == y.size:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    auroc = float(roc_auc_score(y, p))
+    slope, intercept, slope_se = _calibration_line(y, p)
+    ece = _ece(y, p)
+    return {
+        "n": int(y.size), "positives": positives, "prevalence": _r(y.mean()), "mean_risk": _r(p.mean()),
+        "auroc": _r(auroc), "auroc_se": _r(_auroc_se(auroc, positives, y.size - positives)),
+        "calibration_slope": _r(slope), "calibration_slope_se": _r(slope_se), "calibration_intercept": _r(intercept),
+        "ece": _r(ece), "ece_null_p": _p(_ece_null_p(ece, p, _seed(config.seed, "ece", y.size, positives))),
+        "brier": _r(np.mean((p - y) ** 2)),
+    }
+
+
+def _auroc_se(auc: float, n1: int, n0: int) -> float:
+    """Standard error of an AUROC (Hanley and McNeil, 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc * auc) + (n0 - 1) * (q2 - auc * auc)) / (n1 * n0)
+    return math.sqrt(max(var, 0.0))
+
+
+def _calibration_line(y: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
+    """Slope, intercept and slope SE of the logistic recalibration y ~ a + b logit(p) (Cox, 1958)."""
+    x = np.log(p / (1 - p))
+    design = np.column_stack([np.ones_like(x), x])
+    beta = np.array([0.0, 1.0])
+    for _ in range(50):  # Newton-Raphson; starts at the identity, where a calibrated model sits
+        mu = 1 / (1 + np.exp(-np.clip(design @ beta, -30, 30)))
+        w = mu * (1 - mu)
+        info = design.T @ (design * w[:, None])
+        try:
+            step = np.linalg.solve(info, design.T @ (y - mu))
+        except np.linalg.LinAlgError:
+            return math.nan, math.nan, math.nan
+        beta = beta + step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    mu = 1 / (1 + np.exp(-np.clip(design @ beta, -30, 30)))
+    info = design.T @ (design * (mu * (1 - mu))[:, None])
+    try:
+        se = math.sqrt(float(np.linalg.inv(info)[1, 1]))
+    except (np.linalg.LinAlgError, ValueError):
+        se = math.nan
+    return float(beta[1]), float(beta[0]), se
+
+
+def _ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error over equal-mass bins of predicted risk."""
+    order = np.argsort(p, kind="stable")
+    total = 0.0
+    for chunk in np.array_split(order, min(bins, y.size)):
+        if chunk.size:
+            total += chunk.size * abs(p[chunk].mean() - y[chunk].mean())
+    return total / y.size
+
+
+def _ece_null_p(ece: float, p: np.ndarray, seed: int, draws: int = 200) -> float:
+    """P(ECE >= observed) if the model were perfectly calibrated: outcomes drawn from the risks themselves."""
+    rng = np.random.default_rng(seed)
+    order = np.argsort(p, kind="stable")
+    chunks = [c for c in np.array_split(order, min(10, p.size)) if c.size]
+    sims = rng.random((draws, p.size)) < p
+    null = np.zeros(draws)
+    for c in chunks:
+        null += c.size * np.abs(p[c].mean() - sims[:, c].mean(axis=1))
+    null /= p.size
+    return float((np.sum(null >= ece) + 1) / (draws + 1))
+
+
+# ------------------------------------------------------------------- a window
+@dataclass
+class WindowInput:
+    """One site's rows in one window, ready to judge."""
+
+    task: str
+    site: str
+    window: Window
+    rows: pl.DataFrame  # features, risk, tier, model_version, join_key
+    outcomes: pl.DataFrame | None = None  # join_key, outcome (only those known by as_of)
+
+
+def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseline, config) -> dict[str, Any]:
+    """The JSON result of one (site, window): drift, prediction drift, performance, status, reasons."""
+    rows = inp.rows
+    result: dict[str, Any] = {
+        "task": inp.task, "site": inp.site, "window": inp.window.label, "window_kind": inp.window.kind,
+        "window_start": inp.window.start.date().isoformat(), "window_end": inp.window.end.date().isoformat(),
+        "n_rows": rows.height, "model_versions": _versions(rows),
+        "reference": {"model_version": reference.model_version, "n_rows": baseline.n,
+                      "pooled_sites": baseline.pooled},
+    }
+    performance = _window_performance(inp, baseline, config)
+    result["performance"] = performance
+    if rows.height < config.min_window_rows:
+        result.update(tested=False, data_drift=None, prediction_drift=None)
+        status, reasons = "ok", [f"not tested: {rows.height} rows < min_window_rows {config.min_window_rows}"]
+        status, reasons = _merge_performance_status(status, reasons, performance, config)
+        result.update(status=status, reasons=reasons)
+        return result
+    sample = rows if rows.height <= config.sample_rows else rows.sample(
+        config.sample_rows, seed=_seed(config.seed, inp.task, inp.site, inp.window.label))
+    features = [f for f in reference.feature_names if f in rows.columns]
+    stats = screen_features(rows, baseline, features)
+    top = [f for f in reference.ranked_features() if f in stats][: config.top_features]
+    screened = [f for f in _screened(stats, baseline, config) if f not in top]
+    tested = top + sorted(screened, key=lambda f: reference.ranked_features().index(f))
+    wasserstein, ks = _evidently_stattest(config.stattest), _evidently_stattest("ks")
+    verdicts = []
+    for f in tested:
+        current = sample[f].cast(pl.Float64).fill_nan(None).to_numpy()
+        v = judge_feature(f, current, rows.height, stats[f], baseline.features[f], config, wasserstein, ks)
+        v["display"] = reference.display(f)
+        v["importance_rank"] = reference.ranked_features().index(f) + 1
+        hint = _unit_hint(f, v, reference)
+        if hint:  # values at a known unit factor: a unit change, which alerts on its own
+            v["hint"], v["severe"] = hint, True
+        verdicts.append(v)
+    drifted = [v for v in verdicts if v["drifted"]]
+    result["tested"] = True
+    result["data_drift"] = {
+        "method": config.stattest, "threshold": config.feature_drift_threshold,
+        "n_features": len(features), "n_tested": len(tested), "n_screened_in": len(screened),
+        "n_drifted": len(drifted), "drift_share": _r(len(drifted) / len(tested)) if tested else 0.0,
+        "drifted_features": [v["feature"] for v in drifted],
+        "features": verdicts,
+    }
+    result["prediction_drift"] = _prediction_drift(sample, rows, baseline, config, wasserstein, ks)
+    status, reasons = _drift_status(result, config)
+    status, reasons = _merge_performance_status(status, reasons, performance, config)
+    result.update(status=status, reasons=reasons)
+    return result
+
+
+def _versions(rows: pl.DataFrame) -> dict[str, int]:
+    if "model_version" not in rows.columns or rows.height == 0:
+        return {}
+    counts = rows["model_version"].cast(pl.String).value_counts(sort=True)
+    return {str(k): int(c) for k, c in zip(counts["model_version"], counts["count"], strict=True)}
+
+
+def _prediction_drift(sample, rows, baseline: SiteBaseline, config, wasserstein, ks) -> dict[str, Any] | None:
+    import pandas as pd
+    from evidently.legacy.core import ColumnType
+
+    if baseline.risk.size < config.min_feature_rows:
+        return None
+    cur = sample["risk"].cast(pl.Float64).to_numpy()
+    w = wasserstein(pd.Series(baseline.risk), pd.Series(cur), ColumnType.Numerical, config.prediction_drift_threshold)
+    p = ks(pd.Series(baseline.risk), pd.Series(cur), ColumnType.Numerical, config.significance)
+    drifted = bool(w.drift_score >= config.prediction_drift_threshold and p.drift_score < config.significance)
+    return {
+        "method": config.stattest, "threshold": config.prediction_drift_threshold, "wasserstein": _r(w.drift_score),
+        "ks_p": _p(p.drift_score), "drifted": drifted, "mean_risk": _r(rows["risk"].mean()),
+        "reference_mean_risk": _r(baseline.risk.mean()), "median_risk": _r(rows["risk"].median()),
+        "reference_median_risk": _r(np.median(baseline.risk)),
+        "tiers": _shares(rows["tier"]) if "tier" in rows.columns else {}, "reference_tiers": baseline.tiers,
+    }
+
+
+def _describe(v: dict) -> str:
+    parts = []
+    if "distribution" in v["kinds"]:
+        parts.append(f"distribution shifted by {v['wasserstein']:.2f} reference SDs (normed Wasserstein)")
+    if "out_of_range" in v["kinds"]:
+        lo, hi = v["reference_range"]
+        parts.append(f"{100 * v['out_of_range_share']:.1f}% of values outside the reference range "
+                     f"[{_fmt(lo)}, {_fmt(hi)}] (reference {100 * v['reference_out_of_range_share']:.1f}%)")
+    if "missingness" in v["kinds"]:
+        parts.append(f"missing {100 * v['missing_share']:.0f}% vs {100 * v['reference_missing_share']:.0f}%")
+    if v.get("median") is not None and v.get("reference_median") is not None:
+        parts.append(f"median {_fmt(v['median'])} vs {_fmt(v['reference_median'])}")
+    text = f"{v['feature']} [{v['display']}]: " + "; ".join(parts)
+    return text + (f"; {v['hint']}" if v.get("hint") else "")
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _drift_status(result: dict, config) -> tuple[str, list[str]]:
+    dd, pd_ = result["data_drift"], result["prediction_drift"]
+    drifted = [v for v in dd["features"] if v["drifted"]]
+    severe = [v for v in drifted if v["severe"]]
+    share = dd["drift_share"]
+    status, reasons = "ok", []
+    names = ", ".join(v["feature"] for v in drifted[:12]) + (" ..." if len(drifted) > 12 else "")
+    if share >= config.drift_share_alert:
+        status = "alert"
+        reasons.append(f"{len(drifted)} of {dd['n_tested']} tested features drifted "
+                       f"(share {share:.2f} >= alert {config.drift_share_alert}): {names}")
+    elif share >= config.drift_share_warning:
+        status = "warning"
+        reasons.append(f"{len(drifted)} of {dd['n_tested']} tested features drifted "
+                       f"(share {share:.2f} >= warning {config.drift_share_warning}): {names}")
+    if severe:
+        status = "alert"
+        reasons.append("severe drift in " + ", ".join(v["feature"] for v in severe[:12]))
+    if pd_ and pd_["drifted"]:
+        level = "alert" if config.prediction_drift_alert else "warning"
+        status = _worst(status, level)
+        reasons.append(f"prediction drift: risk distribution shifted by {pd_['wasserstein']:.2f} reference SDs; "
+                       f"mean risk {pd_['mean_risk']:.3f} vs {pd_['reference_mean_risk']:.3f}")
+    if status != "ok" or drifted:
+        ordered = sorted(drifted, key=lambda v: (not v["severe"], v["importance_rank"]))
+        reasons.extend(_describe(v) for v in ordered[:15])
+    if status == "ok":
+        reasons.insert(0, f"ok: {len(drifted)} of {dd['n_tested']} tested features drifted (share {share:.2f}); "
+                          "risk distribution stable")
+    return status, reasons
+
+
+def _window_performance(inp: WindowInput, baseline: SiteBaseline, config) -> dict[str, Any]:
+    keyed = inp.rows.filter(pl.col("join_key").is_not_null()) if "join_key" in inp.rows.columns else inp.rows.head(0)
+    out: dict[str, Any] = {"n_scored_with_key": keyed.height, "n_outcomes": 0, "reference": baseline.performance}
+    if inp.outcomes is None or inp.outcomes.height == 0 or keyed.height == 0:
+        out["status"] = "pending"
+        return out
+    joined = keyed.select("join_key", "risk").join(inp.outcomes.select("join_key", "outcome"), on="join_key")
+    out["n_outcomes"] = joined.height
+    metrics = _performance(joined["outcome"].to_numpy(), joined["risk"].to_numpy(), config)
+    if metrics is None:
+        out["status"] = "pending"
+        out["positives"] = int(joined["outcome"].sum()) if joined.height else 0
+        return out
+    out.update(metrics)
+    out["status"] = "evaluated"
+    return out
+
+
+def _performance_findings(perf: dict, config) -> list[tuple[str, str]]:
+    """(level, reason) for each performance figure past its threshold AND beyond chance."""
+    from scipy.stats import norm
+
+    found: list[tuple[str, str]] = []
+    sig = config.performance_significance
+    ref = perf.get("reference") or {}
+    if ref.get("auroc") is not None:
+        drop = ref["auroc"] - perf["auroc"]
+        se = math.hypot(perf.get("auroc_se") or 0.0, ref.get("auroc_se") or 0.0)
+        p = float(norm.sf(drop / se)) if se > 0 else (0.0 if drop > 0 else 1.0)
+        text = (f"realized AUROC {perf['auroc']:.3f} is {drop:.3f} below the reference {ref['auroc']:.3f} "
+                f"(p={p:.2g}, {perf['n']} outcomes)")
+        if drop >= config.auroc_drop_alert and p < sig:
+            found.append(("alert", text))
+        elif drop >= config.auroc_drop_warning and p < sig:
+            found.append(("warning", text))
+    null_p = perf.get("ece_null_p")
+    if null_p is not None and null_p < sig:
+        text = f"calibration: ECE {perf['ece']:.3f} (p={null_p:.2g} if calibrated)"
+        if perf["ece"] >= config.ece_alert:
+            found.append(("alert", text))
+        elif perf["ece"] >= config.ece_warning:
+            found.append(("warning", text))
+    lo, hi = config.calibration_slope_range
+    slope, se = perf.get("calibration_slope"), perf.get("calibration_slope_se")
+    if slope is not None and se and not lo <= slope <= hi:
+        bound = lo if slope < lo else hi
+        p = float(norm.sf(abs(slope - bound) / se))
+        if p < sig:
+            found.append(("warning", f"calibration slope {slope:.2f} outside [{lo}, {hi}] (p={p:.2g})"))
+    return found
+
+
+def _merge_performance_status(status: str, reasons: list[str], perf: dict, config) -> tuple[str, list[str]]:
+    if perf.get("status") != "evaluated":
+        return status, reasons
+    found = _performance_findings(perf, config)
+    if not found:
+        return status, [*reasons, f"performance ok on {perf['n']} outcomes: AUROC {perf['auroc']:.3f}, "
+                                  f"ECE {perf['ece']:.3f}, calibration slope {perf['calibration_slope']:.2f}"]
+    for level, _text in found:
+        status = _worst(status, level)
+    if status != "ok" and reasons and reasons[0].startswith("ok:"):
+        reasons = reasons[1:]
+    return status, [*(t for _, t in found), *reasons]
+
+
+def _worst(a: str, b: str) -> str:
+    return a if _STATUS_RANK[a] >= _STATUS_RANK[b] else b
+
+
+_UNIT_FACTORS: list[tuple[str, str, str, float]] | None = None
+
+
+def _unit_hint(feature: str, verdict: dict, reference: Reference) -> str | None:
+    """'values look like mmol/L, not mg/dL' when the moved values sit at a known conversion factor.
+
+    The ratio is taken on the values outside the reference range when those
+    drifted (a part of the values changed unit), else on the medians.
+    """
+    if not verdict["drifted"] or not verdict.get("reference_median"):
+        return None
+    moved = verdict.get("out_of_range_median") if "out_of_range" in verdict["kinds"] else verdict.get("median")
+    if moved is None or moved <= 0 or verdict["reference_median"] <= 0:
+        return None
+    ratio = moved / verdict["reference_median"]
+    info = reference.infos.get(feature) or {}
+    text = (info.get("display") or feature).lower()
+    for keyword, canonical, sent, factor in _unit_factors():
+        if keyword not in text or (info.get("unit") and info["unit"] != canonical):
+            continue
+        if abs(math.log(ratio * factor)) < math.log(1.25):
+            return (f"values look like {sent} instead of {canonical} "
+                    f"(about 1/{factor:g} of the reference): a unit change?")
+    return None
+
+
+def _unit_factors() -> list[tuple[str, str, str, float]]:
+    """(keyword, canonical unit, other unit, factor) of every pure-scale unit conversion in data/codes.py."""
+    global _UNIT_FACTORS
+    if _UNIT_FACTORS is None:
+        from chronorisk.data.codes import MEASUREMENTS
+
+        found = []
+        for m in MEASUREMENTS.values():
+            for unit, conv in m.conversions.items():
+                zero, one = conv(0.0), conv(1.0)
+                if abs(zero) < 1e-9 and abs(one - 1.0) > 1e-6:  # a pure scale, not 1:1, not affine
+                    found.append((m.display.split()[-1].lower(), m.unit, unit, one))
+        _UNIT_FACTORS = found
+    return _UNIT_FACTORS
+
+
+# -------------------------------------------------------------------- HTML report
+def save_window_html(path: Path, inp: WindowInput, result: dict, reference: Reference, baseline: SiteBaseline,
+                     config) -> None:
+    """Evidently's report of the window: per tested feature and the risk, the same methods and thresholds."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import MissingValueCount, OutRangeValueCount, RowCount, ValueDrift
+
+    dd = result.get("data_drift") or {"features": []}
+    tested = [v["feature"] for v in dd["features"]]
+    ref_frame = reference.drift.filter(pl.col("site") == inp.site) if not baseline.pooled else reference.drift
+    sample = inp.rows if inp.rows.height <= config.sample_rows else inp.rows.sample(
+        config.sample_rows, seed=_seed(config.seed, inp.task, inp.site, inp.window.label))
+    cols = [*tested, "risk"]
+    current = sample.select([pl.col(c).cast(pl.Float64) for c in cols]).fill_nan(None).to_pandas()
+    ref = ref_frame.select([pl.col(c).cast(pl.Float64) for c in cols]).fill_nan(None).to_pandas()
+    definition = DataDefinition(numerical_columns=cols)
+    metrics: list = [RowCount()]
+    metrics.append(ValueDrift(column="risk", method=config.stattest, threshold=config.prediction_drift_threshold))
+    for v in dd["features"]:
+        metrics.append(ValueDrift(column=v["feature"], method=config.stattest,
+                                  threshold=config.feature_drift_threshold))
+        if "out_of_range" in v["kinds"]:
+            lo, hi = v["reference_range"]
+            metrics.append(OutRangeValueCount(column=v["feature"], left=lo, right=hi))
+        if "missingness" in v["kinds"]:
+            metrics.append(MissingValueCount(column=v["feature"]))
+    report = Report(metrics, metadata={"task": inp.task, "site": inp.site, "window": inp.window.label,
+                                       "status": result["status"]})
+    snapshot = report.run(Dataset.from_pandas(current, data_definition=definition),
+                          Dataset.from_pandas(ref, data_definition=definition))
+    with atomic_output(path) as tmp:
+        snapshot.save_html(str(tmp))
+
+
+# ----------------------------------------------------------------------- the run
+@dataclass
+class MonitorOptions:
+    task: str
+    kind: str = "week"
+    start: datetime | None = None
+    end: datetime | None = None
+    as_of: datetime | None = None
+    html: str = "flagged"  # flagged | all | none
+    force: bool = False
+
+
+def run_monitor(prediction_log, reference: Reference, monitoring_dir: Path, config, opts: MonitorOptions) -> dict:
+    """Judge every (site, window) of the log in the range; write reports; return the task's summary section."""
+    if opts.html not in ("flagged", "all", "none"):
+        raise InputError("--html", f"{opts.html!r}: use flagged, all or none")
+    days = [_day_of(p) for p in prediction_log.partitions(opts.task,
+                                                          opts.start.date() if opts.start else None,
+                                                          opts.end.date() if opts.end else None)]
+    windows = windows_for_days({d for d in days if d is not None}, opts.kind)
+    outcomes = prediction_log.scan_outcomes(opts.task, opts.as_of).collect()
+    reports = monitoring_dir / "reports" / opts.task
+    baselines: dict[str, SiteBaseline] = {}
+    config_key = _config_fingerprint(config)
+    latest: dict[str, str] = {}
+    computed = skipped = 0
+    for window in windows:
+        start = max(window.start, opts.start) if opts.start else window.start
+        end = min(window.end, opts.end) if opts.end else window.end
+        rows = _dedupe(prediction_log.scan(opts.task, start, end).collect())
+        if rows.height == 0:
+            continue
+        for (site,), site_rows in rows.sort("site").group_by("site", maintain_order=True):
+            site = str(site)
+            latest[site] = window.label
+            win_outcomes = _window_outcomes(site_rows, outcomes)
+            fingerprint = _fingerprint(site_rows, win_outcomes, reference, config_key, window, start, end)
+            folder = reports / _safe(site)
+            json_path = folder / f"{window.label}.json"
+            if not opts.force and _unchanged(json_path, fingerprint, opts.html):
+                skipped += 1
+                continue
+            if site not in baselines:
+                baselines[site] = site_baseline(reference, site, config)
+            inp = WindowInput(opts.task, site, Window(start, end, window.kind), site_rows, win_outcomes)
+            result = evaluate_window(inp, reference, baselines[site], config)
+            result["window"] = window.label
+            result["fingerprint"] = fingerprint
+            result["html"] = None
+            if opts.html == "all" or (opts.html == "flagged" and result["status"] != "ok"):
+                save_window_html(folder / f"{window.label}.html", inp, result, reference, baselines[site], config)
+                result["html"] = f"{window.label}.html"
+            write_text_atomic(json_path, json.dumps(result, indent=1, sort_keys=True))
+            computed += 1
+    if opts.html == "flagged":
+        _ensure_latest_html(prediction_log, reference, reports, latest, outcomes, baselines, config, opts)
+    log.info("monitor %s: %d windows computed, %d unchanged", opts.task, computed, skipped)
+    return summarize_task(reports, opts.kind)
+
+
+def _ensure_latest_html(prediction_log, reference, reports, latest, outcomes, baselines, config, opts) -> None:
+    """The latest window of each site always has its HTML report, whatever its status."""
+    for site, label in latest.items():
+        json_path = reports / _safe(site) / f"{label}.json"
+        result = json.loads(json_path.read_text())
+        if result.get("html"):
+            continue
+        window = window_of(date.fromisoformat(result["window_start"]), opts.kind)
+        start = max(window.start, opts.start) if opts.start else window.start
+        end = min(window.end, opts.end) if opts.end else window.end
+        rows = _dedupe(prediction_log.scan(opts.task, start, end).collect()).filter(pl.col("site") == site)
+        if site not in baselines:
+            baselines[site] = site_baseline(reference, site, config)
+        inp = WindowInput(opts.task, site, window, rows, _window_outcomes(rows, outcomes))
+        save_window_html(json_path.with_suffix(".html"), inp, result, reference, baselines[site], config)
+        result["html"] = f"{label}.html"
+        write_text_atomic(json_path, json.dumps(result, indent=1, sort_keys=True))
+
+
+def _day_of(path: Path) -> date | None:
+    try:
+        return date.fromisoformat(path.parent.name.removeprefix("date="))
+    except ValueError:
+        return None
+
+
+def _dedupe(rows: pl.DataFrame) -> pl.DataFrame:
+    """One row per (join key, model version): a re-scored patient counts once (latest score)."""
+    if rows.height == 0 or "join_key" not in rows.columns:
+        return rows
+    keyed = rows.filter(pl.col("join_key").is_not_null())
+    if keyed.height == 0:
+        return rows
+    unkeyed = rows.filter(pl.col("join_key").is_null())
+    keyed = keyed.sort("scored_at").unique(["join_key", "model_version"], keep="last", maintain_order=True)
+    return pl.concat([keyed, unkeyed], how="diagonal_relaxed").sort(["site", "prediction_time", "scored_at"])
+
+
+def _window_outcomes(rows: pl.DataFrame, outcomes: pl.DataFrame) -> pl.DataFrame | None:
+    if outcomes.height == 0 or "join_key" not in rows.columns:
+        return None
+    return outcomes.join(rows.select("join_key").drop_nulls().unique(), on="join_key", how="semi").sort("join_key")
+
+
+def _config_fingerprint(config) -> str:
+    dump = config.model_dump(mode="json") if hasattr(config, "model_dump") else vars(config)
+    return json.dumps({"v": MONITOR_VERSION, **dump}, sort_keys=True, default=str)
+
+
+def _fingerprint(rows, outcomes, reference: Reference, config_key: str, window: Window, start, end) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(config_key.encode())
+    digest.update(reference.fingerprint.encode())
+    digest.update(f"{window.label}|{start}|{end}|{rows.height}".encode())
+    stable = rows.select(sorted(rows.columns))
+    digest.update(str(int(stable.hash_rows(seed=1).sum())).encode() if rows.height else b"-")
+    if outcomes is not None and outcomes.height:
+        digest.update(str(int(outcomes.select("join_key", "outcome").hash_rows(seed=2).sum())).encode())
+    return digest.hexdigest()
+
+
+def _unchanged(json_path: Path, fingerprint: str, html_mode: str) -> bool:
+    """True when the window's stored result has this fingerprint and every HTML it should have."""
+    if not json_path.is_file():
+        return False
+    try:
+        old = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if old.get("fingerprint") != fingerprint:
+        return False
+    wants_html = html_mode == "all" or (html_mode == "flagged" and old.get("status") != "ok")
+    if wants_html and not old.get("html"):
+        return False
+    return not old.get("html") or (json_path.parent / old["html"]).is_file()
+
+
+def _safe(site: str) -> str:
+    text = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in site)
+    if not text or text.startswith("."):
+        raise InputError("site", f"{site!r} cannot name a report folder")
+    return text
+
+
+# ----------------------------------------------------------------------- summary
+def summarize_task(reports: Path, kind: str) -> dict:
+    """Per site: the latest window's status and reasons, and the history of every window on disk."""
+    sites: dict[str, dict] = {}
+    if reports.is_dir():
+        for folder in sorted(p for p in reports.iterdir() if p.is_dir()):
+            results = []
+            for path in sorted(folder.glob("*.json")):
+                try:
+                    r = json.loads(path.read_text())
+                except (OSError, json.JSONDecodeError):
+                    continue
+                if r.get("window_kind") == kind:
+                    results.append(r)
+            if not results:
+                continue
+            results.sort(key=lambda r: r["window_start"])
+            last = results[-1]
+            site = last["site"]
+            sites[site] = {
+                "status": last["status"], "window": last["window"], "reasons": last["reasons"],
+                "n_rows": last["n_rows"], "tested": last.get("tested", False),
+                "drift_share": (last.get("data_drift") or {}).get("drift_share"),
+                "drifted_features": (last.get("data_drift") or {}).get("drifted_features", []),
+                "prediction_drift": (last.get("prediction_drift") or {}).get("wasserstein"),
+                "report_json": f"reports/{folder.parent.name}/{folder.name}/{last['window']}.json",
+                "report_html": (f"reports/{folder.parent.name}/{folder.name}/{last['html']}"
+                                if last.get("html") else None),
+                "history": [_history_row(r, folder) for r in results],
+                "performance_to_date": _performance_to_date(results),
+            }
+    counts = {s: sum(1 for v in sites.values() if v["status"] == s) for s in STATUSES}
+    return {"window_kind": kind, "sites": sites, "status_counts": counts}
+
+
+def _history_row(r: dict, folder: Path) -> dict:
+    perf = r.get("performance") or {}
+    return {
+        "window": r["window"], "window_start": r["window_start"], "status": r["status"], "n_rows": r["n_rows"],
+        "tested": r.get("tested", False),
+        "drift_share": (r.get("data_drift") or {}).get("drift_share"),
+        "n_drifted": (r.get("data_drift") or {}).get("n_drifted"),
+        "drifted_features": (r.get("data_drift") or {}).get("drifted_features", []),
+        "prediction_drift": (r.get("prediction_drift") or {}).get("wasserstein"),
+        "mean_risk": (r.get("prediction_drift") or {}).get("mean_risk"),
+        "n_outcomes": perf.get("n_outcomes", 0), "auroc": perf.get("auroc"), "ece": perf.get("ece"),
+        "calibration_slope": perf.get("calibration_slope"),
+        "reference_auroc": (perf.get("reference") or {}).get("auroc"),
+        "html": f"reports/{folder.parent.name}/{folder.name}/{r['html']}" if r.get("html") else None,
+        "json": f"reports/{folder.parent.name}/{folder.name}/{r['window']}.json",
+        "reasons": r["reasons"][:3],
+    }
+
+
+def _performance_to_date(results: list[dict]) -> dict | None:
+    evaluated = [r["performance"] for r in results if (r.get("performance") or {}).get("status") == "evaluated"]
+    if not evaluated:
+        return None
+    n = sum(p["n"] for p in evaluated)
+    return {
+        "windows": len(evaluated), "n": n,
+        "auroc_weighted": _r(sum(p["auroc"] * p["n"] for p in evaluated) / n),
+        "ece_weighted": _r(sum(p["ece"] * p["n"] for p in evaluated) / n),
+        "reference_auroc": (evaluated[-1].get("reference") or {}).get("auroc"),
+    }
+
+
+def write_summary(monitoring_dir: Path, task: str, section: dict) -> dict:
+    """Merge one task's section into `<monitoring>/summary.json` (other tasks kept) and return it."""
+    path = monitoring_dir / "summary.json"
+    summary: dict = {"tasks": {}}
+    if path.is_file():
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            summary = {"tasks": {}}
+    summary.setdefault("tasks", {}).setdefault(task, {})[section["window_kind"]] = section
+    summary["overall_status"] = _overall(summary)
+    write_text_atomic(path, json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def _overall(summary: dict) -> str:
+    status = "ok"
+    for kinds in summary.get("tasks", {}).values():
+        for section in kinds.values():
+            for site in section.get("sites", {}).values():
+                status = _worst(status, site["status"])
+    return status
+
+
+def load_summary(monitoring_dir: Path) -> dict:
+    path = Path(monitoring_dir) / "summary.json"
+    if not path.is_file():
+        return {"tasks": {}}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {"tasks": {}}
+
+
+# ---------------------------------------------------------------------- Prometheus
+_GAUGES = {
+    "chronorisk_monitor_drifted_feature_share": "Share of tested features that drifted, latest window per site",
+    "chronorisk_monitor_status": "Monitoring status of the latest window per site: 0 ok, 1 warning, 2 alert",
+    "chronorisk_monitor_prediction_drift": "Normed Wasserstein distance of the risk distribution vs the reference",
+    "chronorisk_monitor_realized_auroc": "Realized AUROC of the latest window with enough outcomes",
+}
+
+
+def metric_families(summary: dict) -> list:
+    """Prometheus gauge families from a summary (latest window of each task, kind and site)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    fams = {name: GaugeMetricFamily(name, doc, labels=["task", "site", "window"]) for name, doc in _GAUGES.items()}
+    for task, kinds in sorted(summary.get("tasks", {}).items()):
+        for kind, section in sorted(kinds.items()):
+            for site, s in sorted(section.get("sites", {}).items()):
+                labels = [task, site, kind]
+                fams["chronorisk_monitor_status"].add_metric(labels, _STATUS_RANK[s["status"]])
+                if s.get("drift_share") is not None:
+                    fams["chronorisk_monitor_drifted_feature_share"].add_metric(labels, s["drift_share"])
+                if s.get("prediction_drift") is not None:
+                    fams["chronorisk_monitor_prediction_drift"].add_metric(labels, s["prediction_drift"])
+                aurocs = [h["auroc"] for h in s.get("history", []) if h.get("auroc") is not None]
+                if aurocs:
+                    fams["chronorisk_monitor_realized_auroc"].add_metric(labels, aurocs[-1])
+    return list(fams.values())
+
+
+class MonitoringCollector:
+    """A prometheus_client collector that re-reads summary.json at every scrape.
+
+    Register it on the service's registry (`registry.register(MonitoringCollector(work / "monitoring"))`)
+    so /metrics shows the latest monitor run without a restart.
+    """
+
+    def __init__(self, monitoring_dir: Path | str):
+        self.monitoring_dir = Path(monitoring_dir)
+
+    def collect(self):
+        yield from metric_families(load_summary(self.monitoring_dir))
+
+    def describe(self):
+        return []
+
+
+def metrics_text(summary: dict) -> str:
+    """The gauges in Prometheus text format (what `metrics.prom` holds)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(_Static(metric_families(summary)))
+    return generate_latest(registry).decode()
+
+
+class _Static:
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+    def describe(self):
+        return []
+
+
+def write_metrics(monitoring_dir: Path, summary: dict) -> Path:
+    """`<monitoring>/metrics.prom` for a node-exporter textfile collector (atomic)."""
+    path = monitoring_dir / "metrics.prom"
+    write_text_atomic(path, metrics_text(summary))
+    return path

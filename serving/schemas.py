@@ -1,0 +1,421 @@
+"""Request and response models of every endpoint (pydantic), with the limits of sane input.
+
+Invalid input never reaches scoring: wrong types, impossible values
+(systolic BP 1200, birth dates in the future, so negative ages), dates in the
+future, malformed or unknown codes and oversized lists are refused with a
+4xx naming the field (`events[3].numeric_value: ...`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from chronorisk.data import codes as vocab
+from chronorisk.serving.store import AGE_BANDS
+
+INT64_MAX = 2**63 - 1
+EARLIEST = datetime(1900, 1, 1)
+CLOCK_SKEW = timedelta(days=1)  # sites' clocks and time zones: "in the future" means beyond a day
+MAX_EVENTS = 200_000
+MAX_FHIR_ENTRIES = 50_000
+MAX_FEATURES = 10_000
+
+Tier = Literal["low", "medium", "high"]
+AgeBand = Literal[AGE_BANDS]  # type: ignore[valid-type]
+Sex = Literal["F", "M"]
+
+_SITE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TASK_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# VOCAB -> accepted shape of the value part; a code outside these is "unknown"
+CODE_PATTERNS: dict[str, re.Pattern[str]] = {
+    "LOINC": re.compile(r"^\d{1,7}-\d$"),
+    "SNOMED": re.compile(r"^\d{6,18}$"),
+    "ICD10CM": re.compile(r"^[A-TV-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
+    "ICD9CM": re.compile(r"^(\d{3}|[EV]\d{2,3})(\.?\d{1,2})?$"),
+    "RXNORM": re.compile(r"^\d{1,10}$"),
+    "ENCOUNTER": re.compile(r"^(" + "|".join(vocab.ENCOUNTER_CLASSES) + r")$"),
+    "GENDER": re.compile(r"^[FM]$"),
+    "LOCAL": re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
+}
+SPECIAL_CODES = (vocab.BIRTH, vocab.DEATH)
+
+
+def utcnow_naive() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def naive_utc(value: datetime) -> datetime:
+    """Aware datetimes become naive UTC (MEDS times are naive)."""
+    if value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def check_past(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    value = naive_utc(value)
+    if value > utcnow_naive() + CLOCK_SKEW:
+        raise ValueError("is in the future")
+    if value < EARLIEST:
+        raise ValueError("is before 1900")
+    return value
+
+
+def check_code(code: str) -> str:
+    """A MEDS code of a known vocabulary with a well-formed value; else ValueError naming what is accepted."""
+    if code in SPECIAL_CODES:
+        return code
+    vocab_part, sep, value = code.partition("//")
+    if not sep:
+        raise ValueError(f"code {code[:40]!r} is not VOCAB//value (or MEDS_BIRTH / MEDS_DEATH)")
+    pattern = CODE_PATTERNS.get(vocab_part)
+    if pattern is None:
+        raise ValueError(f"unknown vocabulary {vocab_part[:20]!r}; accepted: {', '.join(CODE_PATTERNS)}")
+    if not pattern.match(value):
+        raise ValueError(f"unknown {vocab_part} code {value[:40]!r}")
+    return code
+
+
+def check_site(value: str | None) -> str | None:
+    if value is not None and not _SITE_RE.match(value):
+        raise ValueError("a site id is 1-64 letters, digits, '_', '-' or '.'")
+    return value
+
+
+def check_task(value: str) -> str:
+    if not _TASK_RE.match(value):
+        raise ValueError("a task name is 1-64 letters, digits, '_', '-' or '.'")
+    return value
+
+
+PastDatetime = Annotated[datetime, AfterValidator(check_past)]
+SiteId = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_site)]
+TaskName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_task)]
+SubjectId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- input: MEDS events --------------------------------------------------------------------
+
+
+class MedsEvent(_Strict):
+    """One MEDS event of the patient being scored (time null for static facts such as sex)."""
+
+    subject_id: SubjectId | None = Field(None, description="optional; a request carries one patient")
+    time: PastDatetime | None = None
+    code: str = Field(min_length=3, max_length=128, examples=["LOINC//4548-4"])
+    numeric_value: float | None = Field(None, description="in the canonical unit of the code (data/codes.py)")
+    text_value: str | None = Field(None, max_length=256)
+
+    @field_validator("code")
+    @classmethod
+    def _code_known(cls, value: str) -> str:
+        return check_code(value)
+
+    @field_validator("numeric_value")
+    @classmethod
+    def _plausible(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        code = info.data.get("code") or ""
+        m = vocab.MEASUREMENT_BY_CODE.get(code)
+        if m is not None:
+            lo, hi = m.plausible
+            if not lo <= value <= hi:
+                raise ValueError(
+                    f"{value:g} {m.unit} is impossible for {m.display} (accepted {lo:g}-{hi:g} {m.unit})"
+                )
+        if code.startswith("RXNORM//") and not 0 <= value <= 400:
+            raise ValueError("a medication request's numeric_value is days supplied (0-400)")
+        return value
+
+    @model_validator(mode="after")
+    def _birth_dated(self) -> MedsEvent:
+        if self.code == vocab.BIRTH and self.time is None:
+            raise ValueError("MEDS_BIRTH needs a time (the birth date)")
+        return self
+
+
+# -- input: FHIR R4 -------------------------------------------------------------------------
+
+
+class FhirEntry(BaseModel):
+    """A bundle entry; the resource is checked by the FHIR converter (per resource, with reasons)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    fullUrl: str | None = Field(None, max_length=512)
+    resource: dict[str, Any]
+
+    @field_validator("resource")
+    @classmethod
+    def _resource_type(cls, value: dict[str, Any]) -> dict[str, Any]:
+        rtype = value.get("resourceType")
+        if not isinstance(rtype, str) or not rtype:
+            raise ValueError("resource needs a resourceType")
+        return value
+
+
+class FhirBundle(BaseModel):
+    """A FHIR R4 Bundle holding one patient (transaction or collection, Synthea-shaped)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    resourceType: Literal["Bundle"]
+    type: Literal["transaction", "collection", "batch", "searchset", "document"] | None = None
+    entry: list[FhirEntry] = Field(default_factory=list, max_length=MAX_FHIR_ENTRIES)
+
+
+# -- /score ---------------------------------------------------------------------------------
+
+
+class ScoreRequest(_Strict):
+    """A patient to score: exactly one of `events` (MEDS rows), `fhir` (a bundle) or `features`."""
+
+    prediction_time: PastDatetime | None = Field(None, description="default: now")
+    site: SiteId | None = Field(None, description="default: the caller's site")
+    tasks: list[TaskName] | None = Field(None, max_length=16, description="default: every served task")
+    events: list[MedsEvent] | None = Field(None, max_length=MAX_EVENTS)
+    fhir: FhirBundle | None = None
+    features: dict[str, float | None] | None = Field(
+        None, description="ready-made features by name (missing ones are treated as not measured)"
+    )
+    explain: bool = True
+    top_k: int = Field(5, ge=1, le=20)
+
+    @field_validator("features")
+    @classmethod
+    def _features_finite(cls, value: dict[str, float | None] | None):
+        if value is None:
+            return value
+        if len(value) > MAX_FEATURES:
+            raise ValueError(f"at most {MAX_FEATURES} features")
+        for name, v in value.items():
+            if len(name) > 200:
+                raise ValueError("a feature name is at most 200 characters")
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name[:60]}: must be a finite number or null")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ScoreRequest:
+        given = [n for n in ("events", "fhir", "features") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of events, fhir or features")
+        if self.events is not None:
+            ids = {e.subject_id for e in self.events if e.subject_id is not None}
+            if len(ids) > 1:
+                raise ValueError("events: one patient per request (several subject_id values)")
+        return self
+
+
+class Factor(BaseModel):
+    feature: str
+    display: str | None = None
+    value: float | None = None
+    unit: str | None = None
+    date: str | None = None
+    direction: str | None = None
+    contribution: float | None = None
+    text: str | None = None
+
+
+class TaskScore(BaseModel):
+    task: str
+    eligible: bool
+    reason: str | None = None
+    risk: float | None = None
+    tier: Tier | None = None
+    factors: list[Factor] | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+class ScoreResponse(BaseModel):
+    prediction_time: datetime
+    site: str | None
+    results: list[TaskScore]
+
+
+# -- /patients ------------------------------------------------------------------------------
+
+
+class StoredScore(BaseModel):
+    task: str
+    prediction_time: datetime
+    risk: float
+    tier: Tier
+    model_name: str
+    model_version: str
+    scored_at: datetime
+    factors: list[Factor] | None = None
+
+
+class PatientTask(BaseModel):
+    task: str
+    latest: StoredScore
+    trend: list[StoredScore]
+
+
+class PatientResponse(BaseModel):
+    subject_id: int
+    site: str
+    sex: str | None = None
+    age: int | None = None
+    age_band: str | None = None
+    conditions: list[str] = Field(default_factory=list)
+    tasks: list[PatientTask]
+
+
+class WorklistRow(BaseModel):
+    subject_id: int
+    task: str
+    prediction_time: datetime
+    risk: float
+    tier: Tier
+    age_band: str | None = None
+    sex: str | None = None
+    conditions: list[str] = Field(default_factory=list)
+    model_version: str
+
+
+class WorklistResponse(BaseModel):
+    site: str
+    rows: list[WorklistRow]
+
+
+# -- /cohort --------------------------------------------------------------------------------
+
+
+class CohortQuery(_Strict):
+    """Filters of a cohort; every given filter must hold (AND)."""
+
+    task: TaskName
+    sites: list[SiteId] | None = Field(None, max_length=500)
+    prediction_time: date | None = Field(None, description="scores of this date; default the latest")
+    tiers: list[Tier] | None = Field(None, max_length=3)
+    min_risk: float | None = Field(None, ge=0, le=1)
+    age_bands: list[AgeBand] | None = Field(None, max_length=len(AGE_BANDS))
+    sex: Sex | None = None
+    conditions: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=20)
+    limit: int = Field(1000, ge=1, le=100_000)
+
+    @field_validator("prediction_time")
+    @classmethod
+    def _not_future(cls, value: date | None) -> date | None:
+        if value is not None and value > (utcnow_naive() + CLOCK_SKEW).date():
+            raise ValueError("is in the future")
+        if value is not None and value < EARLIEST.date():
+            raise ValueError("is before 1900")
+        return value
+
+
+GroupDim = Literal["site", "tier", "age_band", "sex"]
+
+
+class AggregateQuery(CohortQuery):
+    group_by: list[GroupDim] = Field(default_factory=lambda: ["site", "tier"], min_length=1, max_length=4)
+
+    @field_validator("group_by")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("name each dimension once")
+        return value
+
+
+class ExportQuery(CohortQuery):
+    format: Literal["csv", "parquet"] = "csv"
+
+
+class CohortRow(BaseModel):
+    subject_id: int
+    site: str
+    task: str
+    prediction_time: datetime
+    risk: float
+    tier: str
+    age_band: str | None = None
+    sex: str | None = None
+    conditions: list[str] = Field(default_factory=list)
+    model_name: str
+    model_version: str
+
+
+class CohortResponse(BaseModel):
+    query: dict[str, Any]
+    prediction_time: datetime | None
+    n: int
+    truncated: bool
+    model_versions: list[str]
+    rows: list[CohortRow]
+
+
+class AggregateCell(BaseModel):
+    group: dict[str, str | None]
+    count: int | None = Field(description="null when suppressed (a count under the small-cell limit)")
+    suppressed: bool
+
+
+class AggregateResponse(BaseModel):
+    query: dict[str, Any]
+    prediction_time: datetime | None
+    small_cell: int
+    total: int | None
+    cells: list[AggregateCell]
+    model_versions: list[str]
+
+
+# -- /consent -------------------------------------------------------------------------------
+
+
+class ConsentWithdrawal(_Strict):
+    subject_id: SubjectId
+    site: SiteId | None = Field(None, description="default: every site (a GP: their own site)")
+
+
+class ConsentResponse(BaseModel):
+    withdrawn_at: datetime
+    site: str | None
+
+
+class ErrorItem(BaseModel):
+    field: str
+    problem: str
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    fields: list[ErrorItem] = Field(default_factory=list)
+
+
+def field_path(loc: tuple | list) -> str:
+    """('body', 'events', 3, 'numeric_value') -> 'events[3].numeric_value'."""
+    out = ""
+    for part in loc:
+        if part in ("body",) and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"

@@ -1,0 +1,46 @@
+"""The BentoML service: loads each task's champion once per worker and mounts the API and pages.
+
+Run it with `chronorisk serve` (which sets the environment, see
+`serving/state.py`) or directly with
+`bentoml serve chronorisk.serving.service:ChronoriskService`.
+`/healthz`, `/livez` and `/readyz` come from BentoML, as does the OpenAPI
+document at `/docs.json` (it includes the mounted app's routes). BentoML's
+request metrics and access log are switched off because they record raw
+paths, which hold pseudonymous subject ids; the mounted app serves
+`/metrics` labelled by route template instead. No feature logic here.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+from chronorisk.serving.api import create_app
+
+app = create_app()
+
+
+@bentoml.service(
+    workers=2,
+    traffic={"timeout": 120},
+    metrics={"enabled": False},
+    logging={"access": {"enabled": False}},
+)
+@bentoml.asgi_app(app, path="/")
+class ChronoriskService:
+    """Chronic-disease risk: scores, patients, cohorts, consent, pages."""
+
+    def __init__(self) -> None:
+        from chronorisk.serving.state import state_from_env
+
+        self.state = state_from_env()
+        app.state.serving = self.state
+
+    def __is_ready__(self) -> bool:
+        return self.state.store.ping()
+
+    @bentoml.on_shutdown
+    def flush(self) -> None:
+        """Write what the monitoring log still buffers; close the store's connections."""
+        if self.state.monitor is not None:
+            self.state.monitor.close()
+        self.state.store.dispose()

@@ -1,0 +1,437 @@
+"""The score store: scores, patients, consent, API keys and scoring checkpoints.
+
+SQLAlchemy Core over SQLite (default, a file in the work folder) or
+PostgreSQL (`postgresql+psycopg://...`). Every write is one transaction, so
+a reader sees all of a batch or none of it. Subject IDs here are the
+pseudonymous MEDS `subject_id`s; nothing in this module logs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+
+from chronorisk.errors import ChronoriskError, InputError
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+scores = Table(
+    "scores",
+    metadata,
+    Column("site", String(64), primary_key=True),
+    Column("subject_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("task", String(64), primary_key=True),
+    Column("prediction_time", DateTime, primary_key=True),
+    Column("risk", Float, nullable=False),
+    Column("tier", String(8), nullable=False),
+    Column("age_band", String(8), nullable=True),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("scored_at", DateTime, nullable=False),
+    Column("factors", Text, nullable=True),  # JSON list, stored for medium/high tiers
+    Index("ix_scores_worklist", "site", "task", "prediction_time", "risk"),
+    Index("ix_scores_subject", "subject_id"),
+)
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("site", String(64), primary_key=True),
+    Column("subject_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("sex", String(1), nullable=True),
+    Column("birth_year", Integer, nullable=True),
+    Column("conditions", Text, nullable=False, default=","),  # ",diabetes,hypertension,"
+    Column("as_of", DateTime, nullable=True),
+    Column("updated_at", DateTime, nullable=False),
+    Index("ix_patients_subject", "subject_id"),
+)
+
+consent = Table(
+    "consent",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("subject_id", BigInteger, nullable=False),
+    Column("site", String(64), nullable=True),  # null: every site
+    Column("withdrawn_at", DateTime, nullable=False),
+    Column("recorded_by", String(32), nullable=True),
+    Column("recorded_at", DateTime, nullable=False),
+    Index("ix_consent_subject", "subject_id"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("key_id", String(32), primary_key=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("site", String(64), nullable=True),
+    Column("label", String(128), nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    Column("revoked_at", DateTime, nullable=True),
+)
+
+score_runs = Table(
+    "score_runs",
+    metadata,
+    Column("prediction_time", DateTime, primary_key=True),
+    Column("site", String(64), primary_key=True),
+    Column("chunk", String(255), primary_key=True),
+    Column("task", String(64), primary_key=True),
+    Column("model_version", String(64), nullable=False),
+    Column("n_scored", Integer, nullable=False),
+    Column("finished_at", DateTime, nullable=False),
+)
+
+TIERS = ("low", "medium", "high")
+AGE_BANDS = ("0-17", "18-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80+")
+
+
+def utcnow() -> datetime:
+    """Naive UTC (the store keeps naive UTC timestamps everywhere)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def age_band(age_years: float | None) -> str | None:
+    """Ten-year age band of an age in years; None when the age is unknown."""
+    if age_years is None or (isinstance(age_years, float) and math.isnan(age_years)) or age_years < 0:
+        return None
+    if age_years < 18:
+        return AGE_BANDS[0]
+    if age_years < 30:
+        return AGE_BANDS[1]
+    if age_years >= 80:
+        return AGE_BANDS[-1]
+    return AGE_BANDS[int(age_years // 10) - 1]
+
+
+def conditions_text(names: Iterable[str]) -> str:
+    """Conditions as ',a,b,' so that one portable LIKE '%,a,%' finds a patient with condition a."""
+    names = sorted({n for n in names if n})
+    return "," + ",".join(names) + ("," if names else "")
+
+
+def conditions_list(text: str | None) -> list[str]:
+    return [c for c in (text or "").split(",") if c]
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # Autocommit at the driver level: SQLAlchemy's "begin" event below issues BEGIN itself,
+    # so that writers can take the write lock up front (BEGIN IMMEDIATE) and never deadlock.
+    dbapi_connection.isolation_level = None
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite files get WAL, a busy timeout and explicit BEGINs."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InputError("store_url", "not a database URL (sqlite:///path or postgresql+psycopg://...)") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    if backend == "postgresql":
+        return create_engine(url, pool_size=5, max_overflow=10, pool_pre_ping=True)
+    raise InputError("store_url", f"backend {backend!r} is not supported; use sqlite or postgresql+psycopg")
+
+
+def writer(conn_or_engine: Engine) -> Connection:
+    """A connection whose transactions take the write lock at BEGIN (SQLite); plain elsewhere."""
+    return conn_or_engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+
+
+def _insert(engine_or_conn):
+    """The dialect's INSERT with ON CONFLICT support."""
+    name = engine_or_conn.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:  # pragma: no cover - make_engine refuses other backends
+        raise ChronoriskError(f"unsupported database {name}")
+    return insert
+
+
+def upsert(conn: Connection, table: Table, rows: Sequence[dict], keys: Sequence[str]) -> int:
+    """Insert `rows`, replacing those whose primary key exists (idempotent re-runs)."""
+    if not rows:
+        return 0
+    insert = _insert(conn)
+    stmt = insert(table)
+    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
+    conn.execute(stmt, list(rows))
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    backend: str
+    url_safe: str
+
+
+class ScoreStore:
+    """Tables of the score store on one engine; methods are small queries in their own transactions."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str, *, create: bool = True) -> ScoreStore:
+        """Connect to `url` and create missing tables (the audit tables included)."""
+        from chronorisk.serving import audit  # noqa: F401  (registers the audit tables on `metadata`)
+
+        engine = make_engine(url)
+        store = cls(engine)
+        if create:
+            try:
+                metadata.create_all(engine)
+            except OperationalError as exc:
+                raise ChronoriskError(
+                    f"score store {store.info().url_safe}: cannot connect or create tables "
+                    f"({type(exc.orig).__name__ if exc.orig else 'OperationalError'})"
+                ) from None
+        return store
+
+    def info(self) -> StoreInfo:
+        return StoreInfo(self.engine.dialect.name, self.engine.url.render_as_string(hide_password=True))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+            return True
+        except SQLAlchemyError:
+            return False
+
+    # -- scores -----------------------------------------------------------------------------
+
+    def write_chunk(
+        self,
+        score_rows: Sequence[dict],
+        patient_rows: Sequence[dict],
+        checkpoints: Sequence[dict] = (),
+    ) -> None:
+        """Scores, patients and the chunk's checkpoints in ONE transaction: all or nothing."""
+        with writer(self.engine) as conn, conn.begin():
+            for start in range(0, len(patient_rows), 20_000):
+                upsert(conn, patients, patient_rows[start : start + 20_000], ("site", "subject_id"))
+            for start in range(0, len(score_rows), 20_000):
+                upsert(
+                    conn, scores, score_rows[start : start + 20_000],
+                    ("site", "subject_id", "task", "prediction_time"),
+                )
+            upsert(conn, score_runs, list(checkpoints), ("prediction_time", "site", "chunk", "task"))
+
+    def done_chunks(self, prediction_time: datetime) -> dict[tuple[str, str, str], str]:
+        """(site, chunk, task) -> model version of the chunks already scored at this time."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(score_runs.c.site, score_runs.c.chunk, score_runs.c.task, score_runs.c.model_version)
+                .where(score_runs.c.prediction_time == prediction_time)
+            ).all()
+        return {(r.site, r.chunk, r.task): r.model_version for r in rows}
+
+    def patient_sites(self, subject_id: int) -> list[str]:
+        """Sites that hold scores or facts of this subject."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(patients.c.site).where(patients.c.subject_id == subject_id)
+                .union(select(scores.c.site).where(scores.c.subject_id == subject_id))
+            ).all()
+        return sorted({r[0] for r in rows})
+
+    def patient_record(self, subject_id: int, sites: Sequence[str] | None) -> dict | None:
+        """Facts and every stored score of a subject (optionally only at `sites`); None if unknown."""
+        with self.engine.connect() as conn:
+            pq = select(patients).where(patients.c.subject_id == subject_id)
+            sq = select(scores).where(scores.c.subject_id == subject_id)
+            if sites is not None:
+                pq = pq.where(patients.c.site.in_(list(sites)))
+                sq = sq.where(scores.c.site.in_(list(sites)))
+            prow = conn.execute(pq.order_by(patients.c.updated_at.desc()).limit(1)).mappings().first()
+            srows = conn.execute(sq.order_by(scores.c.task, scores.c.prediction_time)).mappings().all()
+            withdrawn = self._withdrawn_at(conn, subject_id)
+        if prow is None and not srows:
+            return None
+        return {
+            "patient": dict(prow) if prow else None,
+            "scores": [_score_row(r) for r in srows],
+            "consent_withdrawn_at": withdrawn,
+        }
+
+    def worklist(
+        self,
+        site: str,
+        *,
+        task: str | None = None,
+        tiers: Sequence[str] | None = None,
+        min_risk: float | None = None,
+        limit: int = 200,
+        offset: int = 0,
+        now: datetime | None = None,
+    ) -> list[dict]:
+        """Latest score per (subject, task) at one site, highest risk first; consent-withdrawn excluded."""
+        now = now or utcnow()
+        latest = (
+            select(scores.c.subject_id, scores.c.task, func.max(scores.c.prediction_time).label("pt"))
+            .where(scores.c.site == site)
+            .group_by(scores.c.subject_id, scores.c.task)
+        )
+        if task:
+            latest = latest.where(scores.c.task == task)
+        latest = latest.subquery()
+        q = (
+            select(scores, patients.c.sex, patients.c.birth_year, patients.c.conditions)
+            .join(
+                latest,
+                and_(
+                    scores.c.subject_id == latest.c.subject_id,
+                    scores.c.task == latest.c.task,
+                    scores.c.prediction_time == latest.c.pt,
+                ),
+            )
+            .outerjoin(patients, and_(patients.c.site == scores.c.site, patients.c.subject_id == scores.c.subject_id))
+            .where(scores.c.site == site)
+            .where(~consent_withdrawn(scores.c.subject_id, scores.c.site, now))
+        )
+        if tiers:
+            q = q.where(scores.c.tier.in_(list(tiers)))
+        if min_risk is not None:
+            q = q.where(scores.c.risk >= min_risk)
+        q = q.order_by(scores.c.risk.desc(), scores.c.subject_id).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [_score_row(r) for r in rows]
+
+    def latest_prediction_time(self, task: str | None = None) -> datetime | None:
+        q = select(func.max(scores.c.prediction_time))
+        if task:
+            q = q.where(scores.c.task == task)
+        with self.engine.connect() as conn:
+            return conn.execute(q).scalar()
+
+    def sites(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return sorted(r[0] for r in conn.execute(select(scores.c.site).distinct()).all())
+
+    def count_scores(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(scores)).scalar() or 0)
+
+    # -- consent ---------------------------------------------------------------------------
+
+    def withdraw_consent(
+        self, subject_id: int, *, site: str | None = None, at: datetime | None = None, by: str | None = None
+    ) -> datetime:
+        """Record a withdrawal (effective from `at`, default now); returns the effective time."""
+        at = at or utcnow()
+        with writer(self.engine) as conn, conn.begin():
+            conn.execute(
+                consent.insert().values(
+                    subject_id=int(subject_id), site=site, withdrawn_at=at, recorded_by=by, recorded_at=utcnow()
+                )
+            )
+        return at
+
+    def withdrawn_subjects(self, now: datetime | None = None) -> set[int]:
+        """Every subject whose withdrawal is in effect at `now` (any site)."""
+        now = now or utcnow()
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(consent.c.subject_id).where(consent.c.withdrawn_at <= now)).all()
+        return {int(r[0]) for r in rows}
+
+    def _withdrawn_at(self, conn: Connection, subject_id: int) -> datetime | None:
+        return conn.execute(
+            select(func.min(consent.c.withdrawn_at)).where(consent.c.subject_id == subject_id)
+        ).scalar()
+
+
+def consent_withdrawn(subject_col, site_col, now: datetime):
+    """SQL condition: the row's subject has withdrawn consent (for its site or all sites) by `now`."""
+    return (
+        select(consent.c.id)
+        .where(consent.c.subject_id == subject_col)
+        .where((consent.c.site.is_(None)) | (consent.c.site == site_col))
+        .where(consent.c.withdrawn_at <= now)
+        .exists()
+    )
+
+
+def _score_row(r) -> dict:
+    d = dict(r)
+    factors = d.get("factors")
+    d["factors"] = json.loads(factors) if factors else None
+    if "conditions" in d:
+        d["conditions"] = conditions_list(d["conditions"])
+    return d
+
+
+def to_json_factors(factors: list[dict] | None) -> str | None:
+    """Factors as compact JSON (dates as ISO strings, floats finite or null)."""
+    if factors is None:
+        return None
+    return json.dumps([_clean_factor(f) for f in factors], separators=(",", ":"), default=_json_default)
+
+
+def _clean_factor(f: dict) -> dict:
+    out = {}
+    for k, v in f.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def _json_default(v):
+    if isinstance(v, datetime | date):
+        return v.isoformat()
+    if hasattr(v, "item"):  # numpy scalars
+        return v.item()
+    return str(v)

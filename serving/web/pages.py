@@ -1,0 +1,369 @@
+"""Server-rendered pages: GP worklist and patient page, public-health cohort builder.
+
+Plain HTML from Jinja2 templates, an inline SVG trend, no JavaScript and no
+front-end build. Sign-in takes an API key once and keeps a signed session
+cookie (HttpOnly, SameSite=Strict); forms that act (export, sign-out) carry a
+token derived from the session, so another site cannot submit them. The
+same access rules and audit entries as the API apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+
+from chronorisk.errors import InputError
+from chronorisk.serving import schemas as S
+from chronorisk.serving.access import Principal
+from chronorisk.serving.state import ServingState
+from chronorisk.serving.store import AGE_BANDS, TIERS
+from chronorisk.serving.web.charts import trend_svg
+
+pages = APIRouter(prefix="/ui", include_in_schema=False)
+
+TEMPLATES = Path(__file__).with_name("templates")
+TASK_TITLES = {
+    "complication_1y": "Complication within 1 year",
+    "onset_2y": "New diabetes or hypertension within 2 years",
+}
+MAX_FORM_BYTES = 64_000
+
+
+@lru_cache(maxsize=1)
+def _env():
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
+    env.filters["pct"] = lambda v: "" if v is None else f"{v * 100:.1f}%"
+    env.filters["day"] = lambda v: "" if v is None else f"{v:%Y-%m-%d}"
+    env.globals["task_title"] = task_title
+    return env
+
+
+def task_title(task: str) -> str:
+    return TASK_TITLES.get(task, task.replace("_", " "))
+
+
+def render(template: str, status_code: int = 200, **context) -> HTMLResponse:
+    return HTMLResponse(_env().get_template(template).render(**context), status_code=status_code)
+
+
+def error_page(request: Request, status: int, message: str) -> Response:
+    if status == 401:
+        return RedirectResponse("/ui/login", status_code=303)
+    principal = getattr(request.state, "principal", None)
+    state = getattr(request.app.state, "serving", None)
+    csrf = csrf_token(state, request) if state is not None else ""
+    return render("error.html", status, status=status, message=message, principal=principal, csrf=csrf)
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+
+def _state(request: Request) -> ServingState:
+    state = getattr(request.app.state, "serving", None)
+    if state is None:
+        raise HTTPException(503, "the service is starting")
+    return state
+
+
+def csrf_token(state: ServingState, request: Request) -> str:
+    session = request.cookies.get("chronorisk_session", "")
+    return hmac.new(state.secret, f"csrf:{session}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def page_user(permission: str | None = None):
+    """Dependency: the signed-in user (redirect to sign-in when there is none)."""
+
+    def dependency(request: Request) -> Principal:
+        from chronorisk.serving.api import authenticate
+
+        state = _state(request)
+        principal = authenticate(request, state)
+        if principal is None:
+            raise HTTPException(401, "sign in first")
+        request.state.principal = principal
+        if permission is not None and not principal.can(permission):
+            raise HTTPException(403, f"your role ({principal.role.replace('_', ' ')}) cannot open this page")
+        return principal
+
+    return dependency
+
+
+async def form_data(request: Request) -> dict[str, list[str]]:
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise HTTPException(413, "form too large")
+    try:
+        return parse_qs(body.decode("utf-8"), keep_blank_values=False, max_num_fields=200)
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPException(400, "the form could not be read") from None
+
+
+def check_csrf(state: ServingState, request: Request, form: dict[str, list[str]]) -> None:
+    sent = (form.get("csrf") or [""])[0]
+    if not hmac.compare_digest(sent, csrf_token(state, request)):
+        raise HTTPException(403, "the form has expired; open the page again")
+
+
+# -- sign-in --------------------------------------------------------------------------------
+
+
+@pages.get("/login")
+def login_page(request: Request) -> Response:
+    return render("login.html", principal=None, csrf="", message=None)
+
+
+@pages.post("/login")
+async def login(request: Request) -> Response:
+    state = _state(request)
+    form = await form_data(request)
+    key = (form.get("api_key") or [""])[0].strip()
+    principal = state.keys.authenticate_key(key) if key else None
+    if principal is None:
+        return render("login.html", 401, principal=None, csrf="", message="That access key is not valid.")
+    state.audit.append(actor=principal.actor, role=principal.role, site=principal.site, action="login",
+                       detail={"via": "page"})
+    response = RedirectResponse("/ui/", status_code=303)
+    response.set_cookie(
+        "chronorisk_session", state.keys.issue_session(principal), httponly=True, samesite="strict",
+        max_age=int(state.config.session_hours * 3600), path="/",
+    )
+    return response
+
+
+@pages.post("/logout")
+async def logout(request: Request, principal: Annotated[Principal, Depends(page_user())]) -> Response:
+    state = _state(request)
+    check_csrf(state, request, await form_data(request))
+    response = RedirectResponse("/ui/login", status_code=303)
+    response.delete_cookie("chronorisk_session", path="/")
+    return response
+
+
+@pages.get("/")
+def home(principal: Annotated[Principal, Depends(page_user())]) -> Response:
+    if principal.can("worklist") and principal.role == "gp":
+        return RedirectResponse("/ui/worklist", status_code=303)
+    if principal.can("cohort"):
+        return RedirectResponse("/ui/cohort", status_code=303)
+    if principal.role == "admin":
+        return RedirectResponse("/ui/worklist", status_code=303)
+    return RedirectResponse("/ui/ops", status_code=303)
+
+
+# -- GP pages -------------------------------------------------------------------------------
+
+
+@pages.get("/worklist")
+def worklist_page(request: Request, principal: Annotated[Principal, Depends(page_user("worklist"))]) -> Response:
+    from chronorisk.serving.api import _worklist_row, worklist_site
+
+    state = _state(request)
+    q = request.query_params
+    site = q.get("site") or None
+    if principal.role != "gp" and site is None:
+        sites = state.store.sites()
+        site = sites[0] if sites else None
+        if site is None:
+            return render("worklist.html", principal=principal, csrf=csrf_token(state, request), site=None,
+                          rows=[], filters={}, tasks=state.config.tasks, tiers=TIERS, sites=[])
+    try:
+        site = worklist_site(principal, S.check_site(site))
+        task = q.get("task") or None
+        if task is not None and task not in state.config.tasks:
+            raise InputError("task", "unknown task")
+        tiers = [t for t in q.getlist("tier") if t in TIERS] or None
+        min_risk = _percent(q.get("min_risk"))
+    except (ValueError, InputError) as exc:
+        raise HTTPException(422, f"filter: {exc}") from None
+    rows = state.store.worklist(site, task=task, tiers=tiers, min_risk=min_risk, limit=200)
+    state.audit.append(actor=principal.actor, role=principal.role, site=site, action="worklist_read",
+                       detail={"task": task, "tier": tiers, "min_risk": min_risk, "n_rows": len(rows), "via": "page"})
+    filters = {"task": task, "tiers": tiers or [], "min_risk": q.get("min_risk") or ""}
+    return render(
+        "worklist.html", principal=principal, csrf=csrf_token(state, request), site=site,
+        rows=[_worklist_row(r) for r in rows], filters=filters, tasks=state.config.tasks, tiers=TIERS,
+        sites=state.store.sites() if principal.role != "gp" else [site],
+    )
+
+
+def _percent(text: str | None) -> float | None:
+    """'25' or '25%' -> 0.25; empty -> None."""
+    if not text:
+        return None
+    value = float(text.strip().rstrip("%"))
+    if not 0 <= value <= 100:
+        raise ValueError("minimum risk is a percentage from 0 to 100")
+    return value / 100
+
+
+@pages.get("/patients/{subject_id}")
+def patient_page(
+    request: Request, subject_id: int, principal: Annotated[Principal, Depends(page_user("patient_read"))]
+) -> Response:
+    from chronorisk.serving.api import explain_on_demand, patient_view, readable_site
+
+    state = _state(request)
+    if not 0 <= subject_id <= S.INT64_MAX:
+        raise HTTPException(404, "no such patient")
+    site = readable_site(state, principal, subject_id, None)
+    view = patient_view(state, subject_id, site)
+    explain_task = request.query_params.get("explain")
+    on_demand = {}
+    if explain_task and any(t["task"] == explain_task for t in view["tasks"]):
+        on_demand[explain_task] = explain_on_demand(state, subject_id, site, explain_task)
+    state.audit.append(actor=principal.actor, role=principal.role, site=site, action="patient_read",
+                       subject_id=subject_id, detail={"via": "page", "explained": explain_task or None})
+    sections = []
+    for t in view["tasks"]:
+        thresholds = _thresholds(state, t["task"])
+        points = [(s["prediction_time"], s["risk"]) for s in t["trend"]]
+        factors = t["latest"]["factors"]
+        computed = None
+        if factors is None and t["task"] in on_demand:
+            factors = on_demand[t["task"]]["factors"]
+            computed = on_demand[t["task"]]
+        sections.append(
+            {
+                "task": t["task"], "latest": t["latest"], "trend": t["trend"],
+                "svg": trend_svg(points, medium=thresholds[0], high=thresholds[1],
+                                 label=f"{task_title(t['task'])}: risk over time"),
+                "factors": [factor_sentence(f) for f in factors] if factors is not None else None,
+                "computed": computed,
+            }
+        )
+    return render("patient.html", principal=principal, csrf=csrf_token(state, request), view=view,
+                  sections=sections)
+
+
+def _thresholds(state: ServingState, task: str) -> tuple[float | None, float | None]:
+    tiers = state.params.model.tiers.get(task)
+    if tiers is None:
+        return None, None
+    return tiers.medium, tiers.high
+
+
+def factor_sentence(f: dict) -> str:
+    """'HbA1c 9.1 %, last measured 2026-03-02, raises risk' (the model's own text when it gives one)."""
+    if f.get("text"):
+        return str(f["text"])
+    name = f.get("display") or f.get("feature") or "a factor"
+    value = f.get("value")
+    parts = [name if value is None else f"{name} {_number(value)}{(' ' + f['unit']) if f.get('unit') else ''}"]
+    if f.get("date"):
+        parts.append(f"last measured {str(f['date'])[:10]}")
+    direction = f.get("direction")
+    if direction:
+        parts.append("raises risk" if str(direction).startswith(("up", "rais", "incr", "+")) else "lowers risk")
+    return ", ".join(parts)
+
+
+def _number(v) -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
+# -- public-health pages --------------------------------------------------------------------
+
+
+def _cohort_query(params: dict[str, list[str]], cls=S.AggregateQuery, **extra):
+    def many(key):
+        return [v for v in params.get(key, []) if v]
+
+    def one(key):
+        values = many(key)
+        return values[0] if values else None
+
+    raw = {
+        "task": one("task"),
+        "sites": many("site") or None,
+        "tiers": many("tier") or None,
+        "min_risk": _percent(one("min_risk")),
+        "age_bands": many("age_band") or None,
+        "sex": one("sex"),
+        "conditions": many("condition") or None,
+        **extra,
+    }
+    return cls.model_validate({k: v for k, v in raw.items() if v is not None})
+
+
+@pages.get("/cohort")
+def cohort_page(request: Request, principal: Annotated[Principal, Depends(page_user("cohort"))]) -> Response:
+    from chronorisk.serving import cohort
+
+    state = _state(request)
+    params = {k: request.query_params.getlist(k) for k in request.query_params}
+    conditions = cohort.known_conditions()
+    ctx = {
+        "principal": principal, "csrf": csrf_token(state, request), "tasks": state.config.tasks,
+        "sites": state.store.sites(), "tiers": TIERS, "age_bands": AGE_BANDS, "conditions": conditions,
+        "params": params, "result": None, "error": None, "export_fields": [],
+        "small_cell": state.config.small_cell,
+    }
+    if params.get("task"):
+        try:
+            query = _cohort_query(params, group_by=["site", "tier"])
+            result = cohort.aggregate(state.store, query, small_cell=state.config.small_cell)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            ctx["error"] = f"{S.field_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}"
+            return render("cohort.html", 422, **ctx)
+        except (InputError, ValueError) as exc:
+            ctx["error"] = str(exc)
+            return render("cohort.html", 422, **ctx)
+        state.audit.append(actor=principal.actor, role=principal.role, action="cohort_aggregate",
+                           detail={"query": result["query"], "via": "page"})
+        ctx["result"] = result
+        ctx["table"] = _site_tier_table(result)
+        ctx["export_fields"] = [(k, v) for k, values in params.items() for v in values if k != "csrf"]
+    return render("cohort.html", **ctx)
+
+
+def _site_tier_table(result: dict) -> list[dict]:
+    rows: dict[str, dict] = {}
+    for cell in result["cells"]:
+        site = cell["group"].get("site") or "?"
+        row = rows.setdefault(site, {"site": site})
+        row[cell["group"].get("tier")] = "<" + str(result["small_cell"]) if cell["suppressed"] else cell["count"]
+    return [rows[k] for k in sorted(rows)]
+
+
+@pages.post("/cohort/export")
+async def cohort_export_page(
+    request: Request, principal: Annotated[Principal, Depends(page_user("export"))]
+) -> Response:
+    from chronorisk.serving.api import export_response
+
+    state = _state(request)
+    form = await form_data(request)
+    check_csrf(state, request, form)
+    fmt = (form.get("format") or ["csv"])[0]
+    try:
+        query = _cohort_query(form, cls=S.ExportQuery, format=fmt)
+    except (ValidationError, ValueError) as exc:
+        raise HTTPException(422, f"export: {str(exc).splitlines()[0]}") from None
+    return export_response(state, principal, query, via="page")
+
+
+@pages.get("/ops")
+def ops_page(request: Request, principal: Annotated[Principal, Depends(page_user("ops"))]) -> Response:
+    state = _state(request)
+    models = [{"task": m.task, "name": m.name, "version": m.version} for m in state.models.values()]
+    return render("ops.html", principal=principal, csrf=csrf_token(state, request), models=models,
+                  store=state.store.info().backend, started=state.started_at)
+
+
+def query_string(params: dict) -> str:
+    return urlencode(params, doseq=True)

@@ -1,0 +1,75 @@
+"""Fixtures of the serving tests: stores (SQLite, PostgreSQL), seeded data, real servers, a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+from serving_support import SECRET, Server, make_keys, pg_schema, seed_store, write_params
+
+from chronorisk.serving.store import ScoreStore
+
+
+@pytest.fixture
+def secret_env(monkeypatch):
+    monkeypatch.setenv("CHRONORISK_SERVE_SECRET", SECRET)
+    monkeypatch.delenv("CHRONORISK_DEMO", raising=False)
+    return SECRET
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 'store.db'}")
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def pg_store():
+    with pg_schema() as url:
+        store = ScoreStore.open(url)
+        yield store
+        store.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request, tmp_path):
+    """The same test against SQLite and against the local PostgreSQL."""
+    if request.param == "sqlite":
+        store = ScoreStore.open(f"sqlite:///{tmp_path / 'store.db'}")
+        yield store
+        store.dispose()
+    else:
+        with pg_schema() as url:
+            store = ScoreStore.open(url)
+            yield store
+            store.dispose()
+
+
+def _served(tmp_path_factory, backend: str, model_dir=None):
+    work = tmp_path_factory.mktemp(f"serve-{backend}")
+    params = write_params(work / "params.yaml")
+
+    def run(url: str):
+        store = ScoreStore.open(url)
+        seeded = seed_store(store)
+        keys = make_keys(store)
+        store.dispose()
+        server = Server(work=work / "w", store_url=url, params=params, model_dir=model_dir).start()
+        return server, keys, seeded
+
+    return run
+
+
+@pytest.fixture(scope="session", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def served(request, tmp_path_factory):
+    """A running server over a seeded store, with one key per role: (server, keys, seeded, url)."""
+    run = _served(tmp_path_factory, request.param)
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('sqlite-store') / 'store.db'}"
+        server, keys, seeded = run(url)
+        yield server, keys, seeded, url
+        server.stop()
+    else:
+        with pg_schema() as url:
+            server, keys, seeded = run(url)
+            yield server, keys, seeded, url
+            server.stop()

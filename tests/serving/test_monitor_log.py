@@ -1,0 +1,197 @@
+"""The monitoring prediction log: append-only parts, no identifiers, idempotent batches, delayed outcomes."""
+
+from __future__ import annotations
+
+import os
+import stat
+from datetime import UTC, date, datetime, timedelta
+
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chronorisk.errors import InputError
+from chronorisk.serving import prediction_log
+from chronorisk.serving.prediction_log import BufferedPredictionLog, PredictionLog, join_keys
+
+KEY = b"k" * 32
+SUBJECTS = [7_340_000_000_001, 7_340_000_000_002, 7_340_000_000_003]
+
+
+def _records(times=None, **extra) -> pl.DataFrame:
+    times = times or [datetime(2025, 1, 6), datetime(2025, 1, 6), datetime(2025, 1, 7)]
+    n = len(times)
+    return pl.DataFrame(
+        {
+            "subject_id": SUBJECTS[:n],
+            "prediction_time": times,
+            "site": ["chc_a", "chc_a", "hosp_c"][:n],
+            "risk": [0.1, 0.5, 0.9][:n],
+            "tier": ["low", "medium", "high"][:n],
+            "age": [51.0, 62.0, 73.0][:n],
+            "glucose_last_90d": [101.0, None, 143.0][:n],
+            **extra,
+        }
+    )
+
+
+def _all_text(folder) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*.parquet")))
+
+
+def test_append_then_scan_returns_features_and_prediction_without_identifier(work):
+    log = PredictionLog.for_work(work, key=KEY)
+    written = log.append(_records(), "onset_2y", 3, "batch", model_name="chronorisk-onset_2y")
+    assert [p.parent.name for p in written] == ["date=2025-01-06", "date=2025-01-07"]
+    rows = log.scan("onset_2y").collect().sort("risk")
+    assert rows["risk"].to_list() == [0.1, 0.5, 0.9]
+    assert rows["tier"].to_list() == ["low", "medium", "high"]
+    assert rows["model_version"].unique().to_list() == ["3"]
+    assert rows["source"].unique().to_list() == ["batch"]
+    assert rows["site"].to_list() == ["chc_a", "chc_a", "hosp_c"]
+    assert rows["age"].dtype == pl.Float32 and rows["glucose_last_90d"].null_count() == 1
+    assert "subject_id" not in rows.columns
+    assert rows["join_key"].null_count() == 0 and rows["join_key"].n_unique() == 3
+    # no subject id anywhere in the files, in any encoding we can think of
+    raw = _all_text(work / "monitoring")
+    for sid in SUBJECTS:
+        assert str(sid).encode() not in raw
+        assert sid.to_bytes(8, "little") not in raw
+
+
+def test_same_part_name_replaces_the_file_instead_of_adding_rows(work):
+    log = PredictionLog.for_work(work, key=KEY)
+    for _ in range(3):
+        log.append(_records(), "onset_2y", 3, "batch", part="batch-20250106-chc_a-0")
+    assert log.scan("onset_2y").collect().height == 3
+    log.append(_records(), "onset_2y", 3, "batch")  # random part name: a second copy
+    assert log.scan("onset_2y").collect().height == 6
+
+
+def test_scan_window_is_half_open_and_reads_only_its_dates(work):
+    log = PredictionLog.for_work(work, key=KEY)
+    times = [datetime(2025, 1, 5, 23, 59), datetime(2025, 1, 6), datetime(2025, 1, 12, 23)]
+    log.append(_records(times), "t", 1, "api")
+    assert log.scan("t", datetime(2025, 1, 6), datetime(2025, 1, 13)).collect().height == 2
+    assert log.scan("t", date(2025, 1, 6), date(2025, 1, 12)).collect().height == 1
+    assert log.scan("t", None, datetime(2025, 1, 6)).collect().height == 1
+    assert len(log.partitions("t", date(2025, 1, 6), date(2025, 1, 6))) == 1
+    assert log.scan("other").collect().height == 0
+
+
+def test_versions_with_different_features_concatenate(work):
+    log = PredictionLog.for_work(work, key=KEY)
+    log.append(_records(), "t", 1, "batch")
+    log.append(_records().drop("age").with_columns(pl.lit(2.0).alias("new_feature")), "t", 2, "batch")
+    rows = log.scan("t").collect()
+    assert rows.height == 6
+    assert rows.filter(pl.col("model_version") == "2")["age"].null_count() == 3
+    assert rows.filter(pl.col("model_version") == "1")["new_feature"].null_count() == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"patient_id": [1, 2, 3]}, "patient_id"),
+        ({"person_name": ["a", "b", "c"]}, "person_name"),
+        ({"mrn": ["x", "y", "z"]}, "mrn"),
+        ({"note": ["a", "b", "c"]}, "note"),  # text is never logged
+    ],
+)
+def test_identifier_like_and_text_columns_are_refused(work, extra, field):
+    log = PredictionLog.for_work(work, key=KEY)
+    with pytest.raises(InputError) as err:
+        log.append(_records(**extra), "t", 1, "api")
+    assert err.value.field == field
+    assert not (work / "monitoring" / "log").exists()
+
+
+@pytest.mark.parametrize(("column", "values"), [("risk", [0.1, 1.5, 0.2]), ("risk", [0.1, None, 0.2]),
+                                                 ("site", ["a", None, "b"])])
+def test_bad_prediction_rows_are_refused_whole(work, column, values):
+    log = PredictionLog.for_work(work, key=KEY)
+    with pytest.raises(InputError) as err:
+        log.append(_records().with_columns(pl.Series(column, values)), "t", 1, "api")
+    assert err.value.field == column
+    assert log.scan("t").collect().height == 0
+
+
+def test_task_and_version_can_come_from_the_records(work):
+    frame = _records().with_columns(pl.lit("onset_2y").alias("task"), pl.lit("7").alias("model_version"),
+                                    pl.lit("chronorisk-onset_2y").alias("model_name"))
+    prediction_log.append(frame, source="batch", work=work)
+    rows = prediction_log.scan("onset_2y", work=work).collect()
+    assert rows.height == 3 and rows["model_version"].unique().to_list() == ["7"]
+    with pytest.raises(InputError):
+        prediction_log.append(_records(), source="batch", work=work)
+
+
+def test_monitoring_key_file_is_private_and_stable(work, monkeypatch):
+    monkeypatch.delenv(prediction_log.KEY_ENV, raising=False)
+    first = PredictionLog.for_work(work).key
+    path = work / "secrets" / "monitoring.key"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert PredictionLog.for_work(work).key == first
+    monkeypatch.setenv(prediction_log.KEY_ENV, "an-environment-key-0123456789")
+    assert PredictionLog.for_work(work).key == b"an-environment-key-0123456789"
+
+
+def test_join_key_depends_on_the_key_subject_and_time():
+    sids = pl.Series([1, 1, 2])
+    times = pl.Series([datetime(2025, 1, 1), datetime(2025, 7, 1), datetime(2025, 1, 1)])
+    a = join_keys(sids, times, KEY).to_list()
+    assert len(set(a)) == 3
+    assert join_keys(sids, times, KEY).to_list() == a
+    assert set(join_keys(sids, times, b"other-key-0123456789").to_list()).isdisjoint(a)
+    aware = times.dt.replace_time_zone("UTC").dt.convert_time_zone("Europe/Paris")
+    assert join_keys(sids, aware, KEY).to_list() == a  # same instant, same key
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**40), st.integers(0, 10**6)), min_size=1, max_size=30, unique=True))
+def test_join_keys_are_distinct_for_distinct_subject_times(pairs):
+    sids = pl.Series([p[0] for p in pairs], dtype=pl.Int64)
+    times = pl.Series([datetime(2020, 1, 1) + timedelta(minutes=p[1]) for p in pairs])
+    keys = join_keys(sids, times, KEY)
+    assert keys.n_unique() == len(pairs)
+
+
+def test_delayed_outcomes_attach_by_join_key_only(work):
+    log = PredictionLog.for_work(work, key=KEY)
+    records = _records()
+    log.append(records, "t", 1, "batch")
+    labels = records.select("subject_id", "prediction_time", pl.Series("boolean_value", [True, False, True]))
+    path = log.append_outcomes(labels, "t", horizon=timedelta(days=365))
+    again = log.append_outcomes(labels, "t", horizon=timedelta(days=365))
+    assert path == again  # same labels, same part: no duplicate
+    stored = pl.read_parquet(path)
+    assert stored.columns == ["join_key", "outcome", "available_at"]
+    assert str(SUBJECTS[0]).encode() not in path.read_bytes()
+    joined = log.scan("t").collect().join(log.scan_outcomes("t").collect(), on="join_key")
+    assert joined.sort("risk")["outcome"].to_list() == [True, False, True]
+    # known only once the horizon has passed
+    assert log.scan_outcomes("t", as_of=datetime(2025, 6, 1)).collect().height == 0
+    assert log.scan_outcomes("t", as_of=datetime(2026, 1, 6)).collect().height == 2
+
+
+def test_buffered_log_writes_one_part_per_flush(work):
+    log = PredictionLog.for_work(work, key=KEY)
+    buffered = BufferedPredictionLog(log, max_rows=6, max_seconds=3600)
+    one = _records([datetime(2025, 1, 6)])
+    for _ in range(5):
+        buffered.add(one, "t", 1)
+    assert log.scan("t").collect().height == 0
+    buffered.add(one, "t", 1)  # the sixth row flushes
+    assert len(log.partitions("t")) == 1 and log.scan("t").collect().height == 6
+    buffered.add(one, "t", 1)
+    buffered.close()
+    assert log.scan("t").collect().height == 7
+
+
+def test_scored_at_defaults_to_now_in_utc(work):
+    log = PredictionLog.for_work(work, key=KEY)
+    before = datetime.now(UTC).replace(tzinfo=None)
+    log.append(_records(), "t", 1, "api")
+    scored = log.scan("t").collect()["scored_at"]
+    assert scored.min() >= before - timedelta(seconds=1)

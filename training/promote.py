@@ -1,0 +1,184 @@
+"""Promotion: move the `champion` alias only to a version that is not worse, on the same data.
+
+The champion is what serving loads, so promotion is a deliberate, checked
+step: the candidate (a version number, or the `challenger`) and the current
+champion are both scored now on the same held-out rows, and the candidate
+wins unless its AUROC falls below the champion's by more than
+`promote.auroc_tolerance` or its ECE rises above the champion's by more than
+`promote.ece_tolerance`. Figures logged at training time are not compared:
+they may come from other data. The first promotion (no champion yet)
+succeeds on the candidate's own figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from chronorisk.errors import ChronoriskError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from chronorisk.models.bundle import ModelBundle
+    from chronorisk.paths import WorkPaths
+    from chronorisk.training.config import PromoteConfig
+    from chronorisk.training.tracking import Tracking
+
+REFUSED_EXIT = 3  # the candidate is worse: distinct from user errors (2) and bugs (1)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One version's figures on the promotion data."""
+
+    version: int
+    n: int
+    n_positive: int
+    auroc: float
+    ece: float
+    brier: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    task: str
+    candidate: Figures
+    champion: Figures | None
+    accepted: bool
+    reasons: tuple[str, ...]
+    auroc_tolerance: float
+    ece_tolerance: float
+
+    def to_dict(self) -> dict:
+        return {
+            "task": self.task,
+            "accepted": self.accepted,
+            "reasons": list(self.reasons),
+            "candidate": asdict(self.candidate),
+            "champion": asdict(self.champion) if self.champion else None,
+            "auroc_tolerance": self.auroc_tolerance,
+            "ece_tolerance": self.ece_tolerance,
+        }
+
+
+def decide(task: str, candidate: Figures, champion: Figures | None, config: PromoteConfig) -> Decision:
+    """Accept unless the candidate is worse beyond tolerance (pure: figures in, decision out)."""
+    reasons: list[str] = []
+    if not math.isfinite(candidate.auroc) or not math.isfinite(candidate.ece):
+        reasons.append(
+            f"the candidate's figures are undefined on the evaluation data (n={candidate.n}, "
+            f"positives={candidate.n_positive}): AUROC needs both outcomes"
+        )
+    elif champion is not None and champion.version != candidate.version:
+        if math.isfinite(champion.auroc) and candidate.auroc < champion.auroc - config.auroc_tolerance:
+            reasons.append(
+                f"AUROC {candidate.auroc:.4f} is below the champion's {champion.auroc:.4f} "
+                f"by {champion.auroc - candidate.auroc:.4f} (tolerance {config.auroc_tolerance})"
+            )
+        if math.isfinite(champion.ece) and candidate.ece > champion.ece + config.ece_tolerance:
+            reasons.append(
+                f"ECE {candidate.ece:.4f} is above the champion's {champion.ece:.4f} "
+                f"by {candidate.ece - champion.ece:.4f} (tolerance {config.ece_tolerance})"
+            )
+    accepted = not reasons
+    if accepted:
+        if champion is None:
+            reasons.append("no champion yet")
+        elif champion.version == candidate.version:
+            reasons.append(f"version {candidate.version} is already the champion")
+        else:
+            reasons.append("not worse than the champion within tolerance")
+    return Decision(
+        task, candidate, champion, accepted, tuple(reasons), config.auroc_tolerance, config.ece_tolerance
+    )
+
+
+def render(decision: Decision) -> str:
+    """Both sets of figures side by side, then the verdict and its reasons."""
+    rows = [("", "candidate", "champion")]
+    cand, champ = decision.candidate, decision.champion
+    rows.append(("version", str(cand.version), str(champ.version) if champ else "-"))
+    for label, attr, fmt in (
+        ("n", "n", "{:d}"),
+        ("positives", "n_positive", "{:d}"),
+        ("AUROC", "auroc", "{:.4f}"),
+        ("ECE", "ece", "{:.4f}"),
+        ("Brier", "brier", "{:.4f}"),
+    ):
+        rows.append((label, fmt.format(getattr(cand, attr)), fmt.format(getattr(champ, attr)) if champ else "-"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"promotion of chronorisk-{decision.task}: candidate vs champion on the same held-out rows"]
+    lines += ["  " + "  ".join(cell.rjust(width[i]) for i, cell in enumerate(r)) for r in rows]
+    verdict = "PROMOTED to champion" if decision.accepted else "REFUSED"
+    lines.append(f"{verdict}: " + "; ".join(decision.reasons))
+    return "\n".join(lines)
+
+
+def figures(version: int, y_true: np.ndarray, risk: np.ndarray) -> Figures:
+    """AUROC, ECE and Brier of one version's risks (the same functions `evaluate` uses)."""
+    from chronorisk.training import metrics
+
+    y = np.asarray(y_true, dtype=bool)
+    p = np.asarray(risk, dtype=float)
+    n_pos = int(y.sum())
+    auroc = float(metrics.auroc(y, p)) if 0 < n_pos < len(y) else float("nan")
+    return Figures(
+        version=version,
+        n=len(y),
+        n_positive=n_pos,
+        auroc=auroc,
+        ece=float(metrics.ece(y, p)) if len(y) else float("nan"),
+        brier=float(np.mean((p - y) ** 2)) if len(y) else float("nan"),
+    )
+
+
+def features_for(bundle: ModelBundle, table: pl.DataFrame, table_spec_json: str | None, events) -> pl.DataFrame:
+    """The rows of `table` as `bundle` expects them: reused when the bundle's spec made them,
+    recomputed from the MEDS events with the bundle's own spec otherwise (a champion fitted on
+    other data may select other codes)."""
+    import polars as pl
+
+    from chronorisk.features.pipeline import transform
+
+    if table_spec_json is not None and bundle.spec.to_json() == table_spec_json:
+        return table
+    if events is None:
+        raise ChronoriskError(
+            f"model version trained with another feature spec than {table_spec_json and 'spec.json'}; "
+            "pass --meds DIR so its features can be recomputed"
+        )
+    index = table.select("subject_id", "prediction_time", "boolean_value")
+    return transform(bundle.spec, events, index.lazy()).collect().with_columns(pl.col("boolean_value"))
+
+
+def write_record(paths: WorkPaths, decision: Decision) -> Path:
+    """`<work>/reports/promotion_<task>.json`: the last decision and its figures."""
+    from chronorisk.data.files import write_text_atomic
+
+    path = Path(paths.reports) / f"promotion_{decision.task}.json"
+    record = {**decision.to_dict(), "decided_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_text_atomic(path, json.dumps(record, indent=2))
+    return path
+
+
+def apply(tracking: Tracking, decision: Decision) -> None:
+    """Move `champion` when accepted; tag the candidate version with the outcome either way."""
+    from chronorisk.training.registry import CHAMPION, registered_name, set_alias
+
+    client = tracking.client()
+    name, version = registered_name(decision.task), str(decision.candidate.version)
+    status = "accepted" if decision.accepted else "refused"
+    client.set_model_version_tag(name, version, "chronorisk.promotion", status)
+    client.set_model_version_tag(name, version, "chronorisk.promotion_reasons", "; ".join(decision.reasons)[:5000])
+    for key in ("auroc", "ece", "brier", "n"):
+        value = str(getattr(decision.candidate, key))
+        client.set_model_version_tag(name, version, f"chronorisk.promotion_{key}", value)
+    if decision.accepted:
+        set_alias(tracking, decision.task, CHAMPION, decision.candidate.version)
