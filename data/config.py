@@ -116,7 +116,7 @@ class IngestConfig(_Strict):
     )
     flush_rows: int = Field(250_000, gt=0, description="rows a worker holds before spilling to staging")
     shard_input_mb: float = Field(
-        256.0, gt=0, description="input MB per output shard (subjects are hashed into shards)"
+        64.0, gt=0, description="input MB per output shard (subjects are hashed into shards)"
     )
     unassigned_site: str = Field(
         "unassigned", pattern=r"^[A-Za-z0-9_.-]+$",

@@ -9,7 +9,7 @@ rules are in `tasks.py`'s docstring.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -18,7 +18,7 @@ from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import LABEL_SCHEMA
 from chronorisk.errors import InputError
 from chronorisk.features.concepts import ConceptMap, load_concepts
-from chronorisk.features.tasks import TaskDefinition, load_task
+from chronorisk.features.tasks import TaskDefinition, data_span, load_task
 
 _US = pl.Datetime("us")
 
@@ -125,6 +125,7 @@ def extract_labels(
     task = load_task(task)
     cmap = concepts or load_concepts()
     subjects = subject_table(events, task, cmap)
+    _, data_end = data_span(events)
     rows = _eligible(subjects, _resolve_times(events, task, times), task)
     outcome = _outcome_events(events, task, cmap)
     rows = rows.sort("prediction_time").join_asof(
@@ -139,7 +140,11 @@ def extract_labels(
     end = t + pl.duration(days=task.horizon_days)
     has_outcome = pl.col("outcome_time").is_not_null() & (pl.col("outcome_time") <= end)
     died = pl.col("death").is_not_null() & (pl.col("death") <= end)
-    record_short = pl.col("last_event") < end
+    record_end = pl.col("last_event")
+    if data_end is not None:
+        grace = data_end - timedelta(days=task.censoring.followup_grace_days)
+        record_end = pl.when(record_end >= grace).then(pl.lit(data_end, dtype=_US)).otherwise(record_end)
+    record_short = record_end < end
     cens = task.censoring
     keep = (
         has_outcome
@@ -218,3 +223,12 @@ def _read_label_file(path: Path) -> pl.DataFrame:
     if df["prediction_time"].dtype.time_zone is not None:
         df = df.with_columns(pl.col("prediction_time").dt.convert_time_zone("UTC").dt.replace_time_zone(None))
     return df.select(pl.col(c).cast(t) for c, t in wanted.items())
+
+
+def write_site_labels(source, task: TaskDefinition, path: Path, concepts: ConceptMap | None = None) -> pl.DataFrame:
+    """Extract one site's labels (`source`: a `sources.SiteSource`) and write them atomically."""
+    from chronorisk.data.meds_io import write_labels
+
+    labels = extract_labels(source.scan(), task, concepts=concepts)
+    write_labels(labels, path)
+    return labels

@@ -229,15 +229,20 @@ def tag_events(spec: FeatureSpec, events: pl.LazyFrame, keys: pl.LazyFrame) -> p
     )
 
 
-def transform(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, index: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
+def transform(
+    spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, index: pl.LazyFrame | pl.DataFrame
+) -> pl.LazyFrame:
     """Index rows (same order, all their columns) plus `spec.feature_names` as Float32."""
     idx = _conform_index(index).with_row_index("_ix")
     keys = idx.select("_ix", "subject_id", "prediction_time")
     ev = tag_events(spec, events, keys)
-    out = idx
-    for family in fam.FAMILIES:
-        for part in family(spec, ev):
-            out = out.join(part, on="_ix", how="left", maintain_order="left")
+    ixs = idx.select("_ix")
+    aligned = [
+        ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix")
+        for family in fam.FAMILIES
+        for part in family(spec, ev)
+    ]
+    out = pl.concat([idx, *aligned], how="horizontal")
     passthrough = [c for c in idx.collect_schema().names() if c != "_ix"]
     zero = set(fam.zero_filled(spec))
     feature_exprs = []

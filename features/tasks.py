@@ -11,9 +11,14 @@ Time rules (shared with `labels.py`):
 - alive at t: no death recorded at or before t.
 - outcome: an outcome concept recorded at a time in [t, t + horizon].
 - censoring, for subjects without the outcome in the horizon: a death in the
-  horizon -> `censoring.death`; otherwise a record whose last event is before
-  t + horizon -> `censoring.end_of_record` (`exclude` drops the row, `negative`
-  labels it False).
+  horizon -> `censoring.death`; otherwise a record that ends before t + horizon
+  -> `censoring.end_of_record` (`exclude` drops the row, `negative` labels it
+  False). A record ends at the subject's last event, except that a subject seen
+  within `censoring.followup_grace_days` of the end of the data (its last event,
+  births aside) is followed to the end of the data: with a visit or two a year,
+  "no event after t + horizon" near the end of the data means "not seen yet",
+  not "lost" (without this, the last prediction times would keep almost only
+  positives).
 """
 
 from __future__ import annotations
@@ -90,6 +95,11 @@ class Exclusions(_Strict):
 class Censoring(_Strict):
     death: Literal["negative", "exclude"] = "negative"
     end_of_record: Literal["exclude", "negative"] = "exclude"
+    followup_grace_days: int = Field(
+        730, ge=0, le=36500,
+        description="a subject whose last event is this close to the end of the data is taken as "
+        "followed to the end of the data (sparse visits are not a lost record)",
+    )
 
 
 class TaskDefinition(_Strict):
@@ -180,14 +190,22 @@ class TaskDefinition(_Strict):
 
 
 def data_span(events: pl.LazyFrame | pl.DataFrame) -> tuple[datetime | None, datetime | None]:
-    """First and last event time, births excluded (a birth decades ago is not data start)."""
-    span = (
-        events.lazy()
-        .filter(pl.col("time").is_not_null() & (pl.col("code") != vocab.BIRTH))
-        .select(pl.col("time").min().alias("start"), pl.col("time").max().alias("end"))
-        .collect()
-    )
-    return span["start"][0], span["end"][0]
+    """When the data starts and ends: the span prediction times are scheduled in.
+
+    Start: the first encounter or numeric measurement (recorded activity), else the
+    first timed event. Diagnoses can carry onset dates from long before the data
+    begins (a problem list's "diabetes since 2008") and births always do, so
+    neither sets the start. End: the last timed event other than a birth.
+    """
+    timed = events.lazy().filter(pl.col("time").is_not_null() & (pl.col("code") != vocab.BIRTH))
+    activity = pl.col("code").str.starts_with(vocab.ENCOUNTER_PREFIX) | pl.col("numeric_value").is_not_null()
+    span = timed.select(
+        pl.col("time").filter(activity).min().alias("activity_start"),
+        pl.col("time").min().alias("start"),
+        pl.col("time").max().alias("end"),
+    ).collect()
+    start = span["activity_start"][0] if span["activity_start"][0] is not None else span["start"][0]
+    return start, span["end"][0]
 
 
 def grid_dates(first_year: int, last_year: int, months: Iterable[int] = (1, 7)) -> list[datetime]:

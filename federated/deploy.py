@@ -662,6 +662,111 @@ def status(layout: Layout) -> dict:
     return state
 
 
+APP_NAME = "chronorisk-federated"
+APP_PYPROJECT = """[build-system]
+requires = ["setuptools>=77"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "chronorisk-federated"
+version = "1.0.0"
+description = "chronorisk federated training: the code is the installed chronorisk package"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "chronorisk"
+
+[tool.flwr.app.components]
+serverapp = "chronorisk.federated.server_app:app"
+clientapp = "chronorisk.federated.client_app:app"
+
+[tool.flwr.app.config]
+work = ""
+params = ""
+tag = ""
+strategy = ""
+rounds = 0
+"""
+
+
+def write_app(layout: Layout) -> Path:
+    """The Flower App folder `flwr run` bundles: only a pyproject.toml naming our ServerApp and ClientApp.
+
+    No code travels in the bundle: every party runs the chronorisk package it
+    has installed (runtime dependency installation is off everywhere).
+    """
+    app = layout.root / "app" / APP_NAME
+    write_text_atomic(app / "pyproject.toml", APP_PYPROJECT)
+    return app
+
+
+def _toml_string(value: str) -> str:
+    if '"' in value or "\\" in value or "\n" in value:
+        raise DeploymentError(f"path {value!r} cannot be passed to Flower (quotes or backslashes)")
+    return f'"{value}"'
+
+
+def submit_run(layout: Layout, *, params_path: Path | None, strategy: str | None = None,
+               rounds: int | None = None, timeout_s: float = 1800.0) -> dict:
+    """`flwr run` the chronorisk app on the running federation; wait for its result.json."""
+    state = status(layout)
+    if not state or not state.get("supervisor_alive") or not state.get("superlink_alive"):
+        raise DeploymentError("no federation is running here: start one with `chronorisk federated up`")
+    app = write_app(layout)
+    tag = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    run_dir = layout.root / "runs" / tag
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = [f"work={_toml_string(str(layout.work))}", f"tag={_toml_string(tag)}"]
+    if params_path is not None:
+        config.append(f"params={_toml_string(str(Path(params_path).resolve()))}")
+    if strategy:
+        config.append(f"strategy={_toml_string(strategy)}")
+    if rounds:
+        config.append(f"rounds={int(rounds)}")
+    cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", " ".join(config), "--stream"]
+    started = time.monotonic()
+    with open(run_dir / "flwr-run.log", "wb") as out:
+        proc = subprocess.Popen(cmd, env=tool_env(layout), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=str(layout.root), start_new_session=True)
+        try:
+            final = _await_run(run_dir, proc, timeout_s)
+        finally:
+            if proc.poll() is None:
+                stop_process_group(proc.pid, timeout_s=5.0)
+    final["submit_wall_s"] = round(time.monotonic() - started, 3)
+    final["tag"] = tag
+    final["log"] = str(run_dir / "flwr-run.log")
+    return final
+
+
+def _await_run(run_dir: Path, proc: subprocess.Popen, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    status_file = run_dir / "status.json"
+    exited_at = None
+    while time.monotonic() < deadline:
+        current = _json_file(status_file)
+        if current.get("status") == "finished":
+            result = _json_file(run_dir / "result.json")
+            return {**result, "status": "finished"}
+        if current.get("status") == "failed":
+            raise DeploymentError(f"the federated run failed: {current.get('error', 'unknown error')}")
+        if proc.poll() is not None:
+            exited_at = exited_at or time.monotonic()
+            if time.monotonic() - exited_at > 10:
+                tail = _tail((run_dir / "flwr-run.log").read_text(errors="replace"), 600)
+                raise DeploymentError(f"`flwr run` ended (code {proc.returncode}) without a result: {tail}")
+        time.sleep(0.5)
+    raise DeploymentError(f"the federated run did not finish within {timeout_s:.0f} s (see {run_dir})")
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def _main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "supervise":
         print("usage: python -m chronorisk.federated.deploy supervise WORK", file=sys.stderr)

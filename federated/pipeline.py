@@ -46,15 +46,14 @@ def pooled_summary(summaries: dict[str, Payload]):
     """Subjects per code summed over sites: the same table `code_summary` gives on pooled data."""
     import polars as pl
 
-    frames = [
+    from chronorisk.features.pipeline import merge_summaries
+
+    return merge_summaries(
         pl.DataFrame({"code": p.config.get("codes", []),
                       "n_subjects": np.asarray(p.arrays.get("code_subjects", []), dtype=np.int64)},
                      schema={"code": pl.String, "n_subjects": pl.Int64})
         for p in summaries.values()
-    ]
-    if not frames:
-        return pl.DataFrame(schema={"code": pl.String, "n_subjects": pl.Int64})
-    return pl.concat(frames).group_by("code").agg(pl.col("n_subjects").sum()).sort("code")
+    )
 
 
 def pooled_quantiles(summaries: dict[str, Payload]) -> dict[str, list[float]]:
@@ -78,9 +77,10 @@ def pooled_quantiles(summaries: dict[str, Payload]) -> dict[str, list[float]]:
 def make_spec_fitter(params: Params):
     """(task, summaries) -> spec JSON, via the features package's own fit on the pooled counts."""
     from chronorisk.features.pipeline import fit_spec
+    from chronorisk.features.tasks import load_task
 
     def fit(task: str, summaries: dict[str, Payload]) -> str:
-        spec = fit_spec(pooled_summary(summaries), params.features, task)
+        spec = fit_spec(pooled_summary(summaries), params.features, load_task(task))
         info = dict(spec.fit_info)
         info["federated"] = {
             "sites": sorted(summaries),
@@ -161,8 +161,7 @@ def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: 
     booster = lgb.Booster(model_str=result.model_text)
     model = RiskModel.from_parts(booster, to_model_calibrator(result), spec.feature_names, params.model)
     fingerprint = "federated:" + hashlib.sha256(
-        json.dumps([result.spec_json[:0], sorted(result.site_sizes.items())]).encode()
-        + result.model_text.encode()
+        json.dumps([result.spec_json, sorted(result.site_sizes.items())]).encode()
     ).hexdigest()[:32]
     return ModelBundle.from_model(
         model,

@@ -9,7 +9,8 @@ renamed into place, so a reader never sees half a bundle):
 | `calibrator.json` | calibrator (Platt coefficients or isotonic thresholds) |
 | `spec.json` | fitted `FeatureSpec`: which columns, in which order, how to show them |
 | `task.yaml` | `TaskDefinition` the model predicts |
-| `bundle.json` | metadata: name, version, trained_at, training data fingerprint, feature names, tier thresholds, library versions, metrics, and the SHA-256 of the other four files |
+| `bundle.json` | metadata (name, version, trained_at, data fingerprint, feature names, tiers, |
+| | library versions, metrics) and the SHA-256 of the other four files |
 
 `load` checks every file and its checksum, and says which part is missing or
 corrupt. Serving needs only this module (no training code): `predict_risk`,
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from chronorisk.errors import ChronoriskError, InputError
-from chronorisk.models.calibration import Calibrator, calibrator_from_dict
+from chronorisk.models.calibration import Calibrator, as_calibrator, calibrator_from_dict
 from chronorisk.models.config import TierThresholds
 from chronorisk.models.explain import Explainer
 from chronorisk.models.tiers import tier_of
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 BUNDLE_FORMAT = 1
 FILES = ("booster.txt", "calibrator.json", "spec.json", "task.yaml")
 METADATA_FILE = "bundle.json"
+SMALL_FRAME_ROWS = 16  # up to this many rows, a polars frame is read row-wise (one patient's request)
 
 
 class BundleError(ChronoriskError):
@@ -64,6 +66,10 @@ class ModelBundle:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:
+            self.calibrator = as_calibrator(self.calibrator)
+        except ValueError as exc:
+            raise BundleError(f"calibrator: {exc}") from None
         names = tuple(self.spec.feature_names)
         if self.booster.num_feature() != len(names):
             raise BundleError(
@@ -71,6 +77,7 @@ class ModelBundle:
             )
         self.metadata.setdefault("feature_names", list(names))
         self._explainer: Explainer | None = None
+        self._layouts: dict = {}
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -125,6 +132,8 @@ class ModelBundle:
         names = self.feature_names
         if isinstance(features, np.ndarray):
             M = features
+        elif hasattr(features, "rows") and hasattr(features, "height") and 0 < features.height <= SMALL_FRAME_ROWS:
+            M = self._small_polars_matrix(features)
         elif hasattr(features, "columns") and hasattr(features, "to_numpy"):
             present = set(features.columns)
             missing = [n for n in names if n not in present]
@@ -146,6 +155,35 @@ class ModelBundle:
         if np.isinf(M).any():
             raise InputError("features", "infinite values (use null for not recorded)")
         return M
+
+    def _small_polars_matrix(self, features: object) -> np.ndarray:
+        """A few rows of a polars frame, read row-wise: selecting 300 columns costs more than scoring.
+
+        The column positions are cached per (columns, dtypes) layout, so one
+        patient's request does no per-column work after the first.
+        """
+        import operator
+
+        key = (tuple(features.columns), tuple(str(t) for t in features.dtypes))
+        getter = self._layouts.get(key)
+        if getter is None:
+            position = {c: i for i, c in enumerate(key[0])}
+            missing = [n for n in self.feature_names if n not in position]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+                raise InputError("features", f"{len(missing)} column(s) the model needs are missing: {shown}")
+            bad = [n for n in self.feature_names if not features.schema[n].is_numeric()
+                   and str(features.schema[n]) not in ("Boolean", "Null")]
+            if bad:
+                raise InputError("features", f"every model column must be numeric (null for not recorded): {bad[:5]}")
+            getter = operator.itemgetter(*(position[n] for n in self.feature_names))
+            if len(self.feature_names) == 1:
+                single = getter
+                getter = lambda row: (single(row),)  # noqa: E731
+            if len(self._layouts) > 32:
+                self._layouts.clear()
+            self._layouts[key] = getter
+        return np.array([getter(row) for row in features.rows()], dtype=np.float64)
 
     def predict_raw(self, features: object) -> np.ndarray:
         M = self.matrix(features)

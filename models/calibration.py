@@ -181,6 +181,7 @@ def calibrator_from_dict(raw: object) -> Calibrator:
         raise ValueError("a calibrator must be a JSON object with a 'method'")
     method = raw.get("method")
     info = raw.get("info") or {}
+    raw = _accept_federated_keys(raw)
     if method == "platt":
         try:
             a, b = float(raw["intercept"]), float(raw["slope"])
@@ -205,6 +206,27 @@ def calibrator_from_dict(raw: object) -> Calibrator:
     raise ValueError(f"calibrator method {method!r} is not one of platt, isotonic")
 
 
+def _accept_federated_keys(raw: dict) -> dict:
+    """The federated calibrators' dicts ({platt: a=slope, b=intercept}, {isotonic: x, y}) in this module's keys."""
+    raw = dict(raw)
+    if raw.get("method") == "platt" and "slope" not in raw and {"a", "b"} <= raw.keys():
+        raw["slope"], raw["intercept"] = raw["a"], raw["b"]
+    if raw.get("method") == "isotonic" and "x_thresholds" not in raw and {"x", "y"} <= raw.keys():
+        raw["x_thresholds"], raw["y_thresholds"] = raw["x"], raw["y"]
+    return raw
+
+
+def as_calibrator(obj: object) -> Calibrator:
+    """A `Calibrator` from one, from its dict, or from any object with `to_dict()` (federated calibrators)."""
+    if isinstance(obj, Calibrator):
+        return obj
+    if isinstance(obj, dict):
+        return calibrator_from_dict(obj)
+    if hasattr(obj, "to_dict"):
+        return calibrator_from_dict(obj.to_dict())
+    raise ValueError(f"not a calibrator: {type(obj).__name__}")
+
+
 def fit_calibrator(
     margin: np.ndarray, y: np.ndarray, method: str = "auto", *, folds: int = 5, seed: int = 0
 ) -> Calibrator:
@@ -223,10 +245,7 @@ def fit_calibrator(
         scores = cross_fitted_scores(margin, y, folds=folds, seed=seed)
         info["cross_fitted"] = scores
         info["folds"] = folds
-        if scores["isotonic"]["log_loss"] < scores["platt"]["log_loss"] - 1e-4:
-            method = "isotonic"
-        else:
-            method = "platt"
+        method = "isotonic" if scores["isotonic"]["log_loss"] < scores["platt"]["log_loss"] - 0.0001 else "platt"
     cal = IsotonicCalibrator.fit(margin, y) if method == "isotonic" else PlattCalibrator.fit(margin, y)
     info["method"] = method
     cal.info = info
@@ -267,11 +286,15 @@ def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def _ece(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
-    """Equal-mass ECE (the same definition as `chronorisk.training.metrics.ece`)."""
+    """Equal-mass ECE, ties sharing a bin (the definition of `chronorisk.training.metrics.ece`)."""
     order = np.argsort(p, kind="stable")
-    bins = np.minimum((np.arange(y.size) + 0.5) * n_bins // y.size, n_bins - 1).astype(np.int64)
-    diff = np.bincount(bins, weights=(y - p)[order], minlength=n_bins)
-    return float(np.abs(diff).sum() / y.size)
+    ps = p[order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
+    sizes = np.diff(np.r_[starts, p.size])
+    mid = np.cumsum(sizes) - 0.5 * sizes
+    group_bin = np.minimum(np.floor(mid / p.size * n_bins), n_bins - 1).astype(np.int64)
+    resid = np.add.reduceat((y - p)[order], starts)
+    return float(np.abs(np.bincount(group_bin, weights=resid, minlength=n_bins)).sum() / p.size)
 
 
 def _check_xy(margin: np.ndarray, y: np.ndarray) -> None:

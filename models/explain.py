@@ -27,6 +27,14 @@ from datetime import date, datetime
 import numpy as np
 
 BOOLEAN_UNITS = frozenset({"yes/no", "flag", "bool", "boolean"})
+DATE_WORDS = {  # how the date of a value is introduced, by feature family
+    "measurements": "last measured",
+    "missingness": "last measured",
+    "conditions": "last recorded",
+    "medications": "last prescribed",
+    "encounters": "last visit",
+    "smoking": "recorded",
+}
 _US_PER_DAY = 86_400_000_000
 
 
@@ -51,6 +59,7 @@ class Explainer:
         position = {n: i for i, n in enumerate(self.feature_names)}
         self.display = tuple(_attr(infos.get(n), "display") or n for n in self.feature_names)
         self.units = tuple(_attr(infos.get(n), "unit") or "" for n in self.feature_names)
+        self.families = tuple(_attr(infos.get(n), "family") for n in self.feature_names)
         self.date_index = np.array(
             [position.get(_attr(infos.get(n), "date_feature") or "", -1) for n in self.feature_names],
             dtype=np.int64,
@@ -78,10 +87,7 @@ class Explainer:
         n, p = phi.shape
         k = min(top_k, p)
         mag = np.abs(phi)
-        if k < p:
-            part = np.argpartition(-mag, k - 1, axis=1)[:, :k]
-        else:
-            part = np.broadcast_to(np.arange(p), (n, p)).copy()
+        part = np.argpartition(-mag, k - 1, axis=1)[:, :k] if k < p else np.broadcast_to(np.arange(p), (n, p)).copy()
         order = np.argsort(-np.take_along_axis(mag, part, axis=1), axis=1, kind="stable")
         idx = np.take_along_axis(part, order, axis=1)
         contribution = np.take_along_axis(phi, idx, axis=1)
@@ -125,20 +131,34 @@ class Explainer:
             "date": iso,
             "direction": direction,
             "contribution": float(contribution),
-            "text": sentence(self.display[f], value if recorded else None, unit, iso, direction),
+            "text": sentence(self.display[f], value if recorded else None, unit, iso, direction, self.families[f]),
         }
 
 
-def sentence(display: str, value: float | None, unit: str, when: str | None, direction: str) -> str:
-    """'HbA1c 9.1 %, last measured 2026-03-02, raises risk' (or '... not recorded, lowers risk')."""
+def sentence(
+    display: str, value: float | None, unit: str, when: str | None, direction: str, family: str | None = None
+) -> str:
+    """'HbA1c 9.1 %, last measured 2026-03-02, raises risk' (or '... not recorded, lowers risk').
+
+    Flags (unit '1 = yes', '1 = female, 0 = male', ...) read yes / no; a
+    'fraction' reads as a percentage; the date is introduced by what dates it
+    in that family (measured, recorded, prescribed, visit).
+    """
     if value is None:
         return f"{display} not recorded, {direction} risk"
-    if unit in BOOLEAN_UNITS:
+    if is_flag_unit(unit):
         shown = f"{display}: {'yes' if value >= 0.5 else 'no'}"
+    elif unit == "fraction":
+        shown = f"{display} {format_value(100 * value)} %"
     else:
         shown = f"{display} {format_value(value)}" + (f" {unit}" if unit else "")
-    dated = f", last measured {when}" if when else ""
+    dated = f", {DATE_WORDS.get(family or '', 'last recorded')} {when}" if when else ""
     return f"{shown}{dated}, {direction} risk"
+
+
+def is_flag_unit(unit: str) -> bool:
+    """A 0/1 feature: units like '1 = yes' or 'yes/no'."""
+    return unit in BOOLEAN_UNITS or unit.startswith("1 = ")
 
 
 def format_value(value: float) -> str:
@@ -147,7 +167,7 @@ def format_value(value: float) -> str:
     if not math.isfinite(v):
         return str(v)
     if v == round(v) and abs(v) < 1e15:
-        return str(int(round(v)))
+        return str(round(v))
     a = abs(v)
     decimals = 0 if a >= 100 else 1 if a >= 10 else 2 if a >= 0.1 else 3
     text = f"{v:.{decimals}f}"

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from chronorisk.models.calibration import Calibrator, fit_calibrator
+from chronorisk.models.calibration import Calibrator, as_calibrator, fit_calibrator
 from chronorisk.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,7 @@ class RiskModel:
         started = time.perf_counter()
         base = config.lightgbm_params()
         trials: list[dict] = []
-        if self.tune:
-            candidates = tuning_candidates(config, self.tune_trials)
-        else:
-            candidates = [base]
+        candidates = tuning_candidates(config, self.tune_trials) if self.tune else [base]
         best: tuple[float, object, dict] | None = None
         for params in candidates:
             booster, score = _train_one(
@@ -169,7 +166,7 @@ class RiskModel:
         model.best_iteration_ = int(booster.current_iteration())
         model.n_trees_ = int(booster.num_trees())
         if calibrator is not None:
-            model.calibrator_ = calibrator
+            model.calibrator_ = as_calibrator(calibrator)
         return model
 
     # ---- prediction --------------------------------------------------------------------

@@ -324,8 +324,10 @@ def score(
         events = scoring.fhir_events(body.fhir.model_dump(exclude_none=True))
     def log_for_monitoring(model, feats, risk, tiers) -> None:
         if state.monitor is not None:
-            known = feats if subject is not None else feats.drop("subject_id", strict=False)
-            state.monitor.live(scoring.monitoring_records(model, known, risk, tiers, site, when), model)
+            known = feats
+            if subject is None and hasattr(feats, "drop"):  # no id given: no join key either
+                known = feats.drop("subject_id", strict=False)
+            state.monitor.live(model, known, risk, tiers, site, when)
 
     results = scoring.score_one(
         state.models, tasks, events=events, features=body.features, prediction_time=when,
@@ -456,7 +458,7 @@ def explain_on_demand(state: ServingState, subject_id: int, site: str, task: str
         raise HTTPException(409, f"cannot explain: {reason}")
     _, _, factors = scoring.predict(model, feats, explain=True, top_k=state.top_k)
     return {"task": task, "prediction_time": latest["prediction_time"],
-            "factors": scoring._plain_factors(factors[0]), "model_version": model.version,
+            "factors": factors[0], "model_version": model.version,
             "scored_by": latest["model_version"], "computed": "on demand"}
 
 

@@ -108,7 +108,9 @@ def query_record(query: CohortQuery) -> dict:
     return json.loads(query.model_dump_json(exclude_none=True))
 
 
-def cohort(store: ScoreStore, query: CohortQuery, *, limit: int | None = None, now: datetime | None = None) -> CohortResult:
+def cohort(
+    store: ScoreStore, query: CohortQuery, *, limit: int | None = None, now: datetime | None = None
+) -> CohortResult:
     """Rows of the cohort, highest risk first (at most `limit`; `n` counts them all)."""
     check_conditions(query.conditions)
     now = now or utcnow()

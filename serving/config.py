@@ -44,6 +44,7 @@ class MonitorConfig(BaseModel):
     html: Literal["flagged", "all", "none"] = Field(
         "flagged", description="Evidently HTML for windows not ok plus each site's latest (flagged), every window, none"
     )
+    html_features: int = Field(10, ge=1, description="columns of an HTML report besides the drifted features")
     # status of a (site, window)
     drift_share_warning: float = Field(0.15, ge=0, le=1, description="drifted share of tested features: warning")
     drift_share_alert: float = Field(0.30, ge=0, le=1, description="drifted share of tested features: alert")

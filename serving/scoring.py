@@ -247,15 +247,13 @@ def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_ti
     return feats, None
 
 
-def features_from_dict(
-    model: ServedModel, values: dict[str, float | None], prediction_time: datetime
-) -> pl.DataFrame:
-    """One row of ready-made features in the model's order (absent features: null, not measured);
-    the prediction time dates the factors."""
-    names = model.feature_names
-    data = {n: [values.get(n)] for n in names}
-    frame = pl.DataFrame(data, schema={n: pl.Float64 for n in names})
-    return frame.with_columns(pl.lit(prediction_time).cast(_US).alias("prediction_time"))
+def features_from_dict(model: ServedModel, values: dict[str, float | None]) -> np.ndarray:
+    """One row of ready-made features in the model's column order (absent or null: NaN, not measured).
+
+    A plain float64 row: the bundle scores it without building a 400-column frame per request."""
+    get = values.get
+    row = [get(n) for n in model.feature_names]
+    return np.array([[np.nan if v is None else v for v in row]], dtype=np.float64)
 
 
 def check_feature_names(models: Sequence[ServedModel], values: dict[str, float | None]) -> None:
@@ -300,11 +298,15 @@ def impossible_feature_value(name: str, value: float, info) -> str | None:
     return None
 
 
-def predict(model: ServedModel, feats: pl.DataFrame, *, explain: bool, top_k: int):
-    """Risks, tiers and (if asked) factors of every row of `feats`."""
+def predict(model: ServedModel, feats, *, explain: bool, top_k: int, prediction_time: datetime | None = None):
+    """Risks, tiers and (if asked) factors of every row of `feats` (a frame, or an ordered float row
+    matrix whose factors are dated from `prediction_time`)."""
     risk = np.asarray(model.bundle.predict_risk(feats), dtype=float)
     tiers = [str(t) for t in model.bundle.tier(risk)]
-    factors = model.bundle.explain(feats, top_k) if explain else None
+    factors = None
+    if explain:
+        when = prediction_time if isinstance(feats, np.ndarray) else None
+        factors = model.bundle.explain(feats, top_k, prediction_time=when)
     return risk, tiers, factors
 
 
@@ -330,29 +332,22 @@ def score_one(
     results = []
     for model in chosen:
         if features is not None:
-            feats, reason = features_from_dict(model, features, prediction_time), None
+            feats, reason = features_from_dict(model, features), None
         else:
             feats, reason = features_from_events(model, events, prediction_time)
         if feats is None:
             results.append(TaskResult(model.task, False, reason, model_name=model.name, model_version=model.version))
             continue
-        risk, tiers, factors = predict(model, feats, explain=explain, top_k=top_k)
+        risk, tiers, factors = predict(model, feats, explain=explain, top_k=top_k, prediction_time=prediction_time)
         if on_scored is not None:
             on_scored(model, feats, risk, tiers)
         results.append(
             TaskResult(
                 model.task, True, None, float(risk[0]), tiers[0],
-                _plain_factors(factors[0]) if factors is not None else None, model.name, model.version,
+                factors[0] if factors is not None else None, model.name, model.version,
             )
         )
     return results
-
-
-def _plain_factors(factors: list[dict]) -> list[dict]:
-    """JSON-safe factors (dates as ISO strings, numpy scalars as numbers)."""
-    import json
-
-    return json.loads(to_json_factors(factors) or "[]")
 
 
 # -- every patient of every site ------------------------------------------------------------
@@ -375,6 +370,34 @@ def site_shards(meds_root: Path, site: str) -> list[Path]:
 
     data = site_root(meds_root, site) / "data"
     return sorted(data.glob("**/*.parquet"))
+
+
+def shard_chunks(shards: Sequence[Path], max_events: int) -> list[list[Path]]:
+    """Consecutive shards grouped up to `max_events` rows (parquet metadata): fewer, larger feature
+    runs, whose fixed cost is then paid once per chunk rather than once per small shard."""
+    import pyarrow.parquet as pq
+
+    chunks: list[list[Path]] = []
+    current: list[Path] = []
+    size = 0
+    for shard in shards:
+        rows = pq.ParquetFile(shard).metadata.num_rows
+        if current and size + rows > max_events:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(shard)
+        size += rows
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def chunk_name(chunk: Sequence[Path]) -> str:
+    """A stable name of a chunk of shards (its first and last shard, relative to the site)."""
+    first = str(chunk[0].relative_to(chunk[0].parents[1]))
+    if len(chunk) == 1:
+        return first
+    return f"{first}..{chunk[-1].relative_to(chunk[-1].parents[1])}"
 
 
 def patient_facts(events: pl.LazyFrame, prediction_time: datetime) -> pl.LazyFrame:
@@ -416,13 +439,16 @@ def batch_score(
     monitor=None,
     progress: Callable[[str], None] | None = None,
     max_shards: int | None = None,
+    chunk_events: int = 10_000_000,
 ) -> BatchReport:
     """Score every eligible patient of every site at `prediction_time` into the store.
 
     `monitor.batch(records, model, part)` (serving.state.MonitoringSink) receives
     per chunk the features, predictions, site, time and model version; the
     monitoring log turns the subject id into a keyed join key and keeps no identifier.
-    `max_shards` stops after that many newly scored shards (to test resumption).
+    Shards are scored in chunks of up to `chunk_events` events; each chunk is
+    one transaction and one checkpoint. `max_shards` stops after that many newly
+    scored chunks (to test resumption).
     """
     from chronorisk.data.meds_io import site_ids
 
@@ -441,8 +467,8 @@ def batch_score(
         if not shards:
             raise InputError("--sites", f"site {site} has no MEDS data under {meds_root}")
         stats = report.sites.setdefault(site, {"scored": 0, "explained": 0, "chunks": 0, "skipped": 0})
-        for shard in shards:
-            chunk = str(shard.relative_to(shard.parents[1]))
+        for shard in shard_chunks(shards, chunk_events):
+            chunk = chunk_name(shard)
             todo = [m for m in models.values() if done.get((site, chunk, m.task)) != m.version]
             if not todo:
                 report.skipped_chunks += 1
@@ -471,7 +497,7 @@ def _finish(report: BatchReport, started: float) -> BatchReport:
 def _score_shard(
     store: ScoreStore,
     models: Sequence[ServedModel],
-    shard: Path,
+    shard: Sequence[Path],
     site: str,
     chunk: str,
     prediction_time: datetime,
@@ -483,9 +509,11 @@ def _score_shard(
     from chronorisk.features.labels import eligible_index
     from chronorisk.features.pipeline import transform
 
-    events = pl.read_parquet(shard, columns=list(EVENT_SCHEMA)).lazy()
+    # only what was recorded before the prediction time can matter (features, eligibility, facts)
+    keep = pl.col("time").is_null() | (pl.col("time") < prediction_time)
     if withdrawn:
-        events = events.filter(~pl.col("subject_id").is_in(list(withdrawn)))
+        keep &= ~pl.col("subject_id").is_in(list(withdrawn))
+    events = pl.scan_parquet(list(shard)).select(list(EVENT_SCHEMA)).filter(keep).collect().lazy()
     scored_at = utcnow()
     score_rows: list[dict] = []
     checkpoints: list[dict] = []
@@ -494,7 +522,8 @@ def _score_shard(
     for model in models:
         index = eligible_index(events, model.task_def, [prediction_time]).collect()
         if index.height:
-            feats = transform(model.spec, events, index.lazy()).collect()
+            mine = events.join(index.lazy().select("subject_id"), on="subject_id", how="semi")
+            feats = transform(model.spec, mine, index.lazy()).collect()
             risk, tiers, _ = predict(model, feats, explain=False, top_k=top_k)
             tiers_arr = np.asarray(tiers)
             factors: list[str | None] = [None] * feats.height
@@ -552,14 +581,18 @@ def _patient_rows(events, subjects, site, prediction_time, updated_at) -> tuple[
 
 
 def monitoring_records(
-    model: ServedModel, feats: pl.DataFrame, risk, tiers, site: str | None, prediction_time: datetime
+    model: ServedModel, feats, risk, tiers, site: str | None, prediction_time: datetime
 ) -> pl.DataFrame:
-    """Rows for the monitoring log: features, prediction, site, time, model; the subject id (when
-    there is one) is only passed so that the log can derive its keyed join key, it is never stored."""
-    cols = [c for c in model.feature_names if c in feats.columns]
-    if "subject_id" in feats.columns:
-        cols = ["subject_id", *cols]
-    return feats.select(cols).with_columns(
+    """Rows for the monitoring log: features, prediction, site, time, model. The subject id (when
+    there is one) is passed only so that the log can derive its keyed join key; it is never stored."""
+    if isinstance(feats, np.ndarray):
+        frame = pl.DataFrame(feats, schema=model.feature_names, orient="row")
+    else:
+        cols = [c for c in model.feature_names if c in feats.columns]
+        if "subject_id" in feats.columns:
+            cols = ["subject_id", *cols]
+        frame = feats.select(cols)
+    return frame.with_columns(
         pl.lit(site or "unknown").alias("site"),
         pl.lit(prediction_time).cast(_US).alias("prediction_time"),
         pl.Series("risk", np.asarray(risk, dtype=float)),

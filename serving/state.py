@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,14 +62,23 @@ def resolve_store_url(params, work: Path, override: str | None = None) -> str:
 class MonitoringSink:
     """Feeds the monitoring log (`serving/prediction_log.py`): batch chunks whole, live requests buffered.
 
-    Monitoring must never fail a score: an error is logged (its class only) and dropped.
+    A live request only appends its row to a list; a background thread turns
+    the rows into one table per model and writes it every `flush_seconds` or
+    `flush_rows`, so no request pays for a parquet write. Monitoring must
+    never fail a score: an error is logged (its class only) and dropped.
     """
 
-    def __init__(self, work: Path):
-        from chronorisk.serving.prediction_log import BufferedPredictionLog, PredictionLog
+    def __init__(self, work: Path, *, flush_rows: int = 500, flush_seconds: float = 10.0):
+        from chronorisk.serving.prediction_log import PredictionLog
 
         self.log = PredictionLog.for_work(work)
-        self.buffer = BufferedPredictionLog(self.log)
+        self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self._rows: list[tuple] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
 
     def batch(self, records, model: ServedModel, part: str) -> None:
         try:
@@ -77,18 +87,45 @@ class MonitoringSink:
         except Exception as exc:
             log.warning("prediction log: batch append failed (%s)", type(exc).__name__)
 
-    def live(self, records, model: ServedModel) -> None:
-        try:
-            self.buffer.add(records, model.task, model.version, "api", model_name=model.name,
-                            feature_names=model.feature_names)
-        except Exception as exc:
-            log.warning("prediction log: append failed (%s)", type(exc).__name__)
+    def live(self, model: ServedModel, feats, risk, tiers, site, when) -> None:
+        with self._lock:
+            self._rows.append((model, feats, risk, tiers, site, when))
+            n = len(self._rows)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+                self._thread.start()
+        if n >= self.flush_rows:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self.flush_seconds)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        from chronorisk.serving.scoring import monitoring_records
+
+        with self._lock:
+            rows, self._rows = self._rows, []
+        by_model: dict[str, list] = {}
+        for row in rows:
+            by_model.setdefault(row[0].task, []).append(row)
+        for group in by_model.values():
+            model = group[0][0]
+            try:
+                import polars as pl
+
+                frames = [monitoring_records(m, f, r, t, s, w) for m, f, r, t, s, w in group]
+                self.log.append(pl.concat(frames, how="diagonal_relaxed"), model.task, model.version, "api",
+                                model_name=model.name, feature_names=model.feature_names)
+            except Exception as exc:
+                log.warning("prediction log: append failed (%s)", type(exc).__name__)
 
     def close(self) -> None:
-        try:
-            self.buffer.close()
-        except Exception as exc:
-            log.warning("prediction log: final flush failed (%s)", type(exc).__name__)
+        self._stop = True
+        self._wake.set()
+        self.flush()
 
 
 def monitoring_sink(work: Path) -> MonitoringSink | None:

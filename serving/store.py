@@ -207,6 +207,62 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict], keys: Sequence[
     return len(rows)
 
 
+def bulk_upsert(conn: Connection, table: Table, rows: Sequence[dict], keys: Sequence[str]) -> int:
+    """`upsert` for many rows at driver speed: SQLite executemany of tuples, PostgreSQL COPY into a
+    temporary table then one INSERT ... ON CONFLICT. Values go through the columns' own bind
+    processors, so stored datetimes are exactly what SQLAlchemy writes and compares."""
+    if not rows:
+        return 0
+    columns = [c.name for c in table.columns]
+    processors = [table.c[name].type.dialect_impl(conn.dialect).bind_processor(conn.dialect) for name in columns]
+    # a chunk repeats few distinct values in the converted columns (its times): convert each once
+    convert = [(i, _memoized(p)) for i, p in enumerate(processors) if p is not None]
+
+    def as_tuple(row: dict) -> tuple:
+        values = [row.get(name) for name in columns]
+        for i, p in convert:
+            values[i] = p(values[i])
+        return tuple(values)
+
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in keys)
+    conflict = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
+    if conn.dialect.name == "sqlite":
+        sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+               f"{conflict}")
+        conn.exec_driver_sql(sql, [as_tuple(r) for r in rows])
+        return len(rows)
+    if conn.dialect.name == "postgresql":
+        import secrets
+
+        tmp = f"tmp_{table.name}_{secrets.token_hex(4)}"
+        cols = ", ".join(columns)
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(f"CREATE TEMP TABLE {tmp} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP")
+            with cur.copy(f"COPY {tmp} ({cols}) FROM STDIN") as copy:
+                for r in rows:
+                    copy.write_row(as_tuple(r))
+            cur.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {tmp} {conflict}")
+            cur.execute(f"DROP TABLE {tmp}")
+        return len(rows)
+    return upsert(conn, table, rows, keys)  # pragma: no cover - other dialects are refused earlier
+
+
+def _memoized(fn):
+    cache: dict = {}
+
+    def convert(value):
+        try:
+            return cache[value]
+        except KeyError:
+            out = cache[value] = fn(value)
+            return out
+        except TypeError:  # unhashable
+            return fn(value)
+
+    return convert
+
+
 @dataclass(frozen=True)
 class StoreInfo:
     backend: str
@@ -260,13 +316,8 @@ class ScoreStore:
     ) -> None:
         """Scores, patients and the chunk's checkpoints in ONE transaction: all or nothing."""
         with writer(self.engine) as conn, conn.begin():
-            for start in range(0, len(patient_rows), 20_000):
-                upsert(conn, patients, patient_rows[start : start + 20_000], ("site", "subject_id"))
-            for start in range(0, len(score_rows), 20_000):
-                upsert(
-                    conn, scores, score_rows[start : start + 20_000],
-                    ("site", "subject_id", "task", "prediction_time"),
-                )
+            bulk_upsert(conn, patients, patient_rows, ("site", "subject_id"))
+            bulk_upsert(conn, scores, score_rows, ("site", "subject_id", "task", "prediction_time"))
             upsert(conn, score_runs, list(checkpoints), ("prediction_time", "site", "chunk", "task"))
 
     def done_chunks(self, prediction_time: datetime) -> dict[tuple[str, str, str], str]:

@@ -43,12 +43,12 @@ GROUPS = ("all", "site", "sex", "age_band")
 
 
 def age_band_expr(age: str | pl.Expr = "age") -> pl.Expr:
-    """Polars expression: the age band label of an age in years (18-39, 40-54, 55-69, 70+; <18 below)."""
+    """Polars expression `age_band`: the band of an age in years (18-39, 40-54, 55-69, 70+; <18 below)."""
     col = pl.col(age) if isinstance(age, str) else age
     expr = pl.when(col < AGE_BANDS[0][0]).then(pl.lit(UNDER_AGE_BAND))
     for lo, hi, label in AGE_BANDS:
         expr = expr.when((col >= lo) & (col < hi)).then(pl.lit(label))
-    return expr.otherwise(pl.lit(None, dtype=pl.String))
+    return expr.otherwise(pl.lit(None, dtype=pl.String)).alias("age_band")
 
 
 def age_band(age: object) -> np.ndarray:
@@ -116,7 +116,7 @@ def _normalize(frame: pl.DataFrame) -> pl.DataFrame:
         pl.col("risk").cast(pl.Float64),
         pl.col("site").cast(pl.String),
         pl.col("sex").cast(pl.String),
-        age_band_expr(pl.col("age").cast(pl.Float64)).alias("age_band"),
+        age_band_expr(pl.col("age").cast(pl.Float64)),
     )
     nulls = {c: df[c].null_count() for c in ("y", "risk")}
     if any(nulls.values()):

@@ -21,8 +21,9 @@ Definitions (each has a known-answer test in tests/training/test_metrics.py):
   negative when risks are too high. (The intercept of the joint fit above
   depends on the slope and is not reported.)
 - ECE: expected calibration error over 10 equal-mass bins of predicted risk
-  (deciles: rows sorted by risk, cut into 10 groups of equal weight):
-  sum over bins of (bin weight share) * |observed rate - mean risk|.
+  (deciles: rows sorted by risk, cut into 10 groups of equal weight; rows
+  with equal risk share a bin): sum over bins of
+  (bin weight share) * |observed rate - mean risk|.
 - at a risk threshold t (the high-risk tier): a row is flagged when p >= t;
   sensitivity = flagged cases / cases; PPV = flagged cases / flagged;
   number needed to screen = 1 / PPV, the patients flagged (and so followed up)
@@ -152,23 +153,42 @@ def _defined(values: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 
 def ece(y: object, p: object, w: object | None = None, n_bins: int = ECE_BINS) -> np.ndarray | float:
-    """Expected calibration error over `n_bins` equal-mass bins of predicted risk."""
+    """Expected calibration error over `n_bins` equal-mass bins of predicted risk.
+
+    Rows are sorted by risk and cut into bins of equal weight; rows with the
+    same risk always share a bin (the bin of their run's middle), so the
+    result does not depend on row order and step-shaped (isotonic) risks are
+    not split arbitrarily.
+    """
     if n_bins < 1:
         raise ValueError(f"n_bins must be at least 1, got {n_bins}")
     y, p, W, squeeze = _prepare(y, p, w)
     if y.size == 0:
         return _out(np.full(W.shape[0], np.nan), squeeze)
-    order = np.argsort(p, kind="stable")
-    Wo = W[:, order]
-    total = Wo.sum(axis=1, keepdims=True)
-    mid = np.cumsum(Wo, axis=1) - 0.5 * Wo  # weight below each row's midpoint
-    bins = np.minimum(np.floor(_ratio(mid, total) * n_bins), n_bins - 1)
-    bins = np.nan_to_num(bins).astype(np.int64)
+    order, starts = _tie_groups(p)
+    Wg = np.add.reduceat(W[:, order], starts, axis=1)
+    resid = np.add.reduceat(W[:, order] * (y - p)[order], starts, axis=1)
+    total = Wg.sum(axis=1, keepdims=True)
+    mid = np.cumsum(Wg, axis=1) - 0.5 * Wg  # weight below each run's middle
+    bins = np.minimum(np.floor(np.nan_to_num(_ratio(mid, total)) * n_bins), n_bins - 1).astype(np.int64)
     flat = bins + n_bins * np.arange(W.shape[0])[:, None]
-    resid = Wo * (y - p)[order]
     per_bin = np.bincount(flat.ravel(), weights=resid.ravel(), minlength=W.shape[0] * n_bins)
     per_bin = per_bin.reshape(W.shape[0], n_bins)
     return _out(_ratio(np.abs(per_bin).sum(axis=1), total[:, 0]), squeeze)
+
+
+def ece_bins(p: object, n_bins: int = ECE_BINS) -> np.ndarray:
+    """Bin number (0 .. n_bins-1) of every row, as `ece` assigns them (unweighted)."""
+    pp = np.asarray(p, dtype=float)
+    if pp.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    order, starts = _tie_groups(pp)
+    sizes = np.diff(np.r_[starts, pp.size])
+    mid = np.cumsum(sizes) - 0.5 * sizes
+    group_bin = np.minimum(np.floor(mid / pp.size * n_bins), n_bins - 1).astype(np.int64)
+    bins = np.empty(pp.size, dtype=np.int64)
+    bins[order] = np.repeat(group_bin, sizes)
+    return bins
 
 
 # ---- at a threshold ----------------------------------------------------------------------
@@ -242,12 +262,10 @@ def roc_curve(y: object, score: object) -> tuple[np.ndarray, np.ndarray]:
 def calibration_curve(y: object, p: object, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
     """Mean risk, observed rate and rows per equal-mass bin (the bins of `ece`)."""
     yy, pp, _, _ = _prepare(y, p, None)
-    order = np.argsort(pp, kind="stable")
-    n = yy.size
-    bins = np.minimum(((np.arange(n) + 0.5) * n_bins // max(n, 1)), n_bins - 1).astype(np.int64)
+    bins = ece_bins(pp, n_bins)
     count = np.bincount(bins, minlength=n_bins).astype(float)
-    mean_p = _ratio(np.bincount(bins, weights=pp[order], minlength=n_bins), count)
-    observed = _ratio(np.bincount(bins, weights=yy[order], minlength=n_bins), count)
+    mean_p = _ratio(np.bincount(bins, weights=pp, minlength=n_bins), count)
+    observed = _ratio(np.bincount(bins, weights=yy, minlength=n_bins), count)
     keep = count > 0
     return {"mean_risk": mean_p[keep], "observed": observed[keep], "n": count[keep]}
 

@@ -139,25 +139,6 @@ def figures(version: int, y_true: np.ndarray, risk: np.ndarray) -> Figures:
     )
 
 
-def features_for(bundle: ModelBundle, table: pl.DataFrame, table_spec_json: str | None, events) -> pl.DataFrame:
-    """The rows of `table` as `bundle` expects them: reused when the bundle's spec made them,
-    recomputed from the MEDS events with the bundle's own spec otherwise (a champion fitted on
-    other data may select other codes)."""
-    import polars as pl
-
-    from chronorisk.features.pipeline import transform
-
-    if table_spec_json is not None and bundle.spec.to_json() == table_spec_json:
-        return table
-    if events is None:
-        raise ChronoriskError(
-            f"model version trained with another feature spec than {table_spec_json and 'spec.json'}; "
-            "pass --meds DIR so its features can be recomputed"
-        )
-    index = table.select("subject_id", "prediction_time", "boolean_value")
-    return transform(bundle.spec, events, index.lazy()).collect().with_columns(pl.col("boolean_value"))
-
-
 def write_record(paths: WorkPaths, decision: Decision) -> Path:
     """`<work>/reports/promotion_<task>.json`: the last decision and its figures."""
     from chronorisk.data.files import write_text_atomic
@@ -182,3 +163,57 @@ def apply(tracking: Tracking, decision: Decision) -> None:
         client.set_model_version_tag(name, version, f"chronorisk.promotion_{key}", value)
     if decision.accepted:
         set_alias(tracking, decision.task, CHAMPION, decision.candidate.version)
+
+
+def held_out_rows(data, bundle: ModelBundle, meds_root: Path | None) -> pl.DataFrame:
+    """The held-out rows of `data` with features as `bundle` computes them (same rows for every bundle)."""
+    from chronorisk.training.train import HELD_OUT, with_spec
+
+    return with_spec(data, bundle.spec, meds_root).split(HELD_OUT)
+
+
+def score(version: int, bundle: ModelBundle, rows: pl.DataFrame) -> Figures:
+    return figures(version, rows["boolean_value"].to_numpy(), bundle.predict_risk(rows))
+
+
+def promote_task(
+    tracking: Tracking,
+    paths: WorkPaths,
+    task: str,
+    data,
+    config: PromoteConfig,
+    *,
+    version: int | None = None,
+    meds_root: Path | None = None,
+) -> Decision:
+    """Score the candidate (version N, else the challenger) and the champion on the same held-out rows;
+    move `champion` when the candidate is not worse; record the decision either way."""
+    from chronorisk.models.bundle import ModelBundle
+    from chronorisk.training.registry import (
+        CHALLENGER,
+        CHAMPION,
+        bundle_cache,
+        download_bundle,
+        get_version_by_alias,
+        resolve,
+    )
+
+    candidate = resolve(tracking, task, alias=CHALLENGER, version=version)
+    champion = get_version_by_alias(tracking, task, CHAMPION)
+    cache = bundle_cache(paths)
+    cand_bundle = ModelBundle.load(download_bundle(tracking, candidate, cache))
+    cand_rows = held_out_rows(data, cand_bundle, meds_root)
+    if cand_rows.height == 0:
+        raise ChronoriskError(f"task {task}: no held-out rows to compare the models on")
+    cand_figures = score(candidate.version, cand_bundle, cand_rows)
+    champ_figures = None
+    if champion is not None:
+        if champion.version == candidate.version:
+            champ_figures = cand_figures
+        else:
+            champ_bundle = ModelBundle.load(download_bundle(tracking, champion, cache))
+            champ_figures = score(champion.version, champ_bundle, held_out_rows(data, champ_bundle, meds_root))
+    decision = decide(task, cand_figures, champ_figures, config)
+    apply(tracking, decision)
+    write_record(paths, decision)
+    return decision

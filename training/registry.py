@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -108,13 +109,10 @@ def register_bundle(
     run = mlflow.start_run(experiment_id=tracking.experiment_id, run_name=f"register-{task}") if own_run else None
     try:
         active = mlflow.active_run()
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(_MODEL_CODE),
-            artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
-            pip_requirements=_requirements(),
-            metadata={"task": task},
-        )
+        with warnings.catch_warnings():
+            # no input example on purpose: an example row would be a patient's features
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            info = _log_pyfunc(bundle_dir, task)
         booster_uri = None
         if booster is not None:
             booster_uri = mlflow.lightgbm.log_model(
@@ -130,14 +128,52 @@ def register_bundle(
             description=description,
             model_id=info.model_id,
         )
-    finally:
+    except BaseException:
         if run is not None:
-            mlflow.end_run()
+            mlflow.end_run("FAILED")
+        raise
+    if run is not None:
+        mlflow.end_run()
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     log.info("registered %s version %s%s", name, mv.version, f" as {alias}" if alias else "")
     found = RegisteredBundle.from_version(task, client.get_model_version(name, mv.version))
     return dataclasses.replace(found, booster_uri=booster_uri)
+
+
+def _log_pyfunc(bundle_dir: Path, task: str):
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(_MODEL_CODE),
+        artifacts={BUNDLE_ARTIFACT: str(bundle_dir)},
+        pip_requirements=_requirements(),
+        metadata={"task": task},
+        signature=_signature(bundle_dir),
+    )
+
+
+def _signature(bundle_dir: Path):
+    """Input: the bundle's feature columns (float, nullable: null = not recorded); output: the risk.
+
+    Read from the bundle's `bundle.json`; None (no signature) when it lists no feature names.
+    """
+    import json
+
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    try:
+        names = json.loads((bundle_dir / "bundle.json").read_text()).get("feature_names") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not names:
+        return None
+    return ModelSignature(
+        inputs=Schema([ColSpec("double", str(n), required=False) for n in names]),
+        outputs=Schema([ColSpec("double")]),
+    )
 
 
 def _point_at(tracking: Tracking) -> None:
@@ -229,17 +265,17 @@ def download_bundle(tracking: Tracking, registered: RegisteredBundle, cache_dir:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{registered.name}/{registered.version}",
-            dst_path=str(tmp),
-            tracking_uri=tracking.uri,
-            registry_uri=tracking.uri,
+        # the version's own artifact location: a `models:/` URI would be resolved against the
+        # process-wide registry URI, whatever `tracking` says
+        source = tracking.client().get_model_version_download_uri(registered.name, str(registered.version))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking.uri)
         )
-        _bundle_dir(tmp, registered)
-        (tmp / _COMPLETE).write_text("ok\n")
+        _bundle_dir(local, registered)
+        (local / _COMPLETE).write_text("ok\n")
         if target.exists():
             shutil.rmtree(target)
-        tmp.rename(target)
+        local.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

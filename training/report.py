@@ -154,10 +154,7 @@ def _table(records: Sequence[Mapping]) -> str:
     for r in records:
         cells = []
         for key, _, digits in TABLE_COLUMNS:
-            if digits is not None and f"{key}_lo" in r:
-                text = _ci(r, key, digits)
-            else:
-                text = _fmt(r.get(key), digits)
+            text = _ci(r, key, digits) if digits is not None and f"{key}_lo" in r else _fmt(r.get(key), digits)
             cls = " class='num'" if digits is not None or key == "n" else ""
             cells.append(f"<td{cls}>{_e(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -306,7 +303,8 @@ _GLOSSARY = """
 <li><b>calibration slope</b> (1 is ideal; below 1: risks too extreme) and <b>intercept</b>
 (calibration-in-the-large, 0 is ideal) from a logistic recalibration on logit(risk).
 <b>ECE</b>: mean |observed rate - mean risk| over 10 equal-mass bins of risk.</li>
-<li><b>sensitivity, PPV, NNS</b> at the high-risk threshold: NNS = patients flagged per true case among them (1/PPV).</li>
+<li><b>sensitivity, PPV, NNS</b> at the high-risk threshold:
+NNS = patients flagged per true case among them (1/PPV).</li>
 <li><b>net benefit</b> (decision curve): (true positives - false positives x t/(1-t)) / n at threshold t.</li>
 <li>Intervals: 95% percentile bootstrap, resampling patients.</li>
 </ul>

@@ -14,8 +14,9 @@ _SITE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", type=Path, default=None,
+    parser.add_argument("input_path", nargs="?", type=Path, default=None, metavar="INPUT",
                         help="folder of bundles / NDJSON files, or one file (default: <work>/fhir)")
+    parser.add_argument("--input", type=Path, default=None, help="same as INPUT")
     parser.add_argument("--out", type=Path, default=None, help="output MEDS root (default: <work>/ingested)")
     parser.add_argument("--site", default=None,
                         help="put every patient at this site (default: from the encounters' service provider)")
@@ -33,6 +34,8 @@ def run(args: argparse.Namespace, ctx) -> int:
     from chronorisk.errors import InputError
 
     config = ctx.params.ingest
+    if args.input is not None and args.input_path is not None and args.input != args.input_path:
+        raise InputError("--input", f"given twice ({args.input_path} and {args.input}); give one")
     if args.site is not None and not _SITE.match(args.site):
         raise InputError("--site", f"{args.site!r} is not a site id; use letters, digits, '_', '-', '.'")
     if args.workers is not None and args.workers < 1:
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     key, key_source = load_key(secret_file=secret_file, env_var=config.secret_env, demo=args.demo,
                                secrets_dir=ctx.paths.secrets)
     options = IngestOptions(
-        input=args.input or ctx.paths.fhir,
+        input=args.input or args.input_path or ctx.paths.fhir,
         out=args.out or ctx.paths.ingested,
         quarantine_root=ctx.paths.quarantine,
         site=args.site,

@@ -72,6 +72,16 @@ def _check_out(out: Path) -> None:
 
 
 def _run_tasks(tasks: list[list[Source]], key: bytes, settings: WorkerSettings, workers: int) -> list[TaskResult]:
+    try:
+        return _run_tasks_unguarded(tasks, key, settings, workers)
+    except OSError as exc:  # disk full, permissions: the input is fine, the output cannot be written
+        raise ChronoriskError(
+            f"cannot write staging or quarantine files ({exc.strerror or type(exc).__name__})"
+        ) from None
+
+
+def _run_tasks_unguarded(tasks: list[list[Source]], key: bytes, settings: WorkerSettings,
+                         workers: int) -> list[TaskResult]:
     results: list[TaskResult] = []
     started = time.perf_counter()
     if workers <= 1:
@@ -172,14 +182,16 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
             frame = frame.join(site_map.lazy(), on="subject_id", how="left").with_columns(
                 pl.col("site").fill_null(unassigned)
             )
-        collected = frame.collect()
-        for (site_id,), part in collected.partition_by("site", as_dict=True).items():
+        here = frame.select(pl.col("site").unique()).collect().get_column("site").sort().to_list()
+        for site_id in here:  # one site's rows in memory at a time (re-reading staging is cheap)
+            part = frame.filter(pl.col("site") == site_id).select(list(EVENT_SCHEMA)).collect()
             target = site_root(tmp_out, site_id) / "data" / f"{bucket_dir.name[1:]}.parquet"
-            write_events(part.select(list(EVENT_SCHEMA)), target)
+            write_events(part, target)
             subjects.setdefault(site_id, []).append(part.get_column("subject_id").unique())
             codes.setdefault(site_id, set()).update(part.get_column("code").unique().to_list())
             events[site_id] += part.height
             shards[site_id] += 1
+            del part
     summary = {}
     for site_id in sorted(subjects):
         ids = pl.concat(subjects[site_id]).unique().sort()

@@ -33,7 +33,14 @@ def resolve_config(args: argparse.Namespace, base):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
     if args.drift:
-        values["drift"] = [parse_drift(text).model_dump(by_alias=True) for text in args.drift]
+        site_ids = [s["site_id"] for s in values["sites"]]
+        drift = [parse_drift(text) for text in args.drift]
+        for d in drift:
+            if d.site not in site_ids:
+                raise InputError("--drift", f"unknown site {d.site!r}; sites: {', '.join(site_ids)}")
+            if not values["start"] < d.start <= values["end"]:
+                raise InputError("--drift", f"date {d.start} must fall after {values['start']} and by {values['end']}")
+        values["drift"] = [d.model_dump(by_alias=True) for d in drift]
     try:
         return GenerateConfig.model_validate(values)
     except ValidationError as exc:
@@ -41,7 +48,7 @@ def resolve_config(args: argparse.Namespace, base):
         where = ".".join(str(p) for p in err["loc"]) or "generate"
         flag = {"patients": "--patients", "seed": "--seed", "chunk_size": "--chunk-size",
                 "workers": "--workers"}.get(where, where)
-        raise InputError(flag, err["msg"]) from None
+        raise InputError(flag, err["msg"].removeprefix("Value error, ")) from None
 
 
 def run(args: argparse.Namespace, ctx) -> int:

@@ -9,7 +9,7 @@ Three kinds, each applied to one site from `from` (inclusive) to the end:
 - `lab_bias`: a new lab analyser reads HbA1c +0.6 percentage points and
   fasting glucose +15 mg/dL high (the patient is unchanged; the true risk too).
 - `population`: a new catchment. 40% of the site's patients are *arrivals*
-  whose records start within 90 days after the date; they are 15 years older,
+  whose records start within 90 days after the date; they are 10 years older,
   about 4 kg/m2 heavier and markedly more diabetic than the site's usual
   patients, and arrive with their conditions undiagnosed and untreated.
 
@@ -29,7 +29,7 @@ from chronorisk.errors import InputError
 LAB_BIAS = {"hba1c": 0.6, "glucose": 15.0}  # canonical units: %, mg/dL
 ARRIVAL_SHARE = 0.4
 ARRIVAL_WINDOW_DAYS = 90
-ARRIVAL_AGE_YEARS = 15.0
+ARRIVAL_AGE_YEARS = 10.0
 ARRIVAL_BMI = 4.0
 ARRIVAL_RISK_SHIFT = 1.0
 

@@ -141,13 +141,17 @@ def advance(
     vals: dict[str, np.ndarray],
     coverage: np.ndarray,
     rng: np.random.Generator | None,
+    months: int = 1,
 ) -> None:
     """Move the latent state one month, in place.
 
     `coverage` is (slots, n) this month's proportion of days covered (the
     expected path passes `alpha` for active slots). `rng=None` follows the
-    expected path: no random walk, no smoking transitions.
+    expected path: no random walk, no smoking transitions; there `months`
+    can take several months in one (Euler) step, with the drift of now.
     """
+    if rng is not None and months != 1:
+        raise ValueError("the stochastic step moves one month at a time")
     dm = lat.present[COND_INDEX["diabetes"]]
     htn = lat.present[COND_INDEX["hypertension"]]
     ckd3 = lat.present[COND_INDEX["ckd3"]]
@@ -164,12 +168,13 @@ def advance(
     n = age.shape[0]
     noise = rng.standard_normal((len(NOISE_SD), n)) if rng is not None else None
     for j, (name, sd) in enumerate(NOISE_SD.items()):
-        value = getattr(lat, name) + drift[name]
+        value = getattr(lat, name) + months * drift[name]
         if noise is not None:
             value = value + sd * noise[j]
         lo, hi = BOUNDS[name]
         setattr(lat, name, np.clip(value, lo, hi))
-    lat.slot_s = COVERAGE_SMOOTHING * lat.slot_s + (1.0 - COVERAGE_SMOOTHING) * coverage
+    keep = COVERAGE_SMOOTHING ** months
+    lat.slot_s = keep * lat.slot_s + (1.0 - keep) * coverage
     if rng is not None:
         u = rng.random(n)
         smoke = lat.smoke

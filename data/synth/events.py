@@ -73,6 +73,7 @@ SITE_UNITS: dict[str, dict[str, tuple[Callable[[np.ndarray], np.ndarray], int]]]
 }
 UNITS: tuple[str, ...] = tuple(sorted({u for units in SITE_UNITS.values() for u in units} | {DAYS_UNIT}))
 UNIT_INDEX = {u: i for i, u in enumerate(UNITS)}
+assert len(UNITS) < 63, "meds_values packs the unit in 6 bits, 63 meaning none"
 
 
 def to_site_unit(name: str, canonical: np.ndarray, unit: str) -> np.ndarray:
@@ -146,21 +147,21 @@ def meds_values(events: EventArrays) -> np.ndarray:
     """MEDS numeric_value (float32, NaN = null): site values converted to canonical units.
 
     Uses the conversion functions of `data.codes` (the same arithmetic FHIR
-    ingestion applies), one vectorized call per (code, unit) pair.
+    ingestion applies), one vectorized call per (code, unit) pair that needs one.
     """
-    out = np.full(len(events), np.nan, dtype=np.float64)
-    has_value = ~np.isnan(events.value)
-    if not has_value.any():
-        return out.astype(np.float32)
-    pairs = np.unique(np.stack([events.code[has_value], events.unit[has_value]]).astype(np.int32), axis=1)
-    for code_i, unit_i in pairs.T:
-        sel = has_value & (events.code == code_i) & (events.unit == unit_i)
-        code, unit = CODES[code_i], (UNITS[unit_i] if unit_i >= 0 else None)
+    out = events.value.copy()
+    pair = events.code.astype(np.int32) * 64 + (events.unit.astype(np.int32) & 63)
+    counts = np.bincount(pair, minlength=len(CODES) * 64)
+    for p in np.flatnonzero(counts):
+        code, unit_i = CODES[p // 64], p % 64
         measurement = MEASUREMENT_BY_CODE.get(code)
-        if measurement is None or unit == measurement.unit:
-            out[sel] = events.value[sel]
-        elif unit in measurement.conversions:
-            out[sel] = measurement.conversions[unit](events.value[sel])
-        else:
+        if measurement is None or unit_i == 63:
+            continue
+        unit = UNITS[unit_i]
+        if unit == measurement.unit:
+            continue
+        if unit not in measurement.conversions:
             raise ValueError(f"unit {unit!r} for {code} has no conversion in data.codes")
+        sel = pair == p
+        out[sel] = measurement.conversions[unit](out[sel])
     return out.astype(np.float32)

@@ -128,16 +128,16 @@ def _coding(system: str, code: str, display: str) -> dict:
 
 
 class _Ids:
-    """Deterministic UUIDs for one patient's resources."""
+    """Deterministic version-4 UUIDs for one patient's resources (from 16 random bytes each)."""
 
     def __init__(self, rng: np.random.Generator, count: int):
-        self._raw = rng.bytes(16 * count)
+        self._hex = rng.bytes(16 * count).hex()
         self._i = 0
 
     def next(self) -> str:
-        b = self._raw[16 * self._i: 16 * self._i + 16]
+        h = self._hex[32 * self._i: 32 * self._i + 32]
         self._i += 1
-        return str(uuid.UUID(bytes=b, version=4))
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def _patient(pid: str, rng: np.random.Generator, site: SiteConfig, female: bool, birth: str,
@@ -323,7 +323,7 @@ def write_site_bundles(
             subject_id=int(subject_ids[subj[a]]), seed=seed, site=site, org=org, code=code[a:b],
             times=times[a:b], seconds=secs[a:b], value=value[a:b], unit=unit[a:b], text=text[a:b],
         )
-        data = gzip.compress(orjson.dumps(bundle), compresslevel=5, mtime=0)
+        data = gzip.compress(orjson.dumps(bundle), compresslevel=1, mtime=0)
         (out_dir / f"{pid}.json.gz").write_bytes(data)
         written += 1
     return written

@@ -139,8 +139,9 @@ OUTCOMES: tuple[str, ...] = (*CONDITIONS, "death")
 COVARIATES: tuple[str, ...] = tuple(COVARIATE_DOCS)
 assert {k for c in COEFFICIENTS.values() for k in c} - {"intercept"} <= set(COVARIATES)
 # (outcomes, covariates) coefficient matrix and intercepts, built once from COEFFICIENTS.
-_BETA = np.array([[COEFFICIENTS[o].get(c, 0.0) for c in COVARIATES] for o in OUTCOMES])
-_B0 = np.array([COEFFICIENTS[o]["intercept"] for o in OUTCOMES])
+# float32: the hazards are the simulation's hot loop, and 7 digits are plenty for probabilities.
+_BETA = np.array([[COEFFICIENTS[o].get(c, 0.0) for c in COVARIATES] for o in OUTCOMES], dtype=np.float32)
+_B0 = np.array([COEFFICIENTS[o]["intercept"] for o in OUTCOMES], dtype=np.float32)
 _REQUIRED = np.array([COND_INDEX.get(REQUIRES.get(c, ""), -1) for c in CONDITIONS])
 
 
@@ -160,9 +161,9 @@ def covariates(
     dm_years: np.ndarray,
     statin: np.ndarray,
 ) -> np.ndarray:
-    """The covariates of `COVARIATE_DOCS` as a (covariates, n) matrix; `present` is (conditions, n) bool."""
+    """The covariates of `COVARIATE_DOCS` as a (covariates, n) float32 matrix; `present` is (conditions, n)."""
     n = age.shape[0]
-    x = np.empty((len(COVARIATES), n))
+    x = np.empty((len(COVARIATES), n), dtype=np.float32)
     dm = present[COND_INDEX["diabetes"]]
     row = {c: x[i] for i, c in enumerate(COVARIATES)}
     np.subtract(age, 60.0, out=row["age10"])
@@ -212,7 +213,7 @@ def yearly_hazards(
     eta += _B0[:, None]
     if hidden_shift is not None:
         eta += hidden_shift
-    np.minimum(eta, 5.0, out=eta)
+    np.minimum(eta, np.float32(5.0), out=eta)
     rate = np.exp(eta)
     lam = rate[:-1]
     eligible = ~present

@@ -203,12 +203,7 @@ def _finish(cfg: GenerateConfig, spec: SimSpec, summaries: list[ChunkSummary], s
     truth_rows = {}
     for task in TASKS:
         truth_rows[task] = _merge_truth(staging / "truth" / task, staging / "truth" / f"{task}.parquet")
-    info = {**generator_info, "truth_rows": truth_rows, "tasks": {
-        "complication_1y": {"horizon_days": 365, "outcomes": list(hazards.COMPLICATION_OUTCOMES)},
-        "onset_2y": {"horizon_days": 730, "outcomes": list(hazards.ONSET_CONDITIONS)},
-    }}
-    (staging / "truth" / "generator.json").write_text(json.dumps(info, indent=2))
-    return GenerateSummary(
+    summary = GenerateSummary(
         patients_by_site=patients, events_by_site=events, truth_rows=truth_rows,
         bundles=sum(c.bundles for c in summaries), deaths=sum(c.deaths for c in summaries),
         seconds=time.perf_counter() - t0, cpu_seconds=sum(c.cpu_seconds for c in summaries),
@@ -216,6 +211,14 @@ def _finish(cfg: GenerateConfig, spec: SimSpec, summaries: list[ChunkSummary], s
         extra={"phase_cpu_seconds": {k: round(sum(c.phase_cpu.get(k, 0.0) for c in summaries), 2)
                                      for k in ("simulate", "sort", "write", "fhir")}},
     )
+    info = {**generator_info, "truth_rows": truth_rows, "tasks": {
+        "complication_1y": {"horizon_days": 365, "outcomes": list(hazards.COMPLICATION_OUTCOMES)},
+        "onset_2y": {"horizon_days": 730, "outcomes": list(hazards.ONSET_CONDITIONS)},
+    }, "patients_by_site": patients, "events_by_site": events, "deaths": summary.deaths,
+        "bundles": summary.bundles, "workers": n_workers, "chunks": len(summaries),
+        "cpu_seconds": round(summary.cpu_seconds, 2), **summary.extra}
+    (staging / "truth" / "generator.json").write_text(json.dumps(info, indent=2))
+    return summary
 
 
 def _merge_truth(parts_dir: Path, target: Path) -> int:

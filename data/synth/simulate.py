@@ -95,7 +95,7 @@ class SimSpec:
     ideal: bool
     sites: tuple[SiteConfig, ...]
     drift: tuple[DriftConfig, ...] = ()
-    burn_in_years: int = 5
+    burn_in_years: int = 3
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig) -> SimSpec:
@@ -480,9 +480,9 @@ class _Chunk:
                 else:
                     meas[name] = v[name] + sd * e[j]
             meas["egfr"] = dyn.ckd_epi_egfr(meas["creatinine"], age[ix], self.lat.female[ix])
-        for name in meas:
+        for name in meas:  # inside the plausible range, with room for unit rounding
             lo, hi = MEASUREMENTS[name].plausible
-            meas[name] = np.clip(meas[name], lo, hi)
+            meas[name] = np.clip(meas[name], 1.1 * lo, 0.9 * hi)
         biased = t >= self.sites.lab_bias_from[site]
         if biased.any():
             for name, bias in drift_mod.LAB_BIAS.items():
@@ -580,8 +580,8 @@ class _Chunk:
             who = np.flatnonzero(active[s])
             self._coverage_add(s, who, m)
         # 2. death
-        if in_data:
-            die = self.alive & (rng.random(n) < monthly_probability(death))
+        if in_data:  # arrivals of a population drift are known to be alive when they register
+            die = self.alive & (m >= self.records_from) & (rng.random(n) < monthly_probability(death))
             ix = np.flatnonzero(die)
             if ix.shape[0]:
                 self.buf.add(ix, self._times(m, ix.shape[0], office=False), CODE_INDEX["MEDS_DEATH"])

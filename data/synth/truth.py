@@ -65,6 +65,7 @@ def walk_variance(lat: dyn.Latent, vals: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack(rows)
 
 
+QUARTER = 3
 ONSET_IDX = np.array([COND_INDEX[c] for c in ONSET_CONDITIONS])
 COMPLICATION_IDX = np.array([COND_INDEX[c] for c in COMPLICATION_OUTCOMES])
 
@@ -126,25 +127,29 @@ def task_risk(
         q_onset = monthly_probability(visit_rate) * DETECTION_GROUPS["metabolic"][1]
         q_comp = monthly_probability(visit_rate * CHRONIC_VISIT_FACTOR) * DETECTION_GROUPS["complication"][1]
     expected_coverage = lat.slot_active * lat.alpha[None, :]
+    # Hazards are evaluated at the middle month of each quarter and held for its three months
+    # (midpoint rule); the expected path moves a quarter at a time between midpoints.
+    age = dyn.age_years(lat, int(month_start[month]))
+    dyn.advance(lat, age, dyn.treated(lat, age), expected_coverage, rng=None, months=1)
     variance = None
-    for k in range(months):
-        m = month + k
+    for block in range(0, months, QUARTER):
+        mid = block + 1
+        m = month + mid
         age, vals, lam, death = hazards_now(lat, m, int(month_start[m]), hidden)
         if variance is None:
             variance = walk_variance(lat, vals)
-        elif k:
-            spread = np.exp(0.5 * k * variance)
-            lam *= spread[:-1]
-            death = death * spread[-1]
-        p_death = monthly_probability(death)
-        p_onset = monthly_probability(lam)
-        if k < horizon.onset_months:
-            chains["onset"] = list(chain_step(*chains["onset"], p_death=p_death, p_onset=p_onset[ONSET_IDX],
-                                              immediate=imm_onset, q_detect=q_onset))
-        if k < horizon.complication_months:
-            chains["complication"] = list(chain_step(
-                *chains["complication"], p_death=p_death, p_onset=p_onset[COMPLICATION_IDX],
-                immediate=imm_comp, q_detect=q_comp))
-        if k + 1 < months:
-            dyn.advance(lat, age, vals, expected_coverage, rng=None)
+        spread = np.exp(0.5 * mid * variance)
+        p_death = monthly_probability(death * spread[-1])
+        p_onset = monthly_probability(lam * spread[:-1])
+        for k in range(block, block + QUARTER):
+            if k < horizon.onset_months:
+                chains["onset"] = list(chain_step(*chains["onset"], p_death=p_death,
+                                                  p_onset=p_onset[ONSET_IDX], immediate=imm_onset,
+                                                  q_detect=q_onset))
+            if k < horizon.complication_months:
+                chains["complication"] = list(chain_step(
+                    *chains["complication"], p_death=p_death, p_onset=p_onset[COMPLICATION_IDX],
+                    immediate=imm_comp, q_detect=q_comp))
+        if block + QUARTER < months:
+            dyn.advance(lat, age, vals, expected_coverage, rng=None, months=QUARTER)
     return chains["onset"][2], chains["complication"][2]

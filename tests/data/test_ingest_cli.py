@@ -110,7 +110,7 @@ def test_cli_ingests_to_sites_with_a_pool_and_leaks_nothing(fhir_folder, work, t
 
 
 def test_cli_site_override_and_rerun(fhir_folder, work):
-    assert _cli("--input", str(fhir_folder), "--site", "pilot_1", work=work).returncode == 0
+    assert _cli(str(fhir_folder), "--site", "pilot_1", work=work).returncode == 0  # positional input
     assert site_ids(work / "ingested") == ["pilot_1"]
     assert _cli("--input", str(fhir_folder), work=work).returncode == 0  # replaces the earlier output
     assert site_ids(work / "ingested") == ["chc_north", "hosp_south"]

@@ -73,3 +73,48 @@ def served(request, tmp_path_factory):
             server, keys, seeded = run(url)
             yield server, keys, seeded, url
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small generated cohort and a tiny model per task trained on it (exported-folder layout)."""
+    from types import SimpleNamespace
+
+    from serving_support import generate_cohort, train_bundles
+
+    root = tmp_path_factory.mktemp("world")
+    meds = generate_cohort(root, patients=1200)
+    models = train_bundles(meds, root / "models")
+    return SimpleNamespace(root=root, meds=meds, models=models)
+
+
+@pytest.fixture(scope="session")
+def scored_server(tiny_world, tmp_path_factory):
+    """The tiny world batch-scored at 2024-01-01 by `chronorisk score`, served with its models."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from serving_support import REPO, make_keys
+
+    work = tmp_path_factory.mktemp("scored")
+    url = f"sqlite:///{work / 'store.db'}"
+    params = write_params(work / "params.yaml")
+    cmd = [sys.executable, "-m", "chronorisk.cli", "--work", str(work / "w"), "--params", str(params), "score",
+           "--date", "2024-01-01", "--meds", str(tiny_world.meds), "--model-dir", str(tiny_world.models),
+           "--store", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
+                         env={**__import__("os").environ, "CHRONORISK_SERVE_SECRET": SECRET})
+    assert out.returncode == 0, out.stderr[-3000:]
+    store = ScoreStore.open(url)
+    keys = make_keys(store)
+    site = store.sites()[0]
+    from chronorisk.serving import access
+
+    _, keys["gp"] = access.create_key(store.engine, "gp", site, label="test")
+    store.dispose()
+    server = Server(work=work / "w", store_url=url, params=params, model_dir=tiny_world.models,
+                    meds_root=tiny_world.meds).start()
+    yield SimpleNamespace(server=server, keys=keys, url=url, site=site, score_output=out.stdout, work=work,
+                          params=params, cmd=cmd)
+    server.stop()

@@ -185,3 +185,53 @@ def pg_schema():
         with engine.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
         engine.dispose()
+
+
+# -- a tiny model, trained here (no training CLI needed) ---------------------------------------
+
+
+def generate_cohort(out: Path, patients: int = 1500, seed: int = 7) -> Path:
+    """A small synthetic multi-site cohort (MEDS under `out/meds`)."""
+    from chronorisk.data.config import GenerateConfig
+    from chronorisk.data.synth.runner import generate
+
+    generate(GenerateConfig(patients=patients, seed=seed, chunk_size=max(500, patients // 2)), out, workers=1)
+    return out / "meds"
+
+
+TRAIN_TIMES = (datetime(2021, 7, 1), datetime(2022, 7, 1), datetime(2023, 1, 1))
+
+
+def train_bundles(meds_root: Path, out: Path, tasks=("complication_1y", "onset_2y"), rounds: int = 60,
+                  times=TRAIN_TIMES) -> Path:
+    """One small calibrated LightGBM bundle per task, saved as `out/<task>/` (the exported-folder layout).
+
+    Labels at a few dates only, so that one `transform` call per task builds the training table."""
+    import polars as pl
+
+    from chronorisk.data.meds_io import scan_sites
+    from chronorisk.features.config import FeatureConfig
+    from chronorisk.features.labels import extract_labels
+    from chronorisk.features.pipeline import code_summary, fit_spec, transform
+    from chronorisk.features.tasks import load_task
+    from chronorisk.models.bundle import ModelBundle
+    from chronorisk.models.config import ModelConfig
+    from chronorisk.models.risk_model import RiskModel
+
+    events = scan_sites(meds_root).drop("site").collect().lazy()
+    summary = code_summary(events)
+    config = ModelConfig(num_boost_round=rounds, early_stopping_rounds=20, calibration="platt")
+    for name in tasks:
+        task = load_task(name)
+        labels = extract_labels(events, task, list(times))
+        spec = fit_spec(summary, FeatureConfig(), task)
+        feats = transform(spec, events, labels.lazy()).collect()
+        bucket = feats["subject_id"].hash(seed=3) % 10
+        train, valid = feats.filter(bucket < 7), feats.filter(bucket >= 7)
+        names = list(spec.feature_names)
+        model = RiskModel(config).fit(
+            train.select(names), train["boolean_value"].cast(pl.Int8).to_numpy(),
+            valid.select(names), valid["boolean_value"].cast(pl.Int8).to_numpy(), names,
+        )
+        ModelBundle.from_model(model, spec, task, config.tiers[name], version="1").save(out / name)
+    return out

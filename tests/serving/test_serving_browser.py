@@ -88,7 +88,7 @@ def test_gp_worklist_and_patient_page(served, browser):
 
 @pytest.mark.parametrize("served", ["sqlite"], indirect=True)
 def test_public_health_cohort_counts_and_export(served, browser, tmp_path):
-    server, keys, seeded, _ = served
+    server, keys, _seeded, _ = served
     downloads = tmp_path / "downloads"
     browser.allow_downloads(downloads)
     page = browser.new_page()

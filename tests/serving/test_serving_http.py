@@ -210,7 +210,7 @@ def test_metrics_label_routes_not_ids(served):
 
 
 def test_audit_log_holds_every_read_and_verifies(served):
-    server, keys, seeded, url = served
+    server, keys, _seeded, url = served
     with client(server, keys["gp"]) as c:
         c.get(f"/patients/{subject_id(0, 11)}")
     env = {"CHRONORISK_SERVE_SECRET": SECRET, "PATH": "/usr/bin:/bin"}

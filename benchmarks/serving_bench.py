@@ -1,0 +1,373 @@
+"""Serving benchmarks over real HTTP, and batch scoring, on this machine.
+
+What is timed (targets from the serving issue):
+
+1. `score_features`: POST /score with ready-made features and explanations (top 5 factors) of real
+   patients, closed loop at increasing concurrency; sustained throughput = the highest request rate
+   whose p99 stays at or under 50 ms (target >= 300 requests/s).
+2. `score_events`: POST /score with a patient's raw MEDS events (three years of records before the
+   prediction time, plus birth and sex), both tasks, explanations on: p50 and p99 (target p99 <= 100 ms).
+3. `get_patient`: GET /patients/{id} from the score store (each read is also an audit-log append),
+   closed loop at increasing concurrency (target >= 500 requests/s).
+4. `batch`: `chronorisk score`'s code path (scoring.batch_score) over a generated cohort of N patients
+   (1,000,000; --quick 100,000), features included, into a fresh SQLite store: without explanations
+   (target >= 10,000 patients/s) and with explanations stored for medium and high tiers.
+
+The server is `chronorisk serve` (BentoML, `--workers`, default 2) on a free loopback port, with a
+small model trained here on a generated cohort. The load generator is a raw asyncio HTTP/1.1
+keep-alive client in this process (one connection per concurrent client). Client, server workers
+and everything else share the machine's 2 cores; the load average is recorded with each result.
+
+    .venv/bin/python benchmarks/serving_bench.py [--quick] [--work DIR] [--batch-patients N] [--skip-batch]
+
+Writes benchmarks/results/serving.json (--quick: serving_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "serving"))
+
+WHEN = datetime(2024, 1, 1)
+P99_TARGET_MS = 50.0
+
+
+def machine() -> dict:
+    import psutil
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# -- load generator -------------------------------------------------------------------------
+
+
+async def _one_connection(host, port, requests, deadline, latencies, statuses):
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        i = random.randrange(len(requests))
+        while time.perf_counter() < deadline:
+            raw = requests[i % len(requests)]
+            i += 1
+            start = time.perf_counter()
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            chunked = False
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value.strip())
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            if chunked:
+                while True:
+                    size = int((await reader.readline()).strip(), 16)
+                    await reader.readexactly(size + 2)
+                    if size == 0:
+                        break
+            elif length:
+                await reader.readexactly(length)
+            latencies.append(time.perf_counter() - start)
+            statuses[status] = statuses.get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+async def _load(host, port, requests, concurrency, seconds):
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    # warm-up, not counted
+    await asyncio.gather(*(_one_connection(host, port, requests, time.perf_counter() + 1.0, [], {})
+                           for _ in range(concurrency)))
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(*(_one_connection(host, port, requests, deadline, latencies, statuses)
+                           for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    lat = np.array(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 2),
+        "requests": len(latencies),
+        "requests_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
+        "p90_ms": round(float(np.percentile(lat, 90)), 2) if lat.size else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
+        "max_ms": round(float(lat.max()), 2) if lat.size else None,
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def load(url: str, requests: list[bytes], concurrency: int, seconds: float) -> dict:
+    host, port = url.removeprefix("http://").split(":")
+    return asyncio.run(_load(host, int(port), requests, concurrency, seconds))
+
+
+def http_request(method: str, path: str, key: str, body: bytes | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {key}",
+             "Connection: keep-alive"]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+def sweep(url, requests, levels, seconds, label) -> dict:
+    runs = []
+    for c in levels:
+        r = load(url, requests, c, seconds)
+        print(f"  {label} concurrency {c:>3}: {r['requests_per_s']:>8.1f} req/s  p50 {r['p50_ms']} ms  "
+              f"p99 {r['p99_ms']} ms  statuses {r['statuses']}", flush=True)
+        runs.append(r)
+    ok = [r for r in runs if r["p99_ms"] is not None and r["p99_ms"] <= P99_TARGET_MS
+          and set(r["statuses"]) == {"200"}]
+    best = max(ok, key=lambda r: r["requests_per_s"]) if ok else None
+    return {"runs": runs, "sustained_at_p99_50ms": best}
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+def prepare(work: Path, patients: int):
+    """A generated cohort, a small model per task, the cohort batch-scored into a store, keys."""
+    from serving_support import generate_cohort, train_bundles
+
+    from chronorisk.serving import access, scoring
+    from chronorisk.serving.store import ScoreStore
+
+    meds = work / "cohort" / "meds"
+    if not meds.is_dir():
+        print(f"generating {patients:,} patients for the HTTP benchmarks ...", flush=True)
+        generate_cohort(work / "cohort", patients=patients, seed=11)
+    models = work / "models"
+    if not (models / "onset_2y" / "bundle.json").is_file():
+        print("training a small model per task ...", flush=True)
+        train_bundles(meds, models, rounds=200)
+    url = f"sqlite:///{work / 'store.db'}"
+    store = ScoreStore.open(url)
+    served = scoring.load_models(["complication_1y", "onset_2y"], source="folder", model_dir=models,
+                                 required=True)
+    if store.count_scores() == 0:
+        scoring.batch_score(store, served, meds, WHEN)
+    keys = {role: access.create_key(store.engine, role, None if role != "gp" else "x")[1]
+            for role in ("admin", "data_scientist")}
+    store.dispose()
+    return meds, models, url, keys, served
+
+
+def feature_bodies(meds: Path, served, n: int = 300) -> list[bytes]:
+    """Ready-made feature rows of real eligible patients (measured values only) as /score bodies."""
+    import polars as pl
+
+    from chronorisk.data.meds_io import scan_sites
+    from chronorisk.features.labels import eligible_index
+    from chronorisk.features.pipeline import transform
+
+    events = scan_sites(meds).drop("site").collect().lazy()
+    bodies = []
+    for task, model in served.items():
+        idx = eligible_index(events, model.task_def, [WHEN]).collect().head(n // 2)
+        feats = transform(model.spec, events, idx.lazy()).collect()
+        for row in feats.select(model.feature_names).iter_rows(named=True):
+            values = {k: float(v) for k, v in row.items() if v is not None and not np.isnan(v)}
+            bodies.append(json.dumps({"features": values, "tasks": [task], "prediction_time": WHEN.isoformat(),
+                                      "explain": True, "top_k": 5}).encode())
+    random.Random(1).shuffle(bodies)
+    assert pl is not None
+    return bodies
+
+
+def event_bodies(meds: Path, served, n: int = 100) -> tuple[list[bytes], dict]:
+    """Raw events of patients with three years of records before the prediction time."""
+    import polars as pl
+
+    from chronorisk.data.meds_io import scan_sites
+    from chronorisk.features.labels import eligible_index
+
+    events = scan_sites(meds).drop("site").collect()
+    start = datetime(WHEN.year - 3, WHEN.month, WHEN.day)
+    model = served["complication_1y"]
+    idx = eligible_index(events.lazy(), model.task_def, [WHEN]).collect()
+    spans = (events.filter(pl.col("time").is_not_null() & (pl.col("code") != "MEDS_BIRTH"))
+             .group_by("subject_id").agg(pl.col("time").min().alias("first")))
+    chosen = idx.join(spans, on="subject_id").filter(pl.col("first") <= start)["subject_id"].head(n).to_list()
+    bodies, sizes = [], []
+    for sid in chosen:
+        ev = events.filter((pl.col("subject_id") == sid)
+                           & (pl.col("time").is_null() | (pl.col("code") == "MEDS_BIRTH")
+                              | ((pl.col("time") >= start) & (pl.col("time") < WHEN))))
+        rows = []
+        for r in ev.iter_rows(named=True):
+            e = {"code": r["code"]}
+            if r["time"] is not None:
+                e["time"] = r["time"].isoformat()
+            if r["numeric_value"] is not None:
+                e["numeric_value"] = float(r["numeric_value"])
+            if r["text_value"] is not None:
+                e["text_value"] = r["text_value"]
+            rows.append(e)
+        sizes.append(len(rows))
+        bodies.append(json.dumps({"events": rows, "prediction_time": WHEN.isoformat(), "explain": True}).encode())
+    return bodies, {"patients": len(bodies), "events_per_request_median": int(np.median(sizes)) if sizes else 0,
+                    "events_per_request_max": int(max(sizes)) if sizes else 0, "record_years": 3}
+
+
+def patient_paths(url: str, n: int = 2000) -> list[str]:
+    from sqlalchemy import select
+
+    from chronorisk.serving.store import ScoreStore, patients
+
+    store = ScoreStore.open(url)
+    with store.engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(select(patients.c.subject_id).limit(n))]
+    store.dispose()
+    return [f"/patients/{i}" for i in ids]
+
+
+# -- batch ----------------------------------------------------------------------------------
+
+
+def batch(work: Path, patients: int, served) -> dict:
+    from chronorisk.data.meds_io import site_ids
+    from chronorisk.serving import scoring
+    from chronorisk.serving.store import ScoreStore
+
+    root = work / f"batch-{patients}"
+    meds = root / "meds"
+    gen = {}
+    if not meds.is_dir():
+        from chronorisk.data.config import GenerateConfig
+        from chronorisk.data.synth.runner import generate
+
+        print(f"generating {patients:,} patients for the batch benchmark ...", flush=True)
+        t = time.perf_counter()
+        generate(GenerateConfig(patients=patients, seed=5), root, workers=2)
+        gen = {"generate_seconds": round(time.perf_counter() - t, 1)}
+    import pyarrow.parquet as pq
+
+    n_events = sum(pq.ParquetFile(p).metadata.num_rows for s in site_ids(meds)
+                   for p in scoring.site_shards(meds, s))
+    out = {"patients": patients, "events": n_events, **gen}
+    for label, tiers in (("without_explanations", []), ("with_explanations", ["medium", "high"])):
+        db = root / f"store-{label}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        store = ScoreStore.open(f"sqlite:///{db}")
+        print(f"batch scoring {patients:,} patients {label.replace('_', ' ')} ...", flush=True)
+        t = time.perf_counter()
+        cpu = time.process_time()
+        report = scoring.batch_score(store, served, meds, WHEN, explain_tiers=tiers)
+        seconds = time.perf_counter() - t
+        rows = report.total()
+        out[label] = {
+            "seconds": round(seconds, 1),
+            "cpu_seconds_this_process": round(time.process_time() - cpu, 1),
+            "scored_rows": rows,
+            "explained_rows": report.total("explained"),
+            "patients_per_s": round(patients / seconds, 1),
+            "scored_rows_per_s": round(rows / seconds, 1),
+            "chunks": report.scored_chunks,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+        print(f"  {out[label]}", flush=True)
+        store.dispose()
+    out["peak_rss_gib_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work", type=Path, default=None, help="kept between runs (default: a temp folder)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-patients", type=int, default=None)
+    parser.add_argument("--skip-batch", action="store_true")
+    parser.add_argument("--skip-http", action="store_true")
+    args = parser.parse_args(argv)
+
+    from chronorisk.environment import configure_environment
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    configure_environment(work / "w")
+    os.environ["CHRONORISK_SERVE_SECRET"] = "bench-secret-0123456789abcdef"
+    seconds = 5.0 if args.quick else 15.0
+    result = {
+        "benchmark": "serving",
+        "command": "benchmarks/serving_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "quick": args.quick,
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "workers": args.workers,
+        "targets": {"score_features": ">= 300 req/s with p99 <= 50 ms", "score_events": "p99 <= 100 ms",
+                    "get_patient": ">= 500 req/s", "batch": ">= 10,000 patients/s without explanations"},
+    }
+    meds, models, url, keys, served = prepare(work, 3000 if args.quick else 10000)
+    if not args.skip_http:
+        from serving_support import Server, write_params
+
+        params = write_params(work / "params.yaml", key_cache_seconds=2)
+        server = Server(work=work / "w", store_url=url, params=params, model_dir=models, meds_root=meds,
+                        workers=args.workers).start(timeout=180)
+        try:
+            key = keys["admin"]
+            print("score with explanations from ready-made features:", flush=True)
+            bodies = [http_request("POST", "/score", key, b) for b in feature_bodies(meds, served)]
+            result["score_features"] = sweep(server.url, bodies, [1, 2, 4, 8, 16, 32], seconds, "features")
+            print("score with explanations from raw events (3 years of records):", flush=True)
+            raw, info = event_bodies(meds, served)
+            bodies = [http_request("POST", "/score", key, b) for b in raw]
+            runs = [load(server.url, bodies, c, seconds * 2) for c in (1, 2, 4)]
+            for r in runs:
+                print(f"  events concurrency {r['concurrency']}: {r['requests_per_s']} req/s p50 {r['p50_ms']} ms "
+                      f"p99 {r['p99_ms']} ms statuses {r['statuses']}", flush=True)
+            result["score_events"] = {"requests": info, "runs": runs}
+            print("GET /patients/{id} (store read + audit append):", flush=True)
+            bodies = [http_request("GET", p, key) for p in patient_paths(url)]
+            result["get_patient"] = sweep(server.url, bodies, [2, 4, 8, 16, 32], seconds, "patients")
+            result["get_patient"]["best_requests_per_s"] = max(r["requests_per_s"]
+                                                               for r in result["get_patient"]["runs"])
+        finally:
+            server.stop()
+    if not args.skip_batch:
+        n = args.batch_patients or (100_000 if args.quick else 1_000_000)
+        result["batch"] = batch(work, n, served)
+    result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    name = "serving_quick.json" if args.quick else "serving.json"
+    target = REPO / "benchmarks" / "results" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str))
+    os.replace(tmp, target)
+    print(f"wrote {target}")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

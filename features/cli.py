@@ -1,0 +1,68 @@
+"""`chronorisk features`: fit the feature spec and write one feature table per task and site.
+
+For each task: labels come from `--labels DIR` (MEDS label parquet from
+anywhere) or are extracted and written to `<work>/labels/<task>/<site>.parquet`;
+the spec is `--spec` or is fitted on the TRAIN split of every site (pooled code
+summaries: counts, no records); the table `<work>/features/<task>/<site>.parquet`
+holds subject_id, prediction_time, site, split, boolean_value and the features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger("chronorisk.features")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--meds", type=Path, default=None, help="MEDS root (default <work>/meds)")
+    parser.add_argument("--task", action="append", default=None,
+                        help="task name or YAML file; repeatable (default: params labels.tasks)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="labels root with <task>/<site>.parquet, <task>/*.parquet or <task>.parquet "
+                             "(default: extract into <work>/labels)")
+    parser.add_argument("--spec", type=Path, default=None, help="use this fitted spec.json instead of fitting")
+    parser.add_argument("--sites", nargs="+", default=None, help="only these sites")
+    parser.add_argument("--out", type=Path, default=None, help="features root (default <work>/features)")
+    parser.add_argument("--chunk-subjects", type=int, default=None,
+                        help="subjects transformed at a time (default: params features.chunk_subjects)")
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    import time
+
+    from chronorisk.errors import ConfigError
+    from chronorisk.features.build import feature_table_for_site, fit_spec_on_train, labels_for_site
+    from chronorisk.features.concepts import load_concepts
+    from chronorisk.features.labels_cli import selected_tasks
+    from chronorisk.features.sources import find_sites
+    from chronorisk.features.spec import FeatureSpec
+
+    config = ctx.params.features
+    chunk = args.chunk_subjects or config.chunk_subjects
+    if chunk <= 0:
+        raise ConfigError(f"--chunk-subjects: must be positive, got {chunk}")
+    meds_root = args.meds or ctx.paths.meds
+    out_root = args.out or ctx.paths.features
+    sites = find_sites(meds_root, args.sites)
+    cmap = load_concepts(config.concepts)
+    tasks = selected_tasks(args, ctx)
+    given_spec = FeatureSpec.load(args.spec) if args.spec else None
+    fitted = None
+    for task in tasks:
+        if given_spec is not None:
+            spec = given_spec
+        else:
+            if fitted is None:
+                fitted = fit_spec_on_train(sites, config, cmap)
+            spec = fitted(task)
+        spec.save(out_root / task.name / "spec.json")
+        for source in sites:
+            started = time.perf_counter()
+            labels = labels_for_site(source, task, args.labels, ctx.paths.labels, cmap)
+            n = feature_table_for_site(spec, source, labels, out_root / task.name / f"{source.site}.parquet", chunk)
+            print(f"{task.name:<18} {source.site:<16} rows {n:>9,}  features {spec.n_features}  "
+                  f"{time.perf_counter() - started:6.1f} s")
+    return 0

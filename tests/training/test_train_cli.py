@@ -1,0 +1,249 @@
+"""`chronorisk train`, `evaluate` and `promote` end to end through the real CLI, on a tiny generated cohort.
+
+One module-scoped work folder: generate 600 patients once, then each test
+runs the commands as a user would (subprocesses, exit codes, printed
+output) and checks what landed on disk and in MLflow's SQLite registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+
+from chronorisk.paths import WorkPaths
+from chronorisk.training import registry, tracking
+
+REPO = Path(__file__).resolve().parents[2]
+TASK = "complication_1y"
+PATIENTS = 600
+
+
+def chronorisk(work: Path, *args: str, params: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "chronorisk.cli", "--work", str(work)]
+    if params is not None:
+        cmd += ["--params", str(params)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def small_params(path: Path) -> Path:
+    """params.yaml with fewer bootstrap resamples and boosting rounds: same code paths, less time."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"].update(bootstrap=20, leave_one_site_out=True)
+    params["model"].update(num_boost_round=200, early_stopping_rounds=20)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """(work, params): a generated 600-patient cohort and the small params file."""
+    root = tmp_path_factory.mktemp("train-cli")
+    work = root / "work"
+    params = small_params(root / "params.yaml")
+    chronorisk(work, "generate", "--patients", str(PATIENTS), params=params)
+    return work, params
+
+
+@pytest.fixture(scope="module")
+def trained(cohort):
+    """Train and evaluate the task from the generated MEDS (features on the fly)."""
+    work, params = cohort
+    train = chronorisk(work, "train", "--meds", str(work / "meds"), "--task", TASK, params=params)
+    evaluate = chronorisk(work, "evaluate", "--meds", str(work / "meds"), "--task", TASK, params=params)
+    return work, params, train, evaluate
+
+
+def _tracking(work: Path) -> tracking.Tracking:
+    return tracking.connect(tracking.default_tracking_uri(WorkPaths(work)))
+
+
+def test_train_saves_the_bundle_logs_the_run_and_registers_a_challenger(trained):
+    work, _, train, _ = trained
+    assert f"{TASK}:" in train.stdout and "registered chronorisk-complication_1y version 1" in train.stdout
+    bundle_dir = work / "models" / TASK
+    assert {"booster.txt", "calibrator.json", "spec.json", "task.yaml", "bundle.json"} <= {
+        p.name for p in bundle_dir.iterdir()
+    }
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    assert meta["version"] == "1" and meta["data_fingerprint"].startswith("sha256:")
+    assert meta["training"]["n_train"] > 0 and meta["training"]["n_valid"] > 0
+
+    track = _tracking(work)
+    challenger = registry.get_version_by_alias(track, TASK, "challenger")
+    assert challenger.version == 1 and registry.get_version_by_alias(track, TASK, "champion") is None
+    run = track.client().get_run(challenger.run_id)
+    assert run.info.run_id == meta["mlflow"]["run_id"]
+    assert run.data.params["model.num_boost_round"] == "200"
+    assert 0.0 <= run.data.metrics["tuning.auroc"] <= 1.0
+    artifacts = {a.path for a in track.client().list_artifacts(run.info.run_id)}
+    assert {"feature_spec", "task", "bundle", "evaluation"} <= artifacts
+    # the embedded backend and the artifacts are in the work folder, nowhere else
+    assert (work / "mlflow" / "mlflow.db").is_file() and any((work / "mlflow" / "artifacts").rglob("MLmodel"))
+    assert not (REPO / "mlruns").exists()
+
+
+def test_registered_version_scores_like_the_local_bundle(trained):
+    from chronorisk.models.bundle import ModelBundle
+    from chronorisk.training.train import compute_task_data
+
+    work, _, _, _ = trained
+    local = ModelBundle.load(work / "models" / TASK)
+    fetched = registry.load_bundle(TASK, "challenger", paths=WorkPaths(work))
+    data = compute_task_data(work / "meds", TASK, _features_config(), spec=local.spec)
+    rows = data.split("held_out")
+    assert np.array_equal(fetched.predict_risk(rows), local.predict_risk(rows))
+    # and through MLflow's own pyfunc interface
+    uri = tracking.default_tracking_uri(WorkPaths(work))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.registered_name(TASK)}@challenger")
+    assert np.allclose(np.asarray(model.predict(rows.to_pandas())), local.predict_risk(rows))
+
+
+def _features_config():
+    from chronorisk.features.config import FeatureConfig
+
+    return FeatureConfig()
+
+
+def test_evaluate_writes_reports_metrics_and_prints_the_table_per_site(trained):
+    work, _, _, evaluate = trained
+    doc = json.loads((work / "reports" / f"evaluation_{TASK}.json").read_text())
+    validations = {r["validation"] for r in doc["records"]}
+    assert "holdout" in validations and "leave_one_site_out" in validations
+    overall = next(r for r in doc["records"] if r["validation"] == "holdout" and r["group"] == "all")
+    for key in ("task", "site", "n", "auroc", "oracle_auroc", "mode", "calibration_slope", "ece"):
+        assert key in overall
+    # the generator's truth matches these rows: the oracle is reported, in realistic mode
+    assert overall["mode"] == "realistic" and 0.5 < overall["oracle_auroc"] <= 1.0
+    sites = sorted(p.name for p in (work / "meds" / "sites").iterdir())
+    loso_sites = {r["site"] for r in doc["records"] if r["validation"] == "leave_one_site_out"}
+    assert loso_sites <= set(sites) and len(loso_sites) >= 3
+
+    html = (work / "reports" / f"evaluation_{TASK}.html").read_text()
+    assert "<img" in html and "AUROC" in html
+    card = (work / "reports" / f"model_card_{TASK}.md").read_text()
+    assert card.startswith("# Model card: chronorisk-complication_1y (version 1)")
+    metrics = json.loads((work / "metrics" / f"{TASK}.json").read_text())
+    assert metrics["holdout"]["n"] == overall["n"] and "holdout_site" in metrics
+
+    header = next(line for line in evaluate.stdout.splitlines() if line.startswith("task"))
+    assert "site" in header and "AUROC" in header and "oracle" in header
+    for site in {r["site"] for r in doc["records"] if r["validation"] == "holdout" and r["group"] == "site"}:
+        assert site in evaluate.stdout
+
+    track = _tracking(work)
+    run = track.client().get_run(registry.get_version_by_alias(track, TASK, "challenger").run_id)
+    assert run.data.metrics["eval.holdout.auroc"] == pytest.approx(overall["auroc"])
+    evaluation = {a.path for a in track.client().list_artifacts(run.info.run_id, "evaluation")}
+    assert f"evaluation/model_card_{TASK}.md" in evaluation and f"evaluation/evaluation_{TASK}.html" in evaluation
+
+
+def test_no_identifier_leaves_in_outputs(trained):
+    """Reports, metrics and the MLflow files carry aggregates, never subject ids of the cohort."""
+    work, _, _, _ = trained
+    ids = pl.read_parquet(work / "truth" / f"{TASK}.parquet")["subject_id"].unique().to_list()
+    doc = json.loads((work / "reports" / f"evaluation_{TASK}.json").read_text())
+    assert all("subject_id" not in r for r in doc["records"])
+    text = (work / "reports" / f"model_card_{TASK}.md").read_text()
+    assert "subject_id" not in text
+    assert len(ids) > 100  # the check above is meaningful only with a real cohort
+
+
+def test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_again(trained, tmp_path):
+    work, params, _, _ = trained
+    first = chronorisk(work, "promote", "--task", TASK, "--meds", str(work / "meds"), params=params)
+    assert "PROMOTED" in first.stdout and "no champion yet" in first.stdout
+    track = _tracking(work)
+    assert registry.get_version_by_alias(track, TASK, "champion").version == 1
+
+    worse = _register_worse_candidate(work)
+    refused = chronorisk(work, "promote", "--task", TASK, "--meds", str(work / "meds"), params=params, check=False)
+    assert refused.returncode == 3, refused.stderr
+    assert "REFUSED" in refused.stdout and "refused" in refused.stderr
+    table = refused.stdout
+    assert "candidate" in table and "champion" in table
+    row = next(line for line in table.splitlines() if line.strip().startswith("version"))
+    assert row.split()[1:] == [str(worse), "1"]
+    assert registry.get_version_by_alias(track, TASK, "champion").version == 1
+    record = json.loads((work / "reports" / f"promotion_{TASK}.json").read_text())
+    assert record["accepted"] is False and record["champion"]["version"] == 1
+    assert track.client().get_model_version(registry.registered_name(TASK), str(worse)).tags[
+        "chronorisk.promotion"] == "refused"
+
+    again = chronorisk(work, "promote", "--task", TASK, "--version", "1", "--meds", str(work / "meds"),
+                       params=params)
+    assert "already the champion" in again.stdout
+
+
+def _register_worse_candidate(work: Path) -> int:
+    """A model trained on shuffled labels (AUROC ~ 0.5), registered as the new challenger."""
+    from chronorisk.config import load_params
+    from chronorisk.training.train import compute_task_data, train_task
+
+    params = load_params(REPO / "params.yaml")
+    data = compute_task_data(work / "meds", TASK, params.features)
+    rng = np.random.default_rng(1)
+    shuffled = data.frame["boolean_value"].to_numpy().copy()
+    rng.shuffle(shuffled)
+    data.frame = data.frame.with_columns(pl.Series("boolean_value", shuffled))
+    model_config = params.model.model_copy(update={"num_boost_round": 30, "early_stopping_rounds": 5})
+    result = train_task(data, model_config, params.train)
+    folder = work / "worse-bundle"
+    result.bundle.save(folder)
+    track = tracking.configure_tracking(WorkPaths(work), experiment="chronorisk")
+    return registry.register_bundle(track, folder, task=TASK, booster=result.bundle.booster).version
+
+
+def test_external_labels_are_used_as_given(cohort, tmp_path):
+    """--meds with --labels: the label file decides the rows (here: only 2023 prediction times)."""
+    from datetime import datetime
+
+    from chronorisk.data.meds_io import write_labels
+    from chronorisk.features.labels import extract_labels
+    from chronorisk.features.tasks import load_task
+    from chronorisk.training.train import read_meds
+
+    work, params = cohort
+    events, _ = read_meds(work / "meds")
+    labels = extract_labels(events, load_task(TASK)).filter(pl.col("prediction_time").dt.year() == 2023)
+    write_labels(labels, tmp_path / "labels" / "part-0.parquet")
+    other = tmp_path / "work"
+    out = chronorisk(other, "train", "--meds", str(work / "meds"), "--labels", str(tmp_path / "labels"),
+                     "--task", TASK, "--no-mlflow", params=params)
+    meta = json.loads((other / "models" / TASK / "bundle.json").read_text())
+    assert meta["training"]["first_prediction_time"].startswith("2023")
+    assert meta["training"]["last_prediction_time"].startswith("2023")
+    assert "registered" not in out.stdout and not (other / "mlflow" / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("train", "--labels", "x", "--task", TASK), "--labels: needs --meds"),
+        (("train", "--meds", "/nonexistent/meds", "--task", TASK), "--meds: /nonexistent/meds does not exist"),
+        (("train", "--task", TASK, "--no-mlflow"), "run `chronorisk features` first"),
+        (("train", "--task", "no_such_task", "--no-mlflow"), "task: 'no_such_task' is neither a built-in task"),
+        (("evaluate", "--task", TASK, "--no-mlflow", "--models", "/nonexistent"), "--models:"),
+        (("promote", "--task", TASK, "--version", "0"), "--version: registered versions start at 1"),
+        (("train", "--tracking-uri", "ftp://x", "--task", TASK), "--tracking-uri: scheme 'ftp'"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, message):
+    proc = chronorisk(tmp_path / "work", *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,78 @@
+"""`chronorisk promote --task T [--version N]`: make a registered version the champion, if it is not worse.
+
+The candidate (`--version N`, default the `challenger`) and the current
+champion are scored now on the same held-out rows (the feature tables, or
+`--meds DIR [--labels DIR]`); the `champion` alias moves only when the
+candidate's AUROC and ECE are within `promote.auroc_tolerance` /
+`promote.ece_tolerance` of the champion's or better. Otherwise nothing
+changes, both sets of figures are printed, and the exit status is 3.
+The first promotion of a task (no champion yet) succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, metavar="NAME", help="task name or task YAML file")
+    parser.add_argument("--version", type=int, default=None,
+                        help="registered version to promote (default: the one with alias challenger)")
+    parser.add_argument("--features", type=Path, default=None, metavar="DIR",
+                        help="feature tables root with the held-out rows (default: <work>/features)")
+    parser.add_argument("--meds", type=Path, default=None, metavar="DIR",
+                        help="MEDS data from elsewhere to compare on (features computed per model)")
+    parser.add_argument("--labels", type=Path, default=None, metavar="DIR", help="MEDS labels for --meds")
+    parser.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow tracking server or database (default: sqlite in the work folder)")
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    import sys
+
+    from chronorisk.errors import InputError
+    from chronorisk.features.tasks import load_task
+    from chronorisk.training import promote
+    from chronorisk.training import train as tr
+    from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
+
+    params = ctx.params
+    if args.labels is not None and args.meds is None:
+        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
+    if args.version is not None and args.version < 1:
+        raise InputError("--version", f"registered versions start at 1, got {args.version}")
+    for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features)):
+        if path is not None and not path.exists():
+            raise InputError(flag, f"{path} does not exist")
+    task = load_task(args.task).name
+    tracking = configure_tracking(
+        ctx.paths, uri=resolve_tracking_uri(ctx.paths, args.tracking_uri, params.train.tracking_uri),
+        experiment=params.train.experiment,
+    )
+    if args.meds is not None:
+        data = tr.compute_task_data(args.meds, args.task, params.features, labels=args.labels,
+                                    spec=_candidate_spec(tracking, ctx, task, args.version))
+        meds_root = args.meds
+    else:
+        data = tr.load_feature_tables(args.features or ctx.paths.features, args.task)
+        meds_root = data.meds_root or (Path(ctx.paths.meds) if Path(ctx.paths.meds).exists() else None)
+    decision = promote.promote_task(
+        tracking, ctx.paths, task, data, params.promote, version=args.version, meds_root=meds_root
+    )
+    print(promote.render(decision))
+    if not decision.accepted:
+        print(f"chronorisk promote: refused: chronorisk-{task} version {decision.candidate.version} stays "
+              f"{'out' if decision.champion is None else f'behind champion version {decision.champion.version}'}",
+              file=sys.stderr)
+        return promote.REFUSED_EXIT
+    return 0
+
+
+def _candidate_spec(tracking, ctx, task: str, version: int | None):
+    """The candidate's feature spec, so external data is featurized once the way the candidate needs."""
+    from chronorisk.models.bundle import ModelBundle
+    from chronorisk.training.registry import CHALLENGER, bundle_cache, download_bundle, resolve
+
+    registered = resolve(tracking, task, alias=CHALLENGER, version=version)
+    return ModelBundle.load(download_bundle(tracking, registered, bundle_cache(ctx.paths))).spec

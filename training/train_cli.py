@@ -1,0 +1,131 @@
+"""`chronorisk train`: one LightGBM model per task, saved, logged to MLflow and registered.
+
+Reads the feature tables of `chronorisk features` (or, with `--meds DIR
+[--labels DIR] --task NAME`, MEDS data and labels from elsewhere, features
+computed on the fly), trains on the train split with the tuning split for
+early stopping and calibration, saves the bundle to `<work>/models/<task>/`,
+logs the run (parameters, tuning-split metrics, feature spec) and registers
+the bundle as a new version of `chronorisk-<task>` with alias `challenger`.
+`champion` moves only through `chronorisk promote`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", action="append", default=None, metavar="NAME",
+                        help="task name or task YAML file (repeatable; default: params.yaml labels.tasks)")
+    parser.add_argument("--features", type=Path, default=None, metavar="DIR",
+                        help="feature tables root (default: <work>/features)")
+    parser.add_argument("--meds", type=Path, default=None, metavar="DIR",
+                        help="MEDS data from elsewhere: compute features on the fly instead of --features")
+    parser.add_argument("--labels", type=Path, default=None, metavar="DIR",
+                        help="MEDS label parquet (file or folder) for --meds; default: extract with the task")
+    parser.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="MLflow tracking server or database (default: sqlite in the work folder)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: params.yaml train.experiment)")
+    parser.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                        help="random search of LightGBM parameters first (default: params.yaml train.tune)")
+    parser.add_argument("--no-mlflow", action="store_true",
+                        help="save the bundles only: no MLflow run, no registration")
+
+
+def run(args: argparse.Namespace, ctx) -> int:
+    from chronorisk.errors import InputError
+
+    params = ctx.params
+    tasks = list(args.task or params.labels.tasks)
+    if args.labels is not None and args.meds is None:
+        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
+    if args.labels is not None and len(tasks) != 1:
+        raise InputError("--task", "give exactly one task with --labels (a label folder holds one task)")
+    for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features)):
+        if path is not None and not path.exists():
+            raise InputError(flag, f"{path} does not exist")
+    train_config = params.train.model_copy(update={"tune": args.tune} if args.tune is not None else {})
+    tracking = None
+    if not args.no_mlflow:
+        from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
+
+        tracking = configure_tracking(
+            ctx.paths,
+            uri=resolve_tracking_uri(ctx.paths, args.tracking_uri, params.train.tracking_uri),
+            experiment=args.experiment or train_config.experiment,
+        )
+    for task in tasks:
+        _train_one(task, args, ctx, train_config, tracking)
+    return 0
+
+
+def _train_one(task: str, args, ctx, train_config, tracking) -> None:
+    from chronorisk.training import train as tr
+
+    params = ctx.params
+    if args.meds is not None:
+        data = tr.compute_task_data(args.meds, task, params.features, labels=args.labels)
+    else:
+        data = tr.load_feature_tables(args.features or ctx.paths.features, task)
+    name = data.task.name
+    bundle_dir = Path(ctx.paths.models) / name
+    if tracking is None:
+        result = tr.train_task(data, params.model, train_config)
+        result.bundle.save(bundle_dir)
+        _print(name, result, bundle_dir, None)
+        return
+    from chronorisk.training import registry
+    from chronorisk.training.tracking import log_files, log_metrics, log_params, redact, start_run
+
+    tags = {"task": name, "stage": "train", "source": "generated" if data.generated else "external"}
+    with start_run(tracking, name=f"train-{name}", tags=tags) as run:
+        log_params({"model": params.model.model_dump(mode="json"), "train": train_config.model_dump(mode="json"),
+                    "features": params.features.model_dump(mode="json"), "task": name})
+        version = _next_version(tracking, name)
+        mlflow_meta = {"mlflow": {
+            "run_id": run.info.run_id, "experiment": tracking.experiment_name,
+            "tracking_uri": redact(tracking.uri), "registered_model": registry.registered_name(name),
+        }}
+        result = tr.train_task(data, params.model, train_config, version=version, extra_metadata=mlflow_meta)
+        result.bundle.save(bundle_dir)
+        log_metrics({"tuning": result.tuning_metrics})
+        log_metrics({k: v for k, v in result.training_info.items() if isinstance(v, int | float)}, prefix="data.")
+        log_metrics({"n_trees": result.bundle.metadata.get("n_trees"),
+                     "best_iteration": result.bundle.metadata.get("best_iteration")})
+        for i, trial in enumerate(getattr(result.model, "tuning_trials_", []) or []):
+            log_metrics({"tuning_trial": trial}, step=i)
+        log_files([(bundle_dir / "spec.json", "feature_spec"), (bundle_dir / "task.yaml", "task"),
+                   (bundle_dir / "bundle.json", "bundle")])
+        reg = registry.register_bundle(
+            tracking, bundle_dir, task=name, booster=result.bundle.booster, alias=registry.CHALLENGER,
+            tags={"chronorisk.data_fingerprint": result.bundle.metadata.get("data_fingerprint"),
+                  "chronorisk.source": tags["source"]},
+            description=f"trained on {result.training_info['n_train']} rows of {data.source}",
+        )
+    if str(reg.version) != str(version):
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: registered as version %s while the bundle says %s (another training ran at the same time)",
+            reg.name, reg.version, version,
+        )
+    _print(name, result, bundle_dir, reg)
+
+
+def _next_version(tracking, task: str) -> int:
+    from chronorisk.training.registry import list_versions
+
+    versions = [v.version for v in list_versions(tracking, task)]
+    return max(versions, default=0) + 1
+
+
+def _print(task: str, result, bundle_dir: Path, reg) -> None:
+    info, m = result.training_info, result.tuning_metrics
+    line = (f"{task}: {info['n_train']:,} train rows ({info['n_train_positive']:,} outcomes), "
+            f"{info['n_valid']:,} tuning rows; {result.bundle.metadata.get('n_trees')} trees, "
+            f"{result.bundle.calibrator.method} calibration; tuning AUROC {m['auroc']:.3f}, ECE {m['ece']:.3f}")
+    print(line)
+    print(f"  bundle -> {bundle_dir}")
+    if reg is not None:
+        print(f"  registered {reg.name} version {reg.version} (alias challenger)")
