@@ -12,11 +12,14 @@ average when the run started (the machine is shared: wall time is noisy, CPU tim
 
 Full sizes: 100,000 and 1,000,000 patients -> benchmarks/results/generate.json.
 `--quick`: 20,000 patients -> benchmarks/results/generate_quick.json.
+Up to 200,000 patients the cohort is also read back (`data/synth/checks.py`): missing share of the
+scheduled values per site, and per task the recorded outcome rate, mean true risk and oracle AUROC.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -40,10 +43,8 @@ RESULTS = REPO / "benchmarks" / "results"
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -103,6 +104,24 @@ def run_once(patients: int, work: Path) -> dict:
     }
 
 
+def quality(work: Path) -> dict:
+    """Truth calibration, oracle AUROC and missingness of the generated cohort, read back from MEDS."""
+    from sklearn.metrics import roc_auc_score
+
+    from chronorisk.data.meds_io import site_ids
+    from chronorisk.data.synth.checks import missing_share, realized_outcomes
+
+    sites = site_ids(work / "meds")
+    out: dict = {"missing_share_at_routine_visits": {s: round(missing_share(work / "meds", s), 3) for s in sites}}
+    for task in ("onset_2y", "complication_1y"):
+        df = realized_outcomes(work / "meds", work / "truth" / f"{task}.parquet", task, sites)
+        y, p = df["outcome"].to_numpy(), df["true_risk"].to_numpy()
+        out[task] = {"rows": df.height, "recorded_outcome_rate": round(float(y.mean()), 4),
+                     "mean_true_risk": round(float(p.mean()), 4),
+                     "oracle_auroc": round(float(roc_auc_score(y, p)), 4)}
+    return out
+
+
 def machine() -> dict:
     return {
         "cores": os.cpu_count(),
@@ -127,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             work = base / f"n{n}"
             shutil.rmtree(work, ignore_errors=True)
             result = run_once(n, work)
+            if n <= 200_000:
+                result["quality"] = quality(work)
             print(f"{n:>9,} patients: {result['wall_seconds']:.1f} s wall, {result['cpu_seconds']:.1f} s CPU, "
                   f"{result['patients_per_second']:,} patients/s, {result['events_per_second']:,} events/s, "
                   f"peak {result['peak_rss_tree_gib']} GiB (tree)", flush=True)

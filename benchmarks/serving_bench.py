@@ -123,9 +123,39 @@ async def _load(host, port, requests, concurrency, seconds):
     }
 
 
+SERVER_PID: int | None = None
+
+
+def _server_cpu() -> float:
+    """CPU seconds used so far by the server's processes (the BentoML arbiter and its workers)."""
+    import psutil
+
+    if SERVER_PID is None:
+        return 0.0
+    try:
+        root = psutil.Process(SERVER_PID)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def load(url: str, requests: list[bytes], concurrency: int, seconds: float) -> dict:
+    """Closed-loop load; also the server's CPU per request (comparable across machine loads)."""
     host, port = url.removeprefix("http://").split(":")
-    return asyncio.run(_load(host, int(port), requests, concurrency, seconds))
+    before_server, before_client = _server_cpu(), time.process_time()
+    result = asyncio.run(_load(host, int(port), requests, concurrency, seconds))
+    n = result["requests"] or 1
+    result["server_cpu_ms_per_request"] = round(1000 * (_server_cpu() - before_server) / n, 3)
+    result["client_cpu_ms_per_request"] = round(1000 * (time.process_time() - before_client) / n, 3)
+    return result
 
 
 def http_request(method: str, path: str, key: str, body: bytes | None = None) -> bytes:
@@ -141,7 +171,8 @@ def sweep(url, requests, levels, seconds, label) -> dict:
     for c in levels:
         r = load(url, requests, c, seconds)
         print(f"  {label} concurrency {c:>3}: {r['requests_per_s']:>8.1f} req/s  p50 {r['p50_ms']} ms  "
-              f"p99 {r['p99_ms']} ms  statuses {r['statuses']}", flush=True)
+              f"p99 {r['p99_ms']} ms  server cpu {r['server_cpu_ms_per_request']} ms/req  "
+              f"statuses {r['statuses']}", flush=True)
         runs.append(r)
     ok = [r for r in runs if r["p99_ms"] is not None and r["p99_ms"] <= P99_TARGET_MS
           and set(r["statuses"]) == {"200"}]
@@ -333,6 +364,8 @@ def main(argv=None) -> int:
         params = write_params(work / "params.yaml", key_cache_seconds=2)
         server = Server(work=work / "w", store_url=url, params=params, model_dir=models, meds_root=meds,
                         workers=args.workers).start(timeout=180)
+        global SERVER_PID
+        SERVER_PID = server.proc.pid
         try:
             key = keys["admin"]
             print("score with explanations from ready-made features:", flush=True)
@@ -344,7 +377,8 @@ def main(argv=None) -> int:
             runs = [load(server.url, bodies, c, seconds * 2) for c in (1, 2, 4)]
             for r in runs:
                 print(f"  events concurrency {r['concurrency']}: {r['requests_per_s']} req/s p50 {r['p50_ms']} ms "
-                      f"p99 {r['p99_ms']} ms statuses {r['statuses']}", flush=True)
+                      f"p99 {r['p99_ms']} ms server cpu {r['server_cpu_ms_per_request']} ms/req "
+                      f"statuses {r['statuses']}", flush=True)
             result["score_events"] = {"requests": info, "runs": runs}
             print("GET /patients/{id} (store read + audit append):", flush=True)
             bodies = [http_request("GET", p, key) for p in patient_paths(url)]

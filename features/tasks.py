@@ -174,9 +174,13 @@ class TaskDefinition(_Strict):
         return timedelta(days=self.horizon_days)
 
     def prediction_times(self, data_start: datetime, data_end: datetime) -> list[datetime]:
-        """Grid dates from data start + lookback (or schedule.start) to data end - horizon (or .end)."""
+        """Grid dates from data start + lookback (or schedule.start) to data end - horizon (or .end).
+
+        The start counts from the day the data starts (a first visit at 04:59 on 1 January
+        still makes 1 January + lookback the first prediction time).
+        """
         first = _as_datetime(self.schedule.start) if self.schedule.start else _add_years(
-            data_start, self.schedule.lookback_years
+            _as_datetime(data_start.date()), self.schedule.lookback_years
         )
         last = _as_datetime(self.schedule.end) if self.schedule.end else data_end - self.horizon
         return [t for t in grid_dates(first.year, last.year, self.schedule.months) if first <= t <= last]

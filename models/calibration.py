@@ -8,16 +8,21 @@ fitted on rows the booster never trained on:
   (unpenalized logistic regression on the margin).
 - isotonic: a non-decreasing step function of the margin (pool-adjacent-
   violators, scikit-learn's `IsotonicRegression`), stored as its thresholds
-  and linearly interpolated between them, flat outside.
+  and linearly interpolated between them, flat outside. An end block with no
+  case (or only cases) predicts 0.5 / (n + 1) (or 1 - that), never exactly 0 or 1.
 
 `calibration: auto` chooses between them by cross-fitting on the calibration
 rows: the rows are split into k folds (stratified by outcome, seeded); each
-method is fitted on k-1 folds and scored on the held-out fold; the method with
-the lower pooled out-of-fold log loss wins (ties within 1e-4 go to Platt,
-which has two parameters instead of hundreds). Out-of-fold ECE is recorded
-beside it. The winner is then refitted on all calibration rows. Isotonic wins
-when there are many rows and the margin is miscalibrated in a non-logistic
-way; Platt wins on small sets, where isotonic's steps overfit.
+method is fitted on k-1 folds and predicts the held-out fold. Isotonic wins
+only when its out-of-fold log loss is lower than Platt's by more than two
+standard errors of the paired per-row difference; otherwise Platt (two
+parameters instead of hundreds of steps) is kept. Out-of-fold log loss and
+ECE of both are recorded in the calibrator's `info`. The winner is then
+refitted on all calibration rows. Isotonic wins when there are many rows and
+the margin is miscalibrated in a non-logistic way; Platt wins on small or
+event-poor sets, where isotonic's steps overfit. (On a generated cohort a
+bare "lower log loss" rule picked isotonic by 0.0017 nats and lost by 0.0033
+on held-out rows, with a calibration slope of 0.70 instead of 0.89.)
 
 Both calibrators serialize to small JSON dicts (`to_dict` / `calibrator_from_dict`).
 """
@@ -30,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 CALIBRATION_METHODS = ("auto", "isotonic", "platt")
+ISOTONIC_MARGIN_SE = 2.0  # auto: isotonic must beat Platt by this many standard errors of the paired gain
 _EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] where a logarithm is taken
 
 
@@ -153,12 +159,12 @@ class IsotonicCalibrator(Calibrator):
         from sklearn.isotonic import IsotonicRegression
 
         _check_xy(margin, y)
+        m = np.asarray(margin, dtype=float)
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-        iso.fit(np.asarray(margin, dtype=float), np.asarray(y, dtype=float))
-        return cls(
-            x_thresholds=np.asarray(iso.X_thresholds_, dtype=float),
-            y_thresholds=np.asarray(iso.y_thresholds_, dtype=float),
-        )
+        iso.fit(m, np.asarray(y, dtype=float))
+        xs = np.asarray(iso.X_thresholds_, dtype=float)
+        ys = _bounded_end_blocks(xs, np.asarray(iso.y_thresholds_, dtype=float), m)
+        return cls(x_thresholds=xs, y_thresholds=ys)
 
     def predict(self, margin: np.ndarray) -> np.ndarray:
         m = np.asarray(margin, dtype=float)
@@ -173,6 +179,36 @@ class IsotonicCalibrator(Calibrator):
             "y_thresholds": [float(v) for v in self.y_thresholds],
             "info": self.info,
         }
+
+
+def _bounded_end_blocks(xs: np.ndarray, ys: np.ndarray, margin: np.ndarray) -> np.ndarray:
+    """No risk of exactly 0 or 1: an end block without cases (or without non-cases) gets 0.5 / (n + 1).
+
+    Pool-adjacent-violators gives the lowest block its observed rate, which
+    is 0 when none of its n rows had the outcome; shown to a GP that reads
+    "no risk at all", and a single later case there makes the calibration
+    slope collapse. The "rule of a half" estimate 0.5 / (n + 1) replaces it
+    (and 1 - 0.5 / (n + 1) for an all-case top block), capped by the
+    neighbouring block so the map stays non-decreasing.
+    """
+    ys = ys.copy()
+    if ys.size == 0:
+        return ys
+    if ys[0] <= 0.0:
+        run_end = int(np.flatnonzero(ys <= 0.0)[-1])
+        n = int((margin <= xs[run_end]).sum())
+        value = 0.5 / (n + 1)
+        if run_end + 1 < ys.size:
+            value = min(value, float(ys[run_end + 1]))
+        ys[: run_end + 1] = value
+    if ys[-1] >= 1.0:
+        run_start = int(np.flatnonzero(ys < 1.0)[-1]) + 1 if (ys < 1.0).any() else 0
+        n = int((margin >= xs[run_start]).sum())
+        value = 1.0 - 0.5 / (n + 1)
+        if run_start > 0:
+            value = max(value, float(ys[run_start - 1]))
+        ys[run_start:] = value
+    return ys
 
 
 def calibrator_from_dict(raw: object) -> Calibrator:
@@ -245,7 +281,8 @@ def fit_calibrator(
         scores = cross_fitted_scores(margin, y, folds=folds, seed=seed)
         info["cross_fitted"] = scores
         info["folds"] = folds
-        method = "isotonic" if scores["isotonic"]["log_loss"] < scores["platt"]["log_loss"] - 0.0001 else "platt"
+        clearly_better = scores["isotonic_gain"] > ISOTONIC_MARGIN_SE * scores["isotonic_gain_se"]
+        method = "isotonic" if clearly_better else "platt"
     cal = IsotonicCalibrator.fit(margin, y) if method == "isotonic" else PlattCalibrator.fit(margin, y)
     info["method"] = method
     cal.info = info
@@ -253,7 +290,12 @@ def fit_calibrator(
 
 
 def cross_fitted_scores(margin: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> dict:
-    """Out-of-fold log loss and ECE of Platt and isotonic on stratified, seeded folds."""
+    """Out-of-fold log loss and ECE of Platt and isotonic on stratified, seeded folds.
+
+    Also the mean per-row log-loss gain of isotonic over Platt and its
+    standard error (`isotonic_gain`, `isotonic_gain_se`): the two sets of
+    out-of-fold predictions are paired row by row.
+    """
     fold_of = stratified_folds(y, folds, seed)
     oof = {"platt": np.empty_like(margin), "isotonic": np.empty_like(margin)}
     for k in range(folds):
@@ -266,7 +308,11 @@ def cross_fitted_scores(margin: np.ndarray, y: np.ndarray, *, folds: int = 5, se
                 oof[name][test] = y[train].mean()
             else:
                 oof[name][test] = cls.fit(margin[train], y[train]).predict(margin[test])
-    return {name: {"log_loss": _log_loss(y, p), "ece": _ece(y, p)} for name, p in oof.items()}
+    out: dict = {name: {"log_loss": _log_loss(y, p), "ece": _ece(y, p)} for name, p in oof.items()}
+    gain = _row_log_loss(y, oof["platt"]) - _row_log_loss(y, oof["isotonic"])
+    out["isotonic_gain"] = float(gain.mean())
+    out["isotonic_gain_se"] = float(gain.std(ddof=1) / np.sqrt(gain.size)) if gain.size > 1 else float("inf")
+    return out
 
 
 def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -280,9 +326,13 @@ def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold_of
 
 
-def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+def _row_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     p = np.clip(p, _EPS, 1 - _EPS)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+
+def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean(_row_log_loss(y, p)))
 
 
 def _ece(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:

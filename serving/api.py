@@ -14,6 +14,7 @@ and this app exports its own Prometheus metrics labelled by route template.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Annotated
 
@@ -76,6 +77,18 @@ def require(permission: str):
         return principal
 
     return dependency
+
+
+class FastJSON(Response):
+    """orjson-rendered JSON. Hot routes return it directly, skipping FastAPI's second validation
+    of the answer against `response_model` (which stays for the OpenAPI document)."""
+
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        import orjson
+
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 StateDep = Annotated[ServingState, Depends(get_state)]
@@ -206,18 +219,22 @@ class Metrics:
 
     def __init__(self):
         self._made = False
+        self._lock = threading.Lock()
 
-    def _make(self):
+    def _make(self) -> None:
         # created on first use: BentoML sets PROMETHEUS_MULTIPROC_DIR in the worker before that
-        from prometheus_client import Counter, Histogram
+        with self._lock:
+            if self._made:
+                return
+            from prometheus_client import Counter, Histogram
 
-        self.requests = Counter("chronorisk_http_requests", "HTTP requests", ["route", "method", "status"])
-        self.latency = Histogram(
-            "chronorisk_http_request_seconds", "HTTP request latency", ["route"],
-            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
-        )
-        self.scores = Counter("chronorisk_scores", "patients scored on request", ["task", "tier"])
-        self._made = True
+            self.requests = Counter("chronorisk_http_requests", "HTTP requests", ["route", "method", "status"])
+            self.latency = Histogram(
+                "chronorisk_http_request_seconds", "HTTP request latency", ["route"],
+                buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            )
+            self.scores = Counter("chronorisk_scores", "patients scored on request", ["task", "tier"])
+            self._made = True
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         if not self._made:
@@ -304,7 +321,7 @@ def score(
     body: S.ScoreRequest,
     principal: Annotated[Principal, Depends(require("score"))],
     state: StateDep,
-) -> dict:
+) -> Response:
     """Risk, tier and top factors per task for one patient (events, FHIR bundle or features)."""
     from chronorisk.serving import scoring
 
@@ -335,7 +352,7 @@ def score(
     )
     for r in results:
         METRICS.scored(r.task, r.tier)
-    return {"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]}
+    return FastJSON({"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]})
 
 
 def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:
@@ -351,9 +368,8 @@ def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:
     return list(dict.fromkeys(asked))
 
 
-def readable_site(state: ServingState, principal: Principal, subject_id: int, site: str | None) -> str:
+def choose_site(principal: Principal, sites: list[str], site: str | None) -> str:
     """The site whose record the caller may read: 404 unknown patient, 403 another site's patient."""
-    sites = state.store.patient_sites(subject_id)
     if not sites or (site is not None and site not in sites):
         raise HTTPException(404, "no such patient")
     readable = [s for s in sites if principal.may_read_site(s)]
@@ -364,8 +380,21 @@ def readable_site(state: ServingState, principal: Principal, subject_id: int, si
     return readable[0]
 
 
+def readable_site(state: ServingState, principal: Principal, subject_id: int, site: str | None) -> str:
+    return choose_site(principal, state.store.patient_sites(subject_id), site)
+
+
 def patient_view(state: ServingState, subject_id: int, site: str) -> dict:
-    record = state.store.patient_record(subject_id, [site])
+    return view_of(state.store.patient_record(subject_id, [site]) or _EMPTY, subject_id, site)
+
+
+_EMPTY = {"patient": None, "scores": [], "consent_withdrawn_at": None}
+
+
+def view_of(record: dict, subject_id: int, site: str) -> dict:
+    """What GET /patients/{id} and the patient page show of one site's record."""
+    from chronorisk.serving.store import conditions_list
+
     patient = record["patient"] or {}
     by_task: dict[str, list[dict]] = {}
     for row in record["scores"]:
@@ -380,8 +409,6 @@ def patient_view(state: ServingState, subject_id: int, site: str) -> dict:
     if birth_year is not None:
         age = (latest_time or utcnow()).year - birth_year
     band = next((r["age_band"] for rows in by_task.values() for r in reversed(rows) if r.get("age_band")), None)
-    from chronorisk.serving.store import conditions_list
-
     return {
         "subject_id": subject_id,
         "site": site,
@@ -392,6 +419,20 @@ def patient_view(state: ServingState, subject_id: int, site: str) -> dict:
         "consent_withdrawn_at": record["consent_withdrawn_at"],
         "tasks": tasks,
     }
+
+
+def read_patient_audited(state: ServingState, principal: Principal, subject_id: int, site: str | None,
+                         via: str, extra: dict | None = None) -> dict:
+    """Read one patient and append the audit entry in ONE transaction: no read without its entry."""
+    from chronorisk.serving.store import writer
+
+    with writer(state.store.engine) as conn, conn.begin():
+        data = state.store.read_patient(conn, subject_id)
+        chosen = choose_site(principal, data.sites, site)
+        view = view_of(data.at(chosen), subject_id, chosen)
+        state.audit.append_in(conn, actor=principal.actor, role=principal.role, site=chosen,
+                              action="patient_read", subject_id=subject_id, detail={"via": via, **(extra or {})})
+    return view
 
 
 def _stored(r: dict) -> dict:
@@ -408,13 +449,9 @@ def get_patient(
     principal: Annotated[Principal, Depends(require("patient_read"))],
     state: StateDep,
     site: Annotated[S.SiteId | None, Query(description="the site's record (default: the caller's)")] = None,
-) -> dict:
+) -> Response:
     """Latest stored scores of a patient per task, their trend and factors (audited)."""
-    chosen = readable_site(state, principal, subject_id, site)
-    view = patient_view(state, subject_id, chosen)
-    state.audit.append(actor=principal.actor, role=principal.role, site=chosen, action="patient_read",
-                       subject_id=subject_id, detail={"via": "api"})
-    return view
+    return FastJSON(read_patient_audited(state, principal, subject_id, site, "api"))
 
 
 @api.get(

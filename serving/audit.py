@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, select
+from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, select, text
 
 from chronorisk.serving.store import metadata, utcnow, writer
 
@@ -52,6 +52,16 @@ audit_head = Table(
 )
 
 FIELDS = ("seq", "at", "actor", "role", "site", "action", "subject_id", "detail", "prev_hash")
+
+# prepared statements of the append path (run on every patient read)
+_HEAD = text("SELECT seq, hash FROM audit_head WHERE id = 1")
+_HEAD_FOR_UPDATE = text("SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE")
+_INSERT = text(
+    "INSERT INTO audit_log (seq, at, actor, role, site, action, subject_id, detail, prev_hash, hash) "
+    "VALUES (:seq, :at, :actor, :role, :site, :action, :subject_id, :detail, :prev_hash, :hash)"
+)
+_HEAD_INSERT = text("INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, :seq, :hash, :mac)")
+_HEAD_UPDATE = text("UPDATE audit_head SET seq = :seq, hash = :hash, mac = :mac WHERE id = 1")
 
 
 def canonical_detail(detail: dict | None) -> str:
@@ -91,16 +101,14 @@ class AuditLog:
                                   subject_id=subject_id, detail=detail)
 
     def append_in(self, conn, *, actor, role, action, site=None, subject_id=None, detail=None) -> int:
-        """Append inside the caller's transaction (so an export and its entry commit together)."""
-        head_q = select(audit_head).where(audit_head.c.id == 1)
-        if conn.dialect.name == "postgresql":
-            head_q = head_q.with_for_update()
-        head = conn.execute(head_q).mappings().first()
-        if head is None and conn.dialect.name == "postgresql":
+        """Append inside the caller's transaction (so a read or an export and its entry commit together)."""
+        postgres = conn.dialect.name == "postgresql"
+        head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
+        if head is None and postgres:
             # first entry ever: serialize the creation of the head row
             conn.exec_driver_sql("LOCK TABLE audit_head IN EXCLUSIVE MODE")
-            head = conn.execute(head_q).mappings().first()
-        prev_seq, prev_hash = (head["seq"], head["hash"]) if head else (0, GENESIS)
+            head = conn.execute(_HEAD_FOR_UPDATE).first()
+        prev_seq, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         entry = {
             "seq": int(prev_seq) + 1,
             "at": utcnow().isoformat(timespec="microseconds"),
@@ -113,14 +121,10 @@ class AuditLog:
             "prev_hash": prev_hash,
         }
         entry["hash"] = entry_hash(entry)
-        conn.execute(audit_log.insert().values(**entry))
+        conn.execute(_INSERT, entry)
         mac = head_mac(self.secret, entry["seq"], entry["hash"])
-        if head is None:
-            conn.execute(audit_head.insert().values(id=1, seq=entry["seq"], hash=entry["hash"], mac=mac))
-        else:
-            conn.execute(
-                audit_head.update().where(audit_head.c.id == 1).values(seq=entry["seq"], hash=entry["hash"], mac=mac)
-            )
+        conn.execute(_HEAD_INSERT if head is None else _HEAD_UPDATE,
+                     {"seq": entry["seq"], "hash": entry["hash"], "mac": mac})
         return entry["seq"]
 
     def entries(self, batch: int = 10_000) -> Iterator[dict]:

@@ -206,13 +206,15 @@ def reference_from_frame(
     rows_per_site: int = 5000,
     recent_times: int = 2,
     seed: int = 0,
+    trends: dict[str, dict[str, float]] | None = None,
 ) -> Reference:
     """The reference from a scored feature table (site, split, prediction_time, boolean_value, features).
 
     Drift rows: train split, latest `recent_times` prediction times (0 = all),
     at most `rows_per_site` per site (seeded). Performance rows: the other
     splits (held out from training) with their outcome; the train split when
-    there is no other.
+    there is no other. `trends` (per site, feature: change of the mean per
+    year over the train split's prediction times) default to the frame's own.
     """
     if frame.height != len(risk):
         raise InputError("risk", f"has {len(risk)} values for {frame.height} feature rows")
@@ -243,7 +245,9 @@ def reference_from_frame(
         )
     meta = {"rows_per_site": rows_per_site, "recent_times": recent_times, "seed": seed,
             "train_times": sorted({str(t) for t in train["prediction_time"].unique().to_list()})
-            if "prediction_time" in train.columns else []}
+            if "prediction_time" in train.columns else [],
+            "reference_time": _mean_time(train), "trends": trends if trends is not None else calendar_trends(
+                scored.filter(split == "train").lazy(), feature_names)}
     return Reference(
         task=task, model_version=str(model_version), feature_names=list(feature_names),
         importance={k: float(v) for k, v in (importance or {}).items()},
@@ -252,6 +256,44 @@ def reference_from_frame(
         performance=perf.with_columns(pl.col("site").cast(pl.String)),
         meta=meta,
     )
+
+
+def calendar_trends(train: pl.LazyFrame, feature_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per site and feature, the change of the mean per year across the train split's prediction times.
+
+    Features such as "measurements on record", "years since first diagnosis"
+    or age grow with calendar time in any cohort followed from a fixed start:
+    the monitor ages the reference by these slopes to the window's date, so
+    that a window a year after training is not "drifted" for being later.
+    Needs at least 3 prediction times; a feature without is left out.
+    """
+    cols = train.collect_schema().names()
+    if "prediction_time" not in cols or "site" not in cols:
+        return {}
+    names = [f for f in feature_names if f in cols]
+    means = (train.group_by("site", "prediction_time")
+             .agg([pl.col(f).cast(pl.Float64).fill_nan(None).mean() for f in names])
+             .sort("site", "prediction_time").collect())
+    out: dict[str, dict[str, float]] = {}
+    for (site,), part in means.group_by("site", maintain_order=True):
+        if part.height < 3:
+            continue
+        years = (part["prediction_time"].dt.epoch("s").to_numpy() / (365.25 * 86400)).astype(float)
+        slopes = {}
+        for f in names:
+            y = part[f].to_numpy().astype(float)
+            ok = ~np.isnan(y)
+            if ok.sum() >= 3 and np.ptp(years[ok]) > 0:
+                x = years[ok] - years[ok].mean()
+                slopes[f] = round(float((x * (y[ok] - y[ok].mean())).sum() / (x * x).sum()), 6)
+        out[str(site)] = slopes
+    return out
+
+
+def _mean_time(frame: pl.DataFrame) -> str | None:
+    if "prediction_time" not in frame.columns or frame.height == 0:
+        return None
+    return str(frame["prediction_time"].cast(pl.Datetime("us")).mean())
 
 
 def build_reference(features_dir: Path, bundle, model_version: str | int, config, *, task: str) -> Reference:
@@ -272,6 +314,15 @@ def build_reference(features_dir: Path, bundle, model_version: str | int, config
             frame = frame.with_columns(pl.lit(path.stem).alias("site"))
         frames.append(_reference_rows(frame, cols, config))
     table = pl.concat(frames, how="diagonal_relaxed")
+    trends: dict[str, dict[str, float]] = {}
+    for path in files:
+        lazy = pl.scan_parquet(path)
+        cols = lazy.collect_schema().names()
+        if "site" not in cols:
+            lazy = lazy.with_columns(pl.lit(path.stem).alias("site"))
+        if "split" in cols:
+            lazy = lazy.filter(pl.col("split") == "train")
+        trends.update(calendar_trends(lazy, names))
     risk = np.asarray(bundle.predict_risk(table), dtype=float) if table.height else np.array([])
     tiers = [str(t) for t in bundle.tier(risk)] if table.height else []
     table = table.with_columns(pl.Series("tier", tiers, dtype=pl.String))
@@ -279,7 +330,7 @@ def build_reference(features_dir: Path, bundle, model_version: str | int, config
     ref = reference_from_frame(table, risk, task=task, model_version=model_version, feature_names=names,
                                importance=_importance(bundle, names), infos=infos,
                                rows_per_site=config.reference_rows, recent_times=config.reference_recent_times,
-                               seed=config.seed)
+                               seed=config.seed, trends=trends)
     return ref
 
 
@@ -379,18 +430,17 @@ class SiteBaseline:
     performance: dict[str, Any] | None
 
 
-def site_baseline(reference: Reference, site: str, config) -> SiteBaseline:
-    """Per-feature reference statistics of one site (all sites pooled if the site is new)."""
-    drift = reference.drift.filter(pl.col("site") == site)
-    pooled = drift.height == 0
-    if pooled:
-        drift = reference.drift
+def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *, site: str, pooled: bool = False,
+                        performance: dict[str, Any] | None = None) -> SiteBaseline:
+    """Per-feature statistics of a baseline sample (training rows, or a site's recent windows)."""
     q = config.out_of_range_quantile
+    present = [f for f in features if f in frame.columns]
+    matrix = _feature_matrix(frame, present)
     feats = {}
-    for f in reference.feature_names:
-        col = drift[f].cast(pl.Float64) if f in drift.columns else pl.Series(f, [], dtype=pl.Float64)
-        values = col.drop_nulls().drop_nans().to_numpy()
-        n = col.len()
+    for j, f in enumerate(present):
+        values = matrix[:, j]
+        values = values[~np.isnan(values)]
+        n = matrix.shape[0]
         if values.size:
             lo, hi = (float(v) for v in np.quantile(values, [q, 1 - q]))
             outside = float(np.mean((values < lo) | (values > hi)))
@@ -399,13 +449,64 @@ def site_baseline(reference: Reference, site: str, config) -> SiteBaseline:
             lo = hi = outside = mean = std = median = math.nan
         feats[f] = FeatureBaseline(values, n, 1.0 - values.size / n if n else math.nan, lo, hi, outside,
                                    mean, std, median)
-    risk = np.sort(drift["risk"].cast(pl.Float64).to_numpy()) if "risk" in drift.columns else np.array([])
-    tiers = _shares(drift["tier"]) if "tier" in drift.columns else {}
+    risk = np.sort(frame["risk"].cast(pl.Float64).to_numpy()) if "risk" in frame.columns else np.array([])
+    tiers = _shares(frame["tier"]) if "tier" in frame.columns else {}
+    return SiteBaseline(site, pooled, frame.height, feats, risk, tiers, performance)
+
+
+def site_baseline(reference: Reference, site: str, config) -> SiteBaseline:
+    """The training baseline of one site (all sites pooled if the model never saw the site)."""
+    drift = reference.drift.filter(pl.col("site") == site)
+    pooled = drift.height == 0
+    if pooled:
+        drift = reference.drift
     perf_rows = reference.performance.filter(pl.col("site") == site)
     if perf_rows.height == 0:
         perf_rows = reference.performance
     performance = _performance(perf_rows["outcome"].to_numpy(), perf_rows["risk"].to_numpy(), config)
-    return SiteBaseline(site, pooled, drift.height, feats, risk, tiers, performance)
+    return baseline_from_frame(drift, reference.feature_names, config, site=site, pooled=pooled,
+                               performance=performance)
+
+
+def aged_baseline(baseline: SiteBaseline, reference: Reference, when: datetime, config) -> tuple[SiteBaseline, dict]:
+    """The training baseline moved along each feature's calendar trend to `when`; and the shifts applied.
+
+    Only trends of at least `ageing_min_sd_per_year` reference SDs a year
+    count, and never for 0/1 features (a share does not move by shifting).
+    """
+    ref_time = reference.meta.get("reference_time")
+    trends = reference.meta.get("trends", {})
+    slopes = trends.get(baseline.site) or ({} if not baseline.pooled else _pooled_trends(trends))
+    if not ref_time or not slopes:
+        return baseline, {}
+    years = (when - datetime.fromisoformat(ref_time)).total_seconds() / (365.25 * 86400)
+    feats, shifts = dict(baseline.features), {}
+    for f, slope in slopes.items():
+        b = feats.get(f)
+        if b is None or not b.std > 0 or _is_binary(b.values):
+            continue
+        if abs(slope) < config.ageing_min_sd_per_year * b.std:
+            continue
+        shift = slope * years
+        feats[f] = FeatureBaseline(b.values + shift, b.n, b.missing, b.lo + shift, b.hi + shift, b.outside,
+                                   b.mean + shift, b.std, b.median + shift)
+        shifts[f] = round(shift, 4)
+    aged = SiteBaseline(baseline.site, baseline.pooled, baseline.n, feats, baseline.risk, baseline.tiers,
+                        baseline.performance)
+    return aged, shifts
+
+
+def _is_binary(values: np.ndarray) -> bool:
+    return bool(values.size) and np.isin(values, (0.0, 1.0)).all()
+
+
+def _pooled_trends(trends: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Mean slope over sites, for a site the model never saw."""
+    merged: dict[str, list[float]] = {}
+    for slopes in trends.values():
+        for f, v in slopes.items():
+            merged.setdefault(f, []).append(v)
+    return {f: float(np.mean(v)) for f, v in merged.items()}
 
 
 def _shares(col: pl.Series) -> dict[str, float]:
@@ -653,24 +754,26 @@ class WindowInput:
     task: str
     site: str
     window: Window
-    rows: pl.DataFrame  # features, risk, tier, model_version, join_key
+    rows: pl.DataFrame  # features, risk, tier, source, model_version, join_key
     outcomes: pl.DataFrame | None = None  # join_key, outcome (only those known by as_of)
+    recent: pl.DataFrame | None = None  # the same site's rows of its previous windows (sampled)
+    recent_labels: tuple[str, ...] = ()
 
 
 def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseline, config) -> dict[str, Any]:
-    """The JSON result of one (site, window): drift, prediction drift, performance, status, reasons."""
+    """The JSON result of one (site, window): drift vs training and vs recent windows, performance, status."""
     rows = inp.rows
     result: dict[str, Any] = {
         "task": inp.task, "site": inp.site, "window": inp.window.label, "window_kind": inp.window.kind,
         "window_start": inp.window.start.date().isoformat(), "window_end": inp.window.end.date().isoformat(),
-        "n_rows": rows.height, "model_versions": _versions(rows),
+        "n_rows": rows.height, "model_versions": _versions(rows), "sources": _sources(rows),
         "reference": {"model_version": reference.model_version, "n_rows": baseline.n,
-                      "pooled_sites": baseline.pooled},
+                      "pooled_sites": baseline.pooled, "time": reference.meta.get("reference_time")},
     }
     performance = _window_performance(inp, baseline, config)
     result["performance"] = performance
     if rows.height < config.min_window_rows:
-        result.update(tested=False, data_drift=None, prediction_drift=None)
+        result.update(tested=False, data_drift=None, prediction_drift=None, change=None)
         status, reasons = "ok", [f"not tested: {rows.height} rows < min_window_rows {config.min_window_rows}"]
         status, reasons = _merge_performance_status(status, reasons, performance, config)
         result.update(status=status, reasons=reasons)
@@ -678,35 +781,56 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     features = [f for f in reference.feature_names if f in rows.columns]
     matrix = _feature_matrix(rows, features)
     index = _sample_index(rows.height, config.sample_rows, _seed(config.seed, inp.task, inp.site, inp.window.label))
-    stats = screen_features(matrix, features, baseline)
-    rank = reference.rank
-    top = sorted(stats, key=rank.__getitem__)[: config.top_features]
-    screened = [f for f in _screened(stats, baseline, config) if f not in set(top)]
-    tested = top + sorted(screened, key=rank.__getitem__)
-    column = {f: j for j, f in enumerate(features)}
     sampled = matrix[index] if index is not None else matrix
-    wasserstein = _evidently_stattest(config.stattest)
-    verdicts = []
-    for f in tested:
-        v = judge_feature(f, sampled[:, column[f]], rows.height, stats[f], baseline.features[f], config, wasserstein)
-        v["display"] = reference.display(f)
-        v["importance_rank"] = rank[f]
-        hint = _unit_hint(f, v, reference)
-        if hint:  # values at a known unit factor: a unit change, which alerts on its own
-            v["hint"], v["severe"] = hint, True
-        verdicts.append(v)
-    drifted = [v for v in verdicts if v["drifted"]]
-    result["tested"] = True
-    result["data_drift"] = {
-        "method": config.stattest, "threshold": config.feature_drift_threshold,
-        "n_features": len(features), "n_tested": len(tested), "n_screened_in": len(screened),
-        "n_drifted": len(drifted), "drift_share": _r(len(drifted) / len(tested)) if tested else 0.0,
-        "drifted_features": [v["feature"] for v in drifted],
-        "features": verdicts,
-    }
     risk = rows["risk"].cast(pl.Float64).to_numpy()
-    result["prediction_drift"] = _prediction_drift(risk[index] if index is not None else risk, rows, baseline,
-                                                   config, wasserstein)
+    risk = risk[index] if index is not None else risk
+    training, shifts = aged_baseline(baseline, reference, inp.window.start, config)
+    recent = None
+    if inp.recent is not None and inp.recent.height >= config.min_window_rows:
+        recent = baseline_from_frame(inp.recent, features, config, site=inp.site)
+    stats = {"training": screen_features(matrix, features, training)}
+    if recent is not None:
+        stats["recent"] = screen_features(matrix, features, recent)
+    rank = reference.rank
+    top = sorted(stats["training"], key=rank.__getitem__)[: config.top_features]
+    screened = set(_screened(stats["training"], training, config))
+    if recent is not None:
+        screened |= set(_screened(stats["recent"], recent, config))
+    tested = top + sorted(screened - set(top), key=rank.__getitem__)
+    column = {f: j for j, f in enumerate(features)}
+    wasserstein = _evidently_stattest(config.stattest)
+    batch_share = result["sources"].get("batch", 0.0)
+    counts = "all" if batch_share >= config.min_batch_share else "unit changes"
+
+    def compare(base: SiteBaseline, which: str) -> dict[str, Any]:
+        verdicts = []
+        for f in tested:
+            v = judge_feature(f, sampled[:, column[f]], rows.height, stats[which][f], base.features[f], config,
+                              wasserstein)
+            v["display"] = reference.display(f)
+            v["importance_rank"] = rank[f]
+            hint = _unit_hint(f, v, reference)
+            if hint:  # values at a known unit factor: a unit change, which alerts on its own
+                v["hint"], v["severe"] = hint, True
+            verdicts.append(v)
+        drifted = [v for v in verdicts if v["drifted"]]
+        return {
+            "method": config.stattest, "threshold": config.feature_drift_threshold,
+            "n_features": len(features), "n_tested": len(tested), "n_screened_in": len(set(tested) - set(top)),
+            "n_drifted": len(drifted), "drift_share": _r(len(drifted) / len(tested)) if tested else 0.0,
+            "drifted_features": [v["feature"] for v in drifted], "features": verdicts,
+            "prediction_drift": _prediction_drift(risk, rows, base, config, wasserstein),
+        }
+
+    result["tested"] = True
+    result["data_drift"] = compare(training, "training")
+    result["data_drift"].update(counts=counts, batch_share=_r(batch_share),
+                                aged={f: shifts[f] for f in tested if f in shifts})
+    result["prediction_drift"] = result["data_drift"]["prediction_drift"]
+    result["change"] = None
+    if recent is not None:
+        result["change"] = compare(recent, "recent")
+        result["change"].update(baseline_windows=list(inp.recent_labels), baseline_rows=recent.n)
     status, reasons = _drift_status(result, config)
     status, reasons = _merge_performance_status(status, reasons, performance, config)
     result.update(status=status, reasons=reasons)
@@ -734,8 +858,15 @@ def _versions(rows: pl.DataFrame) -> dict[str, int]:
     return {str(k): int(c) for k, c in zip(counts["model_version"], counts["count"], strict=True)}
 
 
+def _sources(rows: pl.DataFrame) -> dict[str, float]:
+    """Share of the window's rows per source (batch, api, ...)."""
+    if "source" not in rows.columns or rows.height == 0:
+        return {"batch": 1.0} if rows.height else {}
+    return _shares(rows["source"].cast(pl.String).fill_null("unknown"))
+
+
 def _prediction_drift(risk: np.ndarray, rows, baseline: SiteBaseline, config, wasserstein) -> dict[str, Any] | None:
-    """The risk distribution vs the reference's: Evidently's normed Wasserstein, KS p-value, tier shares."""
+    """The risk distribution vs the baseline's: Evidently's normed Wasserstein, KS p-value, tier shares."""
     from evidently.legacy.core import ColumnType
 
     if baseline.risk.size < config.min_feature_rows:
@@ -756,11 +887,11 @@ def _prediction_drift(risk: np.ndarray, rows, baseline: SiteBaseline, config, wa
 def _describe(v: dict) -> str:
     parts = []
     if "distribution" in v["kinds"]:
-        parts.append(f"distribution shifted by {v['wasserstein']:.2f} reference SDs (normed Wasserstein)")
+        parts.append(f"distribution shifted by {v['wasserstein']:.2f} SDs (normed Wasserstein)")
     if "out_of_range" in v["kinds"]:
         lo, hi = v["reference_range"]
-        parts.append(f"{100 * v['out_of_range_share']:.1f}% of values outside the reference range "
-                     f"[{_fmt(lo)}, {_fmt(hi)}] (reference {100 * v['reference_out_of_range_share']:.1f}%)")
+        parts.append(f"{100 * v['out_of_range_share']:.1f}% of values outside [{_fmt(lo)}, {_fmt(hi)}] "
+                     f"(baseline {100 * v['reference_out_of_range_share']:.1f}%)")
     if "missingness" in v["kinds"]:
         parts.append(f"missing {100 * v['missing_share']:.0f}% vs {100 * v['reference_missing_share']:.0f}%")
     if v.get("median") is not None and v.get("reference_median") is not None:
@@ -775,36 +906,53 @@ def _fmt(x) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
 
 
-def _drift_status(result: dict, config) -> tuple[str, list[str]]:
-    dd, pd_ = result["data_drift"], result["prediction_drift"]
-    drifted = [v for v in dd["features"] if v["drifted"]]
+def _section_status(section: dict, config, label: str, counts: str) -> tuple[str, list[str], list[dict]]:
+    """Status, reasons and the findings that count, of one comparison (vs training or vs recent windows)."""
+    drifted = [v for v in section["features"] if v["drifted"]]
+    if counts != "all":  # scores at visits differ from the training schedule by design: only unit changes count
+        hinted = [v for v in drifted if v.get("hint")]
+        if not hinted:
+            return "ok", [], []
+        return "alert", [f"{label}: values in another unit in " + ", ".join(v["feature"] for v in hinted[:12])], hinted
     severe = [v for v in drifted if v["severe"]]
-    share = dd["drift_share"]
+    share, pd_ = section["drift_share"], section["prediction_drift"]
     status, reasons = "ok", []
     names = ", ".join(v["feature"] for v in drifted[:12]) + (" ..." if len(drifted) > 12 else "")
-    if share >= config.drift_share_alert:
-        status = "alert"
-        reasons.append(f"{len(drifted)} of {dd['n_tested']} tested features drifted "
-                       f"(share {share:.2f} >= alert {config.drift_share_alert}): {names}")
-    elif share >= config.drift_share_warning:
-        status = "warning"
-        reasons.append(f"{len(drifted)} of {dd['n_tested']} tested features drifted "
-                       f"(share {share:.2f} >= warning {config.drift_share_warning}): {names}")
+    for level, limit in (("alert", config.drift_share_alert), ("warning", config.drift_share_warning)):
+        if share >= limit:
+            status = level
+            reasons.append(f"{label}: {len(drifted)} of {section['n_tested']} tested features drifted "
+                           f"(share {share:.2f} >= {level} {limit}): {names}")
+            break
     if severe:
         status = "alert"
-        reasons.append("severe drift in " + ", ".join(v["feature"] for v in severe[:12]))
+        reasons.append(f"{label}: severe drift in " + ", ".join(v["feature"] for v in severe[:12]))
     if pd_ and pd_["drifted"]:
-        level = "alert" if config.prediction_drift_alert else "warning"
-        status = _worst(status, level)
-        reasons.append(f"prediction drift: risk distribution shifted by {pd_['wasserstein']:.2f} reference SDs; "
+        status = _worst(status, "alert" if config.prediction_drift_alert else "warning")
+        reasons.append(f"{label}: prediction drift, risk distribution shifted by {pd_['wasserstein']:.2f} SDs; "
                        f"mean risk {pd_['mean_risk']:.3f} vs {pd_['reference_mean_risk']:.3f}")
-    if status != "ok" or drifted:
-        ordered = sorted(drifted, key=lambda v: (not v["severe"], v["importance_rank"]))
-        reasons.extend(_describe(v) for v in ordered[:15])
+    return status, reasons, (drifted if status != "ok" else [])
+
+
+def _drift_status(result: dict, config) -> tuple[str, list[str]]:
+    """The worse of the two comparisons, reasons first, then the features that made them."""
+    dd, ch = result["data_drift"], result.get("change")
+    status, reasons, findings = _section_status(dd, config, "vs training", dd.get("counts", "all"))
+    summary = [f"vs training: {dd['n_drifted']} of {dd['n_tested']} tested features drifted"
+               + ("" if dd.get("counts", "all") == "all" else " (scores at visits: only unit changes count)")]
+    if ch is not None:
+        label = f"vs the previous {len(ch['baseline_windows'])} windows"
+        s2, r2, f2 = _section_status(ch, config, label, "all")
+        status, reasons, findings = _worst(status, s2), reasons + r2, findings + f2
+        summary.append(f"{label}: {ch['n_drifted']} changed")
     if status == "ok":
-        reasons.insert(0, f"ok: {len(drifted)} of {dd['n_tested']} tested features drifted (share {share:.2f}); "
-                          "risk distribution stable")
-    return status, reasons
+        return status, [f"ok: {'; '.join(summary)}"]
+    seen, details = set(), []
+    for v in sorted(findings, key=lambda v: (not v["severe"], v["importance_rank"])):
+        if v["feature"] not in seen:
+            seen.add(v["feature"])
+            details.append(_describe(v))
+    return status, reasons + details[:15]
 
 
 def _window_performance(inp: WindowInput, baseline: SiteBaseline, config) -> dict[str, Any]:
@@ -921,25 +1069,36 @@ def _unit_factors() -> list[tuple[str, str, str, float]]:
 
 # -------------------------------------------------------------------- HTML report
 def save_window_html(path: Path, inp: WindowInput, result: dict, reference: Reference, baseline: SiteBaseline,
-                     config) -> None:
+                     config) -> str:
     """Evidently's report of the window: the risk, every drifted feature and the most important others.
 
-    Same methods and thresholds as the JSON; at most `html_features` columns
-    besides the drifted ones (rendering costs about 0.1-0.5 s a column).
+    Against the comparison that raised the status (the recent windows when
+    they did, else the training reference, aged as in the JSON); same methods
+    and thresholds as the JSON; at most `html_features` columns besides the
+    drifted ones (rendering costs about 0.1-0.5 s a column). Returns which
+    baseline the report used.
     """
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import MissingValueCount, OutRangeValueCount, RowCount, ValueDrift
 
-    dd = result.get("data_drift") or {"features": []}
-    drifted = [v for v in dd["features"] if v["drifted"]][:30]
-    others = [v for v in dd["features"] if not v["drifted"]][: max(config.html_features - len(drifted), 0)]
+    section, against = result.get("data_drift") or {"features": []}, "training reference"
+    change = result.get("change")
+    if change and change["n_drifted"] and not (section.get("n_drifted") and section.get("counts") == "all"):
+        section, against = change, f"previous {len(change['baseline_windows'])} windows"
+    drifted = [v for v in section["features"] if v["drifted"]][:30]
+    others = [v for v in section["features"] if not v["drifted"]][: max(config.html_features - len(drifted), 0)]
     shown = drifted + others
-    tested = [v["feature"] for v in shown]
-    ref_frame = reference.drift.filter(pl.col("site") == inp.site) if not baseline.pooled else reference.drift
+    cols = [*(v["feature"] for v in shown), "risk"]
+    if against == "training reference":
+        ref_frame = reference.drift.filter(pl.col("site") == inp.site) if not baseline.pooled else reference.drift
+        aged = section.get("aged", {})
+        ref_frame = ref_frame.with_columns([(pl.col(f) + shift).alias(f) for f, shift in aged.items()
+                                            if f in ref_frame.columns])
+    else:
+        ref_frame = inp.recent
     index = _sample_index(inp.rows.height, config.sample_rows,
                           _seed(config.seed, inp.task, inp.site, inp.window.label))
     sample = inp.rows[index] if index is not None else inp.rows
-    cols = [*tested, "risk"]
     current = sample.select([pl.col(c).cast(pl.Float64) for c in cols]).fill_nan(None).to_pandas()
     ref = ref_frame.select([pl.col(c).cast(pl.Float64) for c in cols]).fill_nan(None).to_pandas()
     definition = DataDefinition(numerical_columns=cols)
@@ -954,11 +1113,12 @@ def save_window_html(path: Path, inp: WindowInput, result: dict, reference: Refe
         if "missingness" in v["kinds"]:
             metrics.append(MissingValueCount(column=v["feature"]))
     report = Report(metrics, metadata={"task": inp.task, "site": inp.site, "window": inp.window.label,
-                                       "status": result["status"]})
+                                       "status": result["status"], "against": against})
     snapshot = report.run(Dataset.from_pandas(current, data_definition=definition),
                           Dataset.from_pandas(ref, data_definition=definition))
     with atomic_output(path) as tmp:
         snapshot.save_html(str(tmp))
+    return against
 
 
 # ----------------------------------------------------------------------- the run
@@ -973,70 +1133,138 @@ class MonitorOptions:
     force: bool = False
 
 
+@dataclass(eq=False)
+class _WindowData:
+    """A window's rows per site, read once and kept while later windows need them as their recent baseline."""
+
+    window: Window
+    start: datetime
+    end: datetime
+    files_key: str
+    sites: dict[str, pl.DataFrame] | None = None
+
+
 def run_monitor(prediction_log, reference: Reference, monitoring_dir: Path, config, opts: MonitorOptions) -> dict:
-    """Judge every (site, window) of the log in the range; write reports; return the task's summary section."""
+    """Judge every (site, window) of the log in the range; write reports; return the task's summary section.
+
+    Windows go in time order: each site's recent baseline is its previous
+    `recent_windows` windows. A (site, window) whose inputs are unchanged
+    (same log files, outcomes, baseline windows, reference and thresholds)
+    is not read again, let alone recomputed.
+    """
     if opts.html not in ("flagged", "all", "none"):
         raise InputError("--html", f"{opts.html!r}: use flagged, all or none")
-    days = [_day_of(p) for p in prediction_log.partitions(opts.task,
-                                                          opts.start.date() if opts.start else None,
-                                                          opts.end.date() if opts.end else None)]
-    windows = windows_for_days({d for d in days if d is not None}, opts.kind)
+    windows = _windows(prediction_log, opts)
     outcomes = prediction_log.scan_outcomes(opts.task, opts.as_of).collect()
     reports = monitoring_dir / "reports" / opts.task
+    config_key = _config_fingerprint(config) + reference.fingerprint
     baselines: dict[str, SiteBaseline] = {}
-    config_key = _config_fingerprint(config)
-    latest: dict[str, str] = {}
+    history: dict[str, list[tuple[str, str]]] = {}  # site -> [(window label, fingerprint)]
+    latest: dict[str, tuple[_WindowData, str]] = {}
     computed = skipped = 0
-    for window in windows:
-        start = max(window.start, opts.start) if opts.start else window.start
-        end = min(window.end, opts.end) if opts.end else window.end
-        rows = _dedupe(prediction_log.scan(opts.task, start, end).collect())
-        if rows.height == 0:
-            continue
-        for (site,), site_rows in rows.sort("site").group_by("site", maintain_order=True):
-            site = str(site)
-            latest[site] = window.label
-            win_outcomes = _window_outcomes(site_rows, outcomes)
-            fingerprint = _fingerprint(site_rows, win_outcomes, reference, config_key, window, start, end)
-            folder = reports / _safe(site)
-            json_path = folder / f"{window.label}.json"
+    k = config.recent_windows
+    for i, data in enumerate(windows):
+        previous_windows = windows[max(0, i - k):i]
+        keys = _site_keys(prediction_log, opts.task, data, outcomes)
+        for site, outcome_key in sorted(keys.items()):
+            previous = history.setdefault(site, [])[-k:] if k else []
+            fingerprint = _hash(config_key, data.window.label, data.files_key, outcome_key,
+                                *(fp for _, fp in previous))
+            history[site].append((data.window.label, fingerprint))
+            latest[site] = (data, fingerprint)
+            json_path = reports / _safe(site) / f"{data.window.label}.json"
             if not opts.force and _unchanged(json_path, fingerprint, opts.html):
                 skipped += 1
                 continue
             if site not in baselines:
                 baselines[site] = site_baseline(reference, site, config)
-            inp = WindowInput(opts.task, site, Window(start, end, window.kind), site_rows, win_outcomes)
+            inp = _window_input(prediction_log, opts.task, site, data, previous_windows, outcomes)
             result = evaluate_window(inp, reference, baselines[site], config)
-            result["window"] = window.label
             result["fingerprint"] = fingerprint
             result["html"] = None
             if opts.html == "all" or (opts.html == "flagged" and result["status"] != "ok"):
-                save_window_html(folder / f"{window.label}.html", inp, result, reference, baselines[site], config)
-                result["html"] = f"{window.label}.html"
+                result["html_against"] = save_window_html(json_path.with_suffix(".html"), inp, result, reference,
+                                                          baselines[site], config)
+                result["html"] = json_path.with_suffix(".html").name
             write_text_atomic(json_path, json.dumps(result, indent=1, sort_keys=True))
             computed += 1
+        if i - k >= 0:
+            windows[i - k].sites = None  # rows no later window needs
     if opts.html == "flagged":
-        _ensure_latest_html(prediction_log, reference, reports, latest, outcomes, baselines, config, opts)
+        _ensure_latest_html(prediction_log, reference, reports, latest, windows, outcomes, baselines, config, opts)
     log.info("monitor %s: %d windows computed, %d unchanged", opts.task, computed, skipped)
     return summarize_task(reports, opts.kind)
 
 
-def _ensure_latest_html(prediction_log, reference, reports, latest, outcomes, baselines, config, opts) -> None:
-    """The latest window of each site always has its HTML report, whatever its status."""
-    for site, label in latest.items():
-        json_path = reports / _safe(site) / f"{label}.json"
-        result = json.loads(json_path.read_text())
-        if result.get("html"):
-            continue
-        window = window_of(date.fromisoformat(result["window_start"]), opts.kind)
+def _windows(prediction_log, opts: MonitorOptions) -> list[_WindowData]:
+    """The windows with logged rows in the range, with the identity of their part files."""
+    files = prediction_log.partitions(opts.task, opts.start.date() if opts.start else None,
+                                      opts.end.date() if opts.end else None)
+    by_window: dict[Window, list[Path]] = {}
+    for path in files:
+        day = _day_of(path)
+        if day is not None:
+            by_window.setdefault(window_of(day, opts.kind), []).append(path)
+    out = []
+    for window, paths in sorted(by_window.items()):
         start = max(window.start, opts.start) if opts.start else window.start
         end = min(window.end, opts.end) if opts.end else window.end
-        rows = _dedupe(prediction_log.scan(opts.task, start, end).collect()).filter(pl.col("site") == site)
+        ident = [f"{p.parent.name}/{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(paths)]
+        out.append(_WindowData(window, start, end, _hash(str(start), str(end), *ident)))
+    return out
+
+
+def _site_keys(prediction_log, task: str, data: _WindowData, outcomes: pl.DataFrame) -> dict[str, str]:
+    """Per site in the window: a key of the outcomes known for its rows (read: site and join key only)."""
+    keys = (prediction_log.scan(task, data.start, data.end).select("site", "join_key").collect())
+    out = {}
+    for (site,), part in keys.group_by("site"):
+        known = "-"
+        if outcomes.height and part["join_key"].null_count() < part.height:
+            matched = outcomes.join(part.select("join_key").drop_nulls().unique(), on="join_key", how="semi")
+            if matched.height:
+                known = f"{matched.height}:{int(matched.select('join_key', 'outcome').hash_rows(seed=2).sum())}"
+        out[str(site)] = known
+    return out
+
+
+def _rows(prediction_log, task: str, data: _WindowData) -> dict[str, pl.DataFrame]:
+    if data.sites is None:
+        rows = _dedupe(prediction_log.scan(task, data.start, data.end).collect())
+        data.sites = {str(s): part for (s,), part in rows.group_by("site")} if rows.height else {}
+    return data.sites
+
+
+def _window_input(prediction_log, task: str, site: str, data: _WindowData, previous: list[_WindowData],
+                  outcomes: pl.DataFrame) -> WindowInput:
+    rows = _rows(prediction_log, task, data).get(site, pl.DataFrame())
+    recent_parts, labels = [], []
+    for old in previous:
+        part = _rows(prediction_log, task, old).get(site)
+        if part is not None and part.height:
+            recent_parts.append(part)
+            labels.append(old.window.label)
+    recent = pl.concat(recent_parts, how="diagonal_relaxed") if recent_parts else None
+    return WindowInput(task, site, Window(data.start, data.end, data.window.kind), rows,
+                       _window_outcomes(rows, outcomes), recent, tuple(labels))
+
+
+def _ensure_latest_html(prediction_log, reference, reports, latest, windows, outcomes, baselines, config,
+                        opts) -> None:
+    """The latest window of each site always has its HTML report, whatever its status."""
+    for site, (data, _fp) in latest.items():
+        json_path = reports / _safe(site) / f"{data.window.label}.json"
+        result = json.loads(json_path.read_text())
+        if result.get("html") and json_path.with_suffix(".html").is_file():
+            continue
+        i = next(j for j, w in enumerate(windows) if w is data)
+        previous = windows[max(0, i - config.recent_windows):i] if config.recent_windows else []
         if site not in baselines:
             baselines[site] = site_baseline(reference, site, config)
-        inp = WindowInput(opts.task, site, window, rows, _window_outcomes(rows, outcomes))
-        save_window_html(json_path.with_suffix(".html"), inp, result, reference, baselines[site], config)
-        result["html"] = f"{label}.html"
+        inp = _window_input(prediction_log, opts.task, site, data, previous, outcomes)
+        result["html_against"] = save_window_html(json_path.with_suffix(".html"), inp, result, reference,
+                                                  baselines[site], config)
+        result["html"] = json_path.with_suffix(".html").name
         write_text_atomic(json_path, json.dumps(result, indent=1, sort_keys=True))
 
 
@@ -1070,15 +1298,11 @@ def _config_fingerprint(config) -> str:
     return json.dumps({"v": MONITOR_VERSION, **dump}, sort_keys=True, default=str)
 
 
-def _fingerprint(rows, outcomes, reference: Reference, config_key: str, window: Window, start, end) -> str:
+def _hash(*parts: str) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(config_key.encode())
-    digest.update(reference.fingerprint.encode())
-    digest.update(f"{window.label}|{start}|{end}|{rows.height}".encode())
-    stable = rows.select(sorted(rows.columns))
-    digest.update(str(int(stable.hash_rows(seed=1).sum())).encode() if rows.height else b"-")
-    if outcomes is not None and outcomes.height:
-        digest.update(str(int(outcomes.select("join_key", "outcome").hash_rows(seed=2).sum())).encode())
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\x00")
     return digest.hexdigest()
 
 
@@ -1124,12 +1348,10 @@ def summarize_task(reports: Path, kind: str) -> dict:
             results.sort(key=lambda r: r["window_start"])
             last = results[-1]
             site = last["site"]
+            shares = _shares_of(last)
             sites[site] = {
                 "status": last["status"], "window": last["window"], "reasons": last["reasons"],
-                "n_rows": last["n_rows"], "tested": last.get("tested", False),
-                "drift_share": (last.get("data_drift") or {}).get("drift_share"),
-                "drifted_features": (last.get("data_drift") or {}).get("drifted_features", []),
-                "prediction_drift": (last.get("prediction_drift") or {}).get("wasserstein"),
+                "n_rows": last["n_rows"], "tested": last.get("tested", False), **shares,
                 "report_json": f"reports/{folder.parent.name}/{folder.name}/{last['window']}.json",
                 "report_html": (f"reports/{folder.parent.name}/{folder.name}/{last['html']}"
                                 if last.get("html") else None),
@@ -1144,11 +1366,7 @@ def _history_row(r: dict, folder: Path) -> dict:
     perf = r.get("performance") or {}
     return {
         "window": r["window"], "window_start": r["window_start"], "status": r["status"], "n_rows": r["n_rows"],
-        "tested": r.get("tested", False),
-        "drift_share": (r.get("data_drift") or {}).get("drift_share"),
-        "n_drifted": (r.get("data_drift") or {}).get("n_drifted"),
-        "drifted_features": (r.get("data_drift") or {}).get("drifted_features", []),
-        "prediction_drift": (r.get("prediction_drift") or {}).get("wasserstein"),
+        "tested": r.get("tested", False), **_shares_of(r),
         "mean_risk": (r.get("prediction_drift") or {}).get("mean_risk"),
         "n_outcomes": perf.get("n_outcomes", 0), "auroc": perf.get("auroc"), "ece": perf.get("ece"),
         "calibration_slope": perf.get("calibration_slope"),
@@ -1156,6 +1374,27 @@ def _history_row(r: dict, folder: Path) -> dict:
         "html": f"reports/{folder.parent.name}/{folder.name}/{r['html']}" if r.get("html") else None,
         "json": f"reports/{folder.parent.name}/{folder.name}/{r['window']}.json",
         "reasons": r["reasons"][:3],
+    }
+
+
+def _shares_of(r: dict) -> dict[str, Any]:
+    """The figures the page, the summary and the gauges show of one window.
+
+    `drift_share` is the larger of the comparisons that count toward the
+    status (training when the window's scores follow the training schedule,
+    and the recent windows); `drifted_features` are the features they found.
+    """
+    dd, ch = r.get("data_drift") or {}, r.get("change") or {}
+    counting = [x for x in (dd if dd.get("counts", "all") == "all" else {}, ch) if x]
+    hinted = [v["feature"] for v in dd.get("features", []) if v.get("hint")] if dd.get("counts") != "all" else []
+    drifted = list(dict.fromkeys([*(f for x in counting for f in x.get("drifted_features", [])), *hinted]))
+    shares = [x["drift_share"] for x in counting if x.get("drift_share") is not None]
+    pdrift = [x["prediction_drift"]["wasserstein"] for x in counting if x.get("prediction_drift")]
+    return {
+        "drift_share": max(shares) if shares else (0.0 if r.get("tested") else None),
+        "drifted_features": drifted,
+        "training_drift_share": dd.get("drift_share"), "change_share": ch.get("drift_share"),
+        "prediction_drift": max(pdrift) if pdrift else None,
     }
 
 

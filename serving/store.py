@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
@@ -329,6 +330,19 @@ class ScoreStore:
             ).all()
         return {(r.site, r.chunk, r.task): r.model_version for r in rows}
 
+    def read_patient(self, conn: Connection, subject_id: int) -> PatientData:
+        """Every site's facts and scores of a subject, and its consent withdrawal, on `conn`.
+
+        Three prepared textual queries (the hot path of GET /patients: no statement building)."""
+        facts = conn.execute(_PATIENT_FACTS, {"sid": subject_id}).mappings().all()
+        rows = conn.execute(_PATIENT_SCORES, {"sid": subject_id}).mappings().all()
+        withdrawn = conn.execute(_PATIENT_WITHDRAWN, {"sid": subject_id}).scalar()
+        return PatientData(
+            facts={r["site"]: dict(r) for r in facts},
+            scores=[_score_row(r) for r in rows],
+            withdrawn_at=withdrawn,
+        )
+
     def patient_sites(self, subject_id: int) -> list[str]:
         """Sites that hold scores or facts of this subject."""
         with self.engine.connect() as conn:
@@ -442,6 +456,36 @@ class ScoreStore:
         return conn.execute(
             select(func.min(consent.c.withdrawn_at)).where(consent.c.subject_id == subject_id)
         ).scalar()
+
+
+@dataclass
+class PatientData:
+    facts: dict[str, dict]
+    scores: list[dict]
+    withdrawn_at: datetime | None
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(set(self.facts) | {r["site"] for r in self.scores})
+
+    def at(self, site: str) -> dict:
+        """The record at one site, in `patient_record`'s shape."""
+        return {
+            "patient": self.facts.get(site),
+            "scores": [r for r in self.scores if r["site"] == site],
+            "consent_withdrawn_at": self.withdrawn_at,
+        }
+
+
+_SCORE_COLUMNS = ", ".join(c.name for c in scores.columns)
+_PATIENT_FACTS = text(
+    "SELECT site, subject_id, sex, birth_year, conditions, as_of, updated_at FROM patients "
+    "WHERE subject_id = :sid"
+).columns(as_of=DateTime, updated_at=DateTime)
+_PATIENT_SCORES = text(
+    f"SELECT {_SCORE_COLUMNS} FROM scores WHERE subject_id = :sid ORDER BY site, task, prediction_time"
+).columns(prediction_time=DateTime, scored_at=DateTime)
+_PATIENT_WITHDRAWN = text("SELECT min(withdrawn_at) AS w FROM consent WHERE subject_id = :sid").columns(w=DateTime)
 
 
 def consent_withdrawn(subject_col, site_col, now: datetime):

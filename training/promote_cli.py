@@ -1,12 +1,13 @@
-"""`chronorisk promote --task T [--version N]`: make a registered version the champion, if it is not worse.
+"""`chronorisk promote --task T [--version N]` / `--all`: make a registered version the champion, if not worse.
 
 The candidate (`--version N`, default the `challenger`) and the current
 champion are scored now on the same held-out rows (the feature tables, or
 `--meds DIR [--labels DIR]`); the `champion` alias moves only when the
 candidate's AUROC and ECE are within `promote.auroc_tolerance` /
 `promote.ece_tolerance` of the champion's or better. Otherwise nothing
-changes, both sets of figures are printed, and the exit status is 3.
-The first promotion of a task (no champion yet) succeeds.
+changes, both sets of figures are printed, and the exit status is 3
+(`--all`: every task is tried; 3 when any was refused). The first promotion
+of a task (no champion yet) succeeds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, metavar="NAME", help="task name or task YAML file")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", metavar="NAME", help="task name or task YAML file")
+    which.add_argument("--all", action="store_true", help="every task of params.yaml labels.tasks (each checked)")
     parser.add_argument("--version", type=int, default=None,
                         help="registered version to promote (default: the one with alias challenger)")
     parser.add_argument("--features", type=Path, default=None, metavar="DIR",
@@ -29,12 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> int:
-    import sys
-
     from chronorisk.errors import InputError
-    from chronorisk.features.tasks import load_task
-    from chronorisk.training import promote
-    from chronorisk.training import train as tr
+    from chronorisk.training.promote import REFUSED_EXIT
     from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
 
     params = ctx.params
@@ -42,31 +41,48 @@ def run(args: argparse.Namespace, ctx) -> int:
         raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
     if args.version is not None and args.version < 1:
         raise InputError("--version", f"registered versions start at 1, got {args.version}")
+    if args.version is not None and args.all:
+        raise InputError("--version", "a version number belongs to one task: use --task with --version")
+    if args.labels is not None and args.all:
+        raise InputError("--labels", "a label folder holds one task: use --task with --labels")
     for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features)):
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
-    task = load_task(args.task).name
     tracking = configure_tracking(
         ctx.paths, uri=resolve_tracking_uri(ctx.paths, args.tracking_uri, params.train.tracking_uri),
         experiment=params.train.experiment,
     )
+    tasks = list(params.labels.tasks) if args.all else [args.task]
+    refused = [task for task in tasks if not _promote_one(task, args, ctx, tracking)]
+    return REFUSED_EXIT if refused else 0
+
+
+def _promote_one(task_arg: str, args, ctx, tracking) -> bool:
+    """Promote one task; prints both sets of figures; True when the champion moved (or stayed)."""
+    import sys
+
+    from chronorisk.features.tasks import load_task
+    from chronorisk.training import promote
+    from chronorisk.training import train as tr
+
+    params = ctx.params
+    task = load_task(task_arg).name
     if args.meds is not None:
-        data = tr.compute_task_data(args.meds, args.task, params.features, labels=args.labels,
-                                    spec=_candidate_spec(tracking, ctx, task, args.version))
+        data = tr.compute_task_data(args.meds, task_arg, params.features, labels=args.labels,
+                                    spec=_candidate_spec(tracking, ctx, task, args.version), only_split=tr.HELD_OUT)
         meds_root = args.meds
     else:
-        data = tr.load_feature_tables(args.features or ctx.paths.features, args.task)
+        data = tr.load_feature_tables(args.features or ctx.paths.features, task_arg)
         meds_root = data.meds_root or (Path(ctx.paths.meds) if Path(ctx.paths.meds).exists() else None)
     decision = promote.promote_task(
         tracking, ctx.paths, task, data, params.promote, version=args.version, meds_root=meds_root
     )
     print(promote.render(decision))
     if not decision.accepted:
-        print(f"chronorisk promote: refused: chronorisk-{task} version {decision.candidate.version} stays "
-              f"{'out' if decision.champion is None else f'behind champion version {decision.champion.version}'}",
+        where = "out" if decision.champion is None else f"behind champion version {decision.champion.version}"
+        print(f"chronorisk promote: refused: chronorisk-{task} version {decision.candidate.version} stays {where}",
               file=sys.stderr)
-        return promote.REFUSED_EXIT
-    return 0
+    return decision.accepted
 
 
 def _candidate_spec(tracking, ctx, task: str, version: int | None):

@@ -133,12 +133,13 @@ def read_meds(meds: Path) -> tuple[pl.LazyFrame, pl.DataFrame]:
 
 
 def attach_splits(index: pl.DataFrame, events: pl.LazyFrame, splits: pl.DataFrame) -> pl.DataFrame:
-    """Index rows with their subject's `site` and `split` (subjects without events are dropped)."""
-    from chronorisk.data import meds_io
+    """Index rows with their subject's `site` and `split` (subjects without events are dropped).
 
+    A subject the split file does not list is held out: never trained on (as `chronorisk features` does).
+    """
     sites = events.select("subject_id", "site").unique("subject_id").collect()
     out = index.join(sites, on="subject_id", how="inner").join(splits, on="subject_id", how="left")
-    return out.with_columns(pl.col("split").fill_null(meds_io.split_of(pl.col("subject_id"))))
+    return out.with_columns(pl.col("split").fill_null(HELD_OUT))
 
 
 def compute_task_data(
@@ -148,25 +149,28 @@ def compute_task_data(
     *,
     labels: Path | None = None,
     spec: FeatureSpec | None = None,
+    only_split: str | None = None,
 ) -> TaskData:
     """Feature rows for `task` from a MEDS dataset and MEDS labels (extracted when `labels` is None).
 
     Without `spec` the spec is fitted on the code counts of the train split
     only (the vocabulary never sees a held-out subject); with `spec` (a
-    trained bundle's) nothing is fitted.
+    trained bundle's) nothing is fitted. `only_split` keeps the rows of one split.
     """
-    from chronorisk.features.labels import extract_labels, read_labels
+    from chronorisk.features.labels import read_labels
     from chronorisk.features.pipeline import code_summary, fit_spec, transform
     from chronorisk.features.tasks import load_task
 
     task_def = load_task(task)
     events, splits = read_meds(meds)
-    label_rows = read_labels(labels) if labels is not None else extract_labels(events, task_def)
+    label_rows = read_labels(labels) if labels is not None else site_labels(meds, task_def)
     if label_rows.height == 0:
         raise InputError("--labels" if labels else "--task", f"no labelled rows for task {task_def.name}")
     index = attach_splits(label_rows, events, splits)
     if index.height == 0:
         raise InputError("--labels", "no label row belongs to a subject of the MEDS data (subject_id mismatch?)")
+    if only_split is not None:  # e.g. promotion compares on held-out rows only: featurize only those
+        index = index.filter(pl.col("split") == only_split)
     if spec is None:
         train_subjects = splits.filter(pl.col("split") == TRAIN).select("subject_id")
         summary = code_summary(events.join(train_subjects.lazy(), on="subject_id", how="semi"))
@@ -182,6 +186,15 @@ def compute_task_data(
         meds_root=Path(meds),
         info={"meds_root": str(meds), "labels": str(labels) if labels else None},
     )
+
+
+def site_labels(meds: Path, task: TaskDefinition) -> pl.DataFrame:
+    """Labels extracted site by site, each on its own data span (what `chronorisk features` does)."""
+    from chronorisk.features.labels import extract_labels
+    from chronorisk.features.sources import find_sites
+
+    frames = [extract_labels(source.scan(), task) for source in find_sites(Path(meds))]
+    return pl.concat(frames).sort("subject_id", "prediction_time")
 
 
 # ---- training --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from chronorisk.data.synth.hazards import COND_INDEX, CONDITIONS
+from chronorisk.data.synth.hazards import COND_INDEX
 
 # Medication slots: one per therapeutic line; `DRUGS` are `data.codes.MEDICATIONS` names.
 SLOTS: tuple[str, ...] = ("ah1", "ah2", "metformin", "insulin", "statin")
@@ -191,7 +191,3 @@ def dm_years(lat: Latent, month: int) -> np.ndarray:
     """Years since diabetes onset at `month` (0 without diabetes)."""
     i = COND_INDEX["diabetes"]
     return np.where(lat.present[i], (month - lat.onset_month[i]) / 12.0, 0.0)
-
-
-def n_conditions() -> int:
-    return len(CONDITIONS)

@@ -196,10 +196,6 @@ def covariates(
     return x
 
 
-def covariate_dict(x: np.ndarray) -> dict[str, np.ndarray]:
-    return {c: x[i] for i, c in enumerate(COVARIATES)}
-
-
 def yearly_hazards(
     x: np.ndarray, present: np.ndarray, hidden_shift: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:

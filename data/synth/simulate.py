@@ -25,7 +25,7 @@ the label windows (t, t + 365 d] and (t, t + 730 d] exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, timedelta
 
 import numpy as np
@@ -156,7 +156,6 @@ class ChunkResult:
     site: np.ndarray  # int8 per patient (patients are sorted by site)
     truth: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # task -> (patient, month, risk)
     deaths: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 class _SiteTables:

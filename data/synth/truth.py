@@ -34,6 +34,7 @@ from chronorisk.data.synth.hazards import (
     yearly_hazards,
 )
 
+
 def _coef(outcome: str, covariate: str) -> float:
     return COEFFICIENTS[outcome].get(covariate, 0.0)
 

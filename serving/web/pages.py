@@ -210,19 +210,17 @@ def _percent(text: str | None) -> float | None:
 def patient_page(
     request: Request, subject_id: int, principal: Annotated[Principal, Depends(page_user("patient_read"))]
 ) -> Response:
-    from chronorisk.serving.api import explain_on_demand, patient_view, readable_site
+    from chronorisk.serving.api import explain_on_demand, read_patient_audited
 
     state = _state(request)
     if not 0 <= subject_id <= S.INT64_MAX:
         raise HTTPException(404, "no such patient")
-    site = readable_site(state, principal, subject_id, None)
-    view = patient_view(state, subject_id, site)
     explain_task = request.query_params.get("explain")
+    view = read_patient_audited(state, principal, subject_id, None, "page", {"explained": explain_task or None})
+    site = view["site"]
     on_demand = {}
     if explain_task and any(t["task"] == explain_task for t in view["tasks"]):
         on_demand[explain_task] = explain_on_demand(state, subject_id, site, explain_task)
-    state.audit.append(actor=principal.actor, role=principal.role, site=site, action="patient_read",
-                       subject_id=subject_id, detail={"via": "page", "explained": explain_task or None})
     sections = []
     for t in view["tasks"]:
         thresholds = _thresholds(state, t["task"])

@@ -133,3 +133,24 @@ def test_federated_calibrator_dicts_are_understood():
             return {"method": "platt", "a": 1.0, "b": 0.0}
 
     assert as_calibrator(Foreign()).predict(np.array([0.0]))[0] == pytest.approx(0.5)
+
+
+def test_isotonic_never_predicts_exactly_zero_or_one():
+    """An end block without cases gets the rule-of-a-half risk 0.5 / (n + 1), not 0."""
+    m = np.arange(100, dtype=float)
+    y = np.r_[np.zeros(40), (np.arange(40) % 2).astype(float), np.ones(20)]  # 40 non-cases, mixed, 20 cases
+    cal = IsotonicCalibrator.fit(m, y)
+    p = cal.predict(m)
+    assert p.min() == pytest.approx(0.5 / 41)
+    assert p.max() == pytest.approx(1 - 0.5 / 21)
+    assert np.all(np.diff(p) >= 0)
+
+
+def test_auto_keeps_platt_unless_isotonic_is_clearly_better():
+    rng = np.random.default_rng(6)
+    m = rng.normal(-2.5, 1.0, 4000)
+    y = (rng.random(m.size) < sigmoid(m)).astype(float)  # Platt is the true model
+    cal = fit_calibrator(m, y, "auto", seed=0)
+    scores = cal.info["cross_fitted"]
+    assert cal.method == "platt"
+    assert scores["isotonic_gain"] <= 2 * scores["isotonic_gain_se"]

@@ -229,7 +229,7 @@ def test_population_shift_alerts_naming_age_and_the_risk(world):
     assert "age" in first["drifted_features"]
     result = json.loads((world["work"] / "monitoring" / first["json"]).read_text())
     assert result["prediction_drift"]["drifted"]
-    assert any(r.startswith("prediction drift") for r in result["reasons"])
+    assert any("prediction drift" in r for r in result["reasons"])
 
 
 def test_json_holds_the_tests_and_no_identifier(world):

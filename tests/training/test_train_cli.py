@@ -1,8 +1,10 @@
 """`chronorisk train`, `evaluate` and `promote` end to end through the real CLI, on a tiny generated cohort.
 
-One module-scoped work folder: generate 600 patients once, then each test
-runs the commands as a user would (subprocesses, exit codes, printed
-output) and checks what landed on disk and in MLflow's SQLite registry.
+One module-scoped work folder: generate 600 patients and their feature
+tables once, then each test runs the commands as a user would
+(subprocesses, exit codes, printed output) and checks what landed on disk
+and in MLflow's registry (SQLite; PostgreSQL in the `postgres` test).
+The `--meds DIR --labels DIR` path (data from elsewhere) has tests of its own.
 """
 
 from __future__ import annotations
@@ -49,20 +51,21 @@ def small_params(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """(work, params): a generated 600-patient cohort and the small params file."""
+    """(work, params): a generated 600-patient cohort with its feature tables, and the small params file."""
     root = tmp_path_factory.mktemp("train-cli")
     work = root / "work"
     params = small_params(root / "params.yaml")
     chronorisk(work, "generate", "--patients", str(PATIENTS), params=params)
+    chronorisk(work, "features", "--task", TASK, params=params)
     return work, params
 
 
 @pytest.fixture(scope="module")
 def trained(cohort):
-    """Train and evaluate the task from the generated MEDS (features on the fly)."""
+    """Train and evaluate the task from the feature tables."""
     work, params = cohort
-    train = chronorisk(work, "train", "--meds", str(work / "meds"), "--task", TASK, params=params)
-    evaluate = chronorisk(work, "evaluate", "--meds", str(work / "meds"), "--task", TASK, params=params)
+    train = chronorisk(work, "train", "--task", TASK, params=params)
+    evaluate = chronorisk(work, "evaluate", "--task", TASK, params=params)
     return work, params, train, evaluate
 
 
@@ -97,13 +100,12 @@ def test_train_saves_the_bundle_logs_the_run_and_registers_a_challenger(trained)
 
 def test_registered_version_scores_like_the_local_bundle(trained):
     from chronorisk.models.bundle import ModelBundle
-    from chronorisk.training.train import compute_task_data
+    from chronorisk.training.train import load_feature_tables
 
     work, _, _, _ = trained
     local = ModelBundle.load(work / "models" / TASK)
     fetched = registry.load_bundle(TASK, "challenger", paths=WorkPaths(work))
-    data = compute_task_data(work / "meds", TASK, _features_config(), spec=local.spec)
-    rows = data.split("held_out")
+    rows = load_feature_tables(work / "features", TASK).split("held_out")
     assert np.array_equal(fetched.predict_risk(rows), local.predict_risk(rows))
     # and through MLflow's own pyfunc interface
     uri = tracking.default_tracking_uri(WorkPaths(work))
@@ -111,12 +113,6 @@ def test_registered_version_scores_like_the_local_bundle(trained):
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{registry.registered_name(TASK)}@challenger")
     assert np.allclose(np.asarray(model.predict(rows.to_pandas())), local.predict_risk(rows))
-
-
-def _features_config():
-    from chronorisk.features.config import FeatureConfig
-
-    return FeatureConfig()
 
 
 def test_evaluate_writes_reports_metrics_and_prints_the_table_per_site(trained):
@@ -165,13 +161,13 @@ def test_no_identifier_leaves_in_outputs(trained):
 
 def test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_again(trained, tmp_path):
     work, params, _, _ = trained
-    first = chronorisk(work, "promote", "--task", TASK, "--meds", str(work / "meds"), params=params)
+    first = chronorisk(work, "promote", "--task", TASK, params=params)
     assert "PROMOTED" in first.stdout and "no champion yet" in first.stdout
     track = _tracking(work)
     assert registry.get_version_by_alias(track, TASK, "champion").version == 1
 
     worse = _register_worse_candidate(work)
-    refused = chronorisk(work, "promote", "--task", TASK, "--meds", str(work / "meds"), params=params, check=False)
+    refused = chronorisk(work, "promote", "--task", TASK, params=params, check=False)
     assert refused.returncode == 3, refused.stderr
     assert "REFUSED" in refused.stdout and "refused" in refused.stderr
     table = refused.stdout
@@ -184,18 +180,17 @@ def test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_aga
     assert track.client().get_model_version(registry.registered_name(TASK), str(worse)).tags[
         "chronorisk.promotion"] == "refused"
 
-    again = chronorisk(work, "promote", "--task", TASK, "--version", "1", "--meds", str(work / "meds"),
-                       params=params)
+    again = chronorisk(work, "promote", "--task", TASK, "--version", "1", params=params)
     assert "already the champion" in again.stdout
 
 
 def _register_worse_candidate(work: Path) -> int:
     """A model trained on shuffled labels (AUROC ~ 0.5), registered as the new challenger."""
     from chronorisk.config import load_params
-    from chronorisk.training.train import compute_task_data, train_task
+    from chronorisk.training.train import load_feature_tables, train_task
 
     params = load_params(REPO / "params.yaml")
-    data = compute_task_data(work / "meds", TASK, params.features)
+    data = load_feature_tables(work / "features", TASK)
     rng = np.random.default_rng(1)
     shuffled = data.frame["boolean_value"].to_numpy().copy()
     rng.shuffle(shuffled)
@@ -208,9 +203,25 @@ def _register_worse_candidate(work: Path) -> int:
     return registry.register_bundle(track, folder, task=TASK, booster=result.bundle.booster).version
 
 
+def test_meds_from_elsewhere_trains_and_evaluates_without_ground_truth(cohort, tmp_path):
+    """--meds: features on the fly (spec fitted on the train split); another work folder has no truth."""
+    work, params = cohort
+    other = tmp_path / "work"
+    meds = str(work / "meds")
+    chronorisk(other, "train", "--meds", meds, "--task", TASK, "--no-mlflow", params=params)
+    out = chronorisk(other, "evaluate", "--meds", meds, "--task", TASK, "--no-mlflow", "--bootstrap", "0",
+                     "--no-temporal", "--no-leave-one-site-out", params=params)
+    doc = json.loads((other / "reports" / f"evaluation_{TASK}.json").read_text())
+    overall = next(r for r in doc["records"] if r["group"] == "all")
+    assert overall["mode"] is None and overall["oracle_auroc"] is None and overall["n"] > 0
+    assert {r["validation"] for r in doc["records"]} == {"holdout"}
+    assert "oracle AUROC not reported" in out.stdout
+    spec = json.loads((other / "models" / TASK / "spec.json").read_text())
+    assert spec["fit_info"]["codes_in_summary"] > 0
+
+
 def test_external_labels_are_used_as_given(cohort, tmp_path):
     """--meds with --labels: the label file decides the rows (here: only 2023 prediction times)."""
-    from datetime import datetime
 
     from chronorisk.data.meds_io import write_labels
     from chronorisk.features.labels import extract_labels
@@ -247,3 +258,35 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.postgres
+def test_train_and_promote_with_postgres_as_the_tracking_backend(cohort, tmp_path):
+    """The same commands with `--tracking-uri postgresql+psycopg://...` (a database of its own, dropped after)."""
+    psycopg = pytest.importorskip("psycopg")
+    database = "chronorisk_mlflow_cli_test"
+    admin = "postgresql://postgres@127.0.0.1:5432/test"
+
+    def sql(statement: str) -> None:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(statement)
+
+    sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    sql(f"CREATE DATABASE {database}")
+    try:
+        work, params = cohort
+        other = tmp_path / "work"
+        uri = f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"
+        features = str(work / "features")
+        train = chronorisk(other, "train", "--task", TASK, "--features", features, "--tracking-uri", uri,
+                           params=params)
+        assert "registered chronorisk-complication_1y version 1" in train.stdout
+        promote = chronorisk(other, "promote", "--task", TASK, "--features", features, "--tracking-uri", uri,
+                             params=params)
+        assert "PROMOTED" in promote.stdout
+        assert not (other / "mlflow" / "mlflow.db").exists()  # nothing went to the embedded default
+        with psycopg.connect(f"postgresql://postgres@127.0.0.1:5432/{database}") as conn:
+            rows = conn.execute("SELECT alias, version FROM registered_model_aliases ORDER BY alias").fetchall()
+        assert rows == [("challenger", 1), ("champion", 1)]
+    finally:
+        sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
