@@ -21,7 +21,7 @@ export MPLCONFIGDIR := $(WORK)/matplotlib
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup browser-deps demo test test-fast lint bench clean distclean
+.PHONY: setup browser-deps demo repro test test-fast lint bench clean distclean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/chronorisk demo
+
+# The DVC pipeline (dvc.yaml): generate, ingest, features, train, evaluate; the stages call `chronorisk`.
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 # Debian packages some tests need (headless Chromium for the browser tests).
 browser-deps:

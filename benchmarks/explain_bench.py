@@ -14,9 +14,10 @@ whose measurement columns are dated by days-since-last columns, and timed:
 
 Each latency is measured over many calls (after a warm-up) on rows drawn from the
 test split; p50 / p95 / p99 / mean in ms of wall time, and of this thread's CPU
-time (`cpu_*`: the work itself, which other processes on the machine do not inflate). The same is repeated for a model with
-unlimited depth (`max_depth: -1`, LightGBM's default) to show why the default
-caps depth at 8: TreeSHAP's cost grows with depth squared per leaf. `--bundle DIR
+time (`cpu_*`: the work itself, which other processes on the machine do not inflate).
+The same is repeated for a model with unlimited depth (`max_depth: -1`, LightGBM's
+default) to show why the default caps depth at 8: TreeSHAP's cost grows with
+depth squared per leaf. `--bundle DIR
 --features FILE.parquet` times a real saved bundle on a real feature table instead.
 The machine is shared: the load average is recorded and timings are noisy.
 
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_bench import machine, split, synthetic_matrix  # noqa: E402
+from train_bench import machine, split, synthetic_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "explain.json"

@@ -311,46 +311,48 @@ def _measurement_stats(days: np.ndarray, v: np.ndarray, key: np.ndarray, windows
     n_keys = len(key_starts)
     sub_key = key_of_row[sub_starts]
     sub_band = (ck[sub_starts] % np.uint64(nb)).astype(np.intp)
-    vc = v - v[key_starts][key_of_row]
-    x = -days / DAYS_PER_YEAR
+    shift = v[key_starts]
+    vc = v - shift[key_of_row]
+    x = days * (-1.0 / DAYS_PER_YEAR)
     add = np.add.reduceat
 
-    def dense(per_sub: np.ndarray, fill: float) -> np.ndarray:
-        out = np.full((n_keys, nb), fill)
-        out[sub_key, sub_band] = per_sub
+    def windowed(per_sub: np.ndarray, fill: float, ufunc: np.ufunc = np.add) -> np.ndarray:
+        """(band, key) array of per-(key, band) values, accumulated over bands: row i = window i."""
+        out = np.full((nb, n_keys), fill)
+        out[sub_band, sub_key] = per_sub
+        for i in range(1, nb):
+            ufunc(out[i], out[i - 1], out=out[i])
         return out
 
-    ones = np.ones(len(ck))
-    cnt = np.cumsum(dense(add(ones, sub_starts), 0.0), axis=1)
-    sv = np.cumsum(dense(add(vc, sub_starts), 0.0), axis=1)
-    svv = np.cumsum(dense(add(vc * vc, sub_starts), 0.0), axis=1)
-    sx = np.cumsum(dense(add(x, sub_starts), 0.0), axis=1)
-    sxx = np.cumsum(dense(add(x * x, sub_starts), 0.0), axis=1)
-    sxv = np.cumsum(dense(add(x * vc, sub_starts), 0.0), axis=1)
-    vmin = np.minimum.accumulate(dense(np.minimum.reduceat(v, sub_starts), np.inf), axis=1)
-    vmax = np.maximum.accumulate(dense(np.maximum.reduceat(v, sub_starts), -np.inf), axis=1)
-    dmin = dense(np.minimum.reduceat(days, sub_starts), np.inf).min(axis=1)
+    cnt = windowed(np.diff(np.append(sub_starts, len(ck))).astype(np.float64), 0.0)
+    sv = windowed(add(vc, sub_starts), 0.0)
+    svv = windowed(add(vc * vc, sub_starts), 0.0)
+    sx = windowed(add(x, sub_starts), 0.0)
+    sxx = windowed(add(x * x, sub_starts), 0.0)
+    sxv = windowed(add(x * vc, sub_starts), 0.0)
+    vmin = windowed(np.minimum.reduceat(v, sub_starts), np.inf, np.minimum)
+    vmax = windowed(np.maximum.reduceat(v, sub_starts), -np.inf, np.maximum)
+    dmin = np.minimum.reduceat(days, key_starts)
     is_last = days == dmin[key_of_row]
-    shift = v[key_starts]
     out: dict[str, np.ndarray] = {
         "_key": row_key[key_starts],
         "last": add(np.where(is_last, v, 0.0), key_starts) / add(is_last.astype(np.float64), key_starts),
         "days_since_last": dmin,
-        "n_all": cnt[:, -1],
+        "n_all": cnt[-1],
     }
     with np.errstate(invalid="ignore", divide="ignore"):
         for i, w in enumerate(windows):
-            c = cnt[:, i]
+            c = cnt[i]
             none = c == 0
-            mean_c = sv[:, i] / c
+            mean_c = sv[i] / c
             out[f"count_{w}"] = c
             out[f"mean_{w}"] = np.where(none, np.nan, mean_c + shift)
-            out[f"min_{w}"] = np.where(none, np.nan, vmin[:, i])
-            out[f"max_{w}"] = np.where(none, np.nan, vmax[:, i])
-            var = np.maximum(svv[:, i] - sv[:, i] * mean_c, 0.0) / (c - 1)
+            out[f"min_{w}"] = np.where(none, np.nan, vmin[i])
+            out[f"max_{w}"] = np.where(none, np.nan, vmax[i])
+            var = np.maximum(svv[i] - sv[i] * mean_c, 0.0) / (c - 1)
             out[f"std_{w}"] = np.where(c >= 2, np.sqrt(var), np.nan)
-            den = c * sxx[:, i] - sx[:, i] ** 2
-            num = c * sxv[:, i] - sx[:, i] * sv[:, i]
+            den = c * sxx[i] - sx[i] ** 2
+            num = c * sxv[i] - sx[i] * sv[i]
             out[f"slope_{w}"] = np.where(den > 1e-8 * c * c, num / den, np.nan)
     return out
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def fit_spec(
 
 # ---- transform ------------------------------------------------------------------------------
 def _exact_code_table(spec: FeatureSpec) -> pl.DataFrame:
+    """(code, kind, idx) for every exact code a feature uses; a code may have several rows."""
     rows: list[tuple[str, int, int]] = [
         (vocab.BIRTH, fam.KIND_BIRTH, 0),
         (vocab.SEX_FEMALE, fam.KIND_SEX, 1),
@@ -161,25 +163,65 @@ def _exact_code_table(spec: FeatureSpec) -> pl.DataFrame:
     rows += [(c, fam.KIND_MED, i) for i, k in enumerate(spec.drug_classes) for c in k.codes]
     rows += [(c, fam.KIND_COND, i) for i, cond in enumerate(spec.conditions) for c in cond.codes]
     rows += [(c, fam.KIND_CODE, i) for i, c in enumerate(spec.vocabulary)]
-    return pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row").unique()
+    table = pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row")
+    return table.unique(maintain_order=True)
+
+
+@dataclass(frozen=True)
+class _CodeSlots:
+    """Exact codes as an Enum: a code's slot (its Enum position) gives its (kind, idx) by lookup.
+
+    Casting to an Enum and gathering is several times cheaper than a string join;
+    the few codes with several mappings get their extra rows from `extra`, and
+    codes of prefix families (ICD-10-CM/ICD-9-CM) are matched on their distinct values.
+    """
+
+    enum: pl.Enum
+    kind: pl.Series
+    idx: pl.Series
+    extra: pl.DataFrame  # (slot, kind, idx): mappings beyond a code's first
+    exact: pl.DataFrame  # (code, kind, idx): every exact mapping
+    prefix_vocabs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> _CodeSlots:
+        table = _exact_code_table(spec)
+        codes = table.get_column("code").unique(maintain_order=True)
+        slot_of = {c: i for i, c in enumerate(codes)}
+        with_slot = table.with_columns(
+            pl.col("code").replace_strict(slot_of, return_dtype=pl.UInt32).alias("slot")
+        ).with_columns(pl.int_range(pl.len()).over("slot").alias("nth"))
+        first = with_slot.filter(pl.col("nth") == 0).sort("slot")
+        vocabs = sorted({p.split("//", 1)[0] + "//" for c in spec.conditions for p in c.prefixes})
+        return cls(
+            enum=pl.Enum(codes.to_list()),
+            kind=first.get_column("kind"),
+            idx=first.get_column("idx"),
+            extra=with_slot.filter(pl.col("nth") > 0).select("slot", "kind", "idx"),
+            exact=table,
+            prefix_vocabs=tuple(vocabs),
+        )
+
+
+def _prefix_table(spec: FeatureSpec, codes: pl.LazyFrame, exact: pl.DataFrame) -> pl.LazyFrame:
+    """(code, kind, idx) of condition prefix matches among the distinct `codes`, beyond exact ones."""
+    distinct = codes.select("code").unique()
+    parts = []
+    for i, cond in enumerate(spec.conditions):
+        if cond.prefixes:
+            hit = pl.any_horizontal([pl.col("code").str.starts_with(p) for p in cond.prefixes])
+            parts.append(distinct.filter(hit).select(
+                "code", pl.lit(fam.KIND_COND, pl.UInt8).alias("kind"), pl.lit(i, pl.Int32).alias("idx")
+            ))
+    if not parts:
+        return pl.LazyFrame(schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32})
+    return pl.concat(parts).join(exact.lazy(), on=["code", "kind", "idx"], how="anti")
 
 
 def code_table(spec: FeatureSpec, events: pl.LazyFrame) -> pl.LazyFrame:
-    """(code, kind, idx) for every code of `events` a feature uses; prefix rules on distinct codes only."""
-    exact = _exact_code_table(spec).lazy()
-    prefixed = [(i, c.prefixes) for i, c in enumerate(spec.conditions) if c.prefixes]
-    if not prefixed:
-        return exact
-    distinct = events.select("code").unique()
-    parts = [exact]
-    for i, prefixes in prefixed:
-        hit = pl.any_horizontal([pl.col("code").str.starts_with(p) for p in prefixes])
-        parts.append(
-            distinct.filter(hit).select(
-                "code", pl.lit(fam.KIND_COND, pl.UInt8).alias("kind"), pl.lit(i, pl.Int32).alias("idx")
-            )
-        )
-    return pl.concat(parts).unique()
+    """(code, kind, idx) for every code of `events` a feature uses (exact codes and prefix matches)."""
+    exact = _exact_code_table(spec)
+    return pl.concat([exact.lazy(), _prefix_table(spec, events, exact)])
 
 
 def conform_events_lazy(events: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
@@ -205,41 +247,74 @@ def _conform_index(index: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
     return frame.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(_US))
 
 
-def tag_events(spec: FeatureSpec, events: pl.LazyFrame, keys: pl.LazyFrame) -> pl.LazyFrame:
+def tag_events(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, keys: pl.DataFrame) -> pl.LazyFrame:
     """Events tagged for the families (see families.py), strictly before each prediction time.
 
     `keys` is (_ix, subject_id, prediction_time). Static rows (null time) are kept only for sex.
+    When every subject has one prediction time (nightly scoring), subjects map to their row by a
+    lookup instead of a join.
     """
-    ev = conform_events_lazy(events)
-    table = code_table(spec, ev)
+    slots = _CodeSlots.of(spec)
+    ev = conform_events_lazy(events).with_columns(
+        pl.col("code").cast(slots.enum, strict=False).to_physical().alias("slot")
+    )
+    exact = ev.filter(pl.col("slot").is_not_null())
+    parts = [
+        exact.with_columns(
+            pl.lit(slots.kind).gather(pl.col("slot")).alias("kind"),
+            pl.lit(slots.idx).gather(pl.col("slot")).alias("idx"),
+        )
+    ]
+    if slots.extra.height:
+        extra = slots.extra.with_columns(pl.col("slot").cast(exact.collect_schema()["slot"]))
+        several = exact.filter(pl.col("slot").is_in(extra.get_column("slot").unique().implode()))
+        parts.append(several.join(extra.lazy(), on="slot", how="inner"))
+    if slots.prefix_vocabs:
+        candidates = ev.filter(pl.any_horizontal([pl.col("code").str.starts_with(v) for v in slots.prefix_vocabs]))
+        parts.append(candidates.join(_prefix_table(spec, candidates, slots.exact), on="code", how="inner"))
+    columns = ["subject_id", "time", "kind", "idx", "numeric_value", "text_value"]
+    tagged = pl.concat([p.select(columns) for p in parts], how="vertical")
     t = pl.col("time")
     pt = pl.col("prediction_time")
-    return (
-        ev.join(table, on="code", how="inner")
-        .join(keys, on="subject_id", how="inner")
-        .filter((t < pt) | (t.is_null() & (pl.col("kind") == fam.KIND_SEX)))
-        .select(
-            "_ix",
-            ((pt - t).dt.total_microseconds().cast(pl.Float64) / _US_PER_DAY).alias("days"),
-            "kind",
-            "idx",
-            pl.col("numeric_value").cast(pl.Float64).alias("value"),
-            "text_value",
-        )
+    if keys.get_column("subject_id").is_unique().all():
+        ix = pl.Series(range(keys.height), dtype=pl.UInt32)
+        tagged = tagged.with_columns(
+            pl.col("subject_id").replace_strict(keys.get_column("subject_id"), ix, default=None).alias("_ix")
+        ).filter(pl.col("_ix").is_not_null())
+        tagged = tagged.with_columns(pl.lit(keys.get_column("prediction_time")).gather(pl.col("_ix")).alias(
+            "prediction_time"))
+    else:
+        tagged = tagged.join(keys.lazy(), on="subject_id", how="inner")
+    return tagged.filter((t < pt) | (t.is_null() & (pl.col("kind") == fam.KIND_SEX))).select(
+        "_ix",
+        ((pt - t).dt.total_microseconds().cast(pl.Float64) / _US_PER_DAY).alias("days"),
+        "kind",
+        "idx",
+        pl.col("numeric_value").cast(pl.Float64).alias("value"),
+        "text_value",
     )
 
 
 def transform(
-    spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, index: pl.LazyFrame | pl.DataFrame
+    spec: FeatureSpec,
+    events: pl.LazyFrame | pl.DataFrame,
+    index: pl.LazyFrame | pl.DataFrame,
+    families: Iterable[str] | None = None,
 ) -> pl.LazyFrame:
-    """Index rows (same order, all their columns) plus `spec.feature_names` as Float32."""
-    idx = _conform_index(index).with_row_index("_ix")
-    keys = idx.select("_ix", "subject_id", "prediction_time")
+    """Index rows (same order, all their columns) plus `spec.feature_names` as Float32.
+
+    `families` (names as in FeatureInfo.family) restricts the output to those
+    families' features, e.g. for a benchmark of one family; default: all.
+    """
+    chosen = _chosen_families(families)
+    idx = _conform_index(index).collect().lazy().with_row_index("_ix")
+    keys = idx.select("_ix", "subject_id", "prediction_time").collect()
     ev = tag_events(spec, events, keys)
     ixs = idx.select("_ix")
     aligned = [
         ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix")
         for family in fam.FAMILIES
+        if family.__name__ in chosen["compute"]
         for part in family(spec, ev)
     ]
     out = pl.concat([idx, *aligned], how="horizontal")
@@ -247,6 +322,8 @@ def transform(
     zero = set(fam.zero_filled(spec))
     feature_exprs = []
     for name in spec.feature_names:
+        if spec.features[name].family not in chosen["output"]:
+            continue
         if name.startswith("miss_") and name.endswith("_never"):
             count = name.removesuffix("_never") + "_count"
             expr = pl.col(count).is_null().cast(pl.Float32)
@@ -256,6 +333,19 @@ def transform(
             expr = pl.col(name)
         feature_exprs.append(expr.cast(pl.Float32).alias(name))
     return out.select(*passthrough, *feature_exprs)
+
+
+def _chosen_families(families: Iterable[str] | None) -> dict[str, set[str]]:
+    """Which family functions to run and which features to output (missingness comes with measurements)."""
+    every = {f.__name__ for f in fam.FAMILIES} | {"missingness"}
+    wanted = set(every if families is None else families)
+    unknown = wanted - every
+    if unknown:
+        raise InputError("families", f"unknown {sorted(unknown)}; known: {sorted(every)}")
+    compute = {f for f in wanted if f != "missingness"}
+    if "missingness" in wanted:
+        compute.add("measurements")
+    return {"compute": compute, "output": wanted}
 
 
 # ---- batch runs over MEDS shards ---------------------------------------------------------------

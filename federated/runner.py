@@ -216,6 +216,7 @@ class TaskResult:
     site_metrics: dict[str, dict[str, float]]
     overall: dict[str, float]
     site_sizes: dict[str, int]
+    times: list[str] = field(default_factory=list)
 
     @property
     def num_trees(self) -> int:
@@ -244,6 +245,7 @@ class FederatedResult:
                     "overall": r.overall,
                     "sites": r.site_metrics,
                     "site_sizes": r.site_sizes,
+                    "times": r.times,
                 }
                 for name, r in self.tasks.items()
             },
@@ -496,6 +498,7 @@ class FederatedTrainer:
                 site_metrics=per_site,
                 overall=overall,
                 site_sizes=dict(sorted(st.sizes.items())),
+                times=list(st.times),
             )
             log.info("%s: overall held-out AUROC %.4f over %d site(s)",
                      task, overall.get("auroc", float("nan")), len(per_site))

@@ -90,7 +90,7 @@ class LocalTransport:
 
 
 def site_contexts(
-    meds_root: Path, cache_root: Path, sites: list[str] | None = None, threads: int = 2
+    meds_root: Path, cache_root: Path, sites: list[str] | None = None, threads: int = 1
 ) -> list[SiteContext]:
     from chronorisk.data.meds_io import site_ids
 
@@ -119,7 +119,7 @@ def run_simulation(
     from chronorisk.federated.pipeline import RoundLogger, finish, train_federated
 
     meds_root = meds_root or paths.meds
-    contexts = site_contexts(meds_root, paths.federated / "sim", sites, threads=2)
+    contexts = site_contexts(meds_root, paths.federated / "sim", sites, threads=params.federated.site_threads)
     if not contexts:
         raise ChronoriskError(f"no MEDS site under {meds_root}/sites (run `chronorisk generate` first)")
     transport = LocalTransport(contexts, drop=drop)

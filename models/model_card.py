@@ -104,6 +104,12 @@ def _population(task: object | None) -> list[str]:
 def _data(m: Mapping, records: Sequence[Mapping]) -> list[str]:
     out = ["## Data", ""]
     train = m.get("training") or {}
+    if not isinstance(train, Mapping):  # e.g. "federated": how, not what
+        out.append(f"- training: {_md(train)}" + (f" ({_md(m.get('strategy'))})" if m.get("strategy") else ""))
+        sizes = m.get("site_sizes")
+        if isinstance(sizes, Mapping):
+            out.append("- sites: " + ", ".join(f"{_md(k)} ({v} rows)" for k, v in sizes.items()))
+        train = {}
     for key, label in (("n_train", "training rows"), ("n_valid", "validation (early stopping, calibration) rows"),
                        ("sites", "sites"), ("first_prediction_time", "first prediction time"),
                        ("last_prediction_time", "last prediction time")):

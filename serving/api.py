@@ -131,15 +131,37 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        # a bug: the class and place only (messages may carry data values)
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
-        log.error("internal error %s at %s on %s", type(exc).__name__, where, _route_of(request.scope))
-        return JSONResponse(error_body("internal error"), status_code=500)
+
+
+class CatchAll:
+    """The last line: an exception no handler took is a bug. Answer 500 and log the exception's class
+    and place only, never its message (messages can carry data values), and do not re-raise, so that
+    no server layer above logs it with its message either."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno}" if tb else "?"
+            log.error("internal error %s at %s on %s", type(exc).__name__, where, _route_of(scope))
+            if not started:
+                await _send_json(send, 500, error_body("internal error"))
 
 
 # -- request size and metrics ---------------------------------------------------------------
@@ -165,32 +187,32 @@ class PayloadLimit:
             if too_big:
                 return await _send_json(send, 413, _too_large(limit))
         seen = 0
-        started = False
+        over = False
+        replaced = False
 
         async def limited_receive():
-            nonlocal seen
+            # past the limit the app sees the body end (never more data), and its answer is replaced by 413
+            nonlocal seen, over
+            if over:
+                return {"type": "http.request", "body": b"", "more_body": False}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    over = True
+                    return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
+        async def guarded_send(message):
+            nonlocal replaced
+            if over:
+                if message["type"] == "http.response.start" and not replaced:
+                    replaced = True
+                    await _send_json(send, 413, _too_large(limit))
+                return
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_json(send, 413, _too_large(limit))
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, guarded_send)
 
 
 def _too_large(limit: int) -> dict:
@@ -657,6 +679,7 @@ def create_app() -> FastAPI:
         mb = state.config.max_payload_mb if state is not None else 5.0
         return int(mb * 1_000_000)
 
+    app.add_middleware(CatchAll)
     app.add_middleware(PayloadLimit, get_limit=lambda scope: limit_of({"app": app, **scope}))
     app.add_middleware(MetricsMiddleware)
     return app

@@ -25,7 +25,7 @@ def add_demo_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def open_store(args, ctx):
-    from chronorisk.serving.state import resolve_store_url
+    from chronorisk.serving.config import resolve_store_url
     from chronorisk.serving.store import ScoreStore
 
     return ScoreStore.open(resolve_store_url(ctx.params, ctx.paths.root, getattr(args, "store", None)))

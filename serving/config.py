@@ -35,6 +35,16 @@ class ServeConfig(BaseModel):
     key_cache_seconds: float = Field(2.0, ge=0, description="how long a worker trusts a key lookup")
 
 
+def resolve_store_url(params, work, override: str | None = None) -> str:
+    """The score store URL: an explicit one, else $CHRONORISK_STORE_URL, else serve.store_url, else
+    SQLite in the work folder."""
+    import os
+
+    from chronorisk.paths import WorkPaths
+
+    return override or os.environ.get("CHRONORISK_STORE_URL") or params.serve.store_url or WorkPaths(work).store_url
+
+
 class MonitorConfig(BaseModel):
     """Drift and performance monitoring (`monitor:` in params.yaml); see serving/monitoring.py for the tests."""
 
@@ -75,6 +85,9 @@ class MonitorConfig(BaseModel):
     prediction_drift_threshold: float = Field(0.25, gt=0, description="normed Wasserstein of the risk distribution")
     significance: float = Field(1e-4, gt=0, lt=1, description="p-value a shift must also reach (KS, binomial, z)")
     out_of_range_quantile: float = Field(0.005, gt=0, lt=0.5, description="reference range = [q, 1 - q] quantiles")
+    out_of_range_margin: float = Field(
+        0.1, ge=0, description="the range reaches this many reference SDs beyond the quantiles (a minimum effect)"
+    )
     out_of_range_share: float = Field(0.04, gt=0, le=1, description="share outside the reference range: drift")
     severe_out_of_range_share: float = Field(0.10, gt=0, le=1, description="share outside the range: alert alone")
     missing_share_change: float = Field(0.10, gt=0, le=1, description="absolute change of the missing share")

@@ -63,6 +63,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -442,9 +443,11 @@ def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *,
         values = values[~np.isnan(values)]
         n = matrix.shape[0]
         if values.size:
-            lo, hi = (float(v) for v in np.quantile(values, [q, 1 - q]))
-            outside = float(np.mean((values < lo) | (values > hi)))
             mean, std, median = float(values.mean()), float(values.std()), float(np.median(values))
+            margin = config.out_of_range_margin * std  # beyond the quantile by a material distance
+            lo, hi = (float(v) for v in np.quantile(values, [q, 1 - q]))
+            lo, hi = lo - margin, hi + margin
+            outside = float(np.mean((values < lo) | (values > hi)))
         else:
             lo = hi = outside = mean = std = median = math.nan
         feats[f] = FeatureBaseline(values, n, 1.0 - values.size / n if n else math.nan, lo, hi, outside,
@@ -559,7 +562,7 @@ def _screened(stats: dict[str, dict], baseline: SiteBaseline, config) -> list[st
                 flagged.append(f)
                 continue
         if s["n"] and not math.isnan(b.lo):
-            p0 = max(b.outside, 0.5 / max(b.n, 1))
+            p0 = expected_outside(b, config)
             if (s["out_of_range_share"] >= max(2 * p0, p0 + 0.01)
                     and _binomial_p(s["out_of_range_count"], s["n"], p0) < 0.001):
                 flagged.append(f)
@@ -623,13 +626,14 @@ def judge_feature(
         if w.drift_score >= config.feature_drift_threshold and p < config.significance:
             out["kinds"].append("distribution")
             out["severe"] |= bool(w.drift_score >= config.severe_drift_threshold)
-    if stats["n"] and not math.isnan(baseline.lo):
+    if stats["n"] and not math.isnan(baseline.lo) and baseline.values.size >= config.min_feature_rows:
         share = stats["out_of_range_share"]
         outside = values[(values < baseline.lo) | (values > baseline.hi)]
         out["out_of_range_median"] = _r(np.median(outside)) if outside.size else None
-        p_oor = _binomial_p(stats["out_of_range_count"], stats["n"], max(baseline.outside, 0.5 / max(baseline.n, 1)))
+        p0 = expected_outside(baseline, config)
+        p_oor = _binomial_p(stats["out_of_range_count"], stats["n"], p0)
         out["out_of_range_p"] = _p(p_oor)
-        if share >= config.out_of_range_share and p_oor < config.significance:
+        if share >= max(config.out_of_range_share, 3 * p0) and p_oor < config.significance:
             out["kinds"].append("out_of_range")
             out["severe"] |= bool(share >= config.severe_out_of_range_share)
     if not math.isnan(baseline.missing):
@@ -640,6 +644,16 @@ def judge_feature(
             out["kinds"].append("missingness")
     out["drifted"] = bool(out["kinds"])
     return out
+
+
+def expected_outside(baseline: FeatureBaseline, config) -> float:
+    """The share of new values expected outside the baseline's range if nothing changed.
+
+    At least the baseline's own share, the nominal 2q, and 2/(n+1): with n
+    baseline values, a new one falls beyond their extremes that often (ties
+    at a bound, or a small baseline, would otherwise make any value "rare").
+    """
+    return max(baseline.outside, 2 * config.out_of_range_quantile, 2 / (baseline.values.size + 1))
 
 
 def _series(values: np.ndarray):
@@ -785,12 +799,15 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     risk = rows["risk"].cast(pl.Float64).to_numpy()
     risk = risk[index] if index is not None else risk
     training, shifts = aged_baseline(baseline, reference, inp.window.start, config)
-    recent = None
+    recent, aligned = None, matrix
     if inp.recent is not None and inp.recent.height >= config.min_window_rows:
-        recent = baseline_from_frame(inp.recent, features, config, site=inp.site)
+        elapsed = {f: d for f in features if (d := _elapsed_days(f, reference.infos.get(f)))}
+        when = inp.window.start
+        recent = baseline_from_frame(_align_elapsed(inp.recent, elapsed, when), features, config, site=inp.site)
+        aligned = _feature_matrix(_align_elapsed(rows, elapsed, when), features) if elapsed else matrix
     stats = {"training": screen_features(matrix, features, training)}
     if recent is not None:
-        stats["recent"] = screen_features(matrix, features, recent)
+        stats["recent"] = screen_features(aligned, features, recent)
     rank = reference.rank
     top = sorted(stats["training"], key=rank.__getitem__)[: config.top_features]
     screened = set(_screened(stats["training"], training, config))
@@ -801,12 +818,13 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     wasserstein = _evidently_stattest(config.stattest)
     batch_share = result["sources"].get("batch", 0.0)
     counts = "all" if batch_share >= config.min_batch_share else "unit changes"
+    samples = {"training": sampled, "recent": aligned[index] if index is not None else aligned}
 
     def compare(base: SiteBaseline, which: str) -> dict[str, Any]:
         verdicts = []
         for f in tested:
-            v = judge_feature(f, sampled[:, column[f]], rows.height, stats[which][f], base.features[f], config,
-                              wasserstein)
+            v = judge_feature(f, samples[which][:, column[f]], rows.height, stats[which][f], base.features[f],
+                              config, wasserstein)
             v["display"] = reference.display(f)
             v["importance_rank"] = rank[f]
             hint = _unit_hint(f, v, reference)
@@ -835,6 +853,43 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     status, reasons = _merge_performance_status(status, reasons, performance, config)
     result.update(status=status, reasons=reasons)
     return result
+
+
+_AGE_NAME = re.compile(r"(^|_)age(_years)?$|(^|_)age_", re.IGNORECASE)
+
+
+def _elapsed_days(name: str, info: dict | None) -> float | None:
+    """Days per unit of a feature that only the clock moves (time since a first event, age); None otherwise.
+
+    "Time since the last event" is not one: a new event resets it, and the
+    scores at visits are exactly the rows where it was just reset.
+    """
+    info = info or {}
+    unit = (info.get("unit") or "").lower()
+    text = f"{name} {info.get('display', '')}".lower().replace(" ", "_")
+    if "since_first" in text or _AGE_NAME.search(name):
+        if unit in ("days", "day", "d") or name.endswith("_days") or "days_since" in name:
+            return 1.0
+        if unit in ("years", "year", "y") or name.endswith("_years") or "years_since" in name:
+            return 365.25
+    if "since_first" in text:  # no unit given: the name says
+        return 1.0 if "days" in text else 365.25
+    return None
+
+
+def _align_elapsed(frame: pl.DataFrame, elapsed: dict[str, float], when: datetime) -> pl.DataFrame:
+    """Elapsed-time features as they would read at `when` (the clock moved on, nothing else did).
+
+    A row scored four weeks earlier had every "days since" four weeks
+    shorter and every age four weeks younger: aligning both the window and its
+    recent baseline to the window's start keeps the clock from looking like
+    drift, while a real change (new patients, new events) still shows.
+    """
+    cols = [f for f in elapsed if f in frame.columns]
+    if not cols or "prediction_time" not in frame.columns:
+        return frame
+    days = (pl.lit(when) - pl.col("prediction_time").cast(pl.Datetime("us"))).dt.total_microseconds() / 86_400e6
+    return frame.with_columns([(pl.col(f).cast(pl.Float64) + days / elapsed[f]).alias(f) for f in cols])
 
 
 def _feature_matrix(rows: pl.DataFrame, features: Sequence[str]) -> np.ndarray:
@@ -1094,11 +1149,14 @@ def save_window_html(path: Path, inp: WindowInput, result: dict, reference: Refe
         aged = section.get("aged", {})
         ref_frame = ref_frame.with_columns([(pl.col(f) + shift).alias(f) for f, shift in aged.items()
                                             if f in ref_frame.columns])
-    else:
-        ref_frame = inp.recent
+        current_rows = inp.rows
+    else:  # both aligned to the window's start, as in the JSON
+        elapsed = {f: d for f in cols if (d := _elapsed_days(f, reference.infos.get(f)))}
+        ref_frame = _align_elapsed(inp.recent, elapsed, inp.window.start)
+        current_rows = _align_elapsed(inp.rows, elapsed, inp.window.start)
     index = _sample_index(inp.rows.height, config.sample_rows,
                           _seed(config.seed, inp.task, inp.site, inp.window.label))
-    sample = inp.rows[index] if index is not None else inp.rows
+    sample = current_rows[index] if index is not None else current_rows
     current = sample.select([pl.col(c).cast(pl.Float64) for c in cols]).fill_nan(None).to_pandas()
     ref = ref_frame.select([pl.col(c).cast(pl.Float64) for c in cols]).fill_nan(None).to_pandas()
     definition = DataDefinition(numerical_columns=cols)

@@ -31,13 +31,7 @@ import polars as pl
 from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import EVENT_SCHEMA
 from chronorisk.errors import ChronoriskError, InputError
-from chronorisk.serving.store import (
-    ScoreStore,
-    age_band,
-    conditions_text,
-    to_json_factors,
-    utcnow,
-)
+from chronorisk.serving.store import ScoreStore, to_json_factors, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -400,33 +394,6 @@ def chunk_name(chunk: Sequence[Path]) -> str:
     return f"{first}..{chunk[-1].relative_to(chunk[-1].parents[1])}"
 
 
-def patient_facts(events: pl.LazyFrame, prediction_time: datetime) -> pl.LazyFrame:
-    """Per subject: sex, birth year, conditions recorded before the prediction time (concept names)."""
-    from chronorisk.features.concepts import load_concepts
-
-    cmap = load_concepts()
-    sex = (
-        events.filter(pl.col("code").is_in([vocab.SEX_FEMALE, vocab.SEX_MALE]))
-        .group_by("subject_id")
-        .agg(pl.col("code").first().str.slice(-1).alias("sex"))
-    )
-    birth = (
-        events.filter(pl.col("code") == vocab.BIRTH)
-        .group_by("subject_id")
-        .agg(pl.col("time").min().alias("birth"))
-    )
-    before = events.filter(pl.col("time") < prediction_time).select("subject_id", "code")
-    table = cmap.concept_table(before)
-    conds = (
-        before.join(table, on="code", how="inner")
-        .group_by("subject_id")
-        .agg(pl.col("concept").unique().sort().alias("conditions"))
-    )
-    return sex.join(birth, on="subject_id", how="full", coalesce=True).join(
-        conds, on="subject_id", how="full", coalesce=True
-    )
-
-
 def batch_score(
     store: ScoreStore,
     models: dict[str, ServedModel],
@@ -517,7 +484,7 @@ def _score_shard(
     scored_at = utcnow()
     score_rows: list[dict] = []
     checkpoints: list[dict] = []
-    subjects: set[int] = set()
+    facts: list[pl.DataFrame] = []
     n_explained = 0
     for model in models:
         index = eligible_index(events, model.task_def, [prediction_time]).collect()
@@ -534,7 +501,7 @@ def _score_shard(
                     factors[pos] = to_json_factors(f)
                 n_explained += int(wanted.size)
             ids = feats["subject_id"].to_list()
-            subjects.update(ids)
+            facts.append(facts_from_features(model, feats, prediction_time))
             score_rows.extend(
                 {
                     "site": site, "subject_id": sid, "task": model.task, "prediction_time": prediction_time,
@@ -550,33 +517,45 @@ def _score_shard(
             {"prediction_time": prediction_time, "site": site, "chunk": chunk, "task": model.task,
              "model_version": model.version, "n_scored": index.height, "finished_at": utcnow()}
         )
-    patient_rows, bands = _patient_rows(events, subjects, site, prediction_time, scored_at)
+    patient_rows, bands = _patient_rows(facts, site, prediction_time, scored_at)
     for row in score_rows:
         row["age_band"] = bands.get(row["subject_id"])
     store.write_chunk(score_rows, patient_rows, checkpoints)
     return len(score_rows), n_explained
 
 
-def _patient_rows(events, subjects, site, prediction_time, updated_at) -> tuple[list[dict], dict[int, str | None]]:
-    if not subjects:
-        return [], {}
-    facts = (
-        patient_facts(events.filter(pl.col("subject_id").is_in(list(subjects))), prediction_time)
-        .collect()
+def facts_from_features(model: ServedModel, feats: pl.DataFrame, prediction_time: datetime) -> pl.DataFrame:
+    """Per scored subject: sex, birth year, age band and recorded conditions, read off the feature
+    table (demographics and condition-present features), so no second pass over the events."""
+    names = sorted(c.name for c in model.spec.conditions if f"cond_{c.name}_present" in feats.columns)
+    flags = [pl.when(pl.col(f"cond_{n}_present") == 1).then(pl.lit(f"{n},")).otherwise(pl.lit("")) for n in names]
+    age = pl.col("demo_age_years") if "demo_age_years" in feats.columns else pl.lit(None, dtype=pl.Float32)
+    female = pl.col("demo_sex_female") if "demo_sex_female" in feats.columns else pl.lit(None, dtype=pl.Float32)
+    born = pl.lit(prediction_time).cast(_US) - pl.duration(microseconds=(age.cast(pl.Float64) * 365.25 * 86_400e6)
+                                                            .cast(pl.Int64))
+    band = pl.when(age < 0).then(None)
+    for low, label in ((18, "0-17"), (30, "18-29"), (40, "30-39"), (50, "40-49"), (60, "50-59"), (70, "60-69"),
+                       (80, "70-79")):
+        band = band.when(age < low).then(pl.lit(label))
+    band = band.when(age >= 80).then(pl.lit("80+")).otherwise(None)
+    return feats.select(
+        "subject_id",
+        pl.when(female == 1).then(pl.lit("F")).when(female == 0).then(pl.lit("M")).otherwise(None).alias("sex"),
+        born.dt.year().cast(pl.Int32).alias("birth_year"),
+        band.alias("age_band"),
+        pl.concat_str([pl.lit(","), *flags]).alias("conditions"),
     )
+
+
+def _patient_rows(facts: list[pl.DataFrame], site, prediction_time, updated_at):
+    if not facts:
+        return [], {}
+    table = pl.concat(facts, how="vertical").unique("subject_id", keep="first", maintain_order=True)
     rows, bands = [], {}
-    for r in facts.iter_rows(named=True):
-        birth = r["birth"]
-        age = (prediction_time - birth).days / 365.25 if birth is not None else None
-        bands[r["subject_id"]] = age_band(age)
-        rows.append(
-            {
-                "site": site, "subject_id": r["subject_id"], "sex": r["sex"],
-                "birth_year": birth.year if birth is not None else None,
-                "conditions": conditions_text(r["conditions"] or []), "as_of": prediction_time,
-                "updated_at": updated_at,
-            }
-        )
+    for sid, sex, birth_year, band, conditions in table.iter_rows():
+        bands[sid] = band
+        rows.append({"site": site, "subject_id": sid, "sex": sex, "birth_year": birth_year,
+                     "conditions": conditions, "as_of": prediction_time, "updated_at": updated_at})
     return rows, bands
 
 

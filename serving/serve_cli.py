@@ -33,7 +33,7 @@ def service_environment(args, ctx) -> dict[str, str]:
     import json
     import os
 
-    from chronorisk.serving.state import resolve_store_url
+    from chronorisk.serving.config import resolve_store_url
 
     cfg = ctx.params.serve
     env = dict(os.environ)

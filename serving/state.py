@@ -25,6 +25,7 @@ from pathlib import Path
 
 from chronorisk.serving.access import KeyRing, is_demo, load_secret
 from chronorisk.serving.audit import AuditLog
+from chronorisk.serving.config import resolve_store_url
 from chronorisk.serving.scoring import ServedModel, load_models
 from chronorisk.serving.store import ScoreStore, utcnow
 
@@ -51,12 +52,6 @@ class ServingState:
     @property
     def top_k(self) -> int:
         return int(self.params.model.top_k_factors)
-
-
-def resolve_store_url(params, work: Path, override: str | None = None) -> str:
-    from chronorisk.paths import WorkPaths
-
-    return override or os.environ.get("CHRONORISK_STORE_URL") or params.serve.store_url or WorkPaths(work).store_url
 
 
 class MonitoringSink:

@@ -169,7 +169,7 @@ def held_out_rows(data, bundle: ModelBundle, meds_root: Path | None) -> pl.DataF
     """The held-out rows of `data` with features as `bundle` computes them (same rows for every bundle)."""
     from chronorisk.training.train import HELD_OUT, with_spec
 
-    return with_spec(data, bundle.spec, meds_root).split(HELD_OUT)
+    return with_spec(data.only(HELD_OUT), bundle.spec, meds_root).frame
 
 
 def score(version: int, bundle: ModelBundle, rows: pl.DataFrame) -> Figures:

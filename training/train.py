@@ -17,13 +17,12 @@ Two sources give the same `TaskData`:
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import polars as pl
 
 from chronorisk.errors import ChronoriskError, InputError
@@ -52,12 +51,14 @@ class TaskData:
     spec: FeatureSpec
     frame: pl.DataFrame  # KEY_COLUMNS + spec.feature_names (+ anything else, ignored)
     source: str  # where the rows came from (for logs, MLflow and the model card)
-    generated: bool = False  # the generator's own MEDS: ground truth may exist for it
-    meds_root: Path | None = None
-    info: dict = field(default_factory=dict)
+    meds_root: Path | None = None  # the MEDS data the features were computed from, when known
 
     def split(self, name: str) -> pl.DataFrame:
         return self.frame.filter(pl.col("split") == name)
+
+    def only(self, name: str) -> TaskData:
+        """The same task and spec with the rows of one split."""
+        return dataclasses.replace(self, frame=self.split(name))
 
     @property
     def feature_names(self) -> list[str]:
@@ -83,18 +84,7 @@ def load_feature_tables(features_root: Path, task: str | TaskDefinition) -> Task
         raise InputError("--features", f"{folder} has no feature tables (<site>.parquet)")
     frame = pl.concat([pl.read_parquet(t) for t in tables], how="diagonal_relaxed")
     check_table(frame, spec, str(folder))
-    meta_path = folder / "features.json"
-    info = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meds_root = info.get("meds_root")
-    return TaskData(
-        task=task_def,
-        spec=spec,
-        frame=frame,
-        source=str(folder),
-        generated=bool(info.get("generated", True)),
-        meds_root=Path(meds_root) if meds_root else None,
-        info=info,
-    )
+    return TaskData(task=task_def, spec=spec, frame=frame, source=str(folder))
 
 
 def check_table(frame: pl.DataFrame, spec: FeatureSpec, source: str) -> None:
@@ -182,9 +172,7 @@ def compute_task_data(
         spec=spec,
         frame=frame,
         source=str(meds) + (f" + labels {labels}" if labels else ""),
-        generated=False,
         meds_root=Path(meds),
-        info={"meds_root": str(meds), "labels": str(labels) if labels else None},
     )
 
 
@@ -290,10 +278,6 @@ def _iso(value: object) -> str | None:
     return value.isoformat() if hasattr(value, "isoformat") else None
 
 
-def positive_rate(frame: pl.DataFrame) -> float:
-    return float(np.mean(frame["boolean_value"].to_numpy())) if frame.height else float("nan")
-
-
 def same_spec(a: FeatureSpec, b: FeatureSpec) -> bool:
     """True when two specs compute the same columns the same way (when they were fitted does not matter)."""
     return a.model_dump(exclude={"fit_info"}) == b.model_dump(exclude={"fit_info"})
@@ -321,4 +305,4 @@ def with_spec(data: TaskData, spec: FeatureSpec, meds_root: Path | None) -> Task
     frame = transform(spec, events.drop("site"), index.lazy()).collect()
     check_table(frame, spec, f"features recomputed from {root}")
     return TaskData(task=data.task, spec=spec, frame=frame, source=f"{root} (recomputed for the model's spec)",
-                    generated=data.generated, meds_root=Path(root), info=data.info)
+                    meds_root=Path(root))

@@ -78,7 +78,7 @@ def _train_one(task: str, args, ctx, train_config, tracking) -> None:
     from chronorisk.training import registry
     from chronorisk.training.tracking import log_files, log_metrics, log_params, redact, start_run
 
-    tags = {"task": name, "stage": "train", "source": "generated" if data.generated else "external"}
+    tags = {"task": name, "stage": "train", "source": "meds" if args.meds is not None else "features"}
     with start_run(tracking, name=f"train-{name}", tags=tags) as run:
         log_params({"model": params.model.model_dump(mode="json"), "train": train_config.model_dump(mode="json"),
                     "features": params.features.model_dump(mode="json"), "task": name})

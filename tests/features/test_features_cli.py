@@ -15,7 +15,7 @@ from chronorisk.data.meds_io import write_metadata
 from chronorisk.features.spec import FeatureSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.random_meds import write_random_meds  # noqa: E402
+from benchmarks.random_meds import write_random_meds
 
 SITES = ("site_a", "site_b")
 

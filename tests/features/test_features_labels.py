@@ -94,7 +94,9 @@ def test_censoring_rules_are_configurable():
 
 
 def test_schedule_from_data_span():
-    rows = [(1, datetime(2019, 1, 1), VISIT), (1, datetime(2025, 12, 31), VISIT), (1, datetime(1950, 1, 1), "MEDS_BIRTH")]
+    rows = [
+        (1, datetime(2019, 1, 1), VISIT), (1, datetime(2025, 12, 31), VISIT), (1, datetime(1950, 1, 1), "MEDS_BIRTH")
+    ]
     task = load_task("complication_1y")
     times = task.schedule_from_events(events(rows).lazy())
     assert times[0] == datetime(2021, 1, 1) and times[-1] == datetime(2024, 7, 1)
@@ -152,5 +154,5 @@ def test_bad_label_files_are_named(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_labels(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no .parquet label files"):
+    with pytest.raises(InputError, match=r"no \.parquet label files"):
         read_labels(tmp_path / "empty")

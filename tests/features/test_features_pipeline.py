@@ -18,7 +18,7 @@ from chronorisk.features.spec import FeatureSpec
 from chronorisk.features.tasks import load_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from benchmarks.random_meds import write_random_meds  # noqa: E402
+from benchmarks.random_meds import write_random_meds
 
 T = datetime(2024, 7, 1)
 

@@ -138,7 +138,7 @@ def test_federated_calibrator_dicts_are_understood():
 def test_isotonic_never_predicts_exactly_zero_or_one():
     """An end block without cases gets the rule-of-a-half risk 0.5 / (n + 1), not 0."""
     m = np.arange(100, dtype=float)
-    y = np.r_[np.zeros(40), (np.arange(40) % 2).astype(float), np.ones(20)]  # 40 non-cases, mixed, 20 cases
+    y = np.r_[np.zeros(40), ((np.arange(40) + 1) % 2).astype(float), np.ones(20)]  # 40 non-cases, 1 0 1 0.., 20 cases
     cal = IsotonicCalibrator.fit(m, y)
     p = cal.predict(m)
     assert p.min() == pytest.approx(0.5 / 41)

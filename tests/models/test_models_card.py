@@ -31,3 +31,11 @@ def test_model_card_sections_and_figures(fitted, spec, task, tmp_path):
     assert "| north |" in card and "| sex F |" in card and "| age 70+ |" in card
     assert "sha256:ab" in card and "diabetes, hypertension" in card
     assert "generated (synthetic)" in card
+
+
+def test_model_card_of_a_federated_bundle():
+    meta = {"name": "chronorisk-onset_2y", "version": "1", "task": "onset_2y", "training": "federated",
+            "strategy": "bagging", "site_sizes": {"north": 100, "south": 50}}
+    card = render_model_card(meta, [])
+    assert "- training: federated (bagging)" in card and "north (100 rows)" in card
+    assert "No evaluation records." in card

@@ -76,3 +76,64 @@ def test_never_worse_beyond_tolerance_when_accepted(a1, e1, a2, e2):
     assert d.accepted == (a2 >= a1 - TOL.auroc_tolerance and e2 <= e1 + TOL.ece_tolerance)
     # a candidate identical to the champion is always accepted
     assert decide("t", fig(2, a1, e1), fig(1, a1, e1), TOL).accepted
+
+
+# ---- on real bundles: the champion is scored with its own feature spec, on the same rows -----------
+
+TASK = "complication_1y"
+
+
+@pytest.fixture(scope="module")
+def meds(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("promote") / "work"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(work), "generate", "--patients", "600"],
+                   check=True, capture_output=True, env=env)
+    return work / "meds"
+
+
+def test_champion_with_another_spec_is_scored_on_the_same_rows(meds, tmp_path):
+    from chronorisk.errors import ChronoriskError
+    from chronorisk.features.config import FeatureConfig
+    from chronorisk.models.config import ModelConfig
+    from chronorisk.paths import WorkPaths
+    from chronorisk.training import registry, tracking
+    from chronorisk.training.config import TrainConfig
+    from chronorisk.training.promote import figures, promote_task
+    from chronorisk.training.train import HELD_OUT, compute_task_data, same_spec, train_task
+
+    paths = WorkPaths(tmp_path / "work")
+    track = tracking.configure_tracking(paths, experiment="promote-test")
+    model_config = ModelConfig(num_boost_round=60, early_stopping_rounds=10)
+    data_a = compute_task_data(meds, TASK, FeatureConfig(windows_days=[365]))  # one window: fewer columns
+    data_b = compute_task_data(meds, TASK, FeatureConfig())
+    assert not same_spec(data_a.spec, data_b.spec)
+    bundles = []
+    for tag, data in (("a", data_a), ("b", data_b)):
+        bundle = train_task(data, model_config, TrainConfig()).bundle
+        bundle.save(tmp_path / tag)
+        bundles.append(bundle)
+        registry.register_bundle(track, tmp_path / tag, task=TASK)
+    registry.set_alias(track, TASK, "champion", 1)
+
+    decision = promote_task(track, paths, TASK, data_b, PromoteConfig(), meds_root=meds)
+    held_a, held_b = data_a.split(HELD_OUT), data_b.split(HELD_OUT)
+    assert decision.candidate.version == 2 and decision.champion.version == 1
+    assert decision.candidate.n == decision.champion.n == held_b.height == held_a.height
+    expected = figures(1, held_a["boolean_value"].to_numpy(), bundles[0].predict_risk(held_a))
+    assert decision.champion.auroc == pytest.approx(expected.auroc)
+    assert decision.champion.ece == pytest.approx(expected.ece)
+    alias = registry.get_version_by_alias(track, TASK, "champion").version
+    assert alias == (2 if decision.accepted else 1)
+    record = (paths.reports / f"promotion_{TASK}.json").read_text()
+    assert '"accepted"' in record
+
+    # without MEDS data the champion's features cannot be made: a clear error, nothing moved
+    registry.set_alias(track, TASK, "champion", 1)
+    with pytest.raises(ChronoriskError, match="another feature spec"):
+        promote_task(track, paths, TASK, data_b, PromoteConfig(), meds_root=None)
+    assert registry.get_version_by_alias(track, TASK, "champion").version == 1
