@@ -254,15 +254,17 @@ def conditions(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
 def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     """Last value, days since last, and per window mean/min/max/std/count/least-squares slope.
 
-    Computed with numpy segment reductions over rows sorted by key (polars'
-    group_by costs about ten times more for 30 statistics). Same-time
-    duplicates at the latest time: `last` is their mean. The slope (per year)
-    is null when the window's times do not spread (variance under 1e-8 year^2).
+    Computed with numpy scatter reductions (`bincount`, `minimum.at`) into a dense
+    (window band, measurement, row) grid: no sort and no group_by, which is what
+    makes this family about ten times cheaper than a polars group_by with 30
+    statistics. Same-time duplicates at the latest time: `last` is their mean.
+    The slope (per year) is null when the window's times do not spread
+    (variance under 1e-8 year^2).
     """
     n = len(spec.measurements)
     if n == 0:
         return []
-    rows = _keyed(_of(ev, KIND_MEAS).filter(pl.col("value").is_not_null()), n).select("key", "days", "value")
+    rows = _of(ev, KIND_MEAS).filter(pl.col("value").is_not_null()).select("_ix", "idx", "days", "value")
     names = [m.name for m in spec.measurements]
     windows = tuple(spec.windows_days)
     columns = {
@@ -278,75 +280,80 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     def compute(df: pl.DataFrame) -> pl.DataFrame:
         if df.height == 0:
             return pl.DataFrame(schema=schema)
-        stats = _measurement_stats(df["days"].to_numpy(), df["value"].to_numpy(), df["key"].to_numpy(), windows)
-        return _scatter(stats.pop("_key"), n, columns, stats)
+        ix = df["_ix"].to_numpy().astype(np.intp)
+        n_rows = int(ix.max()) + 1
+        stats = _measurement_stats(
+            df["days"].to_numpy(), df["value"].to_numpy(), df["idx"].to_numpy().astype(np.intp) * n_rows + ix,
+            n * n_rows, windows,
+        )
+        present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
+        out = [pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32)]
+        for stat, feats in columns.items():
+            grid = stats[stat].reshape(n, n_rows)
+            out += [pl.Series(name, grid[j][present], nan_to_null=True) for j, name in enumerate(feats)]
+        return pl.DataFrame(out)
 
     return [rows.map_batches(compute, schema=schema)]
 
 
-def _runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start positions of runs of equal values, and each row's run number."""
-    new = np.empty(len(sorted_keys), dtype=bool)
-    new[0] = True
-    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
-    return np.flatnonzero(new), np.cumsum(new) - 1
+def _measurement_stats(
+    days: np.ndarray, v: np.ndarray, key: np.ndarray, n_keys: int, windows: tuple[int, ...]
+) -> dict[str, np.ndarray]:
+    """Statistics of `measurements` for every key in [0, n_keys) (NaN where undefined).
 
-
-def _measurement_stats(days: np.ndarray, v: np.ndarray, key: np.ndarray, windows: tuple[int, ...]) -> dict:
-    """Statistics of `measurements` per key, in one sort and a few segment reductions.
-
-    Windows are nested, so each row gets a band (the smallest window holding
-    it, or one past the last); sums, minima and maxima are reduced per
-    (key, band) and accumulated over bands, which gives every window at once.
-    Values are centred on each key's first value before summing squares.
+    Windows are nested, so each row gets a band (the smallest window holding it,
+    or one past the last); sums, minima and maxima are scattered per (band, key)
+    and accumulated over bands, which gives every window at once. Values are
+    centred on each key's mean before sums of squares (numerical stability).
     """
     nb = len(windows) + 1
     band = np.searchsorted(np.asarray(windows, dtype=np.float64), days, side="left")
-    ck = key * np.uint64(nb) + band.astype(np.uint64)
-    order = np.argsort(ck, kind="stable")
-    ck, days, v = ck[order], days[order], v[order]
-    sub_starts, _ = _runs(ck)
-    row_key = ck // np.uint64(nb)
-    key_starts, key_of_row = _runs(row_key)
-    n_keys = len(key_starts)
-    sub_key = key_of_row[sub_starts]
-    sub_band = (ck[sub_starts] % np.uint64(nb)).astype(np.intp)
-    shift = v[key_starts]
-    vc = v - shift[key_of_row]
-    x = days * (-1.0 / DAYS_PER_YEAR)
-    add = np.add.reduceat
-
-    def windowed(per_sub: np.ndarray, fill: float, ufunc: np.ufunc = np.add) -> np.ndarray:
-        """(band, key) array of per-(key, band) values, accumulated over bands: row i = window i."""
-        out = np.full((nb, n_keys), fill)
-        out[sub_band, sub_key] = per_sub
-        for i in range(1, nb):
-            ufunc(out[i], out[i - 1], out=out[i])
-        return out
-
-    cnt = windowed(np.diff(np.append(sub_starts, len(ck))).astype(np.float64), 0.0)
-    sv = windowed(add(vc, sub_starts), 0.0)
-    svv = windowed(add(vc * vc, sub_starts), 0.0)
-    sx = windowed(add(x, sub_starts), 0.0)
-    sxx = windowed(add(x * x, sub_starts), 0.0)
-    sxv = windowed(add(x * vc, sub_starts), 0.0)
-    vmin = windowed(np.minimum.reduceat(v, sub_starts), np.inf, np.minimum)
-    vmax = windowed(np.maximum.reduceat(v, sub_starts), -np.inf, np.maximum)
-    dmin = np.minimum.reduceat(days, key_starts)
-    is_last = days == dmin[key_of_row]
-    out: dict[str, np.ndarray] = {
-        "_key": row_key[key_starts],
-        "last": add(np.where(is_last, v, 0.0), key_starts) / add(is_last.astype(np.float64), key_starts),
-        "days_since_last": dmin,
-        "n_all": cnt[-1],
-    }
+    cell = band * n_keys + key
+    size = nb * n_keys
+    n_all = np.bincount(key, minlength=n_keys).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
+        centre = np.nan_to_num(np.bincount(key, weights=v, minlength=n_keys) / n_all)
+    vc = v - centre[key]
+    x = days * (-1.0 / DAYS_PER_YEAR)
+
+    def windowed(weights: np.ndarray | None) -> np.ndarray:
+        """(window, key) sums: row i accumulates bands 0..i."""
+        grid = np.bincount(cell, weights=weights, minlength=size).astype(np.float64).reshape(nb, n_keys)[:-1]
+        for i in range(1, nb - 1):
+            np.add(grid[i], grid[i - 1], out=grid[i])
+        return grid
+
+    def extreme(ufunc: np.ufunc, fill: float) -> np.ndarray:
+        grid = np.full(size, fill)
+        ufunc.at(grid, cell, v)
+        grid = grid.reshape(nb, n_keys)
+        for i in range(1, nb - 1):
+            ufunc(grid[i], grid[i - 1], out=grid[i])
+        return grid[:-1]
+
+    cnt = windowed(None)
+    sv, svv = windowed(vc), windowed(vc * vc)
+    sx, sxx, sxv = windowed(x), windowed(x * x), windowed(x * vc)
+    vmin, vmax = extreme(np.minimum, np.inf), extreme(np.maximum, -np.inf)
+    dmin = np.full(n_keys, np.inf)
+    np.minimum.at(dmin, key, days)
+    is_last = days == dmin[key]
+    none_at_all = n_all == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        last = np.bincount(key, weights=np.where(is_last, v, 0.0), minlength=n_keys) / np.bincount(
+            key, weights=is_last.astype(np.float64), minlength=n_keys
+        )
+        out: dict[str, np.ndarray] = {
+            "last": last,
+            "days_since_last": np.where(none_at_all, np.nan, dmin),
+            "n_all": np.where(none_at_all, np.nan, n_all),  # null: never measured (see pipeline)
+        }
         for i, w in enumerate(windows):
             c = cnt[i]
             none = c == 0
             mean_c = sv[i] / c
             out[f"count_{w}"] = c
-            out[f"mean_{w}"] = np.where(none, np.nan, mean_c + shift)
+            out[f"mean_{w}"] = np.where(none, np.nan, mean_c + centre)
             out[f"min_{w}"] = np.where(none, np.nan, vmin[i])
             out[f"max_{w}"] = np.where(none, np.nan, vmax[i])
             var = np.maximum(svv[i] - sv[i] * mean_c, 0.0) / (c - 1)

@@ -309,7 +309,7 @@ def transform(
     chosen = _chosen_families(families)
     idx = _conform_index(index).collect().lazy().with_row_index("_ix")
     keys = idx.select("_ix", "subject_id", "prediction_time").collect()
-    ev = tag_events(spec, events, keys)
+    ev = tag_events(spec, events, keys).cache()
     ixs = idx.select("_ix")
     aligned = [
         ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix")

@@ -19,6 +19,9 @@ class FederatedConfig(BaseModel):
     learning_rate: float | None = Field(
         None, gt=0, le=1, description="LightGBM learning rate at the sites (null = model.lightgbm's)"
     )
+    early_stopping: bool = Field(
+        True, description="cut the model where the pooled tuning log-loss (sums from the sites) is lowest"
+    )
     min_sites: int = Field(3, ge=1, description="a round goes on when at least this many sites answered")
     round_timeout_s: float = Field(120.0, gt=0, description="deadline of every exchange")
     straggler_wait_s: float = Field(

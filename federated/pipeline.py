@@ -313,11 +313,19 @@ def run_on_grid(grid: Any, run_config: dict) -> dict:
                 tracking, list(params.labels.tasks), str(run_config.get("strategy") or params.federated.strategy),
                 tags={"chronorisk.mode": "deployment"},
             )
+        def on_round(entry: RoundLog) -> None:
+            if round_logger is not None:
+                round_logger(entry)
+            write_text_atomic(out_dir / "status.json", json.dumps({
+                "status": "running", "tag": tag, "phase": entry.phase, "round": entry.round,
+                "sites": entry.sites, "missing": entry.missing,
+            }))
+
         result = train_federated(
             transport, params,
             strategy=str(run_config.get("strategy") or "") or None,
             rounds=int(run_config.get("rounds") or 0) or None,
-            on_round=round_logger,
+            on_round=on_round,
         )
         summary = finish(result, params, paths, out_dir=out_dir, tracking=tracking, round_logger=round_logger,
                          register=params.federated.register_model)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from chronorisk.errors import ChronoriskError
 from chronorisk.federated import strategies
 from chronorisk.federated.calibration import (
@@ -217,6 +219,8 @@ class TaskResult:
     overall: dict[str, float]
     site_sizes: dict[str, int]
     times: list[str] = field(default_factory=list)
+    early_stopping: dict = field(default_factory=dict)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def num_trees(self) -> int:
@@ -246,6 +250,7 @@ class FederatedResult:
                     "sites": r.site_metrics,
                     "site_sizes": r.site_sizes,
                     "times": r.times,
+                    "early_stopping": r.early_stopping,
                 }
                 for name, r in self.tasks.items()
             },
@@ -263,6 +268,10 @@ class _TaskState:
     times: list[str]
     model: strategies.TreeModel | None = None
     sizes: dict[str, int] = field(default_factory=dict)
+    checkpoints: list[int] = field(default_factory=list)  # tree counts to score on the next message
+    stopped: bool = False
+    stop_info: dict = field(default_factory=dict)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
 SpecFitter = Callable[[str, dict[str, Payload]], str]
@@ -392,12 +401,15 @@ class FederatedTrainer:
         tasks_cfg = {}
         blobs = {}
         for task, st in states.items():
+            if st.stopped:
+                continue
             model_text = st.model.to_text() if st.model is not None else None
             tasks_cfg[task] = {
                 "trees": self.config.trees_per_round,
                 "spec_hash": st.spec_hash,
                 "times": st.times,
                 "model_hash": strategies.model_hash(model_text) if model_text else None,
+                "checkpoints": st.checkpoints,
             }
             blobs[f"spec:{task}"] = st.spec_json.encode()
             if model_text:
@@ -409,34 +421,70 @@ class FederatedTrainer:
         )
 
     def _take_updates(self, replies: dict[str, Payload], states: dict[str, _TaskState]) -> dict[str, list]:
-        updates: dict[str, list[tuple[str, strategies.TreeModel, int]]] = {t: [] for t in states}
-        for site, payload in sorted(replies.items()):
-            for task in states:
+        updates: dict[str, list[tuple[str, strategies.TreeModel, int]]] = {}
+        for task, st in states.items():
+            if st.stopped:
+                continue
+            updates[task] = []
+            for site, payload in sorted(replies.items()):
                 info = payload.config.get("tasks", {}).get(task)
-                if not info or f"trees:{task}" not in payload.blobs:
-                    self._event(f"{site} sent no trees for {task}")
+                if not info:
+                    self._event(f"{site} sent nothing for {task}")
                     continue
                 n_train = int(info.get("n_train", 0))
-                if n_train <= 0:
+                if n_train <= 0 or f"trees:{task}" not in payload.blobs:
                     continue
                 trees = strategies.parse_model(payload.blob_text(f"trees:{task}"))
                 updates[task].append((site, trees, n_train))
-                states[task].sizes[site] = n_train
+                st.sizes[site] = n_train
         return updates
+
+    def _early_stop(self, task: str, st: _TaskState, replies: dict[str, Payload], where: str) -> bool:
+        """Pool the sites' checkpoint losses; cut the model at the best one. True if it was cut short."""
+        if not st.checkpoints or st.model is None or not self.config.early_stopping:
+            st.checkpoints = []
+            return False
+        sums = np.zeros(len(st.checkpoints))
+        rows = 0
+        for payload in replies.values():
+            losses = payload.arrays.get(f"{task}:ckpt_loss")
+            info = payload.config.get("tasks", {}).get(task, {})
+            if losses is None or len(losses) != len(st.checkpoints) or not info.get("ckpt_rows"):
+                continue
+            sums += losses
+            rows += int(info["ckpt_rows"])
+        checkpoints, st.checkpoints = st.checkpoints, []
+        if rows == 0:
+            return False
+        best, loss = strategies.best_checkpoint(checkpoints, sums, rows)
+        st.loss_curve.extend((c, float(v) / rows) for c, v in zip(checkpoints, sums, strict=True))
+        if best >= checkpoints[-1]:
+            return False
+        st.model = strategies.truncate(st.model, best)
+        st.stopped = True
+        st.stop_info = {"trees": best, "tuning_logloss": loss, "at": where, "tuning_rows": rows}
+        log.info("%s: early stop at %d trees (pooled tuning log-loss %.5f, %s)", task, best, loss, where)
+        return True
 
     def train_bagging(self, states: dict[str, _TaskState]) -> None:
         for r in range(1, self.config.rounds + 1):
+            if all(st.stopped for st in states.values()):
+                break
             nodes = self.transport.node_ids()
             replies = self._exchange(
                 TRAIN, r, {n: self._train_payload(r, states, self.site_of.get(n)) for n in nodes},
                 self.config.min_sites,
             )
             for task, ups in self._take_updates(replies, states).items():
+                st = states[task]
+                if self._early_stop(task, st, replies, f"round {r}"):
+                    continue  # this round's trees grew from a model that had already overfitted
                 if not ups:
                     raise FederatedError(f"round {r}: no site trained {task}")
-                states[task].model = strategies.merge_bagging(
-                    states[task].model, [(m, n) for _, m, n in ups]
-                )
+                before = st.model.num_trees if st.model is not None else 0
+                st.model = strategies.merge_bagging(st.model, [(m, n) for _, m, n in ups])
+                counts = [m.num_trees for _, m, _ in ups]
+                st.checkpoints = [c for c in strategies.bagging_checkpoints(before, counts) if c > 0]
 
     def train_cyclic(self, states: dict[str, _TaskState]) -> None:
         step = 0
@@ -461,18 +509,29 @@ class FederatedTrainer:
                 raise FederatedError(
                     f"cyclic pass {r}: the model visited {visited} site(s), at least {self.config.min_sites} needed"
                 )
+        for st in states.values():  # every tree count is a candidate: pooled early stopping at the end
+            if st.model is not None and self.config.early_stopping:
+                st.checkpoints = list(range(1, st.model.num_trees + 1))
 
-    def evaluate(self, states: dict[str, _TaskState]) -> dict[str, TaskResult]:
-        tasks_cfg = {t: {"spec_hash": st.spec_hash, "times": st.times} for t, st in states.items()}
+    def _evaluate_exchange(self, states: dict[str, _TaskState], round_index: int) -> dict[str, Payload]:
+        tasks_cfg = {}
         blobs = {}
         for task, st in states.items():
             if st.model is None:
                 raise FederatedError(f"{task}: no model was trained")
+            tasks_cfg[task] = {"spec_hash": st.spec_hash, "times": st.times, "checkpoints": st.checkpoints}
             blobs[f"spec:{task}"] = st.spec_json.encode()
             blobs[f"model:{task}"] = st.model.to_text().encode()
         request = Payload(config={"tasks": tasks_cfg}, blobs=blobs)
         nodes = self.transport.node_ids()
-        replies = self._exchange(EVALUATE, 0, {n: request for n in nodes}, self.config.min_sites)
+        return self._exchange(EVALUATE, round_index, {n: request for n in nodes}, self.config.min_sites)
+
+    def evaluate(self, states: dict[str, _TaskState]) -> dict[str, TaskResult]:
+        """Calibration and per-site evaluation; the final check of early stopping comes with it."""
+        replies = self._evaluate_exchange(states, 0)
+        cut = [task for task, st in states.items() if self._early_stop(task, st, replies, "final check")]
+        if cut:  # the statistics were of the longer model: score the cut one
+            replies = self._evaluate_exchange(states, 1)
         results = {}
         for task, st in states.items():
             tables = {
@@ -499,6 +558,8 @@ class FederatedTrainer:
                 overall=overall,
                 site_sizes=dict(sorted(st.sizes.items())),
                 times=list(st.times),
+                early_stopping=st.stop_info or {"trees": st.model.num_trees, "at": "not stopped"},
+                loss_curve=st.loss_curve,
             )
             log.info("%s: overall held-out AUROC %.4f over %d site(s)",
                      task, overall.get("auroc", float("nan")), len(per_site))

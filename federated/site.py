@@ -294,8 +294,8 @@ def _booster(text: str | None):
 
 
 def _log_loss(y: np.ndarray, raw: np.ndarray) -> float:
-    p = np.clip(1.0 / (1.0 + np.exp(-raw)), 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    """Mean binary log-loss from raw scores (log-odds), computed stably."""
+    return float(np.mean(np.logaddexp(0.0, raw) - y * raw))
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
@@ -324,23 +324,33 @@ def _site_seed(site: str) -> int:
 
 def train(ctx: SiteContext, request: Payload) -> Payload:
     """Boost `trees` new trees per task from the global model on the site's training rows."""
-    params = dict(request.config.get("params", {}))
-    params.update({"num_threads": ctx.threads, "verbose": -1, "objective": "binary"})
-    params["seed"] = int(params.get("seed", 0)) + _site_seed(ctx.site)
     out = Payload(config={"tasks": {}})
     feature_s = 0.0
     for task, tcfg in request.config.get("tasks", {}).items():
         t0 = time.perf_counter()
         table = feature_table(ctx, task, request.blob_text(f"spec:{task}"), list(tcfg["times"]))
         feature_s += time.perf_counter() - t0
-        model = request.blobs[f"model:{task}"].decode() if f"model:{task}" in request.blobs else None
-        info, trees, metrics = train_on_table(table, model, int(tcfg["trees"]), params)
-        out.config["tasks"][task] = info
-        if trees is not None:
-            out.blobs[f"trees:{task}"] = trees.encode()
-        out.metrics.update({f"{task}.{k}": v for k, v in metrics.items()})
+        train_task(out, task, table, request, site=ctx.site, threads=ctx.threads)
     out.config["feature_seconds"] = feature_s
     return out
+
+
+def train_task(out: Payload, task: str, table: SiteTable, request: Payload, *, site: str, threads: int) -> None:
+    """One task of a train message on a ready table: checkpoint losses of the global model, new trees."""
+    tcfg = request.config["tasks"][task]
+    params = dict(request.config.get("params", {}))
+    params.update({"num_threads": threads, "verbose": -1, "objective": "binary"})
+    params["seed"] = int(params.get("seed", 0)) + _site_seed(site)
+    model = request.blobs[f"model:{task}"].decode() if f"model:{task}" in request.blobs else None
+    info, trees, metrics = train_on_table(table, model, int(tcfg["trees"]), params)
+    if model and tcfg.get("checkpoints"):
+        losses, rows = checkpoint_losses(table, model, list(tcfg["checkpoints"]))
+        out.arrays[f"{task}:ckpt_loss"] = losses
+        info["ckpt_rows"] = rows
+    out.config["tasks"][task] = info
+    if trees is not None:
+        out.blobs[f"trees:{task}"] = trees.encode()
+    out.metrics.update({f"{task}.{k}": v for k, v in metrics.items()})
 
 
 def train_on_table(
@@ -382,11 +392,43 @@ def evaluate(ctx: SiteContext, request: Payload) -> Payload:
     out = Payload(config={"tasks": {}})
     for task, tcfg in request.config.get("tasks", {}).items():
         table = feature_table(ctx, task, request.blob_text(f"spec:{task}"), list(tcfg["times"]))
-        arrays, info, metrics = evaluate_table(table, request.blob_text(f"model:{task}"))
-        out.arrays.update({f"{task}:{k}": v for k, v in arrays.items()})
-        out.config["tasks"][task] = info
-        out.metrics.update({f"{task}.{k}": v for k, v in metrics.items()})
+        evaluate_task(out, task, table, request)
     return out
+
+
+def evaluate_task(out: Payload, task: str, table: SiteTable, request: Payload) -> None:
+    """One task of an evaluate message on a ready table."""
+    tcfg = request.config["tasks"][task]
+    model = request.blob_text(f"model:{task}")
+    arrays, info, metrics = evaluate_table(table, model)
+    if tcfg.get("checkpoints"):
+        arrays["ckpt_loss"], info["ckpt_rows"] = checkpoint_losses(table, model, list(tcfg["checkpoints"]))
+    out.arrays.update({f"{task}:{k}": v for k, v in arrays.items()})
+    out.config["tasks"][task] = info
+    out.metrics.update({f"{task}.{k}": v for k, v in metrics.items()})
+
+
+def checkpoint_losses(table: SiteTable, model_text: str, checkpoints: list[int]) -> tuple[np.ndarray, int]:
+    """Sum of the tuning rows' log-loss of the model cut at each checkpoint (tree count), and the row count.
+
+    Sums, not means: the server adds them over sites to get the pooled
+    tuning loss, the quantity centralized early stopping watches.
+    """
+    tu = table.rows(TUNING_SPLIT)
+    if not tu.any() or not checkpoints:
+        return np.zeros(len(checkpoints)), 0
+    model = _booster(model_text)
+    X, y = table.X[tu], table.y[tu]
+    raw = np.zeros(y.size)
+    done = 0
+    sums = np.zeros(len(checkpoints))
+    for i, c in enumerate(checkpoints):
+        c = min(int(c), model.num_trees())
+        if c > done:
+            raw += model.predict(X, raw_score=True, start_iteration=done, num_iteration=c - done)
+            done = c
+        sums[i] = _log_loss(y, raw) * y.size
+    return sums, int(y.size)
 
 
 def evaluate_table(table: SiteTable, model_text: str) -> tuple[dict[str, np.ndarray], dict, dict[str, float]]:

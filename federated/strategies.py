@@ -23,6 +23,11 @@ over the sites that answered).
 Cyclic. The model visits the sites in turn; each adds `k` trees at full
 weight, boosting on the residual of everything before it.
 
+Early stopping without pooling: a request can name checkpoints (tree
+counts); every site returns the sum of its tuning rows' log-loss at each,
+the server adds the sums and cuts the model where the pooled tuning loss is
+lowest, as centralized early stopping would on the pooled tuning rows.
+
 What travels: split thresholds, leaf values and leaf/internal counts of the
 trees (counts are at least LightGBM's `min_data_in_leaf`); never rows. The
 per-feature value ranges LightGBM stores in the header (`feature_infos`) are
@@ -152,7 +157,11 @@ def merge_bagging(global_model: TreeModel | None, updates: Sequence[tuple[TreeMo
     """F + sum_s w_s * Delta_s with w_s = size_s / sum(size): weighted tree averaging.
 
     `updates` holds (new trees of site s, size of site s); sizes are
-    normalized here, so a site missing from a round just has no share.
+    normalized here, so a site missing from a round just has no share. The
+    new trees are interleaved by boosting step (every site's 1st tree, then
+    every site's 2nd, ...), so that the model cut after j steps of a round,
+    `F + sum_s w_s * Delta_s[:j]`, is a prefix of the tree list: federated
+    early stopping (`bagging_checkpoints`) can cut inside a round.
     """
     if not updates:
         raise ModelTextError("bagging needs at least one site update")
@@ -164,9 +173,34 @@ def merge_bagging(global_model: TreeModel | None, updates: Sequence[tuple[TreeMo
     _check_compatible([*base, *(m for m, _ in updates)])
     header = global_model.header if global_model is not None else updates[0][0].header
     trees = list(global_model.trees) if global_model is not None else []
-    for (update, _), w in zip(updates, weights, strict=True):
-        trees.extend(scale_tree(t, float(w)) for t in update.trees)
+    steps = max(update.num_trees for update, _ in updates)
+    for j in range(steps):
+        for (update, _), w in zip(updates, weights, strict=True):
+            if j < update.num_trees:
+                trees.append(scale_tree(update.trees[j], float(w)))
     return TreeModel(header=header, trees=tuple(trees))
+
+
+def bagging_checkpoints(base_trees: int, site_trees: Sequence[int]) -> list[int]:
+    """Tree counts of the models cut after 0, 1, ..., k boosting steps of a merged bagging round."""
+    steps = max(site_trees, default=0)
+    return [base_trees + sum(min(j, n) for n in site_trees) for j in range(steps + 1)]
+
+
+def truncate(model: TreeModel, num_trees: int) -> TreeModel:
+    """The first `num_trees` trees (a boosted model cut early is still a model)."""
+    if not 0 < num_trees <= model.num_trees:
+        raise ModelTextError(f"cannot keep {num_trees} of {model.num_trees} trees")
+    return TreeModel(header=model.header, trees=model.trees[:num_trees])
+
+
+def best_checkpoint(checkpoints: Sequence[int], loss_sums: np.ndarray, rows: float) -> tuple[int, float]:
+    """(tree count, mean loss) of the checkpoint with the lowest pooled tuning loss (fewest trees on ties)."""
+    if rows <= 0 or len(checkpoints) == 0:
+        raise ModelTextError("no tuning rows to choose a checkpoint on")
+    mean = np.asarray(loss_sums, dtype=np.float64) / rows
+    best = int(np.argmin(mean))  # argmin takes the first (smallest model) of equal losses
+    return int(checkpoints[best]), float(mean[best])
 
 
 def append_cyclic(global_model: TreeModel | None, update: TreeModel) -> TreeModel:

@@ -75,6 +75,9 @@ class MonitorConfig(BaseModel):
     recent_windows: int = Field(
         4, ge=0, description="earlier windows of a site pooled as its recent baseline (0 = off)"
     )
+    recent_min_windows: int = Field(
+        2, ge=1, description="earlier windows (and 2 x min_window_rows) a recent baseline needs"
+    )
     min_batch_share: float = Field(
         0.5, ge=0, le=1, description="batch share of a window's rows for all its training-drift findings to count"
     )
@@ -84,6 +87,9 @@ class MonitorConfig(BaseModel):
     severe_drift_threshold: float = Field(1.0, gt=0, description="normed Wasserstein that alerts on its own")
     prediction_drift_threshold: float = Field(0.25, gt=0, description="normed Wasserstein of the risk distribution")
     significance: float = Field(1e-4, gt=0, lt=1, description="p-value a shift must also reach (KS, binomial, z)")
+    severe_significance: float = Field(
+        1e-8, gt=0, lt=1, description="p-value a single feature needs to alert on its own (severe, unit change)"
+    )
     out_of_range_quantile: float = Field(0.005, gt=0, lt=0.5, description="reference range = [q, 1 - q] quantiles")
     out_of_range_margin: float = Field(
         0.1, ge=0, description="the range reaches this many reference SDs beyond the quantiles (a minimum effect)"

@@ -625,8 +625,9 @@ def judge_feature(
         out["wasserstein"], out["ks_p"] = _r(w.drift_score), _p(p)
         if w.drift_score >= config.feature_drift_threshold and p < config.significance:
             out["kinds"].append("distribution")
-            out["severe"] |= bool(w.drift_score >= config.severe_drift_threshold)
-    if stats["n"] and not math.isnan(baseline.lo) and baseline.values.size >= config.min_feature_rows:
+            out["severe"] |= bool(w.drift_score >= config.severe_drift_threshold and p < config.severe_significance)
+    if (stats["n"] >= config.min_feature_rows and not math.isnan(baseline.lo)
+            and baseline.values.size >= config.min_feature_rows):
         share = stats["out_of_range_share"]
         outside = values[(values < baseline.lo) | (values > baseline.hi)]
         out["out_of_range_median"] = _r(np.median(outside)) if outside.size else None
@@ -635,7 +636,7 @@ def judge_feature(
         out["out_of_range_p"] = _p(p_oor)
         if share >= max(config.out_of_range_share, 3 * p0) and p_oor < config.significance:
             out["kinds"].append("out_of_range")
-            out["severe"] |= bool(share >= config.severe_out_of_range_share)
+            out["severe"] |= bool(share >= config.severe_out_of_range_share and p_oor < config.severe_significance)
     if not math.isnan(baseline.missing):
         p_miss = _two_proportion_p(stats["missing_share"], n_rows, baseline.missing, baseline.n)
         out["missing_p"] = _p(p_miss)
@@ -800,7 +801,8 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     risk = risk[index] if index is not None else risk
     training, shifts = aged_baseline(baseline, reference, inp.window.start, config)
     recent, aligned = None, matrix
-    if inp.recent is not None and inp.recent.height >= config.min_window_rows:
+    if (inp.recent is not None and len(inp.recent_labels) >= config.recent_min_windows
+            and inp.recent.height >= 2 * config.min_window_rows):
         elapsed = {f: d for f in features if (d := _elapsed_days(f, reference.infos.get(f)))}
         when = inp.window.start
         recent = baseline_from_frame(_align_elapsed(inp.recent, elapsed, when), features, config, site=inp.site)
@@ -828,8 +830,8 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
             v["display"] = reference.display(f)
             v["importance_rank"] = rank[f]
             hint = _unit_hint(f, v, reference)
-            if hint:  # values at a known unit factor: a unit change, which alerts on its own
-                v["hint"], v["severe"] = hint, True
+            if hint and (v.get("out_of_range_p") or 1.0) < config.severe_significance:
+                v["hint"], v["severe"] = hint, True  # values at a known unit factor: a unit change alerts alone
             verdicts.append(v)
         drifted = [v for v in verdicts if v["drifted"]]
         return {

@@ -486,8 +486,9 @@ def _score_shard(
     checkpoints: list[dict] = []
     facts: list[pl.DataFrame] = []
     n_explained = 0
+    summary = eligibility_events(events)
     for model in models:
-        index = eligible_index(events, model.task_def, [prediction_time]).collect()
+        index = eligible_index(summary, model.task_def, [prediction_time]).collect()
         if index.height:
             mine = events.join(index.lazy().select("subject_id"), on="subject_id", how="semi")
             feats = transform(model.spec, mine, index.lazy()).collect()
@@ -522,6 +523,25 @@ def _score_shard(
         row["age_band"] = bands.get(row["subject_id"])
     store.write_chunk(score_rows, patient_rows, checkpoints)
     return len(score_rows), n_explained
+
+
+def eligibility_events(events: pl.LazyFrame) -> pl.LazyFrame:
+    """The first and the last time of each (subject, code): all that task eligibility reads.
+
+    `features.labels.eligible_index` decides from one table per subject (birth, death, first and
+    last event, first time of each concept), i.e. from minimum and maximum times, which these two
+    rows per code preserve; computed once per chunk and shared by every task, it is several times
+    smaller than the events. A test checks that the index is the same as from the full events.
+    """
+    return (
+        events.filter(pl.col("time").is_not_null())
+        .group_by("subject_id", "code")
+        .agg(pl.col("time").min().alias("first"), pl.col("time").max().alias("last"))
+        .unpivot(index=["subject_id", "code"], on=["first", "last"], value_name="time")
+        .select("subject_id", "time", "code")
+        .collect()
+        .lazy()
+    )
 
 
 def facts_from_features(model: ServedModel, feats: pl.DataFrame, prediction_time: datetime) -> pl.DataFrame:

@@ -6,7 +6,7 @@ import numpy as np
 
 from chronorisk.federated.config import FederatedConfig
 from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN, Payload
-from chronorisk.federated.site import SiteContext, SiteTable, evaluate_table, train_on_table
+from chronorisk.federated.site import SiteContext, SiteTable, evaluate_task, train_task
 
 FEATURES = tuple(f"f{i}" for i in range(6))
 LGB = {"objective": "binary", "learning_rate": 0.1, "num_leaves": 15, "min_data_in_leaf": 20,
@@ -40,7 +40,7 @@ def synthetic_sites() -> dict[str, SiteTable]:
 
 
 def table_handler(tables: dict[str, SiteTable]):
-    """A site handler over ready tables: the real train/evaluate code, a fixed summary."""
+    """A site handler over ready tables: the real per-task train/evaluate code, a fixed summary."""
 
     def handler(kind: str, request: Payload, ctx: SiteContext) -> Payload:
         table = tables[ctx.site]
@@ -49,19 +49,12 @@ def table_handler(tables: dict[str, SiteTable]):
                                                                              "2025-12-31T00:00:00"]})
         elif kind == TRAIN:
             reply = Payload(config={"tasks": {}})
-            for task, tcfg in request.config["tasks"].items():
-                model = request.blobs[f"model:{task}"].decode() if f"model:{task}" in request.blobs else None
-                info, trees, metrics = train_on_table(table, model, tcfg["trees"], dict(request.config["params"]))
-                reply.config["tasks"][task] = info
-                if trees:
-                    reply.blobs[f"trees:{task}"] = trees.encode()
-                reply.metrics.update({f"{task}.{k}": v for k, v in metrics.items()})
+            for task in request.config["tasks"]:
+                train_task(reply, task, table, request, site=ctx.site, threads=1)
         elif kind == EVALUATE:
             reply = Payload(config={"tasks": {}})
             for task in request.config["tasks"]:
-                arrays, info, metrics = evaluate_table(table, request.blob_text(f"model:{task}"))
-                reply.arrays.update({f"{task}:{k}": v for k, v in arrays.items()})
-                reply.config["tasks"][task] = info
+                evaluate_task(reply, task, table, request)
         else:
             raise ValueError(kind)
         reply.config["site"] = ctx.site
@@ -75,10 +68,10 @@ def contexts(names, tmp_path) -> list[SiteContext]:
     return [SiteContext(site=s, meds_root=tmp_path, cache_dir=tmp_path / s) for s in names]
 
 
-def trainer_kwargs() -> dict:
+def trainer_kwargs(lgb: dict | None = None) -> dict:
     return {
         "tasks": ["t"],
-        "lgb_params": LGB,
+        "lgb_params": {**LGB, **(lgb or {})},
         "fit_spec": lambda task, summaries: '{"synthetic": true}',
         "schedule": lambda task, start, end: [start.isoformat()],
     }

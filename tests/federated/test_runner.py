@@ -20,8 +20,10 @@ def _pooled(sites, split):
 
 
 def _run(sites, tmp_path, drop=None, **cfg):
+    cfg.setdefault("early_stopping", False)
+    lgb_overrides = cfg.pop("lgb", None)
     transport = LocalTransport(contexts(sites, tmp_path), drop=drop, handler=table_handler(sites))
-    trainer = FederatedTrainer(transport, fed_config(**cfg), **trainer_kwargs())
+    trainer = FederatedTrainer(transport, fed_config(**cfg), **trainer_kwargs(lgb_overrides))
     return trainer.run(), transport
 
 
@@ -88,6 +90,29 @@ def test_offline_site_is_skipped_in_cyclic(sites, tmp_path):
     trainer.train_cyclic(states)
     assert any("east is not connected" in e for e in trainer.events)
     assert states["t"].model.num_trees == 5 * 3
+
+
+def test_early_stopping_cuts_where_the_pooled_tuning_loss_is_lowest(sites, tmp_path):
+    result, _ = _run(sites, tmp_path, early_stopping=True, rounds=6, trees_per_round=30,
+                     lgb={"learning_rate": 0.5})
+    task = result.tasks["t"]
+    curve = np.array(task.loss_curve)
+    assert task.early_stopping["trees"] == task.num_trees < 6 * 30 * len(sites)
+    best = curve[np.argmin(curve[:, 1])]
+    assert task.num_trees == int(best[0])
+    # the pooled loss from the sites' sums equals the loss on the pooled tuning rows
+    X_tu, y_tu = _pooled(sites, "tuning")
+    raw = lgb.Booster(model_str=task.model_text).predict(X_tu, raw_score=True)
+    assert np.mean(np.logaddexp(0, raw) - y_tu * raw) == pytest.approx(best[1], rel=1e-6)
+
+
+def test_cyclic_is_cut_at_the_pooled_best_in_the_final_check(sites, tmp_path):
+    result, _ = _run(sites, tmp_path, strategy="cyclic", early_stopping=True, rounds=2, trees_per_round=40,
+                     lgb={"learning_rate": 0.5})
+    task = result.tasks["t"]
+    assert task.early_stopping["at"] == "final check"
+    assert task.num_trees < 2 * 40 * len(sites)
+    assert [r.phase for r in result.rounds][-2:] == ["evaluate", "evaluate"]  # re-scored after the cut
 
 
 def test_calibrated_federated_model_is_calibrated(sites, tmp_path):

@@ -95,7 +95,8 @@ def test_score_without_models_is_503_naming_the_reason(app_and_key):
 @pytest.mark.parametrize(
     ("factor", "words"),
     [
-        ({"text": "HbA1c 9.1 %, last measured 2026-03-02, raises risk"}, "HbA1c 9.1 %, last measured 2026-03-02, raises risk"),
+        ({"text": "HbA1c 9.1 %, last measured 2026-03-02, raises risk"},
+         "HbA1c 9.1 %, last measured 2026-03-02, raises risk"),
         ({"display": "HbA1c", "value": 9.1, "unit": "%", "date": "2026-03-02", "direction": "raises"},
          "HbA1c 9.1 %, last measured 2026-03-02, raises risk"),
         ({"display": "eGFR", "value": 123.4, "unit": "mL/min", "direction": "lowers"}, "eGFR 123 mL/min, lowers risk"),

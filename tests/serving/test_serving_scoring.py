@@ -278,3 +278,19 @@ def test_batch_scoring_into_postgres(tiny_world, pg_store):
     again = scoring.batch_score(pg_store, models, tiny_world.meds, WHEN, sites=[site])
     assert again.scored_chunks == 0 and pg_store.count_scores() == report.total()
     assert TIMES  # the seeded times are unrelated to this store
+
+
+def test_eligibility_from_first_and_last_times_equals_full_events(tiny_world):
+    """Batch scoring decides eligibility from two rows per (subject, code): the same index as from
+    every event (guards the assumption on `features.labels.eligible_index`)."""
+    from chronorisk.features.labels import eligible_index
+    from chronorisk.features.tasks import load_task
+
+    for site in site_ids(tiny_world.meds)[:3]:
+        events = scan_site(tiny_world.meds, site).collect().lazy()
+        reduced = scoring.eligibility_events(events)
+        for task in ("complication_1y", "onset_2y"):
+            for when in (datetime(2022, 1, 1), WHEN):
+                full = eligible_index(events, load_task(task), [when]).collect()
+                fast = eligible_index(reduced, load_task(task), [when]).collect()
+                assert full.equals(fast), (site, task, when)

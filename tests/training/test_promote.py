@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -134,6 +135,7 @@ def test_champion_with_another_spec_is_scored_on_the_same_rows(meds, tmp_path):
 
     # without MEDS data the champion's features cannot be made: a clear error, nothing moved
     registry.set_alias(track, TASK, "champion", 1)
+    tables_only = dataclasses.replace(data_b, meds_root=None)  # e.g. feature tables copied elsewhere
     with pytest.raises(ChronoriskError, match="another feature spec"):
-        promote_task(track, paths, TASK, data_b, PromoteConfig(), meds_root=None)
+        promote_task(track, paths, TASK, tables_only, PromoteConfig(), meds_root=None)
     assert registry.get_version_by_alias(track, TASK, "champion").version == 1
