@@ -371,6 +371,7 @@ def main(argv=None) -> int:
             print("score with explanations from ready-made features:", flush=True)
             bodies = [http_request("POST", "/score", key, b) for b in feature_bodies(meds, served)]
             result["score_features"] = sweep(server.url, bodies, [1, 2, 4, 8, 16, 32], seconds, "features")
+            result["score_features"]["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
             print("score with explanations from raw events (3 years of records):", flush=True)
             raw, info = event_bodies(meds, served)
             bodies = [http_request("POST", "/score", key, b) for b in raw]
@@ -379,23 +380,30 @@ def main(argv=None) -> int:
                 print(f"  events concurrency {r['concurrency']}: {r['requests_per_s']} req/s p50 {r['p50_ms']} ms "
                       f"p99 {r['p99_ms']} ms server cpu {r['server_cpu_ms_per_request']} ms/req "
                       f"statuses {r['statuses']}", flush=True)
-            result["score_events"] = {"requests": info, "runs": runs}
+            result["score_events"] = {"requests": info, "runs": runs,
+                                      "measured_at": datetime.now(UTC).isoformat(timespec="seconds")}
             print("GET /patients/{id} (store read + audit append):", flush=True)
             bodies = [http_request("GET", p, key) for p in patient_paths(url)]
             result["get_patient"] = sweep(server.url, bodies, [2, 4, 8, 16, 32], seconds, "patients")
             result["get_patient"]["best_requests_per_s"] = max(r["requests_per_s"]
                                                                for r in result["get_patient"]["runs"])
+            result["get_patient"]["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         finally:
             server.stop()
     if not args.skip_batch:
         n = args.batch_patients or (100_000 if args.quick else 1_000_000)
         result["batch"] = batch(work, n, served)
+        result["batch"]["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     result["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     name = "serving_quick.json" if args.quick else "serving.json"
     target = REPO / "benchmarks" / "results" / name
     target.parent.mkdir(parents=True, exist_ok=True)
+    merged = result
+    if (args.skip_http or args.skip_batch) and target.is_file():
+        # a partial run keeps the other sections of the last full file (each says when it was measured)
+        merged = {**json.loads(target.read_text()), **result}
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=str))
+    tmp.write_text(json.dumps(merged, indent=1, default=str))
     os.replace(tmp, target)
     print(f"wrote {target}")
     if args.work is None:

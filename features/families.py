@@ -464,6 +464,15 @@ def code_feature_names(spec: FeatureSpec) -> tuple[str, ...]:
 
 
 FAMILIES = (demographics, conditions, measurements, medications, encounters, smoking, codes)
+_KINDS = {
+    "demographics": {KIND_BIRTH, KIND_SEX}, "conditions": {KIND_COND}, "measurements": {KIND_MEAS},
+    "medications": {KIND_MED}, "encounters": {KIND_ENC}, "smoking": {KIND_SMOKE}, "codes": {KIND_CODE},
+}
+
+
+def kinds_of(families: set[str]) -> set[int]:
+    """The event kinds the named family functions read."""
+    return set().union(*(_KINDS[f] for f in families))
 
 
 def zero_filled(spec: FeatureSpec) -> list[str]:

@@ -184,8 +184,11 @@ class _CodeSlots:
     prefix_vocabs: tuple[str, ...]
 
     @classmethod
-    def of(cls, spec: FeatureSpec) -> _CodeSlots:
+    def of(cls, spec: FeatureSpec, kinds: set[int] | None = None) -> _CodeSlots:
+        """Slots of the codes feeding `kinds` (default: every family)."""
         table = _exact_code_table(spec)
+        if kinds is not None:
+            table = table.filter(pl.col("kind").is_in(sorted(kinds)))
         codes = table.get_column("code").unique(maintain_order=True)
         slot_of = {c: i for i, c in enumerate(codes)}
         with_slot = table.with_columns(
@@ -193,6 +196,8 @@ class _CodeSlots:
         ).with_columns(pl.int_range(pl.len()).over("slot").alias("nth"))
         first = with_slot.filter(pl.col("nth") == 0).sort("slot")
         vocabs = sorted({p.split("//", 1)[0] + "//" for c in spec.conditions for p in c.prefixes})
+        if kinds is not None and fam.KIND_COND not in kinds:
+            vocabs = []
         return cls(
             enum=pl.Enum(codes.to_list()),
             kind=first.get_column("kind"),
@@ -247,18 +252,20 @@ def _conform_index(index: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
     return frame.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(_US))
 
 
-def tag_events(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, keys: pl.DataFrame) -> pl.LazyFrame:
+def tag_events(
+    spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, keys: pl.DataFrame, kinds: set[int] | None = None
+) -> pl.DataFrame:
     """Events tagged for the families (see families.py), strictly before each prediction time.
 
     `keys` is (_ix, subject_id, prediction_time). Static rows (null time) are kept only for sex.
     When every subject has one prediction time (nightly scoring), subjects map to their row by a
-    lookup instead of a join.
+    lookup instead of a join. `kinds` limits the tagging to the codes of some families.
     """
-    slots = _CodeSlots.of(spec)
+    slots = _CodeSlots.of(spec, kinds)
     ev = conform_events_lazy(events).with_columns(
         pl.col("code").cast(slots.enum, strict=False).to_physical().alias("slot")
-    )
-    exact = ev.filter(pl.col("slot").is_not_null())
+    ).collect()
+    exact = ev.lazy().filter(pl.col("slot").is_not_null())
     parts = [
         exact.with_columns(
             pl.lit(slots.kind).gather(pl.col("slot")).alias("kind"),
@@ -266,11 +273,13 @@ def tag_events(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, keys: pl.
         )
     ]
     if slots.extra.height:
-        extra = slots.extra.with_columns(pl.col("slot").cast(exact.collect_schema()["slot"]))
+        extra = slots.extra.with_columns(pl.col("slot").cast(ev.schema["slot"]))
         several = exact.filter(pl.col("slot").is_in(extra.get_column("slot").unique().implode()))
         parts.append(several.join(extra.lazy(), on="slot", how="inner"))
     if slots.prefix_vocabs:
-        candidates = ev.filter(pl.any_horizontal([pl.col("code").str.starts_with(v) for v in slots.prefix_vocabs]))
+        candidates = ev.lazy().filter(
+            pl.any_horizontal([pl.col("code").str.starts_with(v) for v in slots.prefix_vocabs])
+        )
         parts.append(candidates.join(_prefix_table(spec, candidates, slots.exact), on="code", how="inner"))
     columns = ["subject_id", "time", "kind", "idx", "numeric_value", "text_value"]
     tagged = pl.concat([p.select(columns) for p in parts], how="vertical")
@@ -281,17 +290,22 @@ def tag_events(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame, keys: pl.
         tagged = tagged.with_columns(
             pl.col("subject_id").replace_strict(keys.get_column("subject_id"), ix, default=None).alias("_ix")
         ).filter(pl.col("_ix").is_not_null())
-        tagged = tagged.with_columns(pl.lit(keys.get_column("prediction_time")).gather(pl.col("_ix")).alias(
-            "prediction_time"))
+        tagged = tagged.with_columns(
+            pl.lit(keys.get_column("prediction_time")).gather(pl.col("_ix")).alias("prediction_time")
+        )
     else:
         tagged = tagged.join(keys.lazy(), on="subject_id", how="inner")
-    return tagged.filter((t < pt) | (t.is_null() & (pl.col("kind") == fam.KIND_SEX))).select(
-        "_ix",
-        ((pt - t).dt.total_microseconds().cast(pl.Float64) / _US_PER_DAY).alias("days"),
-        "kind",
-        "idx",
-        pl.col("numeric_value").cast(pl.Float64).alias("value"),
-        "text_value",
+    return (
+        tagged.filter((t < pt) | (t.is_null() & (pl.col("kind") == fam.KIND_SEX)))
+        .select(
+            "_ix",
+            ((pt - t).dt.total_microseconds().cast(pl.Float64) / _US_PER_DAY).alias("days"),
+            "kind",
+            "idx",
+            pl.col("numeric_value").cast(pl.Float64).alias("value"),
+            "text_value",
+        )
+        .collect()
     )
 
 
@@ -303,36 +317,48 @@ def transform(
 ) -> pl.LazyFrame:
     """Index rows (same order, all their columns) plus `spec.feature_names` as Float32.
 
+    The returned LazyFrame reads `events` once (only the MEDS columns) and
+    computes the families on the tagged events of that one read: polars would
+    otherwise re-run the shared part of the plan for some of the families.
+    The index is collected here (it is small: one row per prediction).
     `families` (names as in FeatureInfo.family) restricts the output to those
     families' features, e.g. for a benchmark of one family; default: all.
     """
     chosen = _chosen_families(families)
-    idx = _conform_index(index).collect().lazy().with_row_index("_ix")
-    keys = idx.select("_ix", "subject_id", "prediction_time").collect()
-    ev = tag_events(spec, events, keys).cache()
-    ixs = idx.select("_ix")
+    idx = _conform_index(index).collect()
+    names = [n for n in spec.feature_names if spec.features[n].family in chosen["output"]]
+    schema = {**idx.schema, **dict.fromkeys(names, pl.Float32)}
+    return conform_events_lazy(events).map_batches(
+        lambda ev: _features(spec, ev, idx, chosen, names), schema=schema
+    )
+
+
+def _features(
+    spec: FeatureSpec, events: pl.DataFrame, idx: pl.DataFrame, chosen: dict[str, set[str]], names: list[str]
+) -> pl.DataFrame:
+    """The features of every index row from the (materialized) events: tag once, run the families."""
+    with_ix = idx.with_row_index("_ix")
+    kinds = None if chosen["compute"] >= {f.__name__ for f in fam.FAMILIES} else fam.kinds_of(chosen["compute"])
+    tagged = tag_events(spec, events, with_ix.select("_ix", "subject_id", "prediction_time"), kinds).lazy()
+    ixs = with_ix.lazy().select("_ix")
     aligned = [
         ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix")
         for family in fam.FAMILIES
         if family.__name__ in chosen["compute"]
-        for part in family(spec, ev)
+        for part in family(spec, tagged)
     ]
-    out = pl.concat([idx, *aligned], how="horizontal")
-    passthrough = [c for c in idx.collect_schema().names() if c != "_ix"]
+    out = pl.concat([idx, *pl.collect_all(aligned)], how="horizontal")
     zero = set(fam.zero_filled(spec))
     feature_exprs = []
-    for name in spec.feature_names:
-        if spec.features[name].family not in chosen["output"]:
-            continue
+    for name in names:
         if name.startswith("miss_") and name.endswith("_never"):
-            count = name.removesuffix("_never") + "_count"
-            expr = pl.col(count).is_null().cast(pl.Float32)
+            expr = pl.col(name.removesuffix("_never") + "_count").is_null()
         elif name in zero:
             expr = pl.col(name).fill_null(0)
         else:
             expr = pl.col(name)
         feature_exprs.append(expr.cast(pl.Float32).alias(name))
-    return out.select(*passthrough, *feature_exprs)
+    return out.select(*idx.columns, *feature_exprs)
 
 
 def _chosen_families(families: Iterable[str] | None) -> dict[str, set[str]]:
@@ -355,23 +381,43 @@ def transform_shards(
     index: pl.DataFrame,
     chunk_subjects: int = 100_000,
 ) -> Iterator[pl.DataFrame]:
-    """Feature frames for `index`, shard by shard, at most `chunk_subjects` subjects at a time.
+    """Feature frames for `index` over MEDS shards, about `chunk_subjects` subjects at a time.
 
-    A MEDS subject lives in exactly one shard, so each chunk's events are only
-    that chunk's subjects' rows of one shard (read with a range filter the
-    parquet statistics can prune). Index rows whose subject is in no shard are
-    not returned.
+    A MEDS subject lives in exactly one shard, so a chunk is whole shards (small
+    ones grouped together) or a subject range of one big shard (read with a
+    range filter the parquet statistics can prune). Index rows whose subject is
+    in no shard are not returned.
     """
     index = _conform_index(index).collect()
+    wanted = index.get_column("subject_id").unique()
+    group: list[Path] = []
+    group_ids: list[pl.Series] = []
     for shard in shards:
-        ids = pl.scan_parquet(shard).select(pl.col("subject_id").unique()).collect()
-        part = index.join(ids, on="subject_id", how="semi")
-        if part.height == 0:
+        ids = pl.scan_parquet(shard).select(pl.col("subject_id").unique()).collect().get_column("subject_id")
+        ids = ids.filter(ids.is_in(wanted.implode()))
+        if ids.is_empty():
             continue
-        subjects = part.get_column("subject_id").unique().sort()
-        for lo in range(0, len(subjects), chunk_subjects):
-            chunk = subjects[lo : lo + chunk_subjects]
-            first, last = chunk[0], chunk[-1]
-            events = pl.scan_parquet(shard).filter(pl.col("subject_id").is_between(first, last))
-            rows = part.filter(pl.col("subject_id").is_between(first, last))
-            yield transform(spec, events, rows).collect()
+        if sum(len(g) for g in group_ids) + len(ids) > chunk_subjects and group:
+            yield _transform_files(spec, group, index, pl.concat(group_ids))
+            group, group_ids = [], []
+        if len(ids) <= chunk_subjects:
+            group.append(shard)
+            group_ids.append(ids)
+            continue
+        ids = ids.sort()
+        for lo in range(0, len(ids), chunk_subjects):
+            chunk = ids[lo : lo + chunk_subjects]
+            yield _transform_files(spec, [shard], index, chunk, (chunk[0], chunk[-1]))
+    if group:
+        yield _transform_files(spec, group, index, pl.concat(group_ids))
+
+
+def _transform_files(
+    spec: FeatureSpec, files: list[Path], index: pl.DataFrame, ids: pl.Series,
+    id_range: tuple[int, int] | None = None,
+) -> pl.DataFrame:
+    events = pl.scan_parquet(files)
+    if id_range is not None:
+        events = events.filter(pl.col("subject_id").is_between(*id_range))
+    rows = index.filter(pl.col("subject_id").is_in(ids.implode()))
+    return transform(spec, events, rows).collect()

@@ -444,7 +444,8 @@ def up(layout: Layout, sites: list[str], meds_root: Path, *, superlink_port: int
         "started_at": dt.datetime.now().isoformat(timespec="seconds"),
     }
     write_connection(layout, port)
-    link = _spawn(superlink_command(layout, certs, port), tool_env(layout), layout.logs / "superlink.log", layout.root)
+    link_env = tool_env(layout, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(task_poll_interval_s)})
+    link = _spawn(superlink_command(layout, certs, port), link_env, layout.logs / "superlink.log", layout.root)
     state["superlink"]["pid"] = link.pid
     write_state(layout, state)
     try:
@@ -516,7 +517,7 @@ class Supervisor:
             certs = ensure_certificates(self.layout.certs)
             cmd = superlink_command(self.layout, certs, port)
             log_path = self.layout.logs / "superlink.log"
-            env = tool_env(self.layout)
+            env = self._env()
         else:
             info = state["sites"][name]
             home = self.layout.node_dir(name) / "flwr"

@@ -280,62 +280,83 @@ def _log_task(tracking, run_id, task_result: TaskResult, bundle, bundle_dir, res
         return {"name": reg.name, "version": reg.version}
 
 
+def open_tracking(params: Params, paths: WorkPaths, tasks: list[str], strategy: str, mode: str):
+    """(Tracking, RoundLogger) for a federated run: MLflow set up, one run per task opened."""
+    from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
+
+    tracking = configure_tracking(
+        paths, uri=resolve_tracking_uri(paths, configured=params.train.tracking_uri),
+        experiment=params.train.experiment,
+    )
+    return tracking, RoundLogger(tracking, tasks, strategy, tags={"chronorisk.mode": mode})
+
+
 def run_on_grid(grid: Any, run_config: dict) -> dict:
-    """The ServerApp body: train over the Flower Grid and write `<work>/federated/runs/<tag>/`."""
+    """The ServerApp body: train over the Flower Grid and write `<work>/federated/runs/<tag>/`.
+
+    MLflow is opened in a background thread while the summary round is out
+    (importing MLflow and opening its database takes seconds the sites would
+    otherwise wait for).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from chronorisk.config import load_params
     from chronorisk.environment import configure_environment
     from chronorisk.federated.runner import FlowerTransport
     from chronorisk.paths import WorkPaths
 
-    work = Path(str(run_config.get("work") or "")).expanduser()
     if not str(run_config.get("work") or ""):
         raise ValueError("run config 'work' is empty: start the run with `chronorisk federated run`")
+    work = Path(str(run_config["work"])).expanduser()
     configure_environment(work)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     paths = WorkPaths(work)
     params = load_params(Path(str(run_config["params"])) if run_config.get("params") else None)
+    strategy = str(run_config.get("strategy") or "") or params.federated.strategy
     tag = str(run_config.get("tag") or datetime.now().strftime("%Y%m%d-%H%M%S"))
     out_dir = paths.federated / "runs" / tag
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "status.json", json.dumps({"status": "running", "tag": tag}))
     transport = FlowerTransport(grid, poll_interval_s=params.federated.poll_interval_s)
-    round_logger = None
-    tracking = None
+    pool = ThreadPoolExecutor(max_workers=1)
+    opening = (pool.submit(open_tracking, params, paths, list(params.labels.tasks), strategy, "deployment")
+               if params.federated.mlflow else None)
+
+    def tracking_parts():
+        return opening.result() if opening is not None else (None, None)
+
+    def on_round(entry: RoundLog) -> None:
+        _, round_logger = tracking_parts()
+        if round_logger is not None:
+            round_logger(entry)
+        write_text_atomic(out_dir / "status.json", json.dumps({
+            "status": "running", "tag": tag, "phase": entry.phase, "round": entry.round,
+            "sites": entry.sites, "missing": entry.missing,
+        }))
+
     try:
-        if params.federated.mlflow:
-            from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
-
-            tracking = configure_tracking(
-                paths, uri=resolve_tracking_uri(paths, configured=params.train.tracking_uri),
-                experiment=params.train.experiment,
-            )
-            round_logger = RoundLogger(
-                tracking, list(params.labels.tasks), str(run_config.get("strategy") or params.federated.strategy),
-                tags={"chronorisk.mode": "deployment"},
-            )
-        def on_round(entry: RoundLog) -> None:
-            if round_logger is not None:
-                round_logger(entry)
-            write_text_atomic(out_dir / "status.json", json.dumps({
-                "status": "running", "tag": tag, "phase": entry.phase, "round": entry.round,
-                "sites": entry.sites, "missing": entry.missing,
-            }))
-
         result = train_federated(
-            transport, params,
-            strategy=str(run_config.get("strategy") or "") or None,
-            rounds=int(run_config.get("rounds") or 0) or None,
-            on_round=on_round,
+            transport, params, strategy=strategy,
+            rounds=int(run_config.get("rounds") or 0) or None, on_round=on_round,
         )
+        tracking, round_logger = tracking_parts()
         summary = finish(result, params, paths, out_dir=out_dir, tracking=tracking, round_logger=round_logger,
                          register=params.federated.register_model)
         write_text_atomic(out_dir / "status.json", json.dumps({"status": "finished", "tag": tag}))
         return summary
     except Exception as exc:
-        if round_logger is not None:
-            round_logger.fail()
+        try:
+            _, round_logger = tracking_parts()
+            if round_logger is not None:
+                round_logger.fail()
+        except Exception:  # MLflow itself failed: the status file still says why the run stopped
+            pass
         write_text_atomic(out_dir / "status.json", json.dumps({
             "status": "failed", "tag": tag, "error": f"{type(exc).__name__}: {exc}"[:2000],
             "where": traceback.format_exc(limit=3)[-2000:],
         }))
         raise
+    finally:
+        pool.shutdown(wait=False)

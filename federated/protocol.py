@@ -3,15 +3,17 @@
 A `Payload` is what the plain modules produce and consume: a JSON-able
 `config` dict, named byte `blobs` (models, feature specs: zlib-compressed on
 the wire), named numpy `arrays` (binned statistics) and flat `metrics`. It
-maps one to one onto a Flower `RecordDict`:
+maps onto a Flower `RecordDict`:
 
     config  -> ConfigRecord "config" {"json": <text>}
     blobs   -> ConfigRecord "blobs"  {name: zlib(bytes)}
-    arrays  -> ArrayRecord  "arrays" {name: Array}
+    arrays  -> ArrayRecord  "arrays" {"npz": one uint8 Array, a compressed .npz of all arrays}
     metrics -> MetricRecord "metrics"
 
 so `client_app.py` and `server_app.py` only call `to_records` /
-`from_records`. Message kinds (the Flower message type):
+`from_records`. Every Flower `Array` travels as an object of its own (one
+HTTP request each way), and the binned statistics are mostly empty bins:
+one compressed archive makes a reply a handful of objects and a few kB. Message kinds (the Flower message type):
 
 - `query`    "summary": the site's code counts, measurement sketches, row
   counts and data span (for the federated feature fit);
@@ -21,7 +23,9 @@ so `client_app.py` and `server_app.py` only call `to_records` /
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -56,12 +60,36 @@ class Payload:
             raise ProtocolError(f"message has no {name!r} blob") from None
 
     def nbytes(self) -> int:
-        """Size of the content on the wire (compressed blobs, raw arrays, JSON text)."""
-        size = len(json.dumps(self.config, separators=(",", ":")))
-        size += sum(len(zlib.compress(b, 6)) for b in self.blobs.values())
-        size += sum(a.nbytes for a in self.arrays.values())
-        size += 16 * len(self.metrics)
-        return size
+        """Size of the content as encoded for Flower (see `record_bytes`)."""
+        return record_bytes(to_records(self))
+
+
+def record_bytes(records: RecordDict) -> int:
+    """Bytes of our content in a RecordDict: JSON text, compressed blobs, the array archive, metrics."""
+    size = 0
+    if "config" in records:
+        size += len(records["config"]["json"])
+    if "blobs" in records:
+        size += sum(len(v) for v in records["blobs"].values())
+    if "arrays" in records:
+        size += sum(int(a.numpy().nbytes) for a in records["arrays"].values())
+    if "metrics" in records:
+        size += 8 * len(records["metrics"])
+    return size
+
+
+def _pack_arrays(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def _unpack_arrays(packed: np.ndarray) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(np.asarray(packed, dtype=np.uint8).tobytes()), allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile):
+        raise ProtocolError("the arrays record is not a numpy archive") from None
 
 
 def to_records(payload: Payload) -> RecordDict:
@@ -75,9 +103,7 @@ def to_records(payload: Payload) -> RecordDict:
     if payload.blobs:
         records["blobs"] = ConfigRecord({k: zlib.compress(v, 6) for k, v in payload.blobs.items()})
     if payload.arrays:
-        records["arrays"] = ArrayRecord(
-            array_dict={k: Array(np.ascontiguousarray(v)) for k, v in payload.arrays.items()}
-        )
+        records["arrays"] = ArrayRecord(array_dict={"npz": Array(_pack_arrays(payload.arrays))})
     if payload.metrics:
         records["metrics"] = MetricRecord({k: float(v) for k, v in payload.metrics.items()})
     return RecordDict(records)
@@ -97,6 +123,10 @@ def from_records(content: RecordDict) -> Payload:
             blobs = {k: zlib.decompress(v) for k, v in content["blobs"].items()}
         except zlib.error:
             raise ProtocolError("a blob is not zlib-compressed") from None
-    arrays = {k: v.numpy() for k, v in content["arrays"].items()} if "arrays" in content else {}
+    arrays = {}
+    if "arrays" in content:
+        if "npz" not in content["arrays"]:
+            raise ProtocolError("the arrays record has no 'npz' archive")
+        arrays = _unpack_arrays(content["arrays"]["npz"].numpy())
     metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
     return Payload(config=config, blobs=blobs, arrays=arrays, metrics=metrics)

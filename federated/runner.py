@@ -104,16 +104,21 @@ class FlowerTransport:
     ) -> Exchange:
         from flwr.app import Message
 
-        from chronorisk.federated.protocol import ProtocolError, from_records, to_records
+        from chronorisk.federated.protocol import ProtocolError, from_records, record_bytes, to_records
 
         result = Exchange()
         start = time.monotonic()
         messages = []
+        encoded = {}
         for node, payload in requests.items():
-            result.bytes_out += payload.nbytes()
+            key = id(payload)  # one request payload is often shared by every node: encode it once
+            if key not in encoded:
+                encoded[key] = to_records(payload)
+            records = encoded[key]
+            result.bytes_out += record_bytes(records)
             messages.append(
                 Message(
-                    to_records(payload),
+                    records,
                     dst_node_id=int(node),
                     message_type=_MESSAGE_TYPES[kind],
                     group_id=label,
@@ -142,7 +147,7 @@ class FlowerTransport:
                 except ProtocolError as exc:
                     result.failures[node] = f"unreadable reply: {exc}"
                     continue
-                result.bytes_in += payload.nbytes()
+                result.bytes_in += record_bytes(reply.content)
                 result.replies[node] = payload
                 if len(result.replies) == min_replies:
                     deadline = min(deadline, time.monotonic() + straggler_wait_s)

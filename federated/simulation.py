@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chronorisk.federated.protocol import Payload, from_records, to_records
+from chronorisk.federated.protocol import Payload, from_records, record_bytes, to_records
 from chronorisk.federated.runner import Exchange
 from chronorisk.federated.site import SiteContext, handle
 
@@ -67,23 +67,28 @@ class LocalTransport:
         result = Exchange()
         start = time.monotonic()
         round_index = int(label.rsplit("-", 1)[-1]) if "-" in label else 0
+        encoded = {}
         for node, payload in requests.items():
             ctx = self.sites.get(node)
-            result.bytes_out += payload.nbytes()
+            if id(payload) not in encoded:
+                encoded[id(payload)] = to_records(payload)
+            records = encoded[id(payload)]
+            result.bytes_out += record_bytes(records)
             if ctx is None or ctx.site in self.offline:
                 result.failures[node] = "node left the federation"
                 continue
             if self.drop(ctx.site, kind, round_index):
                 result.failures[node] = f"no reply within {timeout_s:.0f} s"
                 continue
-            request = from_records(to_records(payload))
+            request = from_records(records)
             try:
                 reply = self.handler(kind, request, ctx)
             except Exception as exc:  # the ClientApp would send an error reply
                 result.failures[node] = f"error reply: {type(exc).__name__}: {exc}"[:300]
                 continue
-            back = from_records(to_records(reply))
-            result.bytes_in += back.nbytes()
+            reply_records = to_records(reply)
+            back = from_records(reply_records)
+            result.bytes_in += record_bytes(reply_records)
             result.replies[node] = back
         result.wall_s = time.monotonic() - start
         return result
@@ -116,7 +121,7 @@ def run_simulation(
     from datetime import datetime
 
     from chronorisk.errors import ChronoriskError
-    from chronorisk.federated.pipeline import RoundLogger, finish, train_federated
+    from chronorisk.federated.pipeline import finish, open_tracking, train_federated
 
     meds_root = meds_root or paths.meds
     contexts = site_contexts(meds_root, paths.federated / "sim", sites, threads=params.federated.site_threads)
@@ -126,14 +131,8 @@ def run_simulation(
     strategy = strategy or params.federated.strategy
     tracking = round_logger = None
     if params.federated.mlflow:
-        from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
-
-        tracking = configure_tracking(
-            paths, uri=resolve_tracking_uri(paths, configured=params.train.tracking_uri),
-            experiment=params.train.experiment,
-        )
-        round_logger = RoundLogger(tracking, list(tasks or params.labels.tasks), strategy,
-                                   tags={"chronorisk.mode": "simulation"})
+        tracking, round_logger = open_tracking(params, paths, list(tasks or params.labels.tasks), strategy,
+                                               "simulation")
     try:
         result = train_federated(transport, params, tasks=tasks, strategy=strategy, rounds=rounds,
                                  on_round=round_logger)

@@ -208,8 +208,20 @@ def _data_version(ctx: SiteContext) -> str:
     return h.hexdigest()[:16]
 
 
+def spec_content(spec_json: str) -> str:
+    """The spec without `fit_info` (which records when and from what it was fitted): what features depend on."""
+    try:
+        raw = json.loads(spec_json)
+    except json.JSONDecodeError:
+        return spec_json
+    if isinstance(raw, dict):
+        raw.pop("fit_info", None)
+    return json.dumps(raw, sort_keys=True)
+
+
 def table_key(task: str, spec_json: str, times: list[str], data_version: str) -> str:
-    h = hashlib.sha256(json.dumps([task, spec_json, sorted(times), data_version]).encode())
+    """Cache key of a feature table: task, spec content, prediction times and data version."""
+    h = hashlib.sha256(json.dumps([task, spec_content(spec_json), sorted(times), data_version]).encode())
     return h.hexdigest()[:24]
 
 

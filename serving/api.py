@@ -273,7 +273,12 @@ class Metrics:
 METRICS = Metrics()
 
 
+_SAFE_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+
+
 class MetricsMiddleware:
+    """Per-request metrics by route template, and the headers every answer carries."""
+
     def __init__(self, app):
         self.app = app
 
@@ -287,6 +292,9 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # health data: never cached by a browser or proxy; no content sniffing
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], *_SAFE_HEADERS]
             await send(message)
 
         try:
@@ -297,8 +305,9 @@ class MetricsMiddleware:
                 METRICS.observe(route, scope.get("method", "?"), status, time.perf_counter() - started)
 
 
-def metrics_text() -> tuple[bytes, str]:
-    """Every worker's metrics (multiprocess collector when BentoML runs several workers)."""
+def metrics_text(monitoring_dir=None) -> tuple[bytes, str]:
+    """Every worker's metrics (multiprocess collector when BentoML runs several workers), and the
+    monitoring gauges of the latest `chronorisk monitor` run (drifted-feature share per site, ...)."""
     import os
 
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -308,10 +317,21 @@ def metrics_text() -> tuple[bytes, str]:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
+        body = generate_latest(registry)
+    else:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        body = generate_latest(REGISTRY)
+    if monitoring_dir is not None:
+        try:
+            from chronorisk.serving.monitoring import MonitoringCollector
+
+            extra = CollectorRegistry()
+            extra.register(MonitoringCollector(monitoring_dir))
+            body += generate_latest(extra)
+        except Exception as exc:  # monitoring must never break /metrics
+            log.warning("monitoring gauges unavailable (%s)", type(exc).__name__)
+    return body, CONTENT_TYPE_LATEST
 
 
 # -- API routes -----------------------------------------------------------------------------
@@ -320,8 +340,9 @@ api = APIRouter()
 
 
 @api.get("/metrics", include_in_schema=False)
-def metrics() -> Response:
-    body, content_type = metrics_text()
+def metrics(request: Request) -> Response:
+    state = getattr(request.app.state, "serving", None)
+    body, content_type = metrics_text(state.work / "monitoring" if state is not None else None)
     return Response(body, media_type=content_type)
 
 

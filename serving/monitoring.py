@@ -64,6 +64,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -433,28 +434,31 @@ class SiteBaseline:
 
 def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *, site: str, pooled: bool = False,
                         performance: dict[str, Any] | None = None) -> SiteBaseline:
-    """Per-feature statistics of a baseline sample (training rows, or a site's recent windows)."""
+    """Per-feature statistics of a baseline sample (training rows, or a site's recent windows), vectorized."""
     q = config.out_of_range_quantile
     present = [f for f in features if f in frame.columns]
     matrix = _feature_matrix(frame, present)
+    n = matrix.shape[0]
     feats = {}
-    for j, f in enumerate(present):
-        values = matrix[:, j]
-        values = values[~np.isnan(values)]
-        n = matrix.shape[0]
-        if values.size:
-            mean, std, median = float(values.mean()), float(values.std()), float(np.median(values))
-            margin = config.out_of_range_margin * std  # beyond the quantile by a material distance
-            lo, hi = (float(v) for v in np.quantile(values, [q, 1 - q]))
-            lo, hi = lo - margin, hi + margin
-            outside = float(np.mean((values < lo) | (values > hi)))
-        else:
-            lo = hi = outside = mean = std = median = math.nan
-        feats[f] = FeatureBaseline(values, n, 1.0 - values.size / n if n else math.nan, lo, hi, outside,
-                                   mean, std, median)
+    if present and n:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-missing columns give NaN, as they should
+            mean, std = np.nanmean(matrix, axis=0), np.nanstd(matrix, axis=0)
+            lo, median, hi = np.nanquantile(matrix, [q, 0.5, 1 - q], axis=0)
+        margin = config.out_of_range_margin * std  # beyond the quantile by a material distance
+        lo, hi = lo - margin, hi + margin
+        with np.errstate(invalid="ignore"):
+            outside_n = ((matrix < lo) | (matrix > hi)).sum(axis=0)
+        count = n - np.isnan(matrix).sum(axis=0)
+        for j, f in enumerate(present):
+            column = matrix[:, j]
+            values = column[~np.isnan(column)]
+            feats[f] = FeatureBaseline(values, n, 1.0 - count[j] / n, float(lo[j]), float(hi[j]),
+                                       float(outside_n[j] / count[j]) if count[j] else math.nan,
+                                       float(mean[j]), float(std[j]), float(median[j]))
     risk = np.sort(frame["risk"].cast(pl.Float64).to_numpy()) if "risk" in frame.columns else np.array([])
     tiers = _shares(frame["tier"]) if "tier" in frame.columns else {}
-    return SiteBaseline(site, pooled, frame.height, feats, risk, tiers, performance)
+    return SiteBaseline(site, pooled, n, feats, risk, tiers, performance)
 
 
 def site_baseline(reference: Reference, site: str, config) -> SiteBaseline:
@@ -551,14 +555,12 @@ def screen_features(matrix: np.ndarray, features: Sequence[str], baseline: SiteB
 
 def _screened(stats: dict[str, dict], baseline: SiteBaseline, config) -> list[str]:
     """Features whose cheap statistics moved by half a drift and beyond chance (p < 0.001): test them fully."""
-    from scipy.stats import norm
-
     flagged = []
     for f, s in stats.items():
         b = baseline.features[f]
         if s["n"] and s["mean"] is not None and b.std > 0:
             z = abs(s["mean"] - b.mean) / (b.std / math.sqrt(s["n"]))
-            if abs(s["mean"] - b.mean) / b.std >= config.screen_smd and norm.sf(z) < 0.001:
+            if abs(s["mean"] - b.mean) / b.std >= config.screen_smd and _normal_sf(z) < 0.001:
                 flagged.append(f)
                 continue
         if s["n"] and not math.isnan(b.lo):
@@ -575,21 +577,27 @@ def _screened(stats: dict[str, dict], baseline: SiteBaseline, config) -> list[st
 
 
 def _binomial_p(k: int, n: int, p0: float) -> float:
-    from scipy.stats import binom
+    """P(X >= k) for X ~ Binomial(n, p0)."""
+    from scipy.special import bdtrc
 
-    if n == 0:
+    if n == 0 or k <= 0:
         return 1.0
-    return float(binom.sf(k - 1, n, min(max(p0, 1e-9), 1 - 1e-9)))
+    return float(bdtrc(k - 1, n, min(max(p0, 1e-12), 1 - 1e-12)))
+
+
+def _normal_sf(z: float) -> float:
+    from scipy.special import ndtr
+
+    return float(ndtr(-z))
 
 
 def _two_proportion_p(p1: float, n1: int, p2: float, n2: int) -> float:
-    from scipy.stats import norm
-
+    """Two-sided p-value of a difference of two proportions (pooled z-test)."""
     if n1 == 0 or n2 == 0:
         return 1.0
     pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
     se = math.sqrt(max(pooled * (1 - pooled) * (1 / n1 + 1 / n2), 1e-12))
-    return float(2 * norm.sf(abs(p1 - p2) / se))
+    return 2 * _normal_sf(abs(p1 - p2) / se)
 
 
 def judge_feature(
@@ -613,7 +621,7 @@ def judge_feature(
     values = np.sort(current[~np.isnan(current)])
     out: dict[str, Any] = {
         "feature": name, "n": int(stats["n"]), "missing_share": _r(stats["missing_share"]),
-        "reference_missing_share": _r(baseline.missing), "median": _r(np.median(values)) if values.size else None,
+        "reference_missing_share": _r(baseline.missing), "median": _r(_sorted_median(values)),
         "reference_median": _r(baseline.median), "mean": _r(stats["mean"]), "reference_mean": _r(baseline.mean),
         "reference_range": [_r(baseline.lo), _r(baseline.hi)],
         "out_of_range_share": _r(stats["out_of_range_share"]), "reference_out_of_range_share": _r(baseline.outside),
@@ -630,7 +638,7 @@ def judge_feature(
             and baseline.values.size >= config.min_feature_rows):
         share = stats["out_of_range_share"]
         outside = values[(values < baseline.lo) | (values > baseline.hi)]
-        out["out_of_range_median"] = _r(np.median(outside)) if outside.size else None
+        out["out_of_range_median"] = _r(_sorted_median(outside))
         p0 = expected_outside(baseline, config)
         p_oor = _binomial_p(stats["out_of_range_count"], stats["n"], p0)
         out["out_of_range_p"] = _p(p_oor)
@@ -655,6 +663,14 @@ def expected_outside(baseline: FeatureBaseline, config) -> float:
     at a bound, or a small baseline, would otherwise make any value "rare").
     """
     return max(baseline.outside, 2 * config.out_of_range_quantile, 2 / (baseline.values.size + 1))
+
+
+def _sorted_median(values: np.ndarray) -> float | None:
+    """Median of already sorted values (None when empty)."""
+    n = values.size
+    if n == 0:
+        return None
+    return float(values[n // 2]) if n % 2 else float((values[n // 2 - 1] + values[n // 2]) / 2)
 
 
 def _series(values: np.ndarray):
@@ -1032,15 +1048,13 @@ def _window_performance(inp: WindowInput, baseline: SiteBaseline, config) -> dic
 
 def _performance_findings(perf: dict, config) -> list[tuple[str, str]]:
     """(level, reason) for each performance figure past its threshold AND beyond chance."""
-    from scipy.stats import norm
-
     found: list[tuple[str, str]] = []
     sig = config.performance_significance
     ref = perf.get("reference") or {}
     if ref.get("auroc") is not None:
         drop = ref["auroc"] - perf["auroc"]
         se = math.hypot(perf.get("auroc_se") or 0.0, ref.get("auroc_se") or 0.0)
-        p = float(norm.sf(drop / se)) if se > 0 else (0.0 if drop > 0 else 1.0)
+        p = _normal_sf(drop / se) if se > 0 else (0.0 if drop > 0 else 1.0)
         text = (f"realized AUROC {perf['auroc']:.3f} is {drop:.3f} below the reference {ref['auroc']:.3f} "
                 f"(p={p:.2g}, {perf['n']} outcomes)")
         if drop >= config.auroc_drop_alert and p < sig:
@@ -1058,7 +1072,7 @@ def _performance_findings(perf: dict, config) -> list[tuple[str, str]]:
     slope, se = perf.get("calibration_slope"), perf.get("calibration_slope_se")
     if slope is not None and se and not lo <= slope <= hi:
         bound = lo if slope < lo else hi
-        p = float(norm.sf(abs(slope - bound) / se))
+        p = _normal_sf(abs(slope - bound) / se)
         if p < sig:
             found.append(("warning", f"calibration slope {slope:.2f} outside [{lo}, {hi}] (p={p:.2g})"))
     return found
@@ -1246,7 +1260,7 @@ def run_monitor(prediction_log, reference: Reference, monitoring_dir: Path, conf
                 result["html_against"] = save_window_html(json_path.with_suffix(".html"), inp, result, reference,
                                                           baselines[site], config)
                 result["html"] = json_path.with_suffix(".html").name
-            write_text_atomic(json_path, json.dumps(result, indent=1, sort_keys=True))
+            write_text_atomic(json_path, _dump(result))
             computed += 1
         if i - k >= 0:
             windows[i - k].sites = None  # rows no later window needs
@@ -1325,7 +1339,12 @@ def _ensure_latest_html(prediction_log, reference, reports, latest, windows, out
         result["html_against"] = save_window_html(json_path.with_suffix(".html"), inp, result, reference,
                                                   baselines[site], config)
         result["html"] = json_path.with_suffix(".html").name
-        write_text_atomic(json_path, json.dumps(result, indent=1, sort_keys=True))
+        write_text_atomic(json_path, _dump(result))
+
+
+def _dump(result: dict) -> str:
+    """A window's JSON: compact (hundreds of windows, each listing every tested feature), keys sorted."""
+    return json.dumps(result, sort_keys=True, separators=(",", ":")) + "\n"
 
 
 def _day_of(path: Path) -> date | None:

@@ -47,7 +47,7 @@ def run(args, ctx) -> int:
     model_dir = args.model_dir or (Path(cfg.model_dir) if cfg.model_dir else None)
     models = scoring.load_models(
         tasks, source="folder" if model_dir else cfg.model_source, model_dir=model_dir,
-        alias=cfg.model_alias, required=True,
+        alias=cfg.model_alias, required=True, work=ctx.paths.root, tracking_uri=ctx.params.train.tracking_uri,
     )
     meds = args.meds or ctx.paths.meds
     store = open_store(args, ctx)

@@ -89,8 +89,11 @@ def load_models(
     model_dir: Path | str | None = None,
     alias: str = "champion",
     required: bool = False,
+    work: Path | None = None,
+    tracking_uri: str | None = None,
 ) -> dict[str, ServedModel]:
-    """Each task's bundle, from an exported folder (`<model_dir>/<task>/`) or the MLflow registry.
+    """Each task's bundle, from an exported folder (`<model_dir>/<task>/`) or the MLflow registry
+    (`tracking_uri`, else the work folder's embedded backend).
 
     A task without a model is skipped with a warning (the service still serves
     stored scores), unless `required`.
@@ -115,7 +118,10 @@ def load_models(
             else:
                 from chronorisk.training.registry import fetch_bundle
 
-                folder, registered = fetch_bundle(task, alias)
+                from chronorisk.paths import WorkPaths
+
+                paths = WorkPaths(Path(work)) if work is not None else None
+                folder, registered = fetch_bundle(task, alias, paths=paths, tracking_uri=tracking_uri)
                 models[task] = ServedModel(task, ModelBundle.load(folder), registered.name, str(registered.version))
         except ChronoriskError as exc:
             if required:

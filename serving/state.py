@@ -150,7 +150,8 @@ def build_state(
         folder = model_dir or os.environ.get("CHRONORISK_MODEL_DIR") or cfg.model_dir
         if folder and not (model_source or os.environ.get("CHRONORISK_MODEL_SOURCE")):
             source = "folder"
-        models = load_models(cfg.tasks, source=source, model_dir=folder, alias=cfg.model_alias)
+        models = load_models(cfg.tasks, source=source, model_dir=folder, alias=cfg.model_alias, work=work,
+                             tracking_uri=params.train.tracking_uri)
     root = meds_root or (Path(os.environ["CHRONORISK_MEDS_ROOT"]) if os.environ.get("CHRONORISK_MEDS_ROOT") else None)
     if root is None:
         root = work / "meds"

@@ -52,8 +52,18 @@ def task_title(task: str) -> str:
     return TASK_TITLES.get(task, task.replace("_", " "))
 
 
+# the pages use no script, no frame and no outside resource: say so to the browser
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def render(template: str, status_code: int = 200, **context) -> HTMLResponse:
-    return HTMLResponse(_env().get_template(template).render(**context), status_code=status_code)
+    return HTMLResponse(_env().get_template(template).render(**context), status_code=status_code,
+                        headers=PAGE_HEADERS)
 
 
 def error_page(request: Request, status: int, message: str) -> Response:
@@ -361,6 +371,31 @@ def ops_page(request: Request, principal: Annotated[Principal, Depends(page_user
     models = [{"task": m.task, "name": m.name, "version": m.version} for m in state.models.values()]
     return render("ops.html", principal=principal, csrf=csrf_token(state, request), models=models,
                   store=state.store.info().backend, started=state.started_at)
+
+
+@pages.get("/mlops")
+def mlops_page(request: Request, principal: Annotated[Principal, Depends(page_user("ops"))]) -> Response:
+    """The monitoring helper's MLOps view (statuses, reasons, drift history) inside the page layout."""
+    from chronorisk.serving.monitoring import load_summary
+    from chronorisk.serving.monitoring_page import mlops_fragment
+
+    state = _state(request)
+    fragment = mlops_fragment(load_summary(state.work / "monitoring"), report_url="/ui/mlops/reports")
+    return render("mlops.html", principal=principal, csrf=csrf_token(state, request), fragment=fragment)
+
+
+@pages.get("/mlops/reports/{path:path}")
+def mlops_report(
+    request: Request, path: str, principal: Annotated[Principal, Depends(page_user("ops"))]
+) -> Response:
+    from fastapi.responses import FileResponse
+
+    from chronorisk.serving.monitoring_page import report_file
+
+    found = report_file(_state(request).work / "monitoring", path)
+    if found is None:
+        raise HTTPException(404, "no such report")
+    return FileResponse(found)
 
 
 def query_string(params: dict) -> str:

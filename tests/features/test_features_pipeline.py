@@ -128,9 +128,10 @@ def test_serving_single_patient_equals_batch(meds, spec, index):
         assert_frame_equal(single, batch.slice(i, 1))
 
 
-def test_shards_in_chunks_equal_one_transform(meds, spec, index):
+@pytest.mark.parametrize("chunk", [70, 400, 10_000])  # split big shards / group small ones / all in one
+def test_shards_in_chunks_equal_one_transform(meds, spec, index, chunk):
     whole = transform(spec, pl.scan_parquet(meds), index.lazy()).collect()
-    parts = pl.concat(list(transform_shards(spec, meds, index, chunk_subjects=70)))
+    parts = pl.concat(list(transform_shards(spec, meds, index, chunk_subjects=chunk)))
     key = ["subject_id", "prediction_time"]
     assert_frame_equal(parts.sort(key), whole.sort(key))
 

@@ -128,3 +128,34 @@ def test_facts_from_features_known_answer():
         {"subject_id": 3, "sex": None, "birth_year": None, "age_band": None, "conditions": ",hypertension,"},
     ]
     assert SECRET  # the fixture module's secret is what the state was built with
+
+
+def test_mlops_page_and_monitoring_gauges(app_and_key):
+    import json
+
+    app, key, state = app_and_key
+    mon = state.work / "monitoring"
+    mon.mkdir(parents=True, exist_ok=True)
+    summary = {"tasks": {"complication_1y": {"week": {"sites": {
+        "chc_a": {"status": "alert", "window": "2025-W10", "n_rows": 500, "drift_share": 0.4,
+                  "prediction_drift": 0.2, "reasons": ["glucose drifted"], "history": []}}}}}}
+    (mon / "summary.json").write_text(json.dumps(summary))
+    _, ops_key = access.create_key(state.store.engine, "mlops")
+    _, gp_key = access.create_key(state.store.engine, "gp", "chc_a")
+    page = call(app, "GET", "/ui/mlops", ops_key)
+    assert page.status_code == 200 and "Model monitoring" in page.text and "chc_a" in page.text
+    assert call(app, "GET", "/ui/mlops", gp_key).status_code == 403
+    assert call(app, "GET", "/ui/mlops/reports/../../secrets/serve.key", ops_key).status_code == 404
+    text = call(app, "GET", "/metrics", key).text
+    assert 'chronorisk_monitor_drifted_feature_share{site="chc_a",task="complication_1y",window="week"} 0.4' in text
+
+
+def test_answers_are_not_cached_and_pages_allow_no_script(app_and_key):
+    app, key, _ = app_and_key
+    api_answer = call(app, "GET", f"/patients/{subject_id(0, 3)}", key)
+    assert api_answer.headers["cache-control"] == "no-store"
+    assert api_answer.headers["x-content-type-options"] == "nosniff"
+    page = call(app, "GET", "/ui/login", key)
+    assert "script-src" not in page.headers["content-security-policy"]
+    assert page.headers["content-security-policy"].startswith("default-src 'none'")
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["cache-control"] == "no-store"

@@ -294,3 +294,20 @@ def test_eligibility_from_first_and_last_times_equals_full_events(tiny_world):
                 full = eligible_index(events, load_task(task), [when]).collect()
                 fast = eligible_index(reduced, load_task(task), [when]).collect()
                 assert full.equals(fast), (site, task, when)
+
+
+def test_models_load_from_the_mlflow_registry_champion(tiny_world, tmp_path):
+    """The service's default source: each task's `champion` in the MLflow registry of the work folder."""
+    from chronorisk.paths import WorkPaths
+    from chronorisk.training import registry, tracking
+
+    work = tmp_path / "w"
+    paths = WorkPaths(work)
+    paths.mlflow_dir.mkdir(parents=True)
+    track = tracking.configure_tracking(paths, uri=tracking.default_tracking_uri(paths))
+    registry.register_bundle(track, tiny_world.models / "onset_2y", task="onset_2y", alias="champion")
+    models = scoring.load_models(["complication_1y", "onset_2y"], source="registry", work=work)
+    assert list(models) == ["onset_2y"]  # no champion for complication_1y: skipped, not fatal
+    assert models["onset_2y"].name == "chronorisk-onset_2y" and models["onset_2y"].version == "1"
+    with pytest.raises(Exception, match="complication_1y"):
+        scoring.load_models(["complication_1y"], source="registry", work=work, required=True)
