@@ -23,7 +23,7 @@ def demo_stages(args: argparse.Namespace, ctx) -> list[tuple[str, list[str]]]:
     patients = str(args.patients or params.generate.patients)
     score_date = f"{params.generate.end.year}-07-01"
     stages = [
-        ("generate", ["generate", "--patients", patients, "--fhir-sample", "2000"]),
+        ("generate", ["generate", "--patients", patients, "--fhir"]),
         ("ingest", ["ingest", "--demo", str(ctx.paths.fhir)]),
         ("summary", ["summary"]),
         ("summary (ingested)", ["summary", "--meds", str(ctx.paths.ingested)]),
@@ -35,7 +35,7 @@ def demo_stages(args: argparse.Namespace, ctx) -> list[tuple[str, list[str]]]:
     if not args.skip_federated:
         stages.append(("federated", ["federated", "sim"]))
     stages += [
-        ("score", ["score", "--date", score_date, "--demo"]),
+        ("score", ["score", "--date", score_date]),
         ("monitor", ["monitor"]),
     ]
     if not args.no_serve:

@@ -60,7 +60,7 @@ def labels_for_site(
 
 
 def feature_table_for_site(
-    spec: FeatureSpec, source: SiteSource, labels: pl.DataFrame, path: Path, chunk_subjects: int
+    spec: FeatureSpec, source: SiteSource, labels: pl.DataFrame, path: Path, chunk_subjects: int, workers: int = 1
 ) -> int:
     """Write subject_id, prediction_time, site, split, boolean_value + features; returns rows written."""
     index = (
@@ -75,7 +75,7 @@ def feature_table_for_site(
     with atomic_output(path) as tmp:
         writer = None
         try:
-            for frame in transform_shards(spec, source.shards, index, chunk_subjects):
+            for frame in transform_shards(spec, source.shards, index, chunk_subjects, workers):
                 table = frame.to_arrow()
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")

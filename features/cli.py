@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", nargs="+", default=None, help="only these sites")
     parser.add_argument("--out", type=Path, default=None, help="features root (default <work>/features)")
     parser.add_argument("--chunk-subjects", type=int, default=None,
-                        help="subjects transformed at a time (default: params features.chunk_subjects)")
+                        help="index rows transformed at a time (default: params features.chunk_subjects)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="chunks computed at once, in threads (default: params features.workers)")
 
 
 def run(args: argparse.Namespace, ctx) -> int:
@@ -44,6 +46,9 @@ def run(args: argparse.Namespace, ctx) -> int:
     chunk = args.chunk_subjects or config.chunk_subjects
     if chunk <= 0:
         raise ConfigError(f"--chunk-subjects: must be positive, got {chunk}")
+    workers = args.workers or config.workers
+    if workers <= 0:
+        raise ConfigError(f"--workers: must be positive, got {workers}")
     meds_root = args.meds or ctx.paths.meds
     out_root = args.out or ctx.paths.features
     sites = find_sites(meds_root, args.sites)
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace, ctx) -> int:
         for source in sites:
             started = time.perf_counter()
             labels = labels_for_site(source, task, args.labels, ctx.paths.labels, cmap)
-            n = feature_table_for_site(spec, source, labels, out_root / task.name / f"{source.site}.parquet", chunk)
+            path = out_root / task.name / f"{source.site}.parquet"
+            n = feature_table_for_site(spec, source, labels, path, chunk, workers)
             print(f"{task.name:<18} {source.site:<16} rows {n:>9,}  features {spec.n_features}  "
                   f"{time.perf_counter() - started:6.1f} s")
     return 0

@@ -195,12 +195,12 @@ def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]], values: di
     """Long rows (key = ix * n + idx) -> one row per ix present, one column per (value, idx)."""
     rows, inverse = np.unique(keys // n, return_inverse=True)
     j = (keys % n).astype(np.intp)
-    out = [pl.Series("_ix", rows, dtype=pl.UInt32)]
-    for col, feats in columns.items():
-        dense = np.full((n, len(rows)), np.nan)
-        dense[j, inverse] = values[col]
-        out += [pl.Series(name, dense[k], nan_to_null=True) for k, name in enumerate(feats)]
-    return pl.DataFrame(out)
+    dense = np.full((len(columns) * n, len(rows)), np.nan)
+    for c, col in enumerate(columns):
+        dense[c * n + j, inverse] = values[col]
+    names = [name for feats in columns.values() for name in feats]
+    frame = pl.from_numpy(dense, schema=names, orient="col").fill_nan(None)
+    return frame.insert_column(0, pl.Series("_ix", rows, dtype=pl.UInt32))
 
 
 def _widen(long: pl.LazyFrame, n: int, columns: dict[str, list[str]]) -> pl.LazyFrame:
@@ -275,7 +275,8 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     for w in windows:
         for stat in WINDOW_STATS:
             columns[f"{stat}_{w}"] = [f"meas_{m}_{stat}_{w}d" for m in names]
-    schema = {"_ix": pl.UInt32, **{f: pl.Float64 for feats in columns.values() for f in feats}}
+    feature_names = [f for feats in columns.values() for f in feats]
+    schema = {"_ix": pl.UInt32, **dict.fromkeys(feature_names, pl.Float64)}
 
     def compute(df: pl.DataFrame) -> pl.DataFrame:
         if df.height == 0:
@@ -287,11 +288,9 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
             n * n_rows, windows,
         )
         present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
-        out = [pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32)]
-        for stat, feats in columns.items():
-            grid = stats[stat].reshape(n, n_rows)
-            out += [pl.Series(name, grid[j][present], nan_to_null=True) for j, name in enumerate(feats)]
-        return pl.DataFrame(out)
+        matrix = np.concatenate([stats[stat].reshape(n, n_rows)[:, present] for stat in columns])
+        frame = pl.from_numpy(matrix, schema=feature_names, orient="col").fill_nan(None)
+        return frame.insert_column(0, pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32))
 
     return [rows.map_batches(compute, schema=schema)]
 

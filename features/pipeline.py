@@ -16,7 +16,9 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -163,8 +165,19 @@ def _exact_code_table(spec: FeatureSpec) -> pl.DataFrame:
     rows += [(c, fam.KIND_MED, i) for i, k in enumerate(spec.drug_classes) for c in k.codes]
     rows += [(c, fam.KIND_COND, i) for i, cond in enumerate(spec.conditions) for c in cond.codes]
     rows += [(c, fam.KIND_CODE, i) for i, c in enumerate(spec.vocabulary)]
+    # an exact code may also fall in another condition's code family (prefix): known now, not per event
+    known = {code for code, _, _ in rows}
+    rows += [
+        (code, fam.KIND_COND, i)
+        for i, cond in enumerate(spec.conditions)
+        for code in sorted(known)
+        if any(code.startswith(p) for p in cond.prefixes)
+    ]
     table = pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row")
     return table.unique(maintain_order=True)
+
+
+_SLOT_CACHE: dict[tuple, tuple[FeatureSpec, _CodeSlots]] = {}  # a spec is immutable: build its slots once
 
 
 @dataclass(frozen=True)
@@ -185,7 +198,19 @@ class _CodeSlots:
 
     @classmethod
     def of(cls, spec: FeatureSpec, kinds: set[int] | None = None) -> _CodeSlots:
-        """Slots of the codes feeding `kinds` (default: every family)."""
+        """Slots of the codes feeding `kinds` (default: every family); cached per spec object."""
+        key = (id(spec), None if kinds is None else frozenset(kinds))
+        hit = _SLOT_CACHE.get(key)
+        if hit is not None and hit[0] is spec:
+            return hit[1]
+        slots = cls._build(spec, kinds)
+        if len(_SLOT_CACHE) >= 16:
+            _SLOT_CACHE.pop(next(iter(_SLOT_CACHE)))
+        _SLOT_CACHE[key] = (spec, slots)
+        return slots
+
+    @classmethod
+    def _build(cls, spec: FeatureSpec, kinds: set[int] | None) -> _CodeSlots:
         table = _exact_code_table(spec)
         if kinds is not None:
             table = table.filter(pl.col("kind").is_in(sorted(kinds)))
@@ -208,25 +233,23 @@ class _CodeSlots:
         )
 
 
-def _prefix_table(spec: FeatureSpec, codes: pl.LazyFrame, exact: pl.DataFrame) -> pl.LazyFrame:
+def _prefix_table(spec: FeatureSpec, codes: pl.Series, exact: pl.DataFrame) -> pl.DataFrame:
     """(code, kind, idx) of condition prefix matches among the distinct `codes`, beyond exact ones."""
-    distinct = codes.select("code").unique()
-    parts = []
-    for i, cond in enumerate(spec.conditions):
-        if cond.prefixes:
-            hit = pl.any_horizontal([pl.col("code").str.starts_with(p) for p in cond.prefixes])
-            parts.append(distinct.filter(hit).select(
-                "code", pl.lit(fam.KIND_COND, pl.UInt8).alias("kind"), pl.lit(i, pl.Int32).alias("idx")
-            ))
-    if not parts:
-        return pl.LazyFrame(schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32})
-    return pl.concat(parts).join(exact.lazy(), on=["code", "kind", "idx"], how="anti")
+    known = set(exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "idx").iter_rows())
+    rows = [
+        (code, fam.KIND_COND, i)
+        for code in codes.unique().drop_nulls().to_list()
+        for i, cond in enumerate(spec.conditions)
+        if (code, i) not in known and any(code.startswith(p) for p in cond.prefixes)
+    ]
+    return pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row")
 
 
 def code_table(spec: FeatureSpec, events: pl.LazyFrame) -> pl.LazyFrame:
     """(code, kind, idx) for every code of `events` a feature uses (exact codes and prefix matches)."""
     exact = _exact_code_table(spec)
-    return pl.concat([exact.lazy(), _prefix_table(spec, events, exact)])
+    distinct = events.select(pl.col("code").unique()).collect().get_column("code")
+    return pl.concat([exact, _prefix_table(spec, distinct, exact)]).lazy()
 
 
 def conform_events_lazy(events: pl.LazyFrame | pl.DataFrame) -> pl.LazyFrame:
@@ -262,10 +285,13 @@ def tag_events(
     lookup instead of a join. `kinds` limits the tagging to the codes of some families.
     """
     slots = _CodeSlots.of(spec, kinds)
-    ev = conform_events_lazy(events).with_columns(
-        pl.col("code").cast(slots.enum, strict=False).to_physical().alias("slot")
-    ).collect()
-    exact = ev.lazy().filter(pl.col("slot").is_not_null())
+    ev = conform_events_lazy(events).collect()
+    ev = ev.with_columns(ev.get_column("code").cast(slots.enum, strict=False).to_physical().alias("slot"))
+    one_time_each = keys.get_column("subject_id").is_unique().all()
+    if one_time_each:  # nightly scoring: look rows up instead of joining
+        ev = ev.with_columns(_row_of_subject(ev.get_column("subject_id"), keys.get_column("subject_id")))
+    columns = ["subject_id", "time", "kind", "idx", "numeric_value", "text_value", "_ix"]
+    exact = ev.lazy().filter(pl.col("slot").is_not_null()).drop("code")
     parts = [
         exact.with_columns(
             pl.lit(slots.kind).gather(pl.col("slot")).alias("kind"),
@@ -277,35 +303,50 @@ def tag_events(
         several = exact.filter(pl.col("slot").is_in(extra.get_column("slot").unique().implode()))
         parts.append(several.join(extra.lazy(), on="slot", how="inner"))
     if slots.prefix_vocabs:
-        candidates = ev.lazy().filter(
-            pl.any_horizontal([pl.col("code").str.starts_with(v) for v in slots.prefix_vocabs])
-        )
-        parts.append(candidates.join(_prefix_table(spec, candidates, slots.exact), on="code", how="inner"))
-    columns = ["subject_id", "time", "kind", "idx", "numeric_value", "text_value"]
-    tagged = pl.concat([p.select(columns) for p in parts], how="vertical")
+        # codes the spec does not know exactly, but which may fall in a condition's code family
+        unknown = ev.filter(pl.col("slot").is_null()).get_column("code").unique()
+        in_family = unknown.str.starts_with(slots.prefix_vocabs[0])
+        for v in slots.prefix_vocabs[1:]:
+            in_family = in_family | unknown.str.starts_with(v)
+        candidates = unknown.filter(in_family)
+        table = _prefix_table(spec, candidates, slots.exact) if len(candidates) else None
+        if table is not None and table.height:
+            parts.append(ev.lazy().filter(pl.col("slot").is_null()).join(table.lazy(), on="code"))
+    if not one_time_each:
+        columns.remove("_ix")
+    located = [_locate(p.select(columns), keys, one_time_each) for p in parts]
+    return pl.concat(pl.collect_all(located), how="vertical", rechunk=False)
+
+
+def _row_of_subject(subjects: pl.Series, index_subjects: pl.Series) -> pl.Series:
+    """Each event's index row (null when its subject is not in the index), when subjects are unique.
+
+    Events come grouped by subject (MEDS), so the lookup runs once per run of equal subjects.
+    """
+    runs = subjects.rle_id()
+    run_subject = subjects.rle().struct.field("value")
+    rows = pl.Series(range(len(index_subjects)), dtype=pl.UInt32)
+    run_row = run_subject.replace_strict(index_subjects, rows, default=None, return_dtype=pl.UInt32)
+    return run_row.gather(runs).alias("_ix")
+
+
+def _locate(frame: pl.LazyFrame, keys: pl.DataFrame, has_row: bool) -> pl.LazyFrame:
+    """Attach each event to its index row(s) and keep what lies strictly before the prediction time."""
     t = pl.col("time")
     pt = pl.col("prediction_time")
-    if keys.get_column("subject_id").is_unique().all():
-        ix = pl.Series(range(keys.height), dtype=pl.UInt32)
-        tagged = tagged.with_columns(
-            pl.col("subject_id").replace_strict(keys.get_column("subject_id"), ix, default=None).alias("_ix")
-        ).filter(pl.col("_ix").is_not_null())
-        tagged = tagged.with_columns(
+    if has_row:
+        frame = frame.filter(pl.col("_ix").is_not_null()).with_columns(
             pl.lit(keys.get_column("prediction_time")).gather(pl.col("_ix")).alias("prediction_time")
         )
     else:
-        tagged = tagged.join(keys.lazy(), on="subject_id", how="inner")
-    return (
-        tagged.filter((t < pt) | (t.is_null() & (pl.col("kind") == fam.KIND_SEX)))
-        .select(
-            "_ix",
-            ((pt - t).dt.total_microseconds().cast(pl.Float64) / _US_PER_DAY).alias("days"),
-            "kind",
-            "idx",
-            pl.col("numeric_value").cast(pl.Float64).alias("value"),
-            "text_value",
-        )
-        .collect()
+        frame = frame.join(keys.lazy(), on="subject_id", how="inner")
+    return frame.filter((t < pt) | (t.is_null() & (pl.col("kind") == fam.KIND_SEX))).select(
+        "_ix",
+        ((pt - t).dt.total_microseconds().cast(pl.Float64) / _US_PER_DAY).alias("days"),
+        "kind",
+        "idx",
+        pl.col("numeric_value").cast(pl.Float64).alias("value"),
+        "text_value",
     )
 
 
@@ -348,8 +389,20 @@ def _features(
         for part in family(spec, tagged)
     ]
     out = pl.concat([idx, *pl.collect_all(aligned)], how="horizontal")
+    return out.select(*idx.columns, *_final_exprs(spec, tuple(names)))
+
+
+_FINAL_CACHE: dict[tuple, tuple[FeatureSpec, list[pl.Expr]]] = {}
+
+
+def _final_exprs(spec: FeatureSpec, names: tuple[str, ...]) -> list[pl.Expr]:
+    """Float32 feature columns: zeros for empty counts, `never` from missing counts (cached per spec)."""
+    key = (id(spec), names)
+    hit = _FINAL_CACHE.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
     zero = set(fam.zero_filled(spec))
-    feature_exprs = []
+    exprs = []
     for name in names:
         if name.startswith("miss_") and name.endswith("_never"):
             expr = pl.col(name.removesuffix("_never") + "_count").is_null()
@@ -357,8 +410,11 @@ def _features(
             expr = pl.col(name).fill_null(0)
         else:
             expr = pl.col(name)
-        feature_exprs.append(expr.cast(pl.Float32).alias(name))
-    return out.select(*idx.columns, *feature_exprs)
+        exprs.append(expr.cast(pl.Float32).alias(name))
+    if len(_FINAL_CACHE) >= 16:
+        _FINAL_CACHE.pop(next(iter(_FINAL_CACHE)))
+    _FINAL_CACHE[key] = (spec, exprs)
+    return exprs
 
 
 def _chosen_families(families: Iterable[str] | None) -> dict[str, set[str]]:
@@ -380,16 +436,40 @@ def transform_shards(
     shards: Iterable[Path],
     index: pl.DataFrame,
     chunk_subjects: int = 100_000,
+    workers: int = 1,
 ) -> Iterator[pl.DataFrame]:
-    """Feature frames for `index` over MEDS shards, about `chunk_subjects` subjects at a time.
+    """Feature frames for `index` over MEDS shards, about `chunk_subjects` index rows at a time.
 
     A MEDS subject lives in exactly one shard, so a chunk is whole shards (small
     ones grouped together) or a subject range of one big shard (read with a
     range filter the parquet statistics can prune). Index rows whose subject is
-    in no shard are not returned.
+    in no shard are not returned. With `workers` > 1, that many chunks are
+    computed at once in threads (polars and numpy release the GIL), in order.
     """
     index = _conform_index(index).collect()
+    jobs = _chunks(list(shards), index, chunk_subjects)
+    if workers <= 1:
+        for files, ids, id_range in jobs:
+            yield _transform_files(spec, files, index, ids, id_range)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for files, ids, id_range in jobs:
+            pending.append(pool.submit(_transform_files, spec, files, index, ids, id_range))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _chunks(
+    shards: list[Path], index: pl.DataFrame, chunk_subjects: int
+) -> Iterator[tuple[list[Path], pl.Series, tuple[int, int] | None]]:
+    """(files, subject ids, optional id range) of each chunk."""
     wanted = index.get_column("subject_id").unique()
+    # a chunk holds about `chunk_subjects` index rows: with several prediction times per
+    # subject (training) every event is repeated per time, so take fewer subjects
+    chunk_subjects = max(1, int(chunk_subjects * len(wanted) / max(index.height, 1)))
     group: list[Path] = []
     group_ids: list[pl.Series] = []
     for shard in shards:
@@ -398,7 +478,7 @@ def transform_shards(
         if ids.is_empty():
             continue
         if sum(len(g) for g in group_ids) + len(ids) > chunk_subjects and group:
-            yield _transform_files(spec, group, index, pl.concat(group_ids))
+            yield group, pl.concat(group_ids), None
             group, group_ids = [], []
         if len(ids) <= chunk_subjects:
             group.append(shard)
@@ -407,9 +487,9 @@ def transform_shards(
         ids = ids.sort()
         for lo in range(0, len(ids), chunk_subjects):
             chunk = ids[lo : lo + chunk_subjects]
-            yield _transform_files(spec, [shard], index, chunk, (chunk[0], chunk[-1]))
+            yield [shard], chunk, (chunk[0], chunk[-1])
     if group:
-        yield _transform_files(spec, group, index, pl.concat(group_ids))
+        yield group, pl.concat(group_ids), None
 
 
 def _transform_files(

@@ -16,6 +16,9 @@ class FederatedConfig(BaseModel):
     )
     rounds: int = Field(5, ge=1, description="bagging rounds, or cyclic passes over all sites")
     trees_per_round: int = Field(40, ge=1, description="trees each site adds per round (per visit, cyclic)")
+    cyclic_trees: int = Field(
+        5, ge=1, description="cyclic: trees each site adds per visit (small steps: the model moves on quickly)"
+    )
     learning_rate: float | None = Field(
         None, gt=0, le=1, description="LightGBM learning rate at the sites (null = model.lightgbm's)"
     )

@@ -402,7 +402,9 @@ class FederatedTrainer:
         request = Payload(config={"tasks": self.tasks})
         return self._exchange(SUMMARY, 0, {n: request for n in nodes}, self.config.min_sites)
 
-    def _train_payload(self, round_index: int, states: dict[str, _TaskState], site: str | None) -> Payload:
+    def _train_payload(
+        self, round_index: int, states: dict[str, _TaskState], site: str | None, trees: int | None = None
+    ) -> Payload:
         tasks_cfg = {}
         blobs = {}
         for task, st in states.items():
@@ -410,7 +412,7 @@ class FederatedTrainer:
                 continue
             model_text = st.model.to_text() if st.model is not None else None
             tasks_cfg[task] = {
-                "trees": self.config.trees_per_round,
+                "trees": trees or self.config.trees_per_round,
                 "spec_hash": st.spec_hash,
                 "times": st.times,
                 "model_hash": strategies.model_hash(model_text) if model_text else None,
@@ -492,9 +494,13 @@ class FederatedTrainer:
                 st.checkpoints = [c for c in strategies.bagging_checkpoints(before, counts) if c > 0]
 
     def train_cyclic(self, states: dict[str, _TaskState]) -> None:
+        """Passes over the sites in turn; after each pass, a pooled check of every tree count of that pass."""
         step = 0
         for r in range(1, self.config.rounds + 1):
+            if all(st.stopped for st in states.values()):
+                break
             visited = 0
+            before = {t: (st.model.num_trees if st.model is not None else 0) for t, st in states.items()}
             for site in strategies.cyclic_order(sorted(set(self.site_of.values())), r - 1):
                 step += 1
                 listed = set(self.transport.node_ids())
@@ -503,7 +509,9 @@ class FederatedTrainer:
                     self._event(f"train pass {r}: {site} is not connected; skipped")
                     continue
                 try:
-                    replies = self._exchange(TRAIN, step, {node: self._train_payload(r, states, site)}, 1)
+                    replies = self._exchange(
+                        TRAIN, step, {node: self._train_payload(r, states, site, self.config.cyclic_trees)}, 1
+                    )
                 except FederatedError:
                     continue  # logged in _exchange; the model goes on to the next site
                 for task, ups in self._take_updates(replies, states).items():
@@ -514,9 +522,29 @@ class FederatedTrainer:
                 raise FederatedError(
                     f"cyclic pass {r}: the model visited {visited} site(s), at least {self.config.min_sites} needed"
                 )
-        for st in states.values():  # every tree count is a candidate: pooled early stopping at the end
-            if st.model is not None and self.config.early_stopping:
-                st.checkpoints = list(range(1, st.model.num_trees + 1))
+            if self.config.early_stopping:
+                for task, st in states.items():
+                    if not st.stopped and st.model is not None:
+                        first = max(before[task], 1)
+                        st.checkpoints = list(range(first, st.model.num_trees + 1))
+                self._check_pass(states, r)
+
+    def _check_pass(self, states: dict[str, _TaskState], pass_index: int) -> None:
+        """Pooled tuning loss at every tree count of the last pass (an evaluate message, checkpoints only)."""
+        pending = {t: st for t, st in states.items() if st.checkpoints and not st.stopped}
+        if not pending:
+            return
+        tasks_cfg = {t: {"spec_hash": st.spec_hash, "times": st.times, "checkpoints": st.checkpoints,
+                         "only_checkpoints": True} for t, st in pending.items()}
+        blobs = {}
+        for task, st in pending.items():
+            blobs[f"spec:{task}"] = st.spec_json.encode()
+            blobs[f"model:{task}"] = st.model.to_text().encode()
+        request = Payload(config={"tasks": tasks_cfg}, blobs=blobs)
+        nodes = self.transport.node_ids()
+        replies = self._exchange(EVALUATE, 100 + pass_index, {n: request for n in nodes}, self.config.min_sites)
+        for task, st in pending.items():
+            self._early_stop(task, st, replies, f"pass {pass_index}")
 
     def _evaluate_exchange(self, states: dict[str, _TaskState], round_index: int) -> dict[str, Payload]:
         tasks_cfg = {}

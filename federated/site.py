@@ -412,7 +412,10 @@ def evaluate_task(out: Payload, task: str, table: SiteTable, request: Payload) -
     """One task of an evaluate message on a ready table."""
     tcfg = request.config["tasks"][task]
     model = request.blob_text(f"model:{task}")
-    arrays, info, metrics = evaluate_table(table, model)
+    if tcfg.get("only_checkpoints"):
+        arrays, info, metrics = {}, {}, {}
+    else:
+        arrays, info, metrics = evaluate_table(table, model)
     if tcfg.get("checkpoints"):
         arrays["ckpt_loss"], info["ckpt_rows"] = checkpoint_losses(table, model, list(tcfg["checkpoints"]))
     out.arrays.update({f"{task}:{k}": v for k, v in arrays.items()})

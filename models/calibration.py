@@ -40,14 +40,10 @@ _EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] where a logarithm is 
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """Numerically stable logistic function."""
-    x = np.asarray(x, dtype=float)
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    ex = np.exp(x[~pos])
-    out[~pos] = ex / (1.0 + ex)
-    return out
+    """Numerically stable logistic function (scipy's expit ufunc)."""
+    from scipy.special import expit
+
+    return expit(np.asarray(x, dtype=float))
 
 
 def logit(p: np.ndarray, eps: float = _EPS) -> np.ndarray:
@@ -61,36 +57,51 @@ def fit_logistic_1d(
     weights: np.ndarray | None = None,
     *,
     fixed_slope: float | None = None,
+    start: tuple[float, float] | None = None,
     max_iter: int = 50,
     tol: float = 1e-10,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Unpenalized logistic regression y ~ a + b*x by Newton's method, vectorized over weight rows.
+    """Unpenalized logistic regression y ~ a + b*x by damped Newton, vectorized over weight rows.
 
     `weights` may be (n,) or (B, n) (bootstrap replicates); the result is
     `(a, b)` with shape () or (B,). With `fixed_slope`, b is held at that value
-    and only a is fitted (x enters as an offset). Starts at a=0, b=1: the
-    identity map, where a calibrated score already sits, so a handful of steps
-    suffice. Under complete separation the estimates grow until `max_iter`;
-    the caller sees large numbers, never an exception.
+    and only a is fitted (x enters as an offset). Starts at `start`, by default
+    a=0, b=1: the identity map, where a calibrated score already sits. A step
+    that does not increase the log-likelihood is halved until it does (plain
+    Newton can overshoot when x has extreme values, such as logits of risks
+    near 0 or 1). Under complete separation the estimates grow until
+    `max_iter`; the caller sees large numbers, never an exception.
     """
+    from scipy.special import expit
+
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=float)
     squeeze = w.ndim == 1
     w = np.atleast_2d(w)
     n_rep = w.shape[0]
-    a = np.zeros(n_rep)
-    b = np.full(n_rep, 1.0 if fixed_slope is None else float(fixed_slope))
+    a0, b0 = (0.0, 1.0) if start is None else (float(start[0]), float(start[1]))
+    a = np.full(n_rep, a0)
+    b = np.full(n_rep, b0 if fixed_slope is None else float(fixed_slope))
+    wy, wyx, xx = w @ y, w @ (y * x), x * x
+
+    def loglik(rows: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
+        eta = aa[:, None] + bb[:, None] * x[None, :]
+        return aa * wy[rows] + bb * wyx[rows] - (w[rows] * np.logaddexp(0.0, eta)).sum(axis=1)
+
+    ll = loglik(np.arange(n_rep), a, b)
+    active = np.ones(n_rep, dtype=bool)
     for _ in range(max_iter):
-        mu = sigmoid(a[:, None] + b[:, None] * x[None, :])
-        r = w * (y[None, :] - mu)
-        v = w * mu * (1.0 - mu)
-        g0 = r.sum(axis=1)
+        idx = np.flatnonzero(active)
+        mu = expit(a[idx, None] + b[idx, None] * x[None, :])
+        wm = w[idx] * mu
+        v = wm * (1.0 - mu)  # weighted variance: the Hessian's weights
+        g0 = wy[idx] - wm.sum(axis=1)
         h00 = v.sum(axis=1)
         if fixed_slope is None:
-            g1 = (r * x).sum(axis=1)
-            h01 = (v * x).sum(axis=1)
-            h11 = (v * x * x).sum(axis=1)
+            g1 = wyx[idx] - wm @ x
+            h01 = v @ x
+            h11 = v @ xx
             det = h00 * h11 - h01 * h01
             ok = det > 1e-300
             safe = np.where(ok, det, 1.0)
@@ -99,10 +110,23 @@ def fit_logistic_1d(
         else:
             ok = h00 > 1e-300
             da = np.where(ok, g0 / np.where(ok, h00, 1.0), 0.0)
-            db = np.zeros(n_rep)
-        a = a + da
-        b = b + db
-        if np.all(np.abs(da) + np.abs(db) < tol):
+            db = np.zeros(idx.size)
+        step = np.ones(idx.size)
+        pending = np.arange(idx.size)
+        for _halving in range(30):  # backtrack where the full step lowers the likelihood
+            rows = idx[pending]
+            new = loglik(rows, a[rows] + step[pending] * da[pending], b[rows] + step[pending] * db[pending])
+            better = new >= ll[rows] - 1e-12 * np.abs(ll[rows])
+            ll[rows[better]] = new[better]
+            pending = pending[~better]
+            if pending.size == 0:
+                break
+            step[pending] *= 0.5
+        step[pending] = 0.0  # no improving step: converged (or stuck) there
+        a[idx] += step * da
+        b[idx] += step * db
+        active[idx] = step * (np.abs(da) + np.abs(db)) >= tol
+        if not active.any():
             break
     if squeeze:
         return a[0], b[0]

@@ -39,7 +39,7 @@ bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bear
 # -- state and callers ----------------------------------------------------------------------
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
     state = getattr(request.app.state, "serving", None)
     if state is None:
         raise HTTPException(503, "the service is starting")
@@ -64,7 +64,7 @@ def authenticate(request: Request, state: ServingState) -> Principal | None:
 def require(permission: str):
     """Dependency: the authenticated caller, who must hold `permission` (401 / 403 otherwise)."""
 
-    def dependency(
+    async def dependency(  # async: a key look-up is a cache hit or one indexed query, no thread hop
         request: Request,
         _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
         state: Annotated[ServingState, Depends(get_state)],
@@ -347,7 +347,7 @@ def metrics(request: Request) -> Response:
 
 
 @api.get("/whoami", tags=["access"], summary="the caller's role and site")
-def whoami_route(request: Request, state: StateDep,
+async def whoami_route(request: Request, state: StateDep,
                  _c: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> dict:
     principal = authenticate(request, state)
     if principal is None:
@@ -487,7 +487,7 @@ def _stored(r: dict) -> dict:
     "/patients/{subject_id}", response_model=S.PatientResponse, tags=["patients"],
     responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse}},
 )
-def get_patient(
+async def get_patient(  # async on purpose: a few indexed queries, cheaper than a thread hop
     subject_id: SubjectPath,
     principal: Annotated[Principal, Depends(require("patient_read"))],
     state: StateDep,

@@ -69,8 +69,8 @@ class MonitorConfig(BaseModel):
         2, ge=0, description="reference = latest N prediction times of the train split (0 = all)"
     )
     seed: int = Field(0, description="seed of the reference and window samples")
-    ageing_min_sd_per_year: float = Field(
-        0.05, ge=0, description="age the training reference along calendar trends of at least this many SDs a year"
+    calendar_trend_sd_per_year: float = Field(
+        0.1, ge=0, description="features whose training mean moved this many SDs a year: judged vs recent windows only"
     )
     recent_windows: int = Field(
         4, ge=0, description="earlier windows of a site pooled as its recent baseline (0 = off)"
@@ -82,7 +82,9 @@ class MonitorConfig(BaseModel):
         0.5, ge=0, le=1, description="batch share of a window's rows for all its training-drift findings to count"
     )
     # per-feature tests: each needs an effect size and significance
-    stattest: str = Field("wasserstein", description="Evidently drift method for numeric columns")
+    stattest: Literal["wasserstein", "psi", "jensenshannon", "hellinger", "kl_div", "ed"] = Field(
+        "wasserstein", description="Evidently drift method for numeric columns (a distance: drift when >= threshold)"
+    )
     feature_drift_threshold: float = Field(0.3, gt=0, description="normed Wasserstein (reference SDs) of a drift")
     severe_drift_threshold: float = Field(1.0, gt=0, description="normed Wasserstein that alerts on its own")
     prediction_drift_threshold: float = Field(0.25, gt=0, description="normed Wasserstein of the risk distribution")

@@ -220,7 +220,8 @@ def reference_from_frame(
     """
     if frame.height != len(risk):
         raise InputError("risk", f"has {len(risk)} values for {frame.height} feature rows")
-    missing = [f for f in ("site", *feature_names) if f not in frame.columns]
+    present = set(frame.columns)
+    missing = [f for f in ("site", *feature_names) if f not in present]
     if missing:
         raise InputError("features", f"the reference table lacks columns {missing[:5]}")
     scored = frame.with_columns(pl.Series("risk", np.asarray(risk, dtype=float)))
@@ -436,7 +437,8 @@ def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *,
                         performance: dict[str, Any] | None = None) -> SiteBaseline:
     """Per-feature statistics of a baseline sample (training rows, or a site's recent windows), vectorized."""
     q = config.out_of_range_quantile
-    present = [f for f in features if f in frame.columns]
+    have = set(frame.columns)
+    present = [f for f in features if f in have]
     matrix = _feature_matrix(frame, present)
     n = matrix.shape[0]
     feats = {}
@@ -475,36 +477,29 @@ def site_baseline(reference: Reference, site: str, config) -> SiteBaseline:
                                performance=performance)
 
 
-def aged_baseline(baseline: SiteBaseline, reference: Reference, when: datetime, config) -> tuple[SiteBaseline, dict]:
-    """The training baseline moved along each feature's calendar trend to `when`; and the shifts applied.
+def calendar_features(baseline: SiteBaseline, reference: Reference, config) -> set[str]:
+    """Features whose mean moved with the calendar inside the training data itself.
 
-    Only trends of at least `ageing_min_sd_per_year` reference SDs a year
-    count, and never for 0/1 features (a share does not move by shifting).
+    Counts of records, times since first events, 1095-day windows filling up
+    after the start of the data, age in a followed cohort: these drift with
+    the passage of time, not because something went wrong. Against the
+    training reference they are reported but do not count toward the status;
+    against the site's recent windows (weeks apart) they count like any other.
     """
-    ref_time = reference.meta.get("reference_time")
     trends = reference.meta.get("trends", {})
-    slopes = trends.get(baseline.site) or ({} if not baseline.pooled else _pooled_trends(trends))
-    if not ref_time or not slopes:
-        return baseline, {}
-    years = (when - datetime.fromisoformat(ref_time)).total_seconds() / (365.25 * 86400)
-    feats, shifts = dict(baseline.features), {}
+    slopes = trends.get(baseline.site) or (_pooled_trends(trends) if baseline.pooled else {})
+    out = {f for f in baseline.features if _accumulates(f, reference.infos.get(f))}
     for f, slope in slopes.items():
-        b = feats.get(f)
-        if b is None or not b.std > 0 or _is_binary(b.values):
-            continue
-        if abs(slope) < config.ageing_min_sd_per_year * b.std:
-            continue
-        shift = slope * years
-        feats[f] = FeatureBaseline(b.values + shift, b.n, b.missing, b.lo + shift, b.hi + shift, b.outside,
-                                   b.mean + shift, b.std, b.median + shift)
-        shifts[f] = round(shift, 4)
-    aged = SiteBaseline(baseline.site, baseline.pooled, baseline.n, feats, baseline.risk, baseline.tiers,
-                        baseline.performance)
-    return aged, shifts
+        b = baseline.features.get(f)
+        if b is not None and b.std > 0 and abs(slope) >= config.calendar_trend_sd_per_year * b.std:
+            out.add(f)
+    return out
 
 
-def _is_binary(values: np.ndarray) -> bool:
-    return bool(values.size) and np.isin(values, (0.0, 1.0)).all()
+def _accumulates(name: str, info: dict | None) -> bool:
+    """Grows with the clock by definition: age, time since a first event, counts of everything on record."""
+    text = f"{name} {(info or {}).get('display', '')}".lower()
+    return _elapsed_days(name, info) is not None or "on record" in text or "on_record" in text
 
 
 def _pooled_trends(trends: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -809,13 +804,15 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
         status, reasons = _merge_performance_status(status, reasons, performance, config)
         result.update(status=status, reasons=reasons)
         return result
-    features = [f for f in reference.feature_names if f in rows.columns]
+    have = set(rows.columns)
+    features = [f for f in reference.feature_names if f in have]
     matrix = _feature_matrix(rows, features)
     index = _sample_index(rows.height, config.sample_rows, _seed(config.seed, inp.task, inp.site, inp.window.label))
     sampled = matrix[index] if index is not None else matrix
     risk = rows["risk"].cast(pl.Float64).to_numpy()
     risk = risk[index] if index is not None else risk
-    training, shifts = aged_baseline(baseline, reference, inp.window.start, config)
+    training = baseline
+    calendar = calendar_features(baseline, reference, config)
     recent, aligned = None, matrix
     if (inp.recent is not None and len(inp.recent_labels) >= config.recent_min_windows
             and inp.recent.height >= 2 * config.min_window_rows):
@@ -848,6 +845,9 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
             hint = _unit_hint(f, v, reference)
             if hint and (v.get("out_of_range_p") or 1.0) < config.severe_significance:
                 v["hint"], v["severe"] = hint, True  # values at a known unit factor: a unit change alerts alone
+            if which == "training" and f in calendar and v["drifted"] and not v.get("hint"):
+                v["calendar"], v["kinds"] = v["kinds"], []  # moved as the clock moves it: reported, not counted
+                v["drifted"] = v["severe"] = False
             verdicts.append(v)
         drifted = [v for v in verdicts if v["drifted"]]
         return {
@@ -861,7 +861,9 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     result["tested"] = True
     result["data_drift"] = compare(training, "training")
     result["data_drift"].update(counts=counts, batch_share=_r(batch_share),
-                                aged={f: shifts[f] for f in tested if f in shifts})
+                                calendar_features=sorted(calendar & set(tested)),
+                                moved_with_calendar=[v["feature"] for v in result["data_drift"]["features"]
+                                                     if v.get("calendar")])
     result["prediction_drift"] = result["data_drift"]["prediction_drift"]
     result["change"] = None
     if recent is not None:
@@ -903,7 +905,8 @@ def _align_elapsed(frame: pl.DataFrame, elapsed: dict[str, float], when: datetim
     recent baseline to the window's start keeps the clock from looking like
     drift, while a real change (new patients, new events) still shows.
     """
-    cols = [f for f in elapsed if f in frame.columns]
+    have = set(frame.columns)
+    cols = [f for f in elapsed if f in have]
     if not cols or "prediction_time" not in frame.columns:
         return frame
     days = (pl.lit(when) - pl.col("prediction_time").cast(pl.Datetime("us"))).dt.total_microseconds() / 86_400e6
@@ -1144,7 +1147,7 @@ def save_window_html(path: Path, inp: WindowInput, result: dict, reference: Refe
     """Evidently's report of the window: the risk, every drifted feature and the most important others.
 
     Against the comparison that raised the status (the recent windows when
-    they did, else the training reference, aged as in the JSON); same methods
+    they did, else the training reference); same methods
     and thresholds as the JSON; at most `html_features` columns besides the
     drifted ones (rendering costs about 0.1-0.5 s a column). Returns which
     baseline the report used.
@@ -1162,9 +1165,6 @@ def save_window_html(path: Path, inp: WindowInput, result: dict, reference: Refe
     cols = [*(v["feature"] for v in shown), "risk"]
     if against == "training reference":
         ref_frame = reference.drift.filter(pl.col("site") == inp.site) if not baseline.pooled else reference.drift
-        aged = section.get("aged", {})
-        ref_frame = ref_frame.with_columns([(pl.col(f) + shift).alias(f) for f, shift in aged.items()
-                                            if f in ref_frame.columns])
         current_rows = inp.rows
     else:  # both aligned to the window's start, as in the JSON
         elapsed = {f: d for f in cols if (d := _elapsed_days(f, reference.infos.get(f)))}
@@ -1425,7 +1425,8 @@ def summarize_task(reports: Path, kind: str) -> dict:
             if not results:
                 continue
             results.sort(key=lambda r: r["window_start"])
-            last = results[-1]
+            tested = [r for r in results if r.get("tested")]
+            last = tested[-1] if tested else results[-1]  # a window still filling up does not hide the status
             site = last["site"]
             shares = _shares_of(last)
             sites[site] = {

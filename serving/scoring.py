@@ -6,12 +6,14 @@ logic lives in `chronorisk.features` and model logic in `chronorisk.models`;
 this module only wires them: the same `transform` that training used, the
 same bundle's calibrated `predict_risk`, `tier` and `explain`.
 
-Batch scoring walks the MEDS shards of each site (a subject lives in exactly
-one shard): per shard it computes the features of both tasks at once,
-predicts vectorized, explains only the tiers in `serve.explain_tiers`, and
-writes scores, patient facts and the shard's checkpoint in one transaction.
-A re-run skips shards already scored by the same model version (resumable)
-and replaces rows by primary key (idempotent).
+Batch scoring walks each site's MEDS shards (a subject lives in exactly one
+shard) in chunks of consecutive shards: per chunk it reads the events before
+the prediction time once, decides every task's eligibility from first/last
+times, computes features per task, predicts vectorized, explains only the
+tiers in `serve.explain_tiers`, and writes scores, patient facts (read off
+the feature table) and the chunk's checkpoints in one transaction. A re-run
+skips chunks already scored by the same model version (resumable) and
+replaces rows by primary key (idempotent).
 """
 
 from __future__ import annotations
@@ -116,9 +118,8 @@ def load_models(
                     raise InputError("serve.model_dir", f"no exported model for task {task} at {path}")
                 models[task] = served_model(task, ModelBundle.load(path))
             else:
-                from chronorisk.training.registry import fetch_bundle
-
                 from chronorisk.paths import WorkPaths
+                from chronorisk.training.registry import fetch_bundle
 
                 paths = WorkPaths(Path(work)) if work is not None else None
                 folder, registered = fetch_bundle(task, alias, paths=paths, tracking_uri=tracking_uri)
@@ -197,18 +198,17 @@ def bundle_rows(bundle: dict, ctx, convert) -> list[tuple]:
     """Rows of every convertible resource; a resource the converter rejects is a 4xx naming it."""
     entries = bundle.get("entry") or []
     ctx.reset_bundle()
-    # transaction bundles reference the patient and medications by entry fullUrl
+    # transaction bundles reference the patient and medications by entry fullUrl (the maps ingestion
+    # builds per bundle: data/fhir/worker.py `_index_bundle`)
     for entry in entries:
         res = entry.get("resource") or {}
-        url = entry.get("fullUrl")
-        if res.get("resourceType") == "Patient" and isinstance(res.get("id"), str):
-            ctx.patient_urls[f"Patient/{res['id']}"] = res["id"]
-            if isinstance(url, str):
-                ctx.patient_urls[url] = res["id"]
-        if res.get("resourceType") == "Medication":
-            for key in (url, f"Medication/{res.get('id')}"):
+        url, rid = entry.get("fullUrl"), res.get("id")
+        if res.get("resourceType") == "Patient" and isinstance(url, str) and url:
+            ctx.patient_urls[url] = rid if isinstance(rid, str) and rid else url.rsplit(":", 1)[-1]
+        elif res.get("resourceType") == "Medication":
+            for key in (url, f"Medication/{rid}" if isinstance(rid, str) else None):
                 if isinstance(key, str):
-                    ctx.medications[key] = res
+                    ctx.medications[key] = res.get("code")
     rows: list[tuple] = []
     for i, entry in enumerate(entries):
         res = entry.get("resource") or {}

@@ -76,22 +76,29 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _tie_groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ascending order of `s` and the start of each run of equal scores in that order."""
-    order = np.argsort(s, kind="stable")
-    ss = s[order]
-    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]]) if ss.size else np.zeros(0, dtype=np.int64)
+def _tie_groups(s: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """Ascending order of `s` (None when already sorted) and the start of each run of equal scores."""
+    if s.size == 0:
+        return None, np.zeros(0, dtype=np.int64)
+    if np.all(s[1:] >= s[:-1]):
+        order, ss = None, s
+    else:
+        order = np.argsort(s, kind="stable")
+        ss = s[order]
+    starts = np.flatnonzero(np.r_[True, ss[1:] != ss[:-1]])
     return order, starts
 
 
 def _grouped_counts(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted positives and negatives per distinct score, ascending: two (B, G) arrays."""
     order, starts = _tie_groups(s)
-    yo = y[order]
-    Wo = W[:, order]
-    pos = np.add.reduceat(Wo * yo, starts, axis=1)
-    neg = np.add.reduceat(Wo * (1.0 - yo), starts, axis=1)
-    return pos, neg
+    yo = y if order is None else y[order]
+    Wo = W if order is None else W[:, order]
+    pos = Wo * yo
+    if starts.size == y.size:  # no ties: one row per group
+        return pos, Wo - pos
+    pos = np.add.reduceat(pos, starts, axis=1)
+    return pos, np.add.reduceat(Wo, starts, axis=1) - pos
 
 
 # ---- discrimination ----------------------------------------------------------------------
@@ -122,33 +129,38 @@ def auprc(y: object, score: object, w: object | None = None) -> np.ndarray | flo
 # ---- accuracy and calibration ------------------------------------------------------------
 def brier(y: object, p: object, w: object | None = None) -> np.ndarray | float:
     y, p, W, squeeze = _prepare(y, p, w)
-    return _out(_ratio((W * (p - y) ** 2).sum(axis=1), W.sum(axis=1)), squeeze)
+    return _out(_ratio(W @ ((p - y) ** 2), W.sum(axis=1)), squeeze)
 
 
 def log_loss(y: object, p: object, w: object | None = None) -> np.ndarray | float:
     y, p, W, squeeze = _prepare(y, p, w)
     pc = np.clip(p, 1e-15, 1 - 1e-15)
     loss = -(y * np.log(pc) + (1 - y) * np.log1p(-pc))
-    return _out(_ratio((W * loss).sum(axis=1), W.sum(axis=1)), squeeze)
+    return _out(_ratio(W @ loss, W.sum(axis=1)), squeeze)
 
 
 def calibration_slope(y: object, p: object, w: object | None = None) -> np.ndarray | float:
     """b of logit P(y) = a + b logit(p); NaN when an outcome is absent."""
     y, p, W, squeeze = _prepare(y, p, w)
-    _, b = fit_logistic_1d(logit(p), y, W)
+    x = logit(p)
+    start = fit_logistic_1d(x, y) if W.shape[0] > 1 else None  # replicates start near the answer
+    _, b = fit_logistic_1d(x, y, W, start=start)
     return _out(_defined(np.atleast_1d(b), y, W), squeeze)
 
 
 def calibration_intercept(y: object, p: object, w: object | None = None) -> np.ndarray | float:
     """a of logit P(y) = a + logit(p) (calibration-in-the-large); NaN when an outcome is absent."""
     y, p, W, squeeze = _prepare(y, p, w)
-    a, _ = fit_logistic_1d(logit(p), y, W, fixed_slope=1.0)
+    x = logit(p)
+    start = fit_logistic_1d(x, y, fixed_slope=1.0) if W.shape[0] > 1 else None
+    a, _ = fit_logistic_1d(x, y, W, fixed_slope=1.0, start=start)
     return _out(_defined(np.atleast_1d(a), y, W), squeeze)
 
 
 def _defined(values: np.ndarray, y: np.ndarray, W: np.ndarray) -> np.ndarray:
     """NaN where a replicate has no cases or no non-cases (a logistic fit has no finite answer)."""
-    has_both = ((W * y).sum(axis=1) > 0) & ((W * (1 - y)).sum(axis=1) > 0)
+    cases = W @ y
+    has_both = (cases > 0) & (W.sum(axis=1) - cases > 0)
     return np.where(has_both, values, np.nan)
 
 
@@ -166,8 +178,13 @@ def ece(y: object, p: object, w: object | None = None, n_bins: int = ECE_BINS) -
     if y.size == 0:
         return _out(np.full(W.shape[0], np.nan), squeeze)
     order, starts = _tie_groups(p)
-    Wg = np.add.reduceat(W[:, order], starts, axis=1)
-    resid = np.add.reduceat(W[:, order] * (y - p)[order], starts, axis=1)
+    Wo = W if order is None else W[:, order]
+    r = y - p if order is None else (y - p)[order]
+    if starts.size == y.size:
+        Wg, resid = Wo, Wo * r
+    else:
+        Wg = np.add.reduceat(Wo, starts, axis=1)
+        resid = np.add.reduceat(Wo * r, starts, axis=1)
     total = Wg.sum(axis=1, keepdims=True)
     mid = np.cumsum(Wg, axis=1) - 0.5 * Wg  # weight below each run's middle
     bins = np.minimum(np.floor(np.nan_to_num(_ratio(mid, total)) * n_bins), n_bins - 1).astype(np.int64)
@@ -197,9 +214,9 @@ def _confusion(y, p, threshold, w):
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     y, p, W, squeeze = _prepare(y, p, w)
     flagged = (p >= threshold).astype(float)
-    tp = (W * (y * flagged)).sum(axis=1)
-    fp = (W * ((1 - y) * flagged)).sum(axis=1)
-    cases = (W * y).sum(axis=1)
+    tp = W @ (y * flagged)
+    fp = W @ flagged - tp
+    cases = W @ y
     total = W.sum(axis=1)
     return tp, fp, cases, total, squeeze
 

@@ -138,11 +138,22 @@ def run_chunk(spec: SimSpec, chunk: int, n: int, first_id: int, staging: Path, f
     return summary
 
 
+MIN_CHUNKS, MIN_CHUNK_PATIENTS = 4, 5_000
+
+
 def _chunks(patients: int, chunk_size: int) -> list[tuple[int, int, int]]:
-    """(chunk index, size, first subject id) for every chunk."""
+    """(chunk index, size, first subject id) for every chunk.
+
+    `chunk_size` is the largest chunk; a cohort that fits in one is still cut in up to
+    `MIN_CHUNKS` chunks of about `MIN_CHUNK_PATIENTS` or more, so that the workers share it. The
+    cut depends only on (patients, chunk_size), never on the number of workers, so the
+    output does not either.
+    """
+    count = max(-(-patients // chunk_size), min(MIN_CHUNKS, -(-patients // MIN_CHUNK_PATIENTS)))
+    base, extra = divmod(patients, count)
     out, first = [], 0
-    for c in range((patients + chunk_size - 1) // chunk_size):
-        n = min(chunk_size, patients - first)
+    for c in range(count):
+        n = base + (1 if c < extra else 0)
         out.append((c, n, first + 1))
         first += n
     return out

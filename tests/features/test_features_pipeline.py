@@ -128,10 +128,12 @@ def test_serving_single_patient_equals_batch(meds, spec, index):
         assert_frame_equal(single, batch.slice(i, 1))
 
 
-@pytest.mark.parametrize("chunk", [70, 400, 10_000])  # split big shards / group small ones / all in one
-def test_shards_in_chunks_equal_one_transform(meds, spec, index, chunk):
+@pytest.mark.parametrize(
+    ("chunk", "workers"), [(70, 1), (400, 1), (10_000, 1), (70, 2)]
+)  # split big shards / group small ones / all in one / chunks in two threads
+def test_shards_in_chunks_equal_one_transform(meds, spec, index, chunk, workers):
     whole = transform(spec, pl.scan_parquet(meds), index.lazy()).collect()
-    parts = pl.concat(list(transform_shards(spec, meds, index, chunk_subjects=chunk)))
+    parts = pl.concat(list(transform_shards(spec, meds, index, chunk_subjects=chunk, workers=workers)))
     key = ["subject_id", "prediction_time"]
     assert_frame_equal(parts.sort(key), whole.sort(key))
 

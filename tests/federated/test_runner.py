@@ -51,7 +51,7 @@ def test_bagging_matches_pooled_training_and_helps_the_small_site(sites, tmp_pat
 
 
 def test_cyclic_visits_every_site_in_turn(sites, tmp_path):
-    result, _ = _run(sites, tmp_path, strategy="cyclic", rounds=2, trees_per_round=15)
+    result, _ = _run(sites, tmp_path, strategy="cyclic", rounds=2, cyclic_trees=15)
     train_rounds = [r for r in result.rounds if r.phase == "train"]
     assert len(train_rounds) == 2 * len(sites)
     assert all(len(r.sites) == 1 for r in train_rounds)
@@ -79,7 +79,8 @@ def test_too_few_sites_stop_the_run_naming_the_missing(sites, tmp_path):
 
 def test_offline_site_is_skipped_in_cyclic(sites, tmp_path):
     transport = LocalTransport(contexts(sites, tmp_path), handler=table_handler(sites))
-    trainer = FederatedTrainer(transport, fed_config(strategy="cyclic", rounds=1, trees_per_round=5),
+    trainer = FederatedTrainer(transport, fed_config(strategy="cyclic", rounds=1, cyclic_trees=5,
+                                                     early_stopping=False),
                                **trainer_kwargs())
     trainer.summaries()
     transport.offline.add("east")
@@ -106,13 +107,14 @@ def test_early_stopping_cuts_where_the_pooled_tuning_loss_is_lowest(sites, tmp_p
     assert np.mean(np.logaddexp(0, raw) - y_tu * raw) == pytest.approx(best[1], rel=1e-6)
 
 
-def test_cyclic_is_cut_at_the_pooled_best_in_the_final_check(sites, tmp_path):
-    result, _ = _run(sites, tmp_path, strategy="cyclic", early_stopping=True, rounds=2, trees_per_round=40,
+def test_cyclic_is_cut_at_the_pooled_best_after_a_pass(sites, tmp_path):
+    result, _ = _run(sites, tmp_path, strategy="cyclic", early_stopping=True, rounds=3, cyclic_trees=40,
                      lgb={"learning_rate": 0.5})
     task = result.tasks["t"]
-    assert task.early_stopping["at"] == "final check"
-    assert task.num_trees < 2 * 40 * len(sites)
-    assert [r.phase for r in result.rounds][-2:] == ["evaluate", "evaluate"]  # re-scored after the cut
+    assert task.early_stopping["at"].startswith("pass ")
+    assert task.num_trees < 3 * 40 * len(sites)
+    checks = [r for r in result.rounds if r.phase == "evaluate" and r.round > 100]
+    assert checks and all(len(r.sites) == len(sites) for r in checks)  # every site scores the pass
 
 
 def test_calibrated_federated_model_is_calibrated(sites, tmp_path):
