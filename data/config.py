@@ -66,7 +66,7 @@ def default_sites() -> list[SiteConfig]:
                    risk_shift=-0.2, outcome_shift=-0.2, visits_per_year=2.0, missing_rate=0.55,
                    diagnosis_vocab="ICD10CM", bp_unit="mmHg"),
         SiteConfig(site_id="chc_harbour", kind="community", share=0.10, mean_age=62, female_share=0.58,
-                   risk_shift=0.4, outcome_shift=0.3, visits_per_year=2.0, missing_rate=0.48,
+                   risk_shift=0.4, outcome_shift=0.3, visits_per_year=2.0, missing_rate=0.50,
                    days_supply=30),
     ]
 

@@ -199,7 +199,7 @@ def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]], values: di
     for c, col in enumerate(columns):
         dense[c * n + j, inverse] = values[col]
     names = [name for feats in columns.values() for name in feats]
-    frame = pl.from_numpy(dense, schema=names, orient="col").fill_nan(None)
+    frame = pl.from_numpy(dense, schema=names, orient="col")
     return frame.insert_column(0, pl.Series("_ix", rows, dtype=pl.UInt32))
 
 
@@ -257,14 +257,16 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     Computed with numpy scatter reductions (`bincount`, `minimum.at`) into a dense
     (window band, measurement, row) grid: no sort and no group_by, which is what
     makes this family about ten times cheaper than a polars group_by with 30
-    statistics. Same-time duplicates at the latest time: `last` is their mean.
+    statistics. Rows without a finite value are not measurements. Same-time
+    duplicates at the latest time: `last` is their mean.
     The slope (per year) is null when the window's times do not spread
     (variance under 1e-8 year^2).
     """
     n = len(spec.measurements)
     if n == 0:
         return []
-    rows = _of(ev, KIND_MEAS).filter(pl.col("value").is_not_null()).select("_ix", "idx", "days", "value")
+    rows = _of(ev, KIND_MEAS).filter(pl.col("value").is_not_null() & pl.col("value").is_finite())
+    rows = rows.select("_ix", "idx", "days", "value")
     names = [m.name for m in spec.measurements]
     windows = tuple(spec.windows_days)
     columns = {
@@ -289,7 +291,7 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         )
         present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
         matrix = np.concatenate([stats[stat].reshape(n, n_rows)[:, present] for stat in columns])
-        frame = pl.from_numpy(matrix, schema=feature_names, orient="col").fill_nan(None)
+        frame = pl.from_numpy(matrix, schema=feature_names, orient="col")
         return frame.insert_column(0, pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32))
 
     return [rows.map_batches(compute, schema=schema)]
@@ -375,7 +377,7 @@ def medications(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     if n == 0:
         return []
     P = spec.pdc_days
-    supply = pl.col("value").fill_null(vocab.DEFAULT_DAYS_SUPPLY).clip(0, 3650)
+    supply = pl.col("value").fill_nan(None).fill_null(vocab.DEFAULT_DAYS_SUPPLY).clip(0, 3650)
     rows = (
         _keyed(_of(ev, KIND_MED), n)
         .with_columns(supply.alias("supply"), (-pl.col("days")).alias("start"))

@@ -6,9 +6,11 @@
   and every feature's name, display and unit, as a `FeatureSpec`. Summaries of
   several sites can be concatenated: counts are summed per code.
 - `transform(spec, events, index)`: one row per index row, every feature as
-  Float32, from events strictly before each row's prediction time. A pure
-  LazyFrame -> LazyFrame composition of the family functions in
-  `families.py`; training, serving (one patient's events) and federated
+  Float32, from events strictly before each row's prediction time. It returns
+  a LazyFrame; collecting it reads `events` once, tags each event with the
+  family and concept it feeds (`tag_events`), and composes the family
+  functions of `families.py` (each a LazyFrame -> LazyFrame function of the
+  tagged events). Training, serving (one patient's events) and federated
   clients all call this one function.
 - `transform_shards(...)`: the same, run in subject chunks over MEDS shards
   so that a million patients fit in memory (a subject lives in one shard).
@@ -74,13 +76,15 @@ def merge_summaries(summaries: Iterable[pl.DataFrame]) -> pl.DataFrame:
     return pl.concat(frames).group_by("code").agg(pl.col("n_subjects").sum()).sort("code")
 
 
+_SPECIAL_CODES = frozenset(
+    {vocab.BIRTH, vocab.DEATH, vocab.SEX_FEMALE, vocab.SEX_MALE, vocab.SMOKING_STATUS}
+    | {f"{vocab.ENCOUNTER_PREFIX}{e}" for e in vocab.ENCOUNTER_CLASSES}
+)
+
+
 def _builtin_code(code: str, cmap: ConceptMap, known: set[str]) -> bool:
-    return (
-        code in known
-        or code in (vocab.BIRTH, vocab.DEATH, vocab.SEX_FEMALE, vocab.SEX_MALE, vocab.SMOKING_STATUS)
-        or code in {f"{vocab.ENCOUNTER_PREFIX}{e}" for e in vocab.ENCOUNTER_CLASSES}
-        or cmap.is_condition_code(code)
-    )
+    """Does a built-in feature already use this code (so it is no vocabulary candidate)?"""
+    return code in known or code in _SPECIAL_CODES or cmap.is_condition_code(code)
 
 
 def select_vocabulary(summary: pl.DataFrame, config: FeatureConfig, cmap: ConceptMap) -> list[str]:
@@ -403,13 +407,13 @@ def _final_exprs(spec: FeatureSpec, names: tuple[str, ...]) -> list[pl.Expr]:
         return hit[1]
     zero = set(fam.zero_filled(spec))
     exprs = []
-    for name in names:
+    for name in names:  # numpy families mark "no value" with NaN: it becomes null here
         if name.startswith("miss_") and name.endswith("_never"):
-            expr = pl.col(name.removesuffix("_never") + "_count").is_null()
+            expr = pl.col(name.removesuffix("_never") + "_count").fill_nan(None).is_null()
         elif name in zero:
-            expr = pl.col(name).fill_null(0)
+            expr = pl.col(name).fill_nan(None).fill_null(0)
         else:
-            expr = pl.col(name)
+            expr = pl.col(name).fill_nan(None)
         exprs.append(expr.cast(pl.Float32).alias(name))
     if len(_FINAL_CACHE) >= 16:
         _FINAL_CACHE.pop(next(iter(_FINAL_CACHE)))

@@ -14,8 +14,8 @@ class FederatedConfig(BaseModel):
         "bagging", description="bagging: all sites boost from the same global model each round, trees "
         "averaged by site size; cyclic: the model visits the sites in turn"
     )
-    rounds: int = Field(5, ge=1, description="bagging rounds, or cyclic passes over all sites")
-    trees_per_round: int = Field(40, ge=1, description="trees each site adds per round (per visit, cyclic)")
+    rounds: int = Field(6, ge=1, description="bagging rounds, or cyclic passes over all sites")
+    trees_per_round: int = Field(30, ge=1, description="trees each site adds per round (per visit, cyclic)")
     cyclic_trees: int = Field(
         5, ge=1, description="cyclic: trees each site adds per visit (small steps: the model moves on quickly)"
     )

@@ -278,12 +278,20 @@ def pid_alive(pid: int | None) -> bool:
 
 def stop_process_group(pid: int, timeout_s: float = 10.0) -> None:
     """SIGTERM the group led by `pid` (a process we started with its own session), then SIGKILL."""
+    stop_process_groups([pid], timeout_s)
+
+
+def stop_process_groups(pids: list[int], timeout_s: float = 10.0) -> None:
+    """SIGTERM every group at once, wait for all of them, then SIGKILL what is left."""
+    pids = [p for p in pids if p]
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
         end = time.monotonic() + wait
         while time.monotonic() < end:
-            if not pid_alive(pid) and not _group_alive(pid):
+            pids = [p for p in pids if pid_alive(p) or _group_alive(p)]
+            if not pids:
                 return
             time.sleep(0.1)
 
@@ -590,9 +598,7 @@ class Supervisor:
         self.stopping = True
 
     def _shutdown(self) -> None:
-        for name, proc in self.procs.items():
-            if name != "superlink":
-                stop_process_group(proc.pid)
+        stop_process_groups([proc.pid for name, proc in self.procs.items() if name != "superlink"])
         state = read_state(self.layout)
         link_pid = (self.procs["superlink"].pid if "superlink" in self.procs
                     else state.get("superlink", {}).get("pid"))
@@ -632,10 +638,9 @@ def down(layout: Layout, timeout_s: float = 30.0) -> list[str]:
             stop_process_group(sup, timeout_s=1.0)
         stopped.append(f"supervisor {sup}")
     state = read_state(layout)
-    for site, entry in state.get("sites", {}).items():
-        if entry.get("pid") and pid_alive(entry["pid"]):
-            stop_process_group(entry["pid"])
-            stopped.append(f"supernode {site} {entry['pid']}")
+    leftovers = {site: e["pid"] for site, e in state.get("sites", {}).items() if e.get("pid") and pid_alive(e["pid"])}
+    stop_process_groups(list(leftovers.values()))
+    stopped.extend(f"supernode {site} {pid}" for site, pid in leftovers.items())
     link = state.get("superlink", {}).get("pid")
     if link and pid_alive(link):
         stop_process_group(link)

@@ -399,7 +399,7 @@ class FederatedTrainer:
     # -- phases -------------------------------------------------------------------------
     def summaries(self) -> dict[str, Payload]:
         nodes = self.wait_for_nodes()
-        request = Payload(config={"tasks": self.tasks})
+        request = Payload(config={"tasks": self.tasks, "min_count": self.config.summary_min_count})
         return self._exchange(SUMMARY, 0, {n: request for n in nodes}, self.config.min_sites)
 
     def _train_payload(

@@ -85,15 +85,20 @@ def fit_logistic_1d(
     b = np.full(n_rep, b0 if fixed_slope is None else float(fixed_slope))
     wy, wyx, xx = w @ y, w @ (y * x), x * x
 
-    def loglik(rows: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> np.ndarray:
+    def state(rows: np.ndarray, aa: np.ndarray, bb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fitted probabilities and log-likelihood at (aa, bb) for the replicates `rows`."""
         eta = aa[:, None] + bb[:, None] * x[None, :]
-        return aa * wy[rows] + bb * wyx[rows] - (w[rows] * np.logaddexp(0.0, eta)).sum(axis=1)
+        mu = expit(eta)
+        softplus = eta - np.log(np.maximum(mu, 1e-300))  # log(1 + e^eta), from mu: no second exp
+        return mu, aa * wy[rows] + bb * wyx[rows] - (w[rows] * softplus).sum(axis=1)
 
-    ll = loglik(np.arange(n_rep), a, b)
+    everyone = np.arange(n_rep)
+    mu_all, ll = state(everyone, a, b)
+    mus = dict(enumerate(mu_all))  # fitted probabilities per replicate at its current parameters
     active = np.ones(n_rep, dtype=bool)
     for _ in range(max_iter):
         idx = np.flatnonzero(active)
-        mu = expit(a[idx, None] + b[idx, None] * x[None, :])
+        mu = np.stack([mus[i] for i in idx])
         wm = w[idx] * mu
         v = wm * (1.0 - mu)  # weighted variance: the Hessian's weights
         g0 = wy[idx] - wm.sum(axis=1)
@@ -115,9 +120,11 @@ def fit_logistic_1d(
         pending = np.arange(idx.size)
         for _halving in range(30):  # backtrack where the full step lowers the likelihood
             rows = idx[pending]
-            new = loglik(rows, a[rows] + step[pending] * da[pending], b[rows] + step[pending] * db[pending])
-            better = new >= ll[rows] - 1e-12 * np.abs(ll[rows])
-            ll[rows[better]] = new[better]
+            mu_new, ll_new = state(rows, a[rows] + step[pending] * da[pending], b[rows] + step[pending] * db[pending])
+            better = ll_new >= ll[rows] - 1e-12 * np.abs(ll[rows])
+            for j in np.flatnonzero(better):
+                mus[rows[j]] = mu_new[j]
+            ll[rows[better]] = ll_new[better]
             pending = pending[~better]
             if pending.size == 0:
                 break

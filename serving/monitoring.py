@@ -1,60 +1,81 @@
-"""Drift and performance monitoring: per site and window, inputs and outputs vs the training reference.
+"""Drift and performance monitoring: per site and window, scores against two baselines and outcomes.
 
-What is compared. The *reference* of a site is a seeded sample of the
-model's training split at that site (features, and the risk the model gives
-them), taken from the latest `reference_recent_times` prediction times of
-the train split: a feature such as "events in the last 1095 days" is
-truncated at the start of the data, and the population ages, so the most
-recent training times are the fair comparison for what is scored now. A
-site the model never saw is compared with all sites pooled (said in the
-reasons). The *current* data is one window (ISO week or day, by
-`prediction_time`) of the prediction log at that site.
+Every (site, window) of the prediction log (ISO week or day, by
+`prediction_time`) is compared with two baselines:
+
+1. the *training reference*: a seeded sample of the model's train split at
+   that site (features, and the risk the model gives them), from the latest
+   `reference_recent_times` prediction times of the split (closest in time to
+   what is scored now). A site the model never saw is compared with all
+   sites pooled (said in the JSON).
+2. the site's *recent windows*: its previous `recent_windows` windows in the
+   log, pooled. This is what catches a sudden change in the first window
+   after it happens, whatever the scoring protocol, and it is immune to the
+   calendar: a few weeks apart, the clock has not moved anything. Ages and
+   times since a first event are aligned to the window's start on both sides.
+
+Like with like. The training rows are scored on the task's calendar grid (1
+January, 1 July) over everyone eligible; batch scores (`chronorisk score`)
+follow the same protocol, so for a window of mostly batch scores
+(`min_batch_share`) every training finding counts. Scores requested at visits
+(`source` api) describe the patients seen that week, who differ from
+"everyone eligible on 1 January" by design (days since the last visit is 1 for
+all of them): for such windows only a unit change counts against the training
+reference, and the recent windows carry the status. Features that grow with
+the clock (age, counts on record, time since a first event, and any feature
+whose mean moved `calendar_trend_sd_per_year` SDs a year inside the training
+data) are reported against the training reference but judged against the
+recent windows only: a window a year after training is not "drifted" for
+being later.
 
 How a feature is judged (each test needs an effect size AND significance,
-so that neither tiny shifts in large windows nor noise in small ones raise
-an alarm):
+so that neither tiny shifts in large windows nor noise in small ones raise an
+alarm):
 
-- distribution: Evidently's normed Wasserstein distance (W1 / reference SD,
-  method `stattest`) >= `feature_drift_threshold`, and Evidently's
-  two-sample KS p-value < `significance`;
-- out of range: the share of values outside the reference's
-  [`out_of_range_quantile`, 1 - q] quantile range is >= `out_of_range_share`
-  and binomially significant against the reference's own share (a unit
-  change of some of the values, e.g. glucose in mmol/L, shows here first);
+- distribution: Evidently's normed Wasserstein distance (W1 / baseline SD,
+  method `stattest`) >= `feature_drift_threshold`, and the two-sample KS
+  p-value < `significance`;
+- out of range: the share of values outside the baseline's
+  [`out_of_range_quantile`, 1 - q] quantiles widened by `out_of_range_margin`
+  SDs is >= `out_of_range_share` and binomially significant against the share
+  expected there (a unit change of a part of the values, e.g. glucose in mmol/L,
+  shows here first; values at a known conversion factor of data/codes.py are
+  named as a probable unit change);
 - missingness: the missing share moved by >= `missing_share_change`,
   significant by a two-proportion z-test.
 
-Which features are tested with Evidently: the `top_features` most important
-ones (LightGBM gain) plus every feature that a cheap polars screen over all
-features flags (standardized mean shift, out-of-range share or missing
-share moved); the statistical tests run on a seeded sample of at most
-`sample_rows` current and reference rows. This keeps a window's cost
-bounded however many features and rows there are (see
-benchmarks/monitor_bench.py), and still names every drifted feature.
+Which features are tested: the `top_features` most important ones (LightGBM
+gain) plus every feature that a cheap vectorized screen over all features
+flags (mean shift, out-of-range share or missing share moved beyond chance);
+the tests run on a seeded sample of at most `sample_rows` rows. This bounds a
+window's cost however wide the feature table (benchmarks/monitor_bench.py)
+and still names every drifted feature.
 
 Status of a (site, window): `alert` when the drifted share of the tested
-features reaches `drift_share_alert`, when any feature drifts severely
-(normed Wasserstein >= `severe_drift_threshold` or out-of-range share >=
-`severe_out_of_range_share`), when the risk distribution drifted and
-`prediction_drift_alert` is on, or when realized performance fell past the
-alert thresholds; `warning` at the warning thresholds; else `ok`. A window
-with fewer than `min_window_rows` rows is not tested (status ok, `tested`
-false, said in the reasons). Every status comes with reasons that name the
-features.
+features reaches `drift_share_alert` in a comparison that counts, when one
+feature drifts severely (normed Wasserstein >= `severe_drift_threshold` or
+out-of-range share >= `severe_out_of_range_share`, with p <
+`severe_significance`) or looks like a unit change, when the risk distribution
+drifted and `prediction_drift_alert` is on, or when realized performance fell
+past the alert thresholds beyond chance; `warning` at the warning thresholds;
+else `ok`. A window with fewer than `min_window_rows` rows is not tested
+(status ok, `tested` false, said in the reasons); a site's status is that of
+its latest tested window. Every status comes with reasons naming the features.
 
 Delayed labels: outcomes joined by the log's one-way join key (see
-prediction_log) give per window the realized AUROC, calibration slope and
-intercept, ECE and Brier score, beside the reference's (held-out rows of
-the same site), once at least `min_outcomes` outcomes with
+prediction_log) give per window the realized AUROC (with its standard error),
+calibration slope and intercept, ECE (with its p-value if calibrated) and
+Brier score (training/metrics.py definitions), beside the reference's
+(held-out rows of the site), once `min_outcomes` outcomes with
 `min_positive_outcomes` positives have arrived.
 
 Outputs under `<work>/monitoring/`: `reports/<task>/<site>/<window>.json`
 for every window, `<window>.html` (Evidently's report) for windows whose
 status is not ok and the latest window of each site (`html: all` for every
-window), `summary.json` and `metrics.prom`. A window whose inputs (rows,
-outcomes, reference, thresholds) are unchanged is not recomputed: re-running
-leaves its files untouched, and the outputs hold no run timestamps, so a
-re-run is idempotent.
+window), `summary.json` and `metrics.prom`. A window whose inputs (log files,
+outcomes, its baseline windows, reference, thresholds) are unchanged is not
+read again: re-running leaves its files untouched, and the outputs hold no run
+timestamps, so a re-run is idempotent.
 """
 
 from __future__ import annotations
@@ -142,8 +163,15 @@ class Reference:
 
     @property
     def fingerprint(self) -> str:
+        """Identity of the reference, fixed when it is built (stored with it, so a reload keeps it)."""
+        if not self.meta.get("fingerprint"):
+            self.meta["fingerprint"] = self._content_hash()
+        return self.meta["fingerprint"]
+
+    def _content_hash(self) -> str:
         digest = hashlib.blake2b(digest_size=12)
-        digest.update(json.dumps([self.task, self.model_version, self.feature_names, self.meta],
+        meta = {k: v for k, v in self.meta.items() if k != "fingerprint"}
+        digest.update(json.dumps([self.task, self.model_version, self.feature_names, meta],
                                  sort_keys=True, default=str).encode())
         digest.update(str(self.drift.height).encode())
         if self.drift.height:
@@ -168,6 +196,7 @@ class Reference:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
+        self.fingerprint  # noqa: B018 - fix the identity before writing it
         frame = pl.concat(
             [self.drift.with_columns(pl.lit("drift").alias("_role")),
              self.performance.with_columns(pl.lit("performance").alias("_role"))],
@@ -1325,17 +1354,27 @@ def _window_input(prediction_log, task: str, site: str, data: _WindowData, previ
 
 def _ensure_latest_html(prediction_log, reference, reports, latest, windows, outcomes, baselines, config,
                         opts) -> None:
-    """The latest window of each site always has its HTML report, whatever its status."""
-    for site, (data, _fp) in latest.items():
-        json_path = reports / _safe(site) / f"{data.window.label}.json"
-        result = json.loads(json_path.read_text())
+    """The window that gives each site its status (its latest tested one) always has its HTML report."""
+    by_label = {w.window.label: i for i, w in enumerate(windows)}
+    for site in latest:
+        results = []
+        for path in (reports / _safe(site)).glob("*.json"):
+            r = json.loads(path.read_text())
+            if r.get("window_kind") == opts.kind and r["window"] in by_label:
+                results.append(r)
+        if not results:
+            continue
+        results.sort(key=lambda r: r["window_start"])
+        tested = [r for r in results if r.get("tested")]
+        result = tested[-1] if tested else results[-1]
+        json_path = reports / _safe(site) / f"{result['window']}.json"
         if result.get("html") and json_path.with_suffix(".html").is_file():
             continue
-        i = next(j for j, w in enumerate(windows) if w is data)
+        i = by_label[result["window"]]
         previous = windows[max(0, i - config.recent_windows):i] if config.recent_windows else []
         if site not in baselines:
             baselines[site] = site_baseline(reference, site, config)
-        inp = _window_input(prediction_log, opts.task, site, data, previous, outcomes)
+        inp = _window_input(prediction_log, opts.task, site, windows[i], previous, outcomes)
         result["html_against"] = save_window_html(json_path.with_suffix(".html"), inp, result, reference,
                                                   baselines[site], config)
         result["html"] = json_path.with_suffix(".html").name
@@ -1435,6 +1474,7 @@ def summarize_task(reports: Path, kind: str) -> dict:
                 "report_json": f"reports/{folder.parent.name}/{folder.name}/{last['window']}.json",
                 "report_html": (f"reports/{folder.parent.name}/{folder.name}/{last['html']}"
                                 if last.get("html") else None),
+                "last_not_ok": next((r["window"] for r in reversed(results) if r["status"] != "ok"), None),
                 "history": [_history_row(r, folder) for r in results],
                 "performance_to_date": _performance_to_date(results),
             }

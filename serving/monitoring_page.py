@@ -115,7 +115,8 @@ def mlops_fragment(summary: dict, *, report_url: str = "/ui/mlops/reports", max_
 def _task_section(task: str, kind: str, section: dict, report_url: str, max_history: int) -> str:
     sites = section.get("sites") or {}
     out = [f"<h2>{escape(task)} <small>({escape(kind)}ly windows)</small></h2>",
-           "<table><thead><tr><th>Site</th><th>Status</th><th>Latest window</th><th class='num'>Scores</th>"
+           "<table><thead><tr><th>Site</th><th>Status</th><th>Latest window</th><th>Last not ok</th>"
+           "<th class='num'>Scores</th>"
            "<th class='num'>Drift share</th><th>Drifted features</th><th class='num'>Prediction drift</th>"
            "<th class='num'>Realized AUROC (reference)</th><th>Report</th></tr></thead><tbody>"]
     for site, s in sorted(sites.items()):
@@ -128,6 +129,7 @@ def _task_section(task: str, kind: str, section: dict, report_url: str, max_hist
                 auroc += f" ({perf['reference_auroc']:.3f})"
         out.append(
             f"<tr><td>{escape(site)}</td><td>{_status(s['status'])}</td><td>{escape(s['window'])}</td>"
+            f"<td>{escape(s.get('last_not_ok') or '')}</td>"
             f"<td class='num'>{s['n_rows']:,}</td><td class='num'>{_num(s.get('drift_share'))}</td>"
             f"<td>{escape(', '.join(drifted[:6]))}{' ...' if len(drifted) > 6 else ''}</td>"
             f"<td class='num'>{_num(s.get('prediction_drift'))}</td><td class='num'>{escape(auroc)}</td>"
@@ -144,12 +146,16 @@ def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
     history = (s.get("history") or [])[-max_history:]
     open_attr = " open" if s["status"] != "ok" else ""
     out = [f"<details{open_attr}><summary><strong>{escape(site)}</strong>: {_status(s['status'])} "
-           f"in {escape(s['window'])}</summary>", '<ul class="reasons">']
+           f"in {escape(s['window'])}</summary>",
+           '<p class="note">Drift share: the larger of the shares of tested features that drifted against the '
+           "training reference (when it counts: scores on the training schedule) and against the site's recent "
+           "windows.</p>", '<ul class="reasons">']
     out += [f"<li>{escape(r)}</li>" for r in s.get("reasons", [])[:12]]
     out.append("</ul>")
     out.append(history_svg(history))
     out.append('<table class="history"><thead><tr><th>Window</th><th>Status</th><th class="num">Scores</th>'
-               '<th class="num">Drift share</th><th>Drifted</th><th class="num">Pred. drift</th>'
+               '<th class="num">Drift share</th><th class="num">vs training</th><th class="num">vs recent</th>'
+               '<th>Drifted</th><th class="num">Pred. drift</th>'
                '<th class="num">Outcomes</th><th class="num">AUROC</th><th class="num">ECE</th>'
                '<th class="num">Cal. slope</th><th>Report</th></tr></thead><tbody>')
     for h in reversed(history):
@@ -157,6 +163,8 @@ def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
         out.append(
             f"<tr><td>{escape(h['window'])}</td><td>{_status(h['status'])}</td><td class='num'>{h['n_rows']:,}</td>"
             f"<td class='num'>{_num(h.get('drift_share'))}</td>"
+            f"<td class='num'>{_num(h.get('training_drift_share'))}</td>"
+            f"<td class='num'>{_num(h.get('change_share'))}</td>"
             f"<td>{escape(', '.join(drifted[:4]))}{' ...' if len(drifted) > 4 else ''}</td>"
             f"<td class='num'>{_num(h.get('prediction_drift'))}</td><td class='num'>{h.get('n_outcomes') or 0:,}</td>"
             f"<td class='num'>{_num(h.get('auroc'), '{:.3f}')}</td><td class='num'>{_num(h.get('ece'), '{:.3f}')}</td>"

@@ -143,8 +143,10 @@ def calibration_slope(y: object, p: object, w: object | None = None) -> np.ndarr
     """b of logit P(y) = a + b logit(p); NaN when an outcome is absent."""
     y, p, W, squeeze = _prepare(y, p, w)
     x = logit(p)
-    start = fit_logistic_1d(x, y) if W.shape[0] > 1 else None  # replicates start near the answer
-    _, b = fit_logistic_1d(x, y, W, start=start)
+    if W.shape[0] > 1:  # bootstrap replicates: start at the point estimate, stop at 1e-8
+        _, b = fit_logistic_1d(x, y, W, start=fit_logistic_1d(x, y), tol=1e-8)
+    else:
+        _, b = fit_logistic_1d(x, y, W)
     return _out(_defined(np.atleast_1d(b), y, W), squeeze)
 
 
@@ -152,8 +154,11 @@ def calibration_intercept(y: object, p: object, w: object | None = None) -> np.n
     """a of logit P(y) = a + logit(p) (calibration-in-the-large); NaN when an outcome is absent."""
     y, p, W, squeeze = _prepare(y, p, w)
     x = logit(p)
-    start = fit_logistic_1d(x, y, fixed_slope=1.0) if W.shape[0] > 1 else None
-    a, _ = fit_logistic_1d(x, y, W, fixed_slope=1.0, start=start)
+    if W.shape[0] > 1:
+        start = fit_logistic_1d(x, y, fixed_slope=1.0)
+        a, _ = fit_logistic_1d(x, y, W, fixed_slope=1.0, start=start, tol=1e-8)
+    else:
+        a, _ = fit_logistic_1d(x, y, W, fixed_slope=1.0)
     return _out(_defined(np.atleast_1d(a), y, W), squeeze)
 
 
@@ -313,7 +318,7 @@ def bootstrap_intervals(
     seed: int = 0,
     clusters: object | None = None,
     level: float = 0.95,
-    max_cells: int = 4_000_000,
+    max_cells: int = 1_000_000,
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals of each metric over `n_boot` seeded resamples (of rows, or of `clusters`).
 

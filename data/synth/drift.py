@@ -11,7 +11,9 @@ Three kinds, each applied to one site from `from` (inclusive) to the end:
 - `population`: a new catchment. 40% of the site's patients are *arrivals*
   whose records start within 90 days after the date; they are 10 years older,
   about 4 kg/m2 heavier and markedly more diabetic than the site's usual
-  patients, and arrive with their conditions undiagnosed and untreated.
+  patients, and arrive with their conditions undiagnosed and untreated (they
+  are alive when they register; their history is taken at that first visit,
+  and their ground truth starts after it).
 
 `parse_drift("site=hosp_east,from=2024-01-01,kind=units")` reads the CLI form.
 """

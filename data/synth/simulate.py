@@ -54,7 +54,7 @@ from chronorisk.data.synth.hazards import (
     HiddenTerms,
     monthly_probability,
 )
-from chronorisk.data.synth.truth import TaskHorizon, hazards_now, task_risk
+from chronorisk.data.synth.truth import Care, TaskHorizon, hazards_now, task_risk
 
 EPOCH = date(1970, 1, 1)
 DAY = 86_400
@@ -536,9 +536,11 @@ class _Chunk:
         if idx.shape[0] == 0:
             return
         hidden = None if self.hidden is None else self.hidden[:, idx]
+        missing = np.zeros(idx.shape[0]) if self.ideal else self.sites.missing[self.site[idx]]
+        care = Care(recorded=self.recorded[:, idx], slot_start=self.slot_start[:, idx], missing=missing)
         r_onset, r_comp = task_risk(
             self.lat.take(idx), month=m, month_start=self.cal.month_start, hidden=hidden,
-            visit_rate=self.sites.visits[self.site[idx]], ideal=self.ideal, horizon=grid.horizon,
+            visit_rate=self.sites.visits[self.site[idx]], ideal=self.ideal, horizon=grid.horizon, care=care,
         )
         for task, pop, risk in (("onset_2y", onset_pop, r_onset), ("complication_1y", comp_pop, r_comp)):
             keep = pop[idx]

@@ -72,6 +72,45 @@ COMPLICATION_IDX = np.array([COND_INDEX[c] for c in COMPLICATION_OUTCOMES])
 
 
 @dataclass(frozen=True)
+class Care:
+    """What the clinician knows, so that the expected path can anticipate treatment changes.
+
+    `recorded` (conditions, n) is what is on record, `slot_start` (slots, n) the month each
+    medication line started, `missing` (n,) the chance a scheduled panel is not measured.
+    """
+
+    recorded: np.ndarray
+    slot_start: np.ndarray
+    missing: np.ndarray
+
+
+def anticipate_treatment(active: np.ndarray, lat: dyn.Latent, care: Care, vals: dict[str, np.ndarray],
+                         age: np.ndarray, month: int, fire: np.ndarray | float) -> None:
+    """Raise `active` (slots, n: probability each line is running) where the treatment rules
+    of the simulation would start a line at a visit this quarter; `fire` is the probability
+    that such a visit, with the panel measured, happens in the quarter."""
+    rec = care.recorded
+    since = month - care.slot_start
+    htn, dm = rec[COND_INDEX["hypertension"]], rec[COND_INDEX["diabetes"]]
+    vascular = rec[COND_INDEX["chd"]] | rec[COND_INDEX["mi"]] | rec[COND_INDEX["stroke"]]
+    ah1, met = dyn.SLOT_INDEX["ah1"], dyn.SLOT_INDEX["metformin"]
+    due = {
+        "ah1": htn,
+        "ah2": htn & (active[ah1] > 0) & (since[ah1] >= 6) & (vals["sbp"] >= 150.0),
+        "metformin": dm,
+        "insulin": dm & (active[met] > 0) & (since[met] >= 6) & (vals["hba1c"] >= 8.5),
+        "statin": (dm & (age >= 40.0)) | (vals["ldl"] >= 190.0) | vascular,
+    }
+    statin = dyn.SLOT_INDEX["statin"]
+    new_statin = due["statin"] & (active[statin] == 0)
+    lat.slot_drug[statin, new_statin] = np.where(vascular[new_statin], dyn.DRUG_INDEX["atorvastatin"],
+                                                 dyn.DRUG_INDEX["simvastatin"])
+    for slot, cond in due.items():
+        s = dyn.SLOT_INDEX[slot]
+        active[s] += (1.0 - active[s]) * fire * cond
+
+
+@dataclass(frozen=True)
 class TaskHorizon:
     """Which task is evaluated and for how many months (0 = not at this date)."""
 
@@ -105,13 +144,16 @@ def task_risk(
     visit_rate: np.ndarray,
     ideal: bool,
     horizon: TaskHorizon,
+    care: Care | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(onset risk, complication risk) for every patient of `lat` at the start of `month`.
 
     `lat` is modified (pass a copy: `Latent.take`). `visit_rate` is the
     routine-visit rate per year of a patient without recorded diabetes or
-    hypertension. Each risk is computed for every row; the caller keeps the
-    rows that belong to the task's population.
+    hypertension. With `care`, medication lines the treatment rules would
+    start inside the horizon are anticipated (with the probability that a
+    visit measures what triggers them). Each risk is computed for every row;
+    the caller keeps the rows that belong to the task's population.
     """
     n = lat.female.shape[0]
     months = max(horizon.onset_months, horizon.complication_months)
@@ -127,7 +169,13 @@ def task_risk(
     else:
         q_onset = monthly_probability(visit_rate) * DETECTION_GROUPS["metabolic"][1]
         q_comp = monthly_probability(visit_rate * CHRONIC_VISIT_FACTOR) * DETECTION_GROUPS["complication"][1]
-    expected_coverage = lat.slot_active * lat.alpha[None, :]
+    active = lat.slot_active.astype(np.float64)
+    expected_coverage = active * lat.alpha[None, :]
+    fire: np.ndarray | float = 1.0
+    if care is not None and not ideal:
+        chronic = care.recorded[COND_INDEX["hypertension"]] | care.recorded[COND_INDEX["diabetes"]]
+        monthly = monthly_probability(visit_rate * np.where(chronic, CHRONIC_VISIT_FACTOR, 1.0))
+        fire = 1.0 - (1.0 - monthly * (1.0 - care.missing)) ** QUARTER
     # Hazards are evaluated at the middle month of each quarter and held for its three months
     # (midpoint rule); the expected path moves a quarter at a time between midpoints.
     age = dyn.age_years(lat, int(month_start[month]))
@@ -152,5 +200,8 @@ def task_risk(
                     *chains["complication"], p_death=p_death, p_onset=p_onset[COMPLICATION_IDX],
                     immediate=imm_comp, q_detect=q_comp))
         if block + QUARTER < months:
+            if care is not None:
+                anticipate_treatment(active, lat, care, vals, age, m, fire)
+                expected_coverage = active * lat.alpha[None, :]
             dyn.advance(lat, age, vals, expected_coverage, rng=None, months=QUARTER)
     return chains["onset"][2], chains["complication"][2]

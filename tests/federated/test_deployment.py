@@ -92,16 +92,21 @@ def test_up_run_with_a_killed_supernode_down(federation):
         httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
 
     # a SuperNode whose key was never registered is refused
-    from chronorisk.federated.deploy import Layout, ensure_node_key, supernode_command, tool_env
+    from chronorisk.federated.deploy import Layout, ensure_node_key, stop_process_group, supernode_command, tool_env
 
     layout = Layout(work)
     rogue_key = ensure_node_key(work / "rogue" / "rogue")
     cmd = supernode_command(layout, "rogue", superlink_port=port, runtime_port=_free_port(),
                             meds_root=work / "meds", key=rogue_key)
-    rogue = subprocess.run(cmd + ["--max-retries", "2"], env=tool_env(layout), capture_output=True, text=True,
-                           timeout=180, check=False)
-    assert rogue.returncode != 0
-    assert "activate" in (rogue.stdout + rogue.stderr).lower()
+    rogue_log = work / "rogue.log"
+    with open(rogue_log, "wb") as out:
+        rogue = subprocess.Popen([*cmd, "--max-retries", "2"], env=tool_env(layout), stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert rogue.wait(timeout=300) != 0
+    finally:
+        stop_process_group(rogue.pid, timeout_s=5)  # its SuperExec child too
+    assert "failed to activate" in rogue_log.read_text().lower()
 
     # the run, with one SuperNode killed once the summary round is over
     victim = sites[1]

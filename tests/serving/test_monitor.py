@@ -375,3 +375,98 @@ def test_report_file_only_serves_reports(world):
     assert page.report_file(mon, "reports/onset_2y/chc_a/2024-W01.json") is not None
     for bad in ("../summary.json", "onset_2y/../../metrics.prom", "/etc/passwd", "onset_2y/chc_a/x.parquet", ""):
         assert page.report_file(mon, bad) is None
+
+
+# ------------------------------------------------------------- baselines and protocol
+def test_reference_round_trip_keeps_its_identity(tmp_path):
+    reference = _reference(np.random.default_rng(21))
+    reference.save(tmp_path / "ref")
+    loaded = M.Reference.load(tmp_path / "ref")
+    assert loaded.fingerprint == reference.fingerprint
+    assert loaded.drift.height == reference.drift.height and loaded.feature_names == FEATURES
+    assert loaded.meta["trends"] == reference.meta["trends"]
+
+
+def _trend_reference(rng) -> M.Reference:
+    """Training data where `records_on_record` grows 3 a year, as counts of everything on record do."""
+    parts = []
+    for k, when in enumerate([datetime(2021, 1, 1), datetime(2022, 1, 1), datetime(2023, 1, 1), datetime(2024, 1, 1)]):
+        frame = _frame(rng, 2000, "chc_a", when).with_columns(
+            pl.Series("records_on_record", rng.poisson(10 + 3 * k, 2000).astype(float)), pl.lit("train").alias("split"))
+        parts.append(frame)
+    table = pl.concat(parts)
+    names = [*FEATURES, "records_on_record"]
+    return M.reference_from_frame(table.drop("risk"), table["risk"].to_numpy(), task="onset_2y", model_version="4",
+                                  feature_names=names, importance={f: 1.0 for f in names},
+                                  infos={"records_on_record": {"display": "Labs on record", "unit": "measurements"}},
+                                  recent_times=1)
+
+
+def test_features_that_grow_with_the_clock_are_reported_not_counted_against_training(tmp_path):
+    rng = np.random.default_rng(22)
+    reference = _trend_reference(rng)
+    assert reference.meta["trends"]["chc_a"]["records_on_record"] == pytest.approx(3.0, abs=0.3)
+    log = PredictionLog.for_work(tmp_path, key=KEY)
+    frame = _frame(rng, 800, "chc_a", datetime(2025, 6, 3)).with_columns(
+        pl.Series("records_on_record", rng.poisson(24, 800).astype(float)))  # 1.5 years after training
+    log.append(frame.drop("boolean_value"), "onset_2y", "4", "batch", feature_names=[*FEATURES, "records_on_record"])
+    section = M.run_monitor(log, reference, tmp_path / "monitoring", MonitorConfig(),
+                            M.MonitorOptions(task="onset_2y", html="none"))
+    result = json.loads((tmp_path / "monitoring" / section["sites"]["chc_a"]["report_json"]).read_text())
+    assert result["status"] == "ok"
+    assert result["data_drift"]["moved_with_calendar"] == ["records_on_record"]
+    assert "records_on_record" in result["data_drift"]["calendar_features"]
+
+
+def test_visit_scores_count_only_unit_changes_against_training(tmp_path):
+    rng = np.random.default_rng(23)
+    reference = _reference(rng)
+    log = PredictionLog.for_work(tmp_path, key=KEY)
+    older = _frame(rng, 600, "chc_a", START, older=12.0)  # visitors are older than "everyone on 1 January"
+    log.append(older.drop("boolean_value"), "onset_2y", "4", "api", feature_names=FEATURES)
+    units = _frame(rng, 600, "chc_b", START, units=0.15)
+    log.append(units.drop("boolean_value"), "onset_2y", "4", "api", feature_names=FEATURES)
+    section = M.run_monitor(log, reference, tmp_path / "monitoring", MonitorConfig(),
+                            M.MonitorOptions(task="onset_2y", html="none"))
+    visit = json.loads((tmp_path / "monitoring" / section["sites"]["chc_a"]["report_json"]).read_text())
+    assert visit["status"] == "ok" and visit["data_drift"]["counts"] == "unit changes"
+    assert "age" in visit["data_drift"]["moved_with_calendar"]  # reported all the same (age grows with the clock)
+    assert section["sites"]["chc_b"]["status"] == "alert"
+    assert any("another unit" in r for r in section["sites"]["chc_b"]["reasons"])
+
+
+def test_a_sudden_change_against_recent_windows_alerts_and_is_named(tmp_path):
+    rng = np.random.default_rng(24)
+    reference = _reference(rng)
+    log = PredictionLog.for_work(tmp_path, key=KEY)
+    for w in range(6):
+        frame = _frame(rng, 400, "chc_a", START + timedelta(days=7 * w + 3), older=12.0 if w == 5 else 0.0)
+        log.append(frame.drop("boolean_value"), "onset_2y", "4", "api", feature_names=FEATURES)
+    section = M.run_monitor(log, reference, tmp_path / "monitoring", MonitorConfig(),
+                            M.MonitorOptions(task="onset_2y", html="none"))
+    hist = _history(section, "chc_a")
+    assert [hist[w]["status"] for w in sorted(hist)] == ["ok"] * 5 + ["alert"]
+    last = json.loads((tmp_path / "monitoring" / hist["2024-W06"]["json"]).read_text())
+    assert last["change"]["baseline_windows"] == ["2024-W02", "2024-W03", "2024-W04", "2024-W05"]
+    assert "age" in last["change"]["drifted_features"]
+
+
+def test_elapsed_and_accumulating_features_are_recognized():
+    assert M._elapsed_days("cond_ckd_years_since_first", {"unit": "years"}) == 365.25
+    assert M._elapsed_days("demo_age_years", {"unit": "years"}) == 365.25
+    assert M._elapsed_days("enc_amb_days_since_last", {"unit": "days"}) is None  # a visit resets it
+    assert M._accumulates("miss_glucose_count", {"display": "Fasting glucose: measurements on record"})
+    assert not M._accumulates("meas_glucose_last", {"display": "Fasting glucose, last value"})
+
+
+def test_monitor_cli_refuses_clearly_without_logged_scores(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(tmp_path), "monitor"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "no logged scores" in out.stderr and "Traceback" not in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(tmp_path), "monitor",
+                          "--task", "onset_2y", "--start", "2025-13-01"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--start" in bad.stderr

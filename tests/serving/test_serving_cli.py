@@ -33,23 +33,44 @@ def seeded(tmp_path):
     return tmp_path / "w", url
 
 
-def test_keys_consent_export_and_audit_through_the_cli(seeded, tmp_path):
+@pytest.fixture
+def inproc(monkeypatch):
+    """`chronorisk.cli.main` in this process (the same entry point, without a start-up per call);
+    the environment it sets is restored afterwards."""
+    from chronorisk.cli import main
+
+    saved = dict(os.environ)
+    monkeypatch.setenv("CHRONORISK_SERVE_SECRET", SECRET)
+    monkeypatch.delenv("CHRONORISK_DEMO", raising=False)
+
+    def run(work, *args):
+        return main(["--work", str(work), *args])
+
+    yield run
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_keys_consent_export_and_audit_through_the_cli(seeded, tmp_path, inproc, capsys):
+    """Two commands in their own processes (a key, an export); the rest through the same entry point."""
     work, url = seeded
     out = cli(work, "access", "--store", url, "create-key", "--role", "gp", "--site", "chc_a", "--label", "dr x")
     assert out.returncode == 0, out.stderr
     key_line = [line for line in out.stdout.splitlines() if line.startswith("crk_")]
     assert len(key_line) == 1
     key_id = key_line[0].split("_")[1]
-    listed = cli(work, "access", "--store", url, "list")
-    assert key_id in listed.stdout and key_line[0] not in listed.stdout  # never the secret
-    assert cli(work, "access", "--store", url, "revoke", key_id).returncode == 0
-    assert "revoked" in cli(work, "access", "--store", url, "list").stdout
-    again = cli(work, "access", "--store", url, "revoke", key_id)
-    assert again.returncode == 2 and "key_id" in again.stderr
+    capsys.readouterr()
+    assert inproc(work, "access", "--store", url, "list") == 0
+    listed = capsys.readouterr().out
+    assert key_id in listed and key_line[0] not in listed  # never the secret
+    assert inproc(work, "access", "--store", url, "revoke", key_id) == 0
+    assert inproc(work, "access", "--store", url, "list") == 0 and "revoked" in capsys.readouterr().out
+    assert inproc(work, "access", "--store", url, "revoke", key_id) == 2
+    assert "key_id" in capsys.readouterr().err
 
     sid = subject_id(0, 29)
-    out = cli(work, "access", "--store", url, "withdraw-consent", "--subject", str(sid))
-    assert out.returncode == 0 and str(sid) not in out.stdout  # the id is not echoed
+    assert inproc(work, "access", "--store", url, "withdraw-consent", "--subject", str(sid)) == 0
+    assert str(sid) not in capsys.readouterr().out  # the id is not echoed
 
     target = tmp_path / "cohort.csv"
     out = cli(work, "cohort", "--store", url, "--task", "complication_1y", "--sites", "chc_a", "--out", str(target))
@@ -60,48 +81,53 @@ def test_keys_consent_export_and_audit_through_the_cli(seeded, tmp_path):
     assert meta["query"]["sites"] == ["chc_a"] and meta["model_versions"] == ["chronorisk-complication_1y:2"]
     assert meta["audit_entry"] >= 1
 
-    agg = cli(work, "cohort", "--store", url, "--task", "complication_1y", "--aggregate", "--group-by", "site,tier")
-    assert agg.returncode == 0 and "site=hosp_c" in agg.stdout and "<10" in agg.stdout
+    capsys.readouterr()
+    assert inproc(work, "cohort", "--store", url, "--task", "complication_1y", "--aggregate",
+                  "--group-by", "site,tier") == 0
+    agg = capsys.readouterr().out
+    assert "site=hosp_c" in agg and "<10" in agg
+    assert inproc(work, "audit", "--store", url, "verify") == 0 and "audit log ok" in capsys.readouterr().out
+    assert inproc(work, "audit", "--store", url, "show", "--last", "10") == 0
+    shown = capsys.readouterr().out
+    assert "export" in shown and "consent_withdraw" in shown and str(sid) not in shown
 
-    ok = cli(work, "audit", "--store", url, "verify")
-    assert ok.returncode == 0 and "audit log ok" in ok.stdout
-    shown = cli(work, "audit", "--store", url, "show", "--last", "10")
-    assert "export" in shown.stdout and "consent_withdraw" in shown.stdout and str(sid) not in shown.stdout
 
-
-def test_audit_verify_names_an_edited_and_a_deleted_entry(seeded):
+def test_audit_verify_names_an_edited_and_a_deleted_entry(seeded, inproc, capsys):
     work, url = seeded
     for i in range(3):
-        cli(work, "access", "--store", url, "create-key", "--role", "public_health", "--label", f"k{i}")
-    assert cli(work, "audit", "--store", url, "verify").returncode == 0
+        assert inproc(work, "access", "--store", url, "create-key", "--role", "public_health", "--label", f"k{i}") == 0
+    assert inproc(work, "audit", "--store", url, "verify") == 0
     store = ScoreStore.open(url)
     with store.engine.begin() as conn:
         conn.execute(update(audit_log).where(audit_log.c.seq == 2).values(role="gp"))
-    edited = cli(work, "audit", "--store", url, "verify")
-    assert edited.returncode == 1 and "entry 2" in edited.stdout and "edited" in edited.stdout
+    capsys.readouterr()
+    assert inproc(work, "audit", "--store", url, "verify") == 1
+    edited = capsys.readouterr().out
+    assert "entry 2" in edited and "edited" in edited
     with store.engine.begin() as conn:
         conn.execute(audit_log.delete().where(audit_log.c.seq == 2))
-    deleted = cli(work, "audit", "--store", url, "verify")
     store.dispose()
+    # the real command, in its own process, sees the deletion too
+    deleted = cli(work, "audit", "--store", url, "verify")
     assert deleted.returncode == 1 and "entry 2 deleted" in deleted.stdout
 
 
-def test_cli_errors_are_one_line(seeded, tmp_path):
+def test_cli_errors_are_one_line(seeded, tmp_path, inproc, capsys):
     work, url = seeded
-    out = cli(work, "access", "--store", url, "create-key", "--role", "gp")
-    assert out.returncode == 2 and "site" in out.stderr and "Traceback" not in out.stderr
-    out = cli(work, "audit", "--store", url, "verify", secret=False)
-    assert out.returncode == 2 and "no service secret" in out.stderr
-    out = cli(work, "cohort", "--store", url, "--task", "complication_1y", "--min-risk", "3")
-    assert out.returncode == 2 and "--min-risk" in out.stderr
-    out = cli(work, "cohort", "--store", url, "--task", "complication_1y", "--out", str(tmp_path / "x.xlsx"))
-    assert out.returncode == 2 and "--out" in out.stderr
-    out = cli(work, "score", "--date", "2024-13-01", "--store", url)
-    assert out.returncode == 2 and "--date" in out.stderr
-    out = cli(work, "score", "--date", "2999-01-01", "--store", url)
-    assert out.returncode == 2 and "future" in out.stderr
-    out = cli(work, "cohort", "--store", "nonsense://x", "--task", "complication_1y")
-    assert out.returncode == 2 and "store_url" in out.stderr
+
+    def fails(*args, words: str) -> None:
+        assert inproc(work, *args) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    fails("access", "--store", url, "create-key", "--role", "gp", words="site")
+    fails("cohort", "--store", url, "--task", "complication_1y", "--min-risk", "3", words="--min-risk")
+    fails("cohort", "--store", url, "--task", "complication_1y", "--out", str(tmp_path / "x.xlsx"), words="--out")
+    fails("score", "--date", "2024-13-01", "--store", url, words="--date")
+    fails("score", "--date", "2999-01-01", "--store", url, words="future")
+    fails("cohort", "--store", "nonsense://x", "--task", "complication_1y", words="store_url")
+    os.environ.pop("CHRONORISK_SERVE_SECRET")
+    fails("audit", "--store", url, "verify", words="no service secret")
 
 
 def test_demo_mode_creates_the_secret_and_one_key_per_role(tmp_path):
