@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.features is None:
             ap.error("--bundle needs --features FILE.parquet")
         bundle = ModelBundle.load(args.bundle)
+        record["source"] = {"bundle": str(args.bundle), "features": str(args.features),
+                            "model": bundle.name, "calibration": bundle.calibrator.method}
         record["models"]["bundle"] = time_bundle(bundle, pl.read_parquet(args.features), calls)
     else:
         rows = 20_000 if args.quick else 50_000

@@ -153,7 +153,12 @@ def _compare(args, ctx) -> int:
         print(f"  {'site':<18}" + "".join(f"{m:>20}" for m in models))
         for site in [*info["sites"], "all"]:
             cells = info["overall"] if site == "all" else info["sites"][site]
-            print(f"  {site:<18}" + "".join(
-                f"{cells[m]['auroc']:>12.3f} / {cells[m]['calibration_slope']:>5.2f}" for m in models))
+            print(f"  {site:<18}" + "".join(_cell(cells.get(m)) for m in models))
     print(f"\nreport: {report['html']}")
     return 0
+
+
+def _cell(values: dict | None) -> str:
+    if not values or "auroc" not in values:
+        return f"{'-':>20}"
+    return f"{values['auroc']:>12.3f} / {values['calibration_slope']:>5.2f}"

@@ -157,25 +157,22 @@ class ModelBundle:
         return M
 
     def _small_polars_matrix(self, features: object) -> np.ndarray:
-        """A few rows of a polars frame, read row-wise: selecting 300 columns costs more than scoring.
+        """A few rows of a polars frame, read row-wise: selecting 400 columns costs more than scoring.
 
-        The column positions are cached per (columns, dtypes) layout, so one
-        patient's request does no per-column work after the first.
+        The model columns' positions are cached per column layout, so one
+        patient's request does no per-column work after the first; a value
+        that is not a number fails the float conversion.
         """
         import operator
 
-        key = (tuple(features.columns), tuple(str(t) for t in features.dtypes))
+        key = tuple(features.columns)
         getter = self._layouts.get(key)
         if getter is None:
-            position = {c: i for i, c in enumerate(key[0])}
+            position = {c: i for i, c in enumerate(key)}
             missing = [n for n in self.feature_names if n not in position]
             if missing:
                 shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise InputError("features", f"{len(missing)} column(s) the model needs are missing: {shown}")
-            bad = [n for n in self.feature_names if not features.schema[n].is_numeric()
-                   and str(features.schema[n]) not in ("Boolean", "Null")]
-            if bad:
-                raise InputError("features", f"every model column must be numeric (null for not recorded): {bad[:5]}")
             getter = operator.itemgetter(*(position[n] for n in self.feature_names))
             if len(self.feature_names) == 1:
                 single = getter
@@ -183,7 +180,10 @@ class ModelBundle:
             if len(self._layouts) > 32:
                 self._layouts.clear()
             self._layouts[key] = getter
-        return np.array([getter(row) for row in features.rows()], dtype=np.float64)
+        try:
+            return np.array([getter(row) for row in features.rows()], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError("features", "every model column must be numeric (null for not recorded)") from None
 
     def predict_raw(self, features: object) -> np.ndarray:
         M = self.matrix(features)

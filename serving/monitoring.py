@@ -438,10 +438,12 @@ class FeatureBaseline:
     mean: float
     std: float
     median: float
+    presorted: bool = field(default=False, repr=False)
     _series: Any = field(default=None, repr=False)
 
     def __post_init__(self):
-        self.values = np.sort(np.asarray(self.values, dtype=float))
+        if not self.presorted:
+            self.values = np.sort(np.asarray(self.values, dtype=float))
 
     @property
     def series(self):
@@ -464,32 +466,49 @@ class SiteBaseline:
 
 def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *, site: str, pooled: bool = False,
                         performance: dict[str, Any] | None = None) -> SiteBaseline:
-    """Per-feature statistics of a baseline sample (training rows, or a site's recent windows), vectorized."""
+    """Per-feature statistics of a baseline sample (training rows, or a site's recent windows).
+
+    One column-wise sort gives every quantile, median and the sorted values
+    the tests need (NaN sorts last; each column's valid prefix is used).
+    """
     q = config.out_of_range_quantile
     have = set(frame.columns)
     present = [f for f in features if f in have]
-    matrix = _feature_matrix(frame, present)
-    n = matrix.shape[0]
+    ordered = np.sort(_feature_matrix(frame, present), axis=0)
+    n = ordered.shape[0]
     feats = {}
     if present and n:
+        count = n - np.isnan(ordered).sum(axis=0)
+        lo, median, hi = (_sorted_quantile(ordered, count, x) for x in (q, 0.5, 1 - q))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-missing columns give NaN, as they should
-            mean, std = np.nanmean(matrix, axis=0), np.nanstd(matrix, axis=0)
-            lo, median, hi = np.nanquantile(matrix, [q, 0.5, 1 - q], axis=0)
+            mean, std = np.nanmean(ordered, axis=0), np.nanstd(ordered, axis=0)
         margin = config.out_of_range_margin * std  # beyond the quantile by a material distance
         lo, hi = lo - margin, hi + margin
         with np.errstate(invalid="ignore"):
-            outside_n = ((matrix < lo) | (matrix > hi)).sum(axis=0)
-        count = n - np.isnan(matrix).sum(axis=0)
+            outside_n = ((ordered < lo) | (ordered > hi)).sum(axis=0)
         for j, f in enumerate(present):
-            column = matrix[:, j]
-            values = column[~np.isnan(column)]
-            feats[f] = FeatureBaseline(values, n, 1.0 - count[j] / n, float(lo[j]), float(hi[j]),
-                                       float(outside_n[j] / count[j]) if count[j] else math.nan,
-                                       float(mean[j]), float(std[j]), float(median[j]))
+            c = int(count[j])
+            feats[f] = FeatureBaseline(ordered[:c, j], n, 1.0 - c / n, float(lo[j]), float(hi[j]),
+                                       float(outside_n[j] / c) if c else math.nan,
+                                       float(mean[j]), float(std[j]), float(median[j]), presorted=True)
     risk = np.sort(frame["risk"].cast(pl.Float64).to_numpy()) if "risk" in frame.columns else np.array([])
     tiers = _shares(frame["tier"]) if "tier" in frame.columns else {}
     return SiteBaseline(site, pooled, n, feats, risk, tiers, performance)
+
+
+def _sorted_quantile(ordered: np.ndarray, count: np.ndarray, q: float) -> np.ndarray:
+    """Quantile q of each column of a column-sorted matrix with `count` valid (non-NaN) leading values.
+
+    Linear interpolation between order statistics, as numpy's default.
+    """
+    pos = q * np.maximum(count - 1, 0)
+    below = np.floor(pos).astype(np.int64)
+    above = np.minimum(below + 1, np.maximum(count - 1, 0))
+    cols = np.arange(ordered.shape[1])
+    low, high = ordered[below, cols], ordered[above, cols]
+    out = low + (high - low) * (pos - below)
+    return np.where(count > 0, out, np.nan)
 
 
 def site_baseline(reference: Reference, site: str, config) -> SiteBaseline:
@@ -1281,7 +1300,7 @@ def run_monitor(prediction_log, reference: Reference, monitoring_dir: Path, conf
                 continue
             if site not in baselines:
                 baselines[site] = site_baseline(reference, site, config)
-            inp = _window_input(prediction_log, opts.task, site, data, previous_windows, outcomes)
+            inp = _window_input(prediction_log, opts.task, site, data, previous_windows, outcomes, config)
             result = evaluate_window(inp, reference, baselines[site], config)
             result["fingerprint"] = fingerprint
             result["html"] = None
@@ -1339,13 +1358,15 @@ def _rows(prediction_log, task: str, data: _WindowData) -> dict[str, pl.DataFram
 
 
 def _window_input(prediction_log, task: str, site: str, data: _WindowData, previous: list[_WindowData],
-                  outcomes: pl.DataFrame) -> WindowInput:
+                  outcomes: pl.DataFrame, config) -> WindowInput:
     rows = _rows(prediction_log, task, data).get(site, pl.DataFrame())
     recent_parts, labels = [], []
+    per_window = -(-config.sample_rows // max(len(previous), 1))  # the recent baseline holds <= sample_rows rows
     for old in previous:
         part = _rows(prediction_log, task, old).get(site)
         if part is not None and part.height:
-            recent_parts.append(part)
+            index = _sample_index(part.height, per_window, _seed(config.seed, "recent", site, old.window.label))
+            recent_parts.append(part[index] if index is not None else part)
             labels.append(old.window.label)
     recent = pl.concat(recent_parts, how="diagonal_relaxed") if recent_parts else None
     return WindowInput(task, site, Window(data.start, data.end, data.window.kind), rows,
@@ -1374,7 +1395,7 @@ def _ensure_latest_html(prediction_log, reference, reports, latest, windows, out
         previous = windows[max(0, i - config.recent_windows):i] if config.recent_windows else []
         if site not in baselines:
             baselines[site] = site_baseline(reference, site, config)
-        inp = _window_input(prediction_log, opts.task, site, windows[i], previous, outcomes)
+        inp = _window_input(prediction_log, opts.task, site, windows[i], previous, outcomes, config)
         result["html_against"] = save_window_html(json_path.with_suffix(".html"), inp, result, reference,
                                                   baselines[site], config)
         result["html"] = json_path.with_suffix(".html").name

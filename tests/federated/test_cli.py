@@ -63,7 +63,7 @@ def test_sim_trains_logs_and_registers(cohort):
     assert {r.data.tags["chronorisk.task"] for r in runs} == {"complication_1y", "onset_2y"}
     run = next(r for r in runs if r.data.tags["chronorisk.task"] == "onset_2y")
     site_metrics = [k for k in run.data.metrics if k.startswith("site.") and k.endswith(".tune_auroc_local")]
-    assert len(site_metrics) == 5
+    assert len(site_metrics) >= 3  # a tiny site may have one outcome only in its tuning rows (AUROC undefined)
     history = client.get_metric_history(run.info.run_id, "round.wall_s")
     assert len(history) >= 3  # summary, train rounds, evaluate
     assert "held_out.auroc" in run.data.metrics

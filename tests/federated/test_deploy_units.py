@@ -72,7 +72,10 @@ def test_supernode_command_carries_site_identity_and_tls(tmp_path):
 
 
 def test_stop_process_groups_ends_children_too(tmp_path):
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    script = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     time.sleep(1.0)
     deploy.stop_process_groups([proc.pid], timeout_s=5)
