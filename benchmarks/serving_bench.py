@@ -320,6 +320,8 @@ def batch(work: Path, patients: int, served) -> dict:
             "scored_rows": rows,
             "explained_rows": report.total("explained"),
             "patients_per_s": round(patients / seconds, 1),
+            # the work itself, whatever else the shared machine runs: patients per CPU-second of this process
+            "patients_per_cpu_s": round(patients / max(time.process_time() - cpu, 1e-9), 1),
             "scored_rows_per_s": round(rows / seconds, 1),
             "chunks": report.scored_chunks,
             "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -126,6 +126,9 @@ class FlowerTransport:
                 )
             )
         ids = list(self.grid.push_messages(messages))
+        if len(ids) != len(messages):  # Flower returns [] when the request as a whole was refused
+            log.warning("%s: the SuperLink accepted none of %d messages", label, len(messages))
+            ids = [None] * len(messages)
         pending: dict[str, int] = {}
         for msg_id, node in zip(ids, requests, strict=True):
             if msg_id:

@@ -96,6 +96,9 @@ class MonitorConfig(BaseModel):
     out_of_range_margin: float = Field(
         0.1, ge=0, description="the range reaches this many reference SDs beyond the quantiles (a minimum effect)"
     )
+    out_of_range_min_tail: int = Field(
+        5, ge=1, description="baseline values beyond each bound at least (small baselines get a wider range)"
+    )
     out_of_range_share: float = Field(0.04, gt=0, le=1, description="share outside the reference range: drift")
     severe_out_of_range_share: float = Field(0.10, gt=0, le=1, description="share outside the range: alert alone")
     missing_share_change: float = Field(0.10, gt=0, le=1, description="absolute change of the missing share")

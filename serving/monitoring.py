@@ -479,6 +479,8 @@ def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *,
     feats = {}
     if present and n:
         count = n - np.isnan(ordered).sum(axis=0)
+        # a tail quantile needs a few values beyond it to be estimated at all: widen it for small baselines
+        q = np.minimum(np.maximum(q, config.out_of_range_min_tail / np.maximum(count, 1)), 0.25)
         lo, median, hi = (_sorted_quantile(ordered, count, x) for x in (q, 0.5, 1 - q))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-missing columns give NaN, as they should
@@ -497,8 +499,10 @@ def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *,
     return SiteBaseline(site, pooled, n, feats, risk, tiers, performance)
 
 
-def _sorted_quantile(ordered: np.ndarray, count: np.ndarray, q: float) -> np.ndarray:
-    """Quantile q of each column of a column-sorted matrix with `count` valid (non-NaN) leading values.
+def _sorted_quantile(ordered: np.ndarray, count: np.ndarray, q) -> np.ndarray:
+    """Quantile q (a number or one per column) of each column of a column-sorted matrix.
+
+    Each column has `count` valid (non-NaN) leading values.
 
     Linear interpolation between order statistics, as numpy's default.
     """
@@ -701,11 +705,13 @@ def judge_feature(
 def expected_outside(baseline: FeatureBaseline, config) -> float:
     """The share of new values expected outside the baseline's range if nothing changed.
 
-    At least the baseline's own share, the nominal 2q, and 2/(n+1): with n
-    baseline values, a new one falls beyond their extremes that often (ties
-    at a bound, or a small baseline, would otherwise make any value "rare").
+    At least the baseline's own share, the two tails (each at least
+    `out_of_range_min_tail` baseline values), and 2/(n+1): with n baseline
+    values, a new one falls beyond their extremes that often (ties at a bound,
+    or a small baseline, would otherwise make any value "rare").
     """
-    return max(baseline.outside, 2 * config.out_of_range_quantile, 2 / (baseline.values.size + 1))
+    tail = max(config.out_of_range_quantile, config.out_of_range_min_tail / max(baseline.values.size, 1))
+    return max(baseline.outside, 2 * min(tail, 0.25), 2 / (baseline.values.size + 1))
 
 
 def _sorted_median(values: np.ndarray) -> float | None:
@@ -1320,8 +1326,8 @@ def run_monitor(prediction_log, reference: Reference, monitoring_dir: Path, conf
 
 def _windows(prediction_log, opts: MonitorOptions) -> list[_WindowData]:
     """The windows with logged rows in the range, with the identity of their part files."""
-    files = prediction_log.partitions(opts.task, opts.start.date() if opts.start else None,
-                                      opts.end.date() if opts.end else None)
+    last_day = (opts.end - timedelta(microseconds=1)).date() if opts.end else None  # `end` is exclusive
+    files = prediction_log.partitions(opts.task, opts.start.date() if opts.start else None, last_day)
     by_window: dict[Window, list[Path]] = {}
     for path in files:
         day = _day_of(path)

@@ -99,6 +99,11 @@ class MonitoringSink:
             self.flush()
 
     def flush(self) -> None:
+        """Write what is buffered: one table per model, built at once (ready-made feature rows are
+        stacked into one matrix; per-request frames of the events path are concatenated)."""
+        import numpy as np
+        import polars as pl
+
         from chronorisk.serving.scoring import monitoring_records
 
         with self._lock:
@@ -109,9 +114,18 @@ class MonitoringSink:
         for group in by_model.values():
             model = group[0][0]
             try:
-                import polars as pl
-
-                frames = [monitoring_records(m, f, r, t, s, w) for m, f, r, t, s, w in group]
+                frames = []
+                matrix = [g for g in group if isinstance(g[1], np.ndarray)]
+                if matrix:
+                    frames.append(monitoring_records(
+                        model, np.vstack([g[1] for g in matrix]), np.concatenate([g[2] for g in matrix]),
+                        [t for g in matrix for t in g[3]], None, matrix[0][5],
+                    ).with_columns(
+                        pl.Series("site", [g[4] or "unknown" for g in matrix for _ in g[3]], dtype=pl.String),
+                        pl.Series("prediction_time", [g[5] for g in matrix for _ in g[3]], dtype=pl.Datetime("us")),
+                    ))
+                frames += [monitoring_records(m, f, r, t, s, w) for m, f, r, t, s, w in group
+                           if not isinstance(f, np.ndarray)]
                 self.log.append(pl.concat(frames, how="diagonal_relaxed"), model.task, model.version, "api",
                                 model_name=model.name, feature_names=model.feature_names)
             except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -79,8 +80,9 @@ def test_compare_writes_json_and_html(cohort):
     info = report["tasks"]["onset_2y"]
     assert set(info["overall"]) == {"centralized", "federated-bagging", "site-local"}
     assert set(info["sites"]) == set(info["train_rows"]) and len(info["sites"]) == 5
-    for cells in info["sites"].values():
-        assert 0 <= cells["centralized"]["auroc"] <= 1
+    for cells in info["sites"].values():  # NaN: a tiny site without a case among its held-out rows
+        assert math.isnan(cells["centralized"]["auroc"]) or 0 <= cells["centralized"]["auroc"] <= 1
+    assert 0.5 < info["overall"]["centralized"]["auroc"] <= 1
     assert "bagging" in info["checks"]
     page = (work / "reports" / "federated_compare.html").read_text()
     assert "<table>" in page and "federated-bagging" in page and "subject" not in page.lower()

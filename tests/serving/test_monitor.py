@@ -470,3 +470,9 @@ def test_monitor_cli_refuses_clearly_without_logged_scores(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(tmp_path), "monitor",
                           "--task", "onset_2y", "--start", "2025-13-01"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--start" in bad.stderr
+
+
+def test_start_and_end_limit_the_windows(world, tmp_path):
+    opts = M.MonitorOptions(task="onset_2y", start=datetime(2024, 1, 15), end=datetime(2024, 1, 29), html="none")
+    section = M.run_monitor(world["log"], world["reference"], tmp_path / "monitoring", world["config"], opts)
+    assert sorted(_history(section, "chc_a")) == ["2024-W03", "2024-W04"]

@@ -311,3 +311,23 @@ def test_models_load_from_the_mlflow_registry_champion(tiny_world, tmp_path):
     assert models["onset_2y"].name == "chronorisk-onset_2y" and models["onset_2y"].version == "1"
     with pytest.raises(Exception, match="complication_1y"):
         scoring.load_models(["complication_1y"], source="registry", work=work, required=True)
+
+
+def test_live_requests_reach_the_monitoring_log_in_batches(tiny_world, tmp_path):
+    import numpy as np
+
+    from chronorisk.serving.state import MonitoringSink
+
+    model = scoring.load_models(["onset_2y"], source="folder", model_dir=tiny_world.models)["onset_2y"]
+    sink = MonitoringSink(tmp_path, flush_rows=10**6, flush_seconds=3600)
+    width = len(model.feature_names)
+    for i in range(30):
+        sink.live(model, np.full((1, width), 1.0), np.array([0.2]), ["medium"], "chc_a" if i % 2 else None, WHEN)
+    assert not list(tmp_path.rglob("*.parquet"))  # buffered: no file per request
+    sink.close()
+    files = list((tmp_path / "monitoring" / "log").rglob("*.parquet"))
+    assert len(files) == 1
+    logged = pl.read_parquet(files[0])
+    assert logged.height == 30 and "subject_id" not in logged.columns
+    assert set(logged["site"]) == {"chc_a", "unknown"} and set(logged["source"]) == {"api"}
+    assert set(model.feature_names) <= set(logged.columns)
