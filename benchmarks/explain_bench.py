@@ -52,7 +52,7 @@ def synthetic_bundle(X, y, names, max_depth: int):
     from chronorisk.models.risk_model import RiskModel
 
     tr, va, _ = split(len(y))
-    config = ModelConfig(lightgbm={"max_depth": max_depth})
+    config = ModelConfig(lightgbm={"max_depth": max_depth, "num_threads": 1})  # 1 thread: shared machine
     model = RiskModel(config).fit(X[tr], y[tr], X[va], y[va], names)
     third = len(names) // 3
     days_cols = names[third + third // 2 : 2 * third]

@@ -166,6 +166,7 @@ def phase_transform(args: argparse.Namespace) -> dict:
         frame.write_parquet(out / f"part-{i:04d}.parquet")
         rows += frame.height
     wall = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "patients": index.height,
         "rows": rows,
@@ -175,6 +176,8 @@ def phase_transform(args: argparse.Namespace) -> dict:
         "workers": args.workers,
         "wall_seconds": round(wall, 1),
         "cpu_seconds": round(_cpu_seconds() - cpu, 1),
+        "user_seconds": round(usage.ru_utime, 1),
+        "system_seconds": round(usage.ru_stime, 1),
         "patients_per_second": round(rows / wall),
         "peak_rss_gib": round(_peak_rss_gib(), 2),
     }

@@ -14,7 +14,9 @@ critical path of local work (the slowest site's handler time), the rest
 (Flower overhead: message delivery, the SuperNode's 3 s idle poll, a fresh
 `flwr-clientapp` process per message, aggregation), the ClientApp process
 start-up seconds, and the payload bytes sent to and from the sites. Then
-`chronorisk federated down`.
+`chronorisk federated down`. Last, `chronorisk federated sim` on the same data
+checks that simulation reproduces the deployed training (same trees, same figures) when every
+site answered every round.
 
 Timings on a shared 2-core machine are noisy: the load average at start and
 end is recorded with every run.
@@ -104,6 +106,25 @@ def _run(work: Path, params: Path, label: str) -> dict:
     }
 
 
+def _same_as_simulation(work: Path, params: Path, deployed: dict) -> dict:
+    """`federated sim` on the same data and caches: the same trees and figures when every site answered."""
+    start = time.monotonic()
+    _cli(work, params, "federated", "sim", "--no-register")
+    sims = sorted((work / "federated" / "runs").glob("sim-*/result.json"), key=lambda p: p.stat().st_mtime)
+    sim = json.loads(sims[-1].read_text())
+    out: dict = {"simulation_wall_s": round(time.monotonic() - start, 2),
+                 "all_sites_in_every_deployed_round": all(r["sites"] == 5 for r in deployed["rounds"])}
+    for task, info in deployed["tasks"].items():
+        s_info = sim["tasks"][task]
+        out[task] = {
+            "num_trees": [info["num_trees"], s_info["num_trees"]],
+            "held_out_auroc": [info["held_out_auroc"], s_info["overall"].get("auroc")],
+            "identical": info["num_trees"] == s_info["num_trees"]
+            and abs(info["held_out_auroc"] - s_info["overall"].get("auroc")) < 1e-9,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2,000 patients instead of 20,000")
@@ -138,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         up_wall, _ = _cli(work, params_path, "federated", "up")
         record["up_s"] = round(up_wall, 2)
         record["runs"] = [_run(work, params_path, "cold"), _run(work, params_path, "warm")]
+        record["simulation_vs_deployment"] = _same_as_simulation(work, params_path, record["runs"][-1])
     finally:
         try:
             _cli(work, params_path, "federated", "down", timeout=300)

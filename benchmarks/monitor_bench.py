@@ -99,7 +99,7 @@ def build(work: Path, rows: int, n_features: int) -> dict:
     t0 = time.perf_counter()
     for w in range(WEEKS):
         for site, weight in zip(SITES, SITE_WEIGHT, strict=True):
-            n = int(round(per_week * weight))
+            n = round(per_week * weight)
             units = 0.08 if site == "chc_riverside" and w >= WEEKS - 4 else 0.0
             frame = _frame(rng, n, site, START + timedelta(days=7 * w + 1), names, units)
             log.append(frame, "onset_2y", "1", "batch", feature_names=names, part=f"bench-{w}-{site}")
@@ -135,8 +135,9 @@ def child(work: Path) -> None:
     summary = M.write_summary(work / "monitoring", "onset_2y", section)
     M.write_metrics(work / "monitoring", summary)
     elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"monitor_seconds": round(elapsed, 1), "peak_mb": round(peak),
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"monitor_seconds": round(elapsed, 1), "peak_mb": round(usage.ru_maxrss / 1024),
+                      "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
                       "statuses": {s: v["status"] for s, v in section["sites"].items()}}))
 
 
@@ -157,16 +158,29 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/chronorisk-monitor-bench"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-save", action="store_true", help="print, do not write benchmarks/results")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the log and reference of an earlier run in --work (reports are redone)")
     args = parser.parse_args()
     if args.child:
         child(args.work)
         return
     rows = args.rows or (100_000 if args.quick else 1_000_000)
-    if args.work.exists():
-        shutil.rmtree(args.work)
-    args.work.mkdir(parents=True)
     load = os.getloadavg()[0]
-    setup = build(args.work, rows, args.features)
+    setup_file = args.work / "bench-setup.json"
+    if args.reuse and setup_file.is_file():
+        setup = json.loads(setup_file.read_text())
+        for name in ("reports", "summary.json", "metrics.prom"):
+            target = args.work / "monitoring" / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    else:
+        if args.work.exists():
+            shutil.rmtree(args.work)
+        args.work.mkdir(parents=True)
+        setup = build(args.work, rows, args.features)
+        setup_file.write_text(json.dumps(setup))
     first = _timed_child(args.work)
     html = sorted(p.name for p in (args.work / "monitoring" / "reports").rglob("*.html"))
     windows = len(list((args.work / "monitoring" / "reports").rglob("*.json")))
@@ -180,7 +194,9 @@ def main() -> None:
         "setup": setup, "site_windows": windows, "html_reports": len(html),
         "first_run": first, "rerun": rerun,
         "target_seconds": 120, "meets_target": first["wall_seconds"] <= 120,
-        "note": "wall seconds of a fresh process (imports included) on a 2-core machine shared with other work",
+        "meets_target_in_cpu_seconds": first["process_cpu_seconds"] <= 120,
+        "note": "wall seconds of a fresh process (imports included) on a 2-core machine shared with other work; "
+                "process_cpu_seconds is what the same run costs the CPU, a fairer figure when the machine is loaded",
     }
     print(json.dumps(record, indent=1))
     if not args.no_save:

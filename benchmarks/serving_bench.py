@@ -267,6 +267,12 @@ def event_bodies(meds: Path, served, n: int = 100) -> tuple[list[bytes], dict]:
                     "events_per_request_max": int(max(sizes)) if sizes else 0, "record_years": 3}
 
 
+def read_subjects(meds: Path, site: str) -> list[int]:
+    from chronorisk.data.meds_io import read_splits
+
+    return read_splits(meds, site)["subject_id"].to_list()
+
+
 def patient_paths(url: str, n: int = 2000) -> list[str]:
     from sqlalchemy import select
 
@@ -359,7 +365,15 @@ def main(argv=None) -> int:
         "targets": {"score_features": ">= 300 req/s with p99 <= 50 ms", "score_events": "p99 <= 100 ms",
                     "get_patient": ">= 500 req/s", "batch": ">= 10,000 patients/s without explanations"},
     }
-    meds, models, url, keys, served = prepare(work, 3000 if args.quick else 10000)
+    http_patients = 3000 if args.quick else 10000
+    meds, models, url, keys, served = prepare(work, http_patients)
+    from chronorisk.data.meds_io import site_ids
+
+    result["http_cohort"] = {
+        "patients": sum(len(read_subjects(meds, s)) for s in site_ids(meds)),
+        "note": "generated here (an existing --work cohort is reused whatever its size), batch-scored at "
+                f"{WHEN:%Y-%m-%d} into the SQLite store the server reads",
+    }
     if not args.skip_http:
         from serving_support import Server, write_params
 

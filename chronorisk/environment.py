@@ -41,11 +41,17 @@ def tool_homes(work: Path) -> dict[str, str]:
 # 97 s vs 5.8 s for the same 60 rounds). Read when libgomp loads, i.e. before `import lightgbm`.
 THREADING = {"OMP_WAIT_POLICY": "passive"}
 
+# polars' allocator (jemalloc) keeps freed pages for reuse instead of handing them back to the OS:
+# chunked feature transforms otherwise spend about as long in page faults as in computing (measured
+# on one 30k-patient chunk, 8.8M events: 1.3 s -> 0.35 s system time, user time unchanged; RSS stays
+# at its peak instead of shrinking). Read when polars loads, i.e. before `import polars`.
+ALLOCATOR = {"_RJEM_MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+
 
 def configure_environment(work: Path) -> None:
     """Switch telemetry off and point tool homes at `work` (forced, not defaulted)."""
     os.environ.update(TELEMETRY_OFF)
-    for key, value in THREADING.items():
+    for key, value in {**THREADING, **ALLOCATOR}.items():
         os.environ.setdefault(key, value)
     for key, value in tool_homes(work).items():
         os.environ[key] = value

@@ -297,55 +297,67 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     return [rows.map_batches(compute, schema=schema)]
 
 
+_BLOCK = 1 << 18  # rows per block: the temporaries of a block stay in cache and are reused
+
+
 def _measurement_stats(
     days: np.ndarray, v: np.ndarray, key: np.ndarray, n_keys: int, windows: tuple[int, ...]
 ) -> dict[str, np.ndarray]:
     """Statistics of `measurements` for every key in [0, n_keys) (NaN where undefined).
 
-    Windows are nested, so each row gets a band (the smallest window holding it,
-    or one past the last); sums, minima and maxima are scattered per (band, key)
-    and accumulated over bands, which gives every window at once. Values are
+    Windows are nested, so each row gets a band (the smallest window holding it);
+    sums, minima and maxima are accumulated per (band, key) with `ufunc.at` and
+    then over bands, which gives every window at once. Rows are processed in
+    blocks so that temporaries stay small (fresh large arrays cost page faults,
+    which on this kind of machine cost more than the arithmetic). Values are
     centred on each key's mean before sums of squares (numerical stability).
     """
-    nb = len(windows) + 1
-    band = np.searchsorted(np.asarray(windows, dtype=np.float64), days, side="left")
-    cell = band * n_keys + key
-    size = nb * n_keys
-    n_all = np.bincount(key, minlength=n_keys).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        centre = np.nan_to_num(np.bincount(key, weights=v, minlength=n_keys) / n_all)
-    vc = v - centre[key]
-    x = days * (-1.0 / DAYS_PER_YEAR)
-
-    def windowed(weights: np.ndarray | None) -> np.ndarray:
-        """(window, key) sums: row i accumulates bands 0..i."""
-        grid = np.bincount(cell, weights=weights, minlength=size).astype(np.float64).reshape(nb, n_keys)[:-1]
-        for i in range(1, nb - 1):
-            np.add(grid[i], grid[i - 1], out=grid[i])
-        return grid
-
-    def extreme(ufunc: np.ufunc, fill: float) -> np.ndarray:
-        grid = np.full(size, fill)
-        ufunc.at(grid, cell, v)
-        grid = grid.reshape(nb, n_keys)
-        for i in range(1, nb - 1):
-            ufunc(grid[i], grid[i - 1], out=grid[i])
-        return grid[:-1]
-
-    cnt = windowed(None)
-    sv, svv = windowed(vc), windowed(vc * vc)
-    sx, sxx, sxv = windowed(x), windowed(x * x), windowed(x * vc)
-    vmin, vmax = extreme(np.minimum, np.inf), extreme(np.maximum, -np.inf)
+    nw = len(windows)
+    edges = np.asarray(windows, dtype=np.float64)
+    size = nw * n_keys
+    blocks = [slice(i, i + _BLOCK) for i in range(0, len(v), _BLOCK)]
+    n_all, total = np.zeros(n_keys), np.zeros(n_keys)
     dmin = np.full(n_keys, np.inf)
-    np.minimum.at(dmin, key, days)
-    is_last = days == dmin[key]
+    for b in blocks:  # pass 1: counts, centres, latest time
+        k = key[b]
+        np.add.at(n_all, k, 1.0)
+        np.add.at(total, k, v[b])
+        np.minimum.at(dmin, k, days[b])
     none_at_all = n_all == 0
     with np.errstate(invalid="ignore", divide="ignore"):
-        last = np.bincount(key, weights=np.where(is_last, v, 0.0), minlength=n_keys) / np.bincount(
-            key, weights=is_last.astype(np.float64), minlength=n_keys
-        )
+        centre = np.where(none_at_all, 0.0, total / n_all)
+    sums = np.zeros((6, size))  # count, v, v^2, x, x^2, x*v (v centred, x = -days in years)
+    vmin, vmax = np.full(size, np.inf), np.full(size, -np.inf)
+    last_sum, last_n = np.zeros(n_keys), np.zeros(n_keys)
+    for b in blocks:  # pass 2: per (band, key) sums and extremes; the latest values
+        k, d, val = key[b], days[b], v[b]
+        latest = d == dmin[k]
+        np.add.at(last_sum, k[latest], val[latest])
+        np.add.at(last_n, k[latest], 1.0)
+        band = np.searchsorted(edges, d, side="left")
+        inside = band < nw
+        k, d, val, band = k[inside], d[inside], val[inside], band[inside]
+        cell = band * n_keys + k
+        vc = val - centre[k]
+        x = d * (-1.0 / DAYS_PER_YEAR)
+        np.add.at(sums[0], cell, 1.0)
+        np.add.at(sums[1], cell, vc)
+        np.add.at(sums[2], cell, vc * vc)
+        np.add.at(sums[3], cell, x)
+        np.add.at(sums[4], cell, x * x)
+        np.add.at(sums[5], cell, x * vc)
+        np.minimum.at(vmin, cell, val)
+        np.maximum.at(vmax, cell, val)
+    sums = sums.reshape(6, nw, n_keys)
+    vmin, vmax = vmin.reshape(nw, n_keys), vmax.reshape(nw, n_keys)
+    for i in range(1, nw):  # window i holds bands 0..i
+        np.add(sums[:, i], sums[:, i - 1], out=sums[:, i])
+        np.minimum(vmin[i], vmin[i - 1], out=vmin[i])
+        np.maximum(vmax[i], vmax[i - 1], out=vmax[i])
+    cnt, sv, svv, sx, sxx, sxv = sums
+    with np.errstate(invalid="ignore", divide="ignore"):
         out: dict[str, np.ndarray] = {
-            "last": last,
+            "last": last_sum / last_n,
             "days_since_last": np.where(none_at_all, np.nan, dmin),
             "n_all": np.where(none_at_all, np.nan, n_all),  # null: never measured (see pipeline)
         }

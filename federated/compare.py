@@ -91,7 +91,7 @@ def run_compare(
     meds_root = meds_root or paths.meds
     strategies = list(strategies or ("bagging", "cyclic"))
     tasks = list(tasks or params.labels.tasks)
-    contexts = site_contexts(meds_root, paths.federated / "sim", sites, threads=1)
+    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=1)
     if len(contexts) < 2:
         raise ChronoriskError(f"compare needs at least two sites under {meds_root}/sites")
     started = time.monotonic()

@@ -28,7 +28,8 @@ class FederatedConfig(BaseModel):
     min_sites: int = Field(3, ge=1, description="a round goes on when at least this many sites answered")
     round_timeout_s: float = Field(120.0, gt=0, description="deadline of every exchange")
     straggler_wait_s: float = Field(
-        20.0, ge=0, description="once min_sites answered, how much longer to wait for the others"
+        20.0, ge=0, description="once min_sites answered, the others get as long again as that took, "
+        "and at least this long"
     )
     connect_timeout_s: float = Field(120.0, gt=0, description="wait this long for min_sites SuperNodes")
     poll_interval_s: float = Field(0.05, gt=0, le=5, description="ServerApp's pull_messages interval")

@@ -290,6 +290,9 @@ def stop_process_groups(pids: list[int], timeout_s: float = 10.0) -> None:
                 os.killpg(pid, sig)
         end = time.monotonic() + wait
         while time.monotonic() < end:
+            for pid in pids:  # reap our own children, or they linger as zombies and keep the group "alive"
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
             pids = [p for p in pids if pid_alive(p) or _group_alive(p)]
             if not pids:
                 return

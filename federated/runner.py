@@ -7,9 +7,10 @@ Flower `Grid` (deployment engine and Flower's simulation), `LocalTransport`
 - node IDs are re-read before every exchange, so a restarted SuperNode (same
   key, same node ID) or a newly joined one takes part in the next round;
 - every exchange has a deadline; once `min_sites` sites have answered, the
-  others get at most `straggler_wait_s` more; a node that drops out of the
-  node list, answers with an error, or misses the deadline is logged by site
-  name and left out of that round;
+  others get as long again as that took (at least `straggler_wait_s`: a big
+  site building its features in round 1 is slow, not gone); a node that
+  drops out of the node list, answers with an error, or misses the deadline
+  is logged by site name and left out of that round;
 - fewer than `min_sites` answers stops the run with an error naming them.
 
 Messages are pushed with `grid.push_messages` and collected with a short
@@ -153,7 +154,8 @@ class FlowerTransport:
                 result.bytes_in += record_bytes(reply.content)
                 result.replies[node] = payload
                 if len(result.replies) == min_replies:
-                    deadline = min(deadline, time.monotonic() + straggler_wait_s)
+                    now = time.monotonic()
+                    deadline = min(deadline, now + max(straggler_wait_s, now - start))
             now = time.monotonic()
             if pending and now >= next_node_check:
                 listed = set(self.node_ids())

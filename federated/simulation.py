@@ -10,7 +10,7 @@ node list (as the SuperLink does once its heartbeat lapses).
 
 `run_simulation` is `chronorisk federated sim`: every site under
 `<work>/meds/sites/` becomes a simulated SuperNode with its cache under
-`<work>/federated/sim/<site>/cache`.
+`<work>/federated/nodes/<site>/cache` (the same folder a SuperNode of `up` uses).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def run_simulation(
     from chronorisk.federated.pipeline import finish, open_tracking, train_federated
 
     meds_root = meds_root or paths.meds
-    contexts = site_contexts(meds_root, paths.federated / "sim", sites, threads=params.federated.site_threads)
+    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=params.federated.site_threads)
     if not contexts:
         raise ChronoriskError(f"no MEDS site under {meds_root}/sites (run `chronorisk generate` first)")
     transport = LocalTransport(contexts, drop=drop)

@@ -109,6 +109,7 @@ class ModelBundle:
             "best_iteration": int(getattr(model, "best_iteration_", 0) or 0),
             "lightgbm_params": {k: v for k, v in getattr(model, "params_", {}).items() if _jsonable(v)},
             "calibration": getattr(model.calibrator_, "info", {}),
+            "tuning_trials": list(getattr(model, "tuning_trials_", []) or []),
             "metrics": dict(metrics or {}),
             **dict(extra or {}),
         }

@@ -54,7 +54,9 @@ class MonitorConfig(BaseModel):
     html: Literal["flagged", "all", "none"] = Field(
         "flagged", description="Evidently HTML for windows not ok plus each site's latest (flagged), every window, none"
     )
-    html_features: int = Field(10, ge=1, description="columns of an HTML report besides the drifted features")
+    html_features: int = Field(
+        8, ge=1, description="feature columns of an HTML report: drifted ones first (rendering costs ~0.3 s each)"
+    )
     # status of a (site, window)
     drift_share_warning: float = Field(0.15, ge=0, le=1, description="drifted share of tested features: warning")
     drift_share_alert: float = Field(0.30, ge=0, le=1, description="drifted share of tested features: alert")
@@ -75,6 +77,7 @@ class MonitorConfig(BaseModel):
     recent_windows: int = Field(
         4, ge=0, description="earlier windows of a site pooled as its recent baseline (0 = off)"
     )
+    recent_rows: int = Field(2000, ge=100, description="rows of the recent baseline (seeded, spread over its windows)")
     recent_min_windows: int = Field(
         2, ge=1, description="earlier windows (and 2 x min_window_rows) a recent baseline needs"
     )

@@ -50,7 +50,7 @@ def test_sim_trains_logs_and_registers(cohort):
         assert meta.get("training") == "federated"
         assert result["registered"][task]["name"] == f"chronorisk-{task}"
     # one cached feature table per site and task, on the SuperNode side
-    caches = list((work / "federated" / "sim").glob("*/cache/*/*.parquet"))
+    caches = list((work / "federated" / "nodes").glob("*/cache/*/*.parquet"))
     assert len(caches) == 10
 
     # MLflow: per-round metrics per site in each task's run, and the registered version

@@ -27,8 +27,14 @@ def _run(sites, tmp_path, drop=None, **cfg):
     return trainer.run(), transport
 
 
-def test_bagging_matches_pooled_training_and_helps_the_small_site(sites, tmp_path):
-    result, _ = _run(sites, tmp_path, strategy="bagging")
+@pytest.fixture(scope="module")
+def bagging(sites, tmp_path_factory):
+    result, _ = _run(sites, tmp_path_factory.mktemp("bagging"), strategy="bagging")
+    return result
+
+
+def test_bagging_matches_pooled_training_and_helps_the_small_site(sites, bagging):
+    result = bagging
     fed = lgb.Booster(model_str=result.tasks["t"].model_text)
     X_tr, y_tr = _pooled(sites, "train")
     central = lgb.train(LGB, lgb.Dataset(X_tr, y_tr), num_boost_round=100)
@@ -50,6 +56,19 @@ def test_bagging_matches_pooled_training_and_helps_the_small_site(sites, tmp_pat
     assert set(result.tasks["t"].site_sizes) == set(sites)
 
 
+def test_calibrated_federated_model_is_calibrated(bagging):
+    overall = bagging.tasks["t"].overall
+    assert 0.85 < overall["calibration_slope"] < 1.15
+    assert overall["ece"] < 0.03
+    assert bagging.tasks["t"].calibration_info["method"] in ("platt", "isotonic")
+
+
+def test_round_logs_split_local_work_from_overhead(bagging):
+    for entry in bagging.rounds:
+        assert entry.wall_s >= 0 and entry.overhead_s >= 0 and entry.bytes_out > 0 and entry.bytes_in > 0
+    assert [r.phase for r in bagging.rounds] == ["summary", "train", "train", "train", "train", "evaluate"]
+
+
 def test_cyclic_visits_every_site_in_turn(sites, tmp_path):
     result, _ = _run(sites, tmp_path, strategy="cyclic", rounds=2, cyclic_trees=15)
     train_rounds = [r for r in result.rounds if r.phase == "train"]
@@ -62,13 +81,13 @@ def test_cyclic_visits_every_site_in_turn(sites, tmp_path):
 
 
 def test_round_goes_on_without_a_dead_site_and_it_rejoins(sites, tmp_path):
-    dead = {("mid", "train", 2), ("mid", "train", 3)}
-    result, _ = _run(sites, tmp_path, drop=lambda s, p, r: (s, p, r) in dead)
+    dead = {("mid", "train", 2)}
+    result, _ = _run(sites, tmp_path, drop=lambda s, p, r: (s, p, r) in dead, rounds=3, trees_per_round=10)
     train_rounds = {r.round: r for r in result.rounds if r.phase == "train"}
     assert "mid" in train_rounds[2].missing and "mid" not in train_rounds[2].sites
-    assert "mid" in train_rounds[4].sites  # back after restart
+    assert "mid" in train_rounds[3].sites  # back after restart
     assert any("mid left out" in e for e in result.events)
-    assert result.tasks["t"].num_trees == 25 * (4 + 3 + 3 + 4)
+    assert result.tasks["t"].num_trees == 10 * (4 + 3 + 4)
 
 
 def test_too_few_sites_stop_the_run_naming_the_missing(sites, tmp_path):
@@ -115,21 +134,6 @@ def test_cyclic_is_cut_at_the_pooled_best_after_a_pass(sites, tmp_path):
     assert task.num_trees < 3 * 40 * len(sites)
     checks = [r for r in result.rounds if r.phase == "evaluate" and r.round > 100]
     assert checks and all(len(r.sites) == len(sites) for r in checks)  # every site scores the pass
-
-
-def test_calibrated_federated_model_is_calibrated(sites, tmp_path):
-    result, _ = _run(sites, tmp_path)
-    overall = result.tasks["t"].overall
-    assert 0.85 < overall["calibration_slope"] < 1.15
-    assert overall["ece"] < 0.03
-    assert result.tasks["t"].calibration_info["method"] in ("platt", "isotonic")
-
-
-def test_round_logs_split_local_work_from_overhead(sites, tmp_path):
-    result, _ = _run(sites, tmp_path, rounds=1)
-    for entry in result.rounds:
-        assert entry.wall_s >= 0 and entry.overhead_s >= 0 and entry.bytes_out > 0 and entry.bytes_in > 0
-    assert [r.phase for r in result.rounds] == ["summary", "train", "evaluate"]
 
 
 def test_binned_auroc_of_site_tables_equals_pooled(sites):

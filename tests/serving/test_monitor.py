@@ -123,7 +123,7 @@ def _judge(current: np.ndarray, base: M.FeatureBaseline, name="x", config=None):
     config = config or MonitorConfig()
     b = M.SiteBaseline("s", False, base.n, {name: base}, np.array([]), {}, None)
     stats = M.screen_features(current.reshape(-1, 1), [name], b)[name]
-    return M.judge_feature(name, current, current.size, stats, base, config, M._evidently_stattest(config.stattest))
+    return M.judge_feature(name, current, current.size, stats, base, config, M.drift_scorer(config.stattest))
 
 
 def test_a_shift_of_more_than_one_sd_is_a_severe_distribution_drift():
@@ -144,6 +144,21 @@ def test_a_small_shift_in_a_big_window_is_not_drift():
     base = _baseline(rng.normal(0, 1, 20000))
     v = _judge(rng.normal(0.1, 1, 20000), base)
     assert v["ks_p"] < 1e-4 and not v["drifted"]
+
+
+def test_normed_wasserstein_is_evidentlys():
+    import pandas as pd
+    from evidently.legacy.calculations.stattests import wasserstein_stat_test
+    from evidently.legacy.core import ColumnType
+
+    rng = np.random.default_rng(8)
+    pairs = [(rng.normal(0, 1, 3000), rng.normal(0.4, 1.3, 700)), (rng.poisson(3, 500) * 1.0, rng.poisson(4, 90) * 1.0)]
+    for a, b in pairs:
+        ours = M.drift_scorer("wasserstein")(np.sort(a), np.sort(b))
+        theirs = wasserstein_stat_test(pd.Series(a), pd.Series(b), ColumnType.Numerical, 0.1).drift_score
+        assert ours == pytest.approx(theirs, rel=1e-9)
+    psi = M.drift_scorer("psi")(np.sort(a), np.sort(b))  # other methods go through Evidently itself
+    assert psi > 0
 
 
 def test_ks_p_value_matches_scipy():
