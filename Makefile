@@ -21,12 +21,10 @@ export MPLCONFIGDIR := $(WORK)/matplotlib
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
 
-# Known failures, left visible here until fixed (see the open issues' notes): a promotion test whose
-# shuffled-label candidate is not reliably worse on the 600-patient cohort, and federated compare
-# producing a NaN metric on a tiny cohort.
+# Known failure, left visible here until fixed (see the open issues' notes): a promotion test whose
+# shuffled-label candidate is not reliably worse than the champion on the 600-patient cohort.
 KNOWN_FAILING := \
-  --deselect tests/training/test_train_cli.py::test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_again \
-  --deselect tests/federated/test_cli.py::test_compare_writes_json_and_html
+  --deselect tests/training/test_train_cli.py::test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_again
 
 .PHONY: setup browser-deps demo repro test test-fast lint bench clean distclean
 

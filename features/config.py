@@ -13,9 +13,9 @@ class FeatureConfig(BaseModel):
     max_codes: int = Field(200, ge=0, description="at most this many data-driven code features")
     pdc_days: int = Field(365, gt=0, description="window of medication counts and proportion of days covered")
     chunk_subjects: int = Field(
-        100_000, gt=0, description="index rows (subject x prediction time) transformed at a time (memory bound)"
+        30_000, gt=0, description="index rows (subject x prediction time) transformed at a time (memory bound)"
     )
-    workers: int = Field(1, ge=1, le=16, description="chunks computed at once (threads); memory grows with it")
+    workers: int = Field(2, ge=1, le=16, description="chunks computed at once (threads); memory grows with it")
     concepts: str | None = Field(None, description="concept map YAML (default: the built-in features/concepts.yaml)")
 
     @field_validator("windows_days")
