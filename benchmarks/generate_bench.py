@@ -194,7 +194,7 @@ def ideal_check(patients: int, work: Path) -> dict:
     cmd = [sys.executable, "-m", "chronorisk.cli", "--work", str(work), "generate", "--patients", str(patients),
            "--ideal"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
-    out: dict = {"patients": patients, "command": " ".join(["chronorisk", *cmd[4:]])}
+    out: dict = {"patients": patients, "command": " ".join(["chronorisk", *cmd[5:]])}
     for task in ("onset_2y", "complication_1y"):
         feats = simple_features(work, task)
         x = feats.drop("subject_id", "prediction_time", "site", "outcome", "true_risk").to_pandas()

@@ -4,9 +4,10 @@ Every function takes the site's context (its name, its MEDS dataset, its
 cache folder: from the SuperNode's `--node-config`) and a request Payload,
 and returns the reply Payload. Nothing here knows about Flower.
 
-- `summarize`: code counts (subjects per code, via `features.pipeline.code_summary`),
-  quantile sketches of numeric codes, subject and label counts, the first
-  and last event date. Counts below `min_count` are withheld.
+- `summarize`: code counts of the training subjects (subjects per code, via
+  `features.pipeline.code_summary`), quantile sketches of numeric codes, the
+  subject count, the first and last event date. Counts below `min_count`
+  are withheld.
 - `train`: build (or load from the cache) the site's feature table for the
   agreed spec, then boost `k` trees on the training split starting from the
   global model (its raw score is the init score), and reply with the new
@@ -119,15 +120,19 @@ def summarize(ctx: SiteContext, request: Payload) -> Payload:
     """Code counts, numeric sketches, subject count and data span of the site: no records."""
     import polars as pl
 
+    from chronorisk.data.meds_io import read_splits
     from chronorisk.features.pipeline import code_summary
     from chronorisk.features.tasks import data_span
 
     min_count = int(request.config.get("min_count", 1))
     events = ctx.events()
-    summary = code_summary(events).filter(pl.col("n_subjects") >= min_count).sort("code")
     start, end = data_span(events)
     n_subjects = events.select(pl.col("subject_id").n_unique()).collect().item()
-    sketch_codes, sketches, sketch_n = numeric_sketches(events, min_count)
+    # the vocabulary is fitted on training subjects only, as for the centralized model
+    train_ids = read_splits(ctx.meds_root, ctx.site).filter(pl.col("split") == TRAIN_SPLIT).select("subject_id")
+    train_events = events.join(train_ids.lazy(), on="subject_id", how="semi")
+    summary = code_summary(train_events).filter(pl.col("n_subjects") >= min_count).sort("code")
+    sketch_codes, sketches, sketch_n = numeric_sketches(train_events, min_count)
     return Payload(
         config={
             "n_subjects": int(n_subjects),
@@ -261,7 +266,7 @@ def _build_table(ctx: SiteContext, task: str, spec_json: str, times: list[str], 
     index = (
         labels.join(splits, on="subject_id", how="left")
         .with_columns(
-            pl.col("split").fill_null(TRAIN_SPLIT),
+            pl.col("split").fill_null(HELD_OUT_SPLIT),  # a subject the split file does not list: never trained on
             (pl.col("subject_id").hash(seed=17) % 2).cast(pl.Int8).alias("half"),
         )
     )

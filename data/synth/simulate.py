@@ -59,7 +59,7 @@ from chronorisk.data.synth.truth import Care, TaskHorizon, hazards_now, task_ris
 EPOCH = date(1970, 1, 1)
 DAY = 86_400
 OFFICE_START, OFFICE_SECONDS = 8 * 3600, 10 * 3600
-HISTORIC_RECORDING = 0.85  # share of conditions present at the burn-in start that are on record
+HISTORIC_RECORDING = 0.85  # share of (non-acute) conditions present at the burn-in start that are on record
 OBESITY_RECORDING = 0.4  # P(obesity coded at a visit where BMI >= 30), realistic mode
 BACKGROUND_EMER_RATE = 0.08  # per year, times exp(0.35 * number of major conditions)
 TASKS = ("complication_1y", "onset_2y")
@@ -311,7 +311,8 @@ class _Chunk:
         self.next_refill = np.zeros((S, n), dtype=np.int64)
         self.cov_days = np.zeros((S, n))
         # Historic records: conditions present at the burn-in start, coded before it.
-        on_record = present & ((rng.random((K, n)) < HISTORIC_RECORDING) | self.ideal) & ~arrival[None, :]
+        acute = np.array([IMMEDIATE.get(c, 0.0) >= 1.0 for c in CONDITIONS])[:, None]  # MI, stroke: always coded
+        on_record = present & ((rng.random((K, n)) < HISTORIC_RECORDING) | self.ideal | acute) & ~arrival[None, :]
         for k, name in enumerate(CONDITIONS):
             ix = np.flatnonzero(on_record[k])
             days = cal.month_start[0] + np.floor(onset_month[k, ix] * 30.4375).astype(np.int64)
@@ -537,7 +538,8 @@ class _Chunk:
             return
         hidden = None if self.hidden is None else self.hidden[:, idx]
         missing = np.zeros(idx.shape[0]) if self.ideal else self.sites.missing[self.site[idx]]
-        care = Care(recorded=self.recorded[:, idx], slot_start=self.slot_start[:, idx], missing=missing)
+        care = Care(recorded=self.recorded[:, idx], slot_start=self.slot_start[:, idx], missing=missing,
+                    noise_sd=None if self.ideal else MEASUREMENT_SD)
         r_onset, r_comp = task_risk(
             self.lat.take(idx), month=m, month_start=self.cal.month_start, hidden=hidden,
             visit_rate=self.sites.visits[self.site[idx]], ideal=self.ideal, horizon=grid.horizon, care=care,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import ndtr
 
 from chronorisk.data.synth import dynamics as dyn
 from chronorisk.data.synth.hazards import (
@@ -82,6 +83,14 @@ class Care:
     recorded: np.ndarray
     slot_start: np.ndarray
     missing: np.ndarray
+    noise_sd: dict[str, float] | None = None  # measurement error behind the rules' thresholds
+
+
+def _above(value: np.ndarray, threshold: float, sd: float) -> np.ndarray:
+    """P(a measurement of `value` with error SD `sd` reads at least `threshold`)."""
+    if sd <= 0:
+        return (value >= threshold).astype(np.float64)
+    return ndtr((value - threshold) / sd)
 
 
 def anticipate_treatment(active: np.ndarray, lat: dyn.Latent, care: Care, vals: dict[str, np.ndarray],
@@ -94,15 +103,17 @@ def anticipate_treatment(active: np.ndarray, lat: dyn.Latent, care: Care, vals: 
     htn, dm = rec[COND_INDEX["hypertension"]], rec[COND_INDEX["diabetes"]]
     vascular = rec[COND_INDEX["chd"]] | rec[COND_INDEX["mi"]] | rec[COND_INDEX["stroke"]]
     ah1, met = dyn.SLOT_INDEX["ah1"], dyn.SLOT_INDEX["metformin"]
+    sd = care.noise_sd or {}
+    ldl_high = _above(vals["ldl"], 190.0, sd.get("ldl", 0.0))
     due = {
-        "ah1": htn,
-        "ah2": htn & (active[ah1] > 0) & (since[ah1] >= 6) & (vals["sbp"] >= 150.0),
-        "metformin": dm,
-        "insulin": dm & (active[met] > 0) & (since[met] >= 6) & (vals["hba1c"] >= 8.5),
-        "statin": (dm & (age >= 40.0)) | (vals["ldl"] >= 190.0) | vascular,
+        "ah1": htn.astype(np.float64),
+        "ah2": (htn & (active[ah1] > 0) & (since[ah1] >= 6)) * _above(vals["sbp"], 150.0, sd.get("sbp", 0.0)),
+        "metformin": dm.astype(np.float64),
+        "insulin": (dm & (active[met] > 0) & (since[met] >= 6)) * _above(vals["hba1c"], 8.5, sd.get("hba1c", 0.0)),
+        "statin": np.maximum(((dm & (age >= 40.0)) | vascular).astype(np.float64), ldl_high),
     }
     statin = dyn.SLOT_INDEX["statin"]
-    new_statin = due["statin"] & (active[statin] == 0)
+    new_statin = (due["statin"] > 0) & (active[statin] == 0)
     lat.slot_drug[statin, new_statin] = np.where(vascular[new_statin], dyn.DRUG_INDEX["atorvastatin"],
                                                  dyn.DRUG_INDEX["simvastatin"])
     for slot, cond in due.items():

@@ -163,6 +163,9 @@ def test_realistic_chunk_leaves_some_conditions_undiagnosed():
     chunk.run()
     assert (chunk.recorded <= chunk.lat.present).all()
     assert (chunk.lat.present & ~chunk.recorded).sum() > 5
+    for acute in ("mi", "stroke"):  # recorded when they happen: never waiting for a screening
+        k = COND_INDEX[acute]
+        assert not (chunk.lat.present[k] & ~chunk.recorded[k]).any()
 
 
 @pytest.mark.parametrize("name", sorted(SITE_UNITS))
