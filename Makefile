@@ -20,6 +20,9 @@ export DVC_SITE_CACHE_DIR := $(WORK)/dvc-site-cache
 export MPLCONFIGDIR := $(WORK)/matplotlib
 export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_OFFLINE := 1
+# Cache compiled bytecode: without it every process (each CLI call, each test subprocess) recompiles
+# mlflow, evidently and the rest on import, seconds each time.
+unexport PYTHONDONTWRITEBYTECODE
 
 # Known failure, left visible here until fixed (see the open issues' notes): a promotion test whose
 # shuffled-label candidate is not reliably worse than the champion on the 600-patient cohort.
@@ -33,7 +36,7 @@ $(BIN)/uv:
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
 $(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/uv
-	$(BIN)/uv pip sync --quiet --python $(BIN)/python requirements.lock
+	$(BIN)/uv pip sync --quiet --compile-bytecode --python $(BIN)/python requirements.lock
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
@@ -64,8 +67,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Every benchmark, one after another (BENCH_ARGS=--quick for small sizes); JSON in benchmarks/results/.
 bench: setup
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 # Regenerate the lock file after changing pyproject.toml.
 lock: | $(BIN)/uv

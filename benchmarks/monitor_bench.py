@@ -28,6 +28,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -138,16 +139,34 @@ def child(work: Path) -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"monitor_seconds": round(elapsed, 1), "peak_mb": round(usage.ru_maxrss / 1024),
                       "process_cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+                      "user_seconds": round(usage.ru_utime, 1), "system_seconds": round(usage.ru_stime, 1),
                       "statuses": {s: v["status"] for s, v in section["sites"].items()}}))
 
 
+def _public_args(argv: list[str]) -> list[str]:
+    """The command line as recorded: the work folder (a path of this machine) shown as <work>."""
+    out, hide = [], False
+    for arg in argv:
+        out.append("<work>" if hide else ("--work=<work>" if arg.startswith("--work=") else arg))
+        hide = arg == "--work"
+    return out
+
+
+def _load() -> list[float]:
+    """1, 5 and 15 minute load averages: how much the machine was shared while timing."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def _timed_child(work: Path) -> dict:
+    """One `chronorisk monitor`-like run in a fresh process: wall, its CPU seconds, the load before and after."""
+    load_before = _load()
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--child", "--work", str(work)], check=True,
                          capture_output=True, text=True, env={**os.environ, "CHRONORISK_WORK": str(work)})
     wall = time.perf_counter() - t0
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"wall_seconds": round(wall, 1), **result}
+    return {"wall_seconds": round(wall, 1), **result, "load_average_before": load_before,
+            "load_average_after": _load()}
 
 
 def main() -> None:
@@ -155,7 +174,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100,000 rows instead of 1,000,000")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--features", type=int, default=300)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/chronorisk-monitor-bench"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "chronorisk-monitor-bench")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-save", action="store_true", help="print, do not write benchmarks/results")
     parser.add_argument("--reuse", action="store_true",
@@ -187,16 +206,19 @@ def main() -> None:
     rerun = _timed_child(args.work)
     record = {
         "benchmark": "monitor", "mode": "quick" if args.quick else "full",
-        "command": " ".join(["benchmarks/monitor_bench.py", *sys.argv[1:]]),
+        "command": " ".join(["benchmarks/monitor_bench.py", *_public_args(sys.argv[1:])]),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "load_average_at_start": round(load, 2)},
+                    "load_average_at_start": round(load, 2),
+                    "bytecode_cache": not sys.flags.dont_write_bytecode},
         "setup": setup, "site_windows": windows, "html_reports": len(html),
         "first_run": first, "rerun": rerun,
         "target_seconds": 120, "meets_target": first["wall_seconds"] <= 120,
         "meets_target_in_cpu_seconds": first["process_cpu_seconds"] <= 120,
         "note": "wall seconds of a fresh process (imports included) on a 2-core machine shared with other work; "
-                "process_cpu_seconds is what the same run costs the CPU, a fairer figure when the machine is loaded",
+                "process_cpu_seconds is what the same run costs the CPU, a fairer figure when the machine is loaded; "
+                "without a bytecode cache (bytecode_cache false) every run also compiles the imported modules "
+                "(Evidently alone is ~600 files)",
     }
     print(json.dumps(record, indent=1))
     if not args.no_save:

@@ -61,7 +61,9 @@ class MonitorConfig(BaseModel):
     drift_share_warning: float = Field(0.15, ge=0, le=1, description="drifted share of tested features: warning")
     drift_share_alert: float = Field(0.30, ge=0, le=1, description="drifted share of tested features: alert")
     prediction_drift_alert: bool = Field(True, description="a drifted risk distribution is an alert (else warning)")
-    min_window_rows: int = Field(200, ge=1, description="windows with fewer rows are not tested")
+    min_window_rows: int = Field(
+        50, ge=1, description="windows with fewer rows are reported 'not tested' (each test also needs significance)"
+    )
     # which features are tested, on how many rows
     top_features: int = Field(20, ge=1, description="most important features always tested with Evidently")
     screen_smd: float = Field(0.1, gt=0, description="polars screen: standardized mean shift that adds a feature")

@@ -130,8 +130,8 @@ def _print_section(task: str, section: dict) -> None:
           + ", ".join(f"{n} {s}" for s, n in section.get("status_counts", {}).items()))
     for site, s in sorted(sites.items()):
         share = s.get("drift_share")
-        share_text = f"{share:.2f}" if share is not None else "n/a"
-        print(f"  {site:<16} {s['status']:<8} {s['window']:<10} rows {s['n_rows']:>7,}  drift share {share_text}")
-        if s["status"] != "ok":
+        share_text = f"drift share {share:.2f}" if share is not None else "not tested (too few rows)"
+        print(f"  {site:<16} {s['status']:<8} {s['window']:<10} rows {s['n_rows']:>7,}  {share_text}")
+        if s["status"] != "ok" or not s.get("tested", True):
             for reason in s["reasons"][:3]:
                 print(f"      - {reason}")

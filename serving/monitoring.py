@@ -14,6 +14,25 @@ Every (site, window) of the prediction log (ISO week or day, by
    calendar: a few weeks apart, the clock has not moved anything. Ages and
    times since a first event are aligned to the window's start on both sides.
 
+Why two baselines (the choice, and what each misses). The training reference
+alone cannot judge a batch scored long after training: every age, "years
+since first diagnosis" and count on record is larger for the clock alone, and
+visit scores differ from the training grid by design. The recent windows
+alone miss a gradual drift (each week looks like the one before) and have
+nothing to compare the first window with (the demo's single batch). So: the
+training reference judges every feature the clock does not move, the recent
+windows judge everything (ages and times since a first event aligned to the
+window's start), and a window is as bad as the worse of the two. Four
+windows pooled (`recent_windows`) hold enough rows for the tails (at least
+2 x `min_window_rows`, `recent_min_windows` windows) while the clock barely
+moves between them. A persisting change enters the recent baseline after
+`recent_windows` windows, so that comparison is a change detector: its alert
+clears then; against training a batch-scored window keeps alerting on the
+moved features until the model is retrained. A window without earlier ones
+(the demo's one batch at `<end year>-07-01`) is judged against training
+only: features that moved with the calendar are listed (`moved_with_calendar`)
+but do not raise the status.
+
 Like with like. The training rows are scored on the task's calendar grid (1
 January, 1 July) over everyone eligible; batch scores (`chronorisk score`)
 follow the same protocol, so for a window of mostly batch scores
@@ -86,7 +105,6 @@ import json
 import logging
 import math
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -101,7 +119,7 @@ from chronorisk.errors import ChronoriskError, InputError
 
 log = logging.getLogger(__name__)
 
-MONITOR_VERSION = 1  # bump when the meaning of the outputs changes: forces recomputation
+MONITOR_VERSION = 2  # bump when the meaning of the outputs changes: forces recomputation
 STATUSES = ("ok", "warning", "alert")
 _STATUS_RANK = {s: i for i, s in enumerate(STATUSES)}
 _REFERENCE_FILE = "reference.parquet"
@@ -189,6 +207,13 @@ class Reference:
         if getattr(self, "_rank", None) is None:
             self._rank = {f: i + 1 for i, f in enumerate(self.ranked_features())}
         return self._rank
+
+    @property
+    def elapsed(self) -> dict[str, float]:
+        """Days per unit of each feature only the clock moves (see `_elapsed_days`), computed once."""
+        if getattr(self, "_elapsed", None) is None:
+            self._elapsed = {f: d for f in self.feature_names if (d := _elapsed_days(f, self.infos.get(f)))}
+        return self._elapsed
 
     def display(self, feature: str) -> str:
         info = self.infos.get(feature) or {}
@@ -296,8 +321,10 @@ def calendar_trends(train: pl.LazyFrame, feature_names: Sequence[str]) -> dict[s
 
     Features such as "measurements on record", "years since first diagnosis"
     or age grow with calendar time in any cohort followed from a fixed start:
-    the monitor ages the reference by these slopes to the window's date, so
-    that a window a year after training is not "drifted" for being later.
+    a feature whose mean moved `calendar_trend_sd_per_year` SDs a year here
+    is judged against the site's recent windows only (see
+    `calendar_features`), so that a window a year after training is not
+    "drifted" for being later.
     Needs at least 3 prediction times; a feature without is left out.
     """
     cols = train.collect_schema().names()
@@ -455,6 +482,7 @@ class SiteBaseline:
     risk: np.ndarray
     tiers: dict[str, float]
     performance: dict[str, Any] | None
+    calendar: set[str] | None = field(default=None, repr=False)  # calendar_features, once per run
 
 
 def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *, site: str, pooled: bool = False,
@@ -471,13 +499,14 @@ def baseline_from_frame(frame: pl.DataFrame, features: Sequence[str], config, *,
     n = ordered.shape[0]
     feats = {}
     if present and n:
-        count = n - np.isnan(ordered).sum(axis=0)
+        valid = ~np.isnan(ordered)
+        count = valid.sum(axis=0)
         # a tail quantile needs a few values beyond it to be estimated at all: widen it for small baselines
         q = np.minimum(np.maximum(q, config.out_of_range_min_tail / np.maximum(count, 1)), 0.25)
         lo, median, hi = (_sorted_quantile(ordered, count, x) for x in (q, 0.5, 1 - q))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-missing columns give NaN, as they should
-            mean, std = np.nanmean(ordered, axis=0), np.nanstd(ordered, axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):  # all-missing columns give NaN, as they should
+            mean = np.sum(ordered, axis=0, where=valid) / count  # nanmean / nanstd without their copies
+            std = np.sqrt(np.sum(np.square(ordered - mean), axis=0, where=valid) / count)
         margin = config.out_of_range_margin * std  # beyond the quantile by a material distance
         lo, hi = lo - margin, hi + margin
         with np.errstate(invalid="ignore"):
@@ -590,11 +619,35 @@ def drift_scorer(method: str):
 
 def _normed_wasserstein(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
     """W1(reference, current) / max(SD(reference), 0.001), both samples sorted."""
-    grid = np.sort(np.concatenate([ref_sorted, cur_sorted]))
-    deltas = np.diff(grid)
-    f_ref = np.searchsorted(ref_sorted, grid[:-1], side="right") / ref_sorted.size
-    f_cur = np.searchsorted(cur_sorted, grid[:-1], side="right") / cur_sorted.size
-    return float(np.sum(np.abs(f_ref - f_cur) * deltas) / max(float(np.std(ref_sorted)), 0.001))
+    return _wasserstein_and_ks(ref_sorted, cur_sorted)[0]
+
+
+def _cdf_gap(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled sorted values and |F_ref - F_cur| at each: what both W1 and the KS statistic are made of.
+
+    The stable sort merges the two sorted runs in linear time (timsort).
+    """
+    grid = np.sort(np.concatenate([ref_sorted, cur_sorted]), kind="stable")
+    gap = np.abs(np.searchsorted(ref_sorted, grid, side="right") / ref_sorted.size
+                 - np.searchsorted(cur_sorted, grid, side="right") / cur_sorted.size)
+    return grid, gap
+
+
+def _wasserstein_and_ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
+    """(normed W1, two-sample KS p-value) from one pass over the pooled values: they run thousands of times."""
+    from scipy.special import kolmogorov
+
+    grid, gap = _cdf_gap(ref_sorted, cur_sorted)
+    w = float(np.dot(gap[:-1], np.diff(grid)) / max(float(np.std(ref_sorted)), 0.001))
+    n, m = ref_sorted.size, cur_sorted.size
+    return w, float(kolmogorov(math.sqrt(n * m / (n + m)) * float(gap.max())))
+
+
+def _distance_and_p(wasserstein, ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
+    """The drift score of `wasserstein` (see `drift_scorer`) and the KS p-value; fused for the default method."""
+    if wasserstein is _normed_wasserstein:
+        return _wasserstein_and_ks(ref_sorted, cur_sorted)
+    return wasserstein(ref_sorted, cur_sorted), _ks_p(ref_sorted, cur_sorted)
 
 
 def screen_features(matrix: np.ndarray, features: Sequence[str], baseline: SiteBaseline) -> dict[str, dict]:
@@ -602,9 +655,10 @@ def screen_features(matrix: np.ndarray, features: Sequence[str], baseline: SiteB
     if not features:
         return {}
     n = matrix.shape[0]
-    present = n - np.isnan(matrix).sum(axis=0)
+    valid = ~np.isnan(matrix)
+    present = valid.sum(axis=0)
     with np.errstate(invalid="ignore"):
-        sums = np.nansum(matrix, axis=0)
+        sums = np.sum(matrix, axis=0, where=valid)  # nansum without its copy of the window
         lo = np.array([baseline.features[f].lo for f in features])
         hi = np.array([baseline.features[f].hi for f in features])
         out = ((matrix < lo) | (matrix > hi)).sum(axis=0)  # NaN compares False: never out of range
@@ -673,15 +727,18 @@ def judge_feature(
     baseline: FeatureBaseline,
     config,
     wasserstein,
+    values: np.ndarray | None = None,
 ) -> dict:
     """One feature's drift verdict: scores, which tests fired, and how strongly.
 
-    `current` is the window's (sampled) values; `wasserstein` scores the
-    distribution shift (see `drift_scorer`), the two-sample KS p-value
-    (asymptotic) its significance, both on the sorted samples because they
-    run thousands of times per monitor run.
+    `current` is the window's (sampled) values, `values` the same without
+    missing values, sorted, when the caller has them already; `wasserstein`
+    scores the distribution shift (see `drift_scorer`), the two-sample KS
+    p-value (asymptotic) its significance, both on the sorted samples because
+    they run thousands of times per monitor run.
     """
-    values = np.sort(current[~np.isnan(current)])
+    if values is None:
+        values = np.sort(current[~np.isnan(current)])
     out: dict[str, Any] = {
         "feature": name, "n": int(stats["n"]), "missing_share": _r(stats["missing_share"]),
         "reference_missing_share": _r(baseline.missing), "median": _r(_sorted_median(values)),
@@ -691,8 +748,7 @@ def judge_feature(
         "wasserstein": None, "ks_p": None, "kinds": [], "severe": False,
     }
     if values.size >= config.min_feature_rows and baseline.values.size >= config.min_feature_rows:
-        w = wasserstein(baseline.values, values)
-        p = _ks_p(baseline.values, values)
+        w, p = _distance_and_p(wasserstein, baseline.values, values)
         out["wasserstein"], out["ks_p"] = _r(w), _p(p)
         if w >= config.feature_drift_threshold and p < config.significance:
             out["kinds"].append("distribution")
@@ -749,9 +805,7 @@ def _ks_p(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
     from scipy.special import kolmogorov
 
     n, m = ref_sorted.size, cur_sorted.size
-    grid = np.concatenate([ref_sorted, cur_sorted])
-    d = np.max(np.abs(np.searchsorted(ref_sorted, grid, side="right") / n
-                      - np.searchsorted(cur_sorted, grid, side="right") / m))
+    d = float(_cdf_gap(ref_sorted, cur_sorted)[1].max())
     return float(kolmogorov(math.sqrt(n * m / (n + m)) * d))
 
 
@@ -882,14 +936,16 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     risk = rows["risk"].cast(pl.Float64).to_numpy()
     risk = risk[index] if index is not None else risk
     training = baseline
-    calendar = calendar_features(baseline, reference, config)
-    recent, aligned = None, matrix
+    if baseline.calendar is None:  # fixed per site for the run
+        baseline.calendar = calendar_features(baseline, reference, config)
+    calendar = baseline.calendar
+    recent, aligned, elapsed, column_set = None, matrix, {}, set(features)
     if (inp.recent is not None and len(inp.recent_labels) >= config.recent_min_windows
             and inp.recent.height >= 2 * config.min_window_rows):
-        elapsed = {f: d for f in features if (d := _elapsed_days(f, reference.infos.get(f)))}
+        elapsed = {f: d for f, d in reference.elapsed.items() if f in column_set}
         when = inp.window.start
         recent = baseline_from_frame(_align_elapsed(inp.recent, elapsed, when), features, config, site=inp.site)
-        aligned = _feature_matrix(_align_elapsed(rows, elapsed, when), features) if elapsed else matrix
+        aligned = _aligned_matrix(matrix, rows, features, elapsed, when)
     stats = {"training": screen_features(matrix, features, training)}
     if recent is not None:
         stats["recent"] = screen_features(aligned, features, recent)
@@ -904,12 +960,21 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     batch_share = result["sources"].get("batch", 0.0)
     counts = "all" if batch_share >= config.min_batch_share else "unit changes"
     samples = {"training": sampled, "recent": aligned[index] if index is not None else aligned}
+    sorted_values: dict[tuple[str, bool], np.ndarray] = {}  # both comparisons share all but the aligned columns
+
+    def values_of(f: str, which: str) -> tuple[np.ndarray, np.ndarray]:
+        current = samples[which][:, column[f]]
+        key = (f, which == "recent" and f in elapsed)
+        if key not in sorted_values:
+            sorted_values[key] = np.sort(current[~np.isnan(current)])
+        return current, sorted_values[key]
 
     def compare(base: SiteBaseline, which: str) -> dict[str, Any]:
         verdicts = []
         for f in tested:
-            v = judge_feature(f, samples[which][:, column[f]], rows.height, stats[which][f], base.features[f],
-                              config, wasserstein)
+            current, values = values_of(f, which)
+            v = judge_feature(f, current, rows.height, stats[which][f], base.features[f], config, wasserstein,
+                              values)
             v["display"] = reference.display(f)
             v["importance_rank"] = rank[f]
             hint = _unit_hint(f, v, reference)
@@ -983,11 +1048,24 @@ def _align_elapsed(frame: pl.DataFrame, elapsed: dict[str, float], when: datetim
     return frame.with_columns([(pl.col(f).cast(pl.Float64) + days / elapsed[f]).alias(f) for f in cols])
 
 
+def _aligned_matrix(matrix: np.ndarray, rows: pl.DataFrame, features: Sequence[str], elapsed: dict[str, float],
+                    when: datetime) -> np.ndarray:
+    """`_align_elapsed` on a window's feature matrix: only the elapsed-time columns move (no second conversion)."""
+    cols = [j for j, f in enumerate(features) if f in elapsed]
+    if not cols or "prediction_time" not in rows.columns:
+        return matrix
+    days = (when - rows["prediction_time"].cast(pl.Datetime("us"))).dt.total_microseconds().to_numpy() / 86_400e6
+    aligned = matrix.copy()
+    for j in cols:
+        aligned[:, j] += days / elapsed[features[j]]
+    return aligned
+
+
 def _feature_matrix(rows: pl.DataFrame, features: Sequence[str]) -> np.ndarray:
     """Rows x features as float64, missing (null or NaN) as NaN."""
     if not features:
         return np.empty((rows.height, 0))
-    return rows.select([pl.col(f).cast(pl.Float64) for f in features]).to_numpy()
+    return rows.select(pl.col(list(features)).cast(pl.Float64)).to_numpy()  # one expression, not one per column
 
 
 def _sample_index(n: int, k: int, seed: int) -> np.ndarray | None:
@@ -1016,8 +1094,7 @@ def _prediction_drift(risk: np.ndarray, rows, baseline: SiteBaseline, config, wa
     if baseline.risk.size < config.min_feature_rows:
         return None
     cur = np.sort(risk)
-    w = wasserstein(baseline.risk, cur)
-    p = _ks_p(baseline.risk, cur)
+    w, p = _distance_and_p(wasserstein, baseline.risk, cur)
     drifted = bool(w >= config.prediction_drift_threshold and p < config.significance)
     return {
         "method": config.stattest, "threshold": config.prediction_drift_threshold, "wasserstein": _r(w),
@@ -1084,7 +1161,14 @@ def _drift_status(result: dict, config) -> tuple[str, list[str]]:
     status, reasons, findings = _section_status(dd, config, "vs training", dd.get("counts", "all"))
     summary = [f"vs training: {dd['n_drifted']} of {dd['n_tested']} tested features drifted"
                + ("" if dd.get("counts", "all") == "all" else " (scores at visits: only unit changes count)")]
-    if ch is not None:
+    moved = dd.get("moved_with_calendar") or []
+    if moved:  # say what the clock moved, so that "ok" a year after training is not read as "nothing moved"
+        summary[0] += (f", {len(moved)} moved as the calendar moves them (reported, not counted): "
+                       + ", ".join(moved[:4]) + (" ..." if len(moved) > 4 else ""))
+    if ch is None and config.recent_windows:
+        summary.append(f"no recent baseline (needs {config.recent_min_windows} earlier windows, "
+                       f"{2 * config.min_window_rows} rows)")
+    else:
         label = f"vs the previous {len(ch['baseline_windows'])} windows"
         s2, r2, f2 = _section_status(ch, config, label, "all")
         status, reasons, findings = _worst(status, s2), reasons + r2, findings + f2
@@ -1438,9 +1522,10 @@ def _dedupe(rows: pl.DataFrame) -> pl.DataFrame:
     """One row per (join key, model version): a re-scored patient counts once (latest score)."""
     if rows.height == 0 or "join_key" not in rows.columns:
         return rows
+    keys = rows.select("join_key", "model_version").filter(pl.col("join_key").is_not_null())
+    if keys.height == 0 or not keys.select(pl.struct("join_key", "model_version").is_duplicated().any()).item():
+        return rows  # nothing re-scored (the usual case): no wide sort of hundreds of feature columns
     keyed = rows.filter(pl.col("join_key").is_not_null())
-    if keyed.height == 0:
-        return rows
     unkeyed = rows.filter(pl.col("join_key").is_null())
     keyed = keyed.sort("scored_at").unique(["join_key", "model_version"], keep="last", maintain_order=True)
     return pl.concat([keyed, unkeyed], how="diagonal_relaxed").sort(["site", "prediction_time", "scored_at"])

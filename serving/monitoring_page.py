@@ -43,6 +43,13 @@ def _num(value, fmt: str = "{:.2f}") -> str:
     return "" if value is None else escape(fmt.format(value))
 
 
+def _share_cell(s: dict) -> str:
+    """The drift share, or 'not tested' for a window below min_window_rows (not a silent blank)."""
+    if not s.get("tested", True) and s.get("drift_share") is None:
+        return '<span class="note" title="fewer rows than monitor.min_window_rows">not tested</span>'
+    return _num(s.get("drift_share"))
+
+
 def _link(report_url: str, rel: str | None, text: str) -> str:
     if not rel:
         return ""
@@ -130,7 +137,7 @@ def _task_section(task: str, kind: str, section: dict, report_url: str, max_hist
         out.append(
             f"<tr><td>{escape(site)}</td><td>{_status(s['status'])}</td><td>{escape(s['window'])}</td>"
             f"<td>{escape(s.get('last_not_ok') or '')}</td>"
-            f"<td class='num'>{s['n_rows']:,}</td><td class='num'>{_num(s.get('drift_share'))}</td>"
+            f"<td class='num'>{s['n_rows']:,}</td><td class='num'>{_share_cell(s)}</td>"
             f"<td>{escape(', '.join(drifted[:6]))}{' ...' if len(drifted) > 6 else ''}</td>"
             f"<td class='num'>{_num(s.get('prediction_drift'))}</td><td class='num'>{escape(auroc)}</td>"
             f"<td>{_link(report_url, s.get('report_html'), 'Evidently report')} "
@@ -162,7 +169,7 @@ def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
         drifted = h.get("drifted_features") or []
         out.append(
             f"<tr><td>{escape(h['window'])}</td><td>{_status(h['status'])}</td><td class='num'>{h['n_rows']:,}</td>"
-            f"<td class='num'>{_num(h.get('drift_share'))}</td>"
+            f"<td class='num'>{_share_cell(h)}</td>"
             f"<td class='num'>{_num(h.get('training_drift_share'))}</td>"
             f"<td class='num'>{_num(h.get('change_share'))}</td>"
             f"<td>{escape(', '.join(drifted[:4]))}{' ...' if len(drifted) > 4 else ''}</td>"

@@ -334,7 +334,7 @@ def test_small_windows_are_not_tested_and_new_sites_use_the_pooled_reference(tmp
     rng = np.random.default_rng(12)
     reference = _reference(rng)
     log = PredictionLog.for_work(tmp_path, key=KEY)
-    log.append(_frame(rng, 50, "chc_a", START).drop("boolean_value"), "onset_2y", "4", "api",
+    log.append(_frame(rng, 30, "chc_a", START).drop("boolean_value"), "onset_2y", "4", "api",
                feature_names=FEATURES)
     log.append(_frame(rng, 800, "new_site", START).drop("boolean_value"), "onset_2y", "4", "api",
                feature_names=FEATURES)
@@ -491,3 +491,17 @@ def test_start_and_end_limit_the_windows(world, tmp_path):
     opts = M.MonitorOptions(task="onset_2y", start=datetime(2024, 1, 15), end=datetime(2024, 1, 29), html="none")
     section = M.run_monitor(world["log"], world["reference"], tmp_path / "monitoring", world["config"], opts)
     assert sorted(_history(section, "chc_a")) == ["2024-W03", "2024-W04"]
+
+
+def test_a_rescored_patient_counts_once_with_the_latest_score():
+    t = datetime(2024, 1, 2)
+    rows = pl.DataFrame({
+        "site": ["chc_a"] * 4, "prediction_time": [t] * 4, "model_version": ["4", "4", "4", "5"],
+        "join_key": ["k1", "k1", "k2", "k1"], "risk": [0.1, 0.2, 0.3, 0.4],
+        "scored_at": [t, t + timedelta(hours=1), t, t],
+    })
+    deduped = M._dedupe(rows)
+    assert deduped.height == 3
+    assert deduped.filter((pl.col("join_key") == "k1") & (pl.col("model_version") == "4"))["risk"].to_list() == [0.2]
+    unique = rows.filter(pl.col("risk") != 0.1)
+    assert M._dedupe(unique).equals(unique)  # nothing re-scored: the rows as logged
