@@ -282,7 +282,10 @@ class PredictionLog:
     @staticmethod
     def _feature_columns(records: pl.DataFrame, feature_names: Sequence[str] | None) -> list[str]:
         meta = set(META_SCHEMA) | _CONSUMED | _DROPPED
-        for col in records.columns:
+        # `columns` and `schema` are built anew on each access: read them once, not once per feature
+        columns = records.columns
+        present = set(columns)
+        for col in columns:
             if col not in meta and _IDENTIFIER_NAME.search(col):
                 raise InputError(col, "looks like an identifier; the monitoring log never stores one")
         if feature_names is not None:
@@ -290,13 +293,14 @@ class PredictionLog:
             for f in features:
                 if f in META_SCHEMA or f in _CONSUMED:
                     raise InputError(f, "is a reserved column of the monitoring log, not a feature")
-                if f not in records.columns:
+                if f not in present:
                     raise InputError(f, "feature missing from the records to log")
         else:
-            features = [c for c in records.columns if c not in meta]
+            features = [c for c in columns if c not in meta]
+        schema = records.schema
         for f in features:
-            if not records.schema[f].is_numeric() and records.schema[f] != pl.Boolean:
-                raise InputError(f, f"features must be numeric; got {records.schema[f]} (text is never logged)")
+            if not schema[f].is_numeric() and schema[f] != pl.Boolean:
+                raise InputError(f, f"features must be numeric; got {schema[f]} (text is never logged)")
         return features
 
     def partitions(self, task: str, start: date | None = None, end: date | None = None) -> list[Path]:

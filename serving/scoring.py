@@ -10,10 +10,12 @@ Batch scoring walks each site's MEDS shards (a subject lives in exactly one
 shard) in chunks of consecutive shards: per chunk it reads the events before
 the prediction time once, decides every task's eligibility from first/last
 times, computes features per task, predicts vectorized, explains only the
-tiers in `serve.explain_tiers`, and writes scores, patient facts (read off
-the feature table) and the chunk's checkpoints in one transaction. A re-run
-skips chunks already scored by the same model version (resumable) and
-replaces rows by primary key (idempotent).
+tiers in `serve.explain_tiers`, and builds the rows as frames (no per-row
+Python). A background thread writes each chunk while the next one is
+computed: its monitoring-log part (a fixed name per chunk), then scores,
+patient facts (read off the feature table) and the chunk's checkpoints in
+one transaction. A re-run skips chunks already scored by the same model
+version (resumable) and replaces rows by primary key (idempotent).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +63,9 @@ class ServedModel:
     def task_def(self):
         return self.bundle.task
 
-    @property
+    @cached_property
     def feature_names(self) -> list[str]:
+        """The model's column order, built once (every request lays its features out in it)."""
         return list(self.bundle.spec.feature_names)
 
 
@@ -234,30 +238,110 @@ def check_event_frame(events: pl.DataFrame, prediction_time: datetime) -> None:
         raise InputError("events", "MEDS_BIRTH is after the prediction time (a negative age)")
 
 
-def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_time: datetime):
-    """(features frame or None, reason): None when the patient is not in the task population."""
-    from chronorisk.features.labels import eligible_index
+NOT_ELIGIBLE = "not in the task population at the prediction time"
+
+
+def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_time: datetime, index=None):
+    """(features frame or None, reason): None when the patient is not in the task population.
+
+    `index`: the task's eligible index when the caller already has it (`eligible_indexes`)."""
     from chronorisk.features.pipeline import transform
 
     lazy = events.lazy()
-    index = eligible_index(lazy, model.task_def, [prediction_time]).collect()
+    if index is None:
+        index = eligible_indexes([model], events, prediction_time)[0]
     if index.height == 0:
-        return None, "not in the task population at the prediction time"
+        return None, NOT_ELIGIBLE
     feats = transform(model.spec, lazy, index.lazy()).collect()
     return feats, None
+
+
+def eligible_indexes(models: Sequence[ServedModel], events: pl.DataFrame, prediction_time: datetime):
+    """Every task's eligible index of these events in one polars run (one plan start, not one per task)."""
+    from chronorisk.features.labels import eligible_index
+
+    lazy = events.lazy()
+    return pl.collect_all([eligible_index(lazy, m.task_def, [prediction_time]) for m in models])
 
 
 def features_from_dict(model: ServedModel, values: dict[str, float | None]) -> np.ndarray:
     """One row of ready-made features in the model's column order (absent or null: NaN, not measured).
 
     A plain float64 row: the bundle scores it without building a 400-column frame per request."""
-    get = values.get
-    row = [get(n) for n in model.feature_names]
-    return np.array([[np.nan if v is None else v for v in row]], dtype=np.float64)
+    return np.array(list(map(values.get, model.feature_names)), dtype=np.float64).reshape(1, -1)
 
 
 def check_feature_names(models: Sequence[ServedModel], values: dict[str, float | None]) -> None:
-    """Unknown names and impossible values of ready-made features are refused, naming the feature."""
+    """Unknown names and impossible values of ready-made features are refused, naming the feature.
+
+    Checked at once against bounds prepared per set of models; only a request that fails is walked
+    feature by feature, for the message of its first problem."""
+    if not values:
+        return
+    bounds = feature_bounds(models)
+    if values.keys() - bounds.position.keys():
+        _first_feature_problem(models, values)
+    idx = np.fromiter(map(bounds.position.__getitem__, values), dtype=np.intp, count=len(values))
+    v = np.array(list(values.values()), dtype=np.float64)
+    bad = (v < bounds.lo[idx]) | (v > bounds.hi[idx]) | (bounds.binary[idx] & (v != 0) & (v != 1))
+    if (bad & ~np.isnan(v)).any():
+        _first_feature_problem(models, values)
+
+
+@dataclass(frozen=True)
+class FeatureBounds:
+    """Accepted range of every feature of a set of models (`impossible_feature_value` as arrays)."""
+
+    position: dict[str, int]
+    lo: np.ndarray
+    hi: np.ndarray
+    binary: np.ndarray
+
+
+_BOUNDS: dict[tuple, tuple[tuple, FeatureBounds]] = {}
+
+
+def feature_bounds(models: Sequence[ServedModel]) -> FeatureBounds:
+    """The bounds of these models' features, cached (a service asks for the same few task sets)."""
+    key = tuple(id(m) for m in models)
+    hit = _BOUNDS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], models, strict=True)):
+        return hit[1]
+    infos: dict = {}
+    for m in models:
+        infos.update(m.spec.features)
+    rows = [feature_range(name, info) for name, info in infos.items()]
+    bounds = FeatureBounds(
+        position={name: i for i, name in enumerate(infos)},
+        lo=np.array([r[0] for r in rows], dtype=np.float64),
+        hi=np.array([r[1] for r in rows], dtype=np.float64),
+        binary=np.array([r[2] for r in rows], dtype=bool),
+    )
+    if len(_BOUNDS) >= 32:
+        _BOUNDS.pop(next(iter(_BOUNDS)))
+    _BOUNDS[key] = (tuple(models), bounds)
+    return bounds
+
+
+def feature_range(name: str, info) -> tuple[float, float, bool]:
+    """(lowest, highest, yes/no only) accepted value of a feature: the rules of `impossible_feature_value`."""
+    match = _MEAS_VALUE.match(name)
+    if match and match["m"] in vocab.MEASUREMENTS:
+        lo, hi = vocab.MEASUREMENTS[match["m"]].plausible
+        return float(lo), float(hi), False
+    lo, hi = -np.inf, np.inf
+    if name == "demo_age_years":
+        lo, hi = 0.0, 130.0
+    unit = getattr(info, "unit", "") or ""
+    if unit in _NON_NEGATIVE_UNITS or "_std_" in name:
+        lo = max(lo, 0.0)
+    if unit == "fraction":
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return lo, hi, unit.startswith("1 = ")
+
+
+def _first_feature_problem(models: Sequence[ServedModel], values: dict[str, float | None]) -> None:
+    """Raise InputError for the first unknown or impossible feature, in the request's order."""
     infos: dict = {}
     for m in models:
         infos.update(m.spec.features)
@@ -327,14 +411,16 @@ def score_one(
     chosen = [models[t] for t in tasks]
     if features is not None:
         check_feature_names(chosen, features)
+    indexes = None
     if events is not None:
         check_event_frame(events, prediction_time)
+        indexes = eligible_indexes(chosen, events, prediction_time)
     results = []
-    for model in chosen:
+    for i, model in enumerate(chosen):
         if features is not None:
             feats, reason = features_from_dict(model, features), None
         else:
-            feats, reason = features_from_events(model, events, prediction_time)
+            feats, reason = features_from_events(model, events, prediction_time, indexes[i])
         if feats is None:
             results.append(TaskResult(model.task, False, reason, model_name=model.name, model_version=model.version))
             continue
@@ -417,11 +503,13 @@ def batch_score(
     """Score every eligible patient of every site at `prediction_time` into the store.
 
     `monitor.batch(records, model, part)` (serving.state.MonitoringSink) receives
-    per chunk the features, predictions, site, time and model version; the
-    monitoring log turns the subject id into a keyed join key and keeps no identifier.
+    per chunk the features, predictions, site, time and model version, under a
+    fixed part name per chunk (a re-run replaces the file); the monitoring log
+    turns the subject id into a keyed join key and keeps no identifier.
     Shards are scored in chunks of up to `chunk_events` events; each chunk is
-    one transaction and one checkpoint. `max_shards` stops after that many newly
-    scored chunks (to test resumption).
+    one transaction and one checkpoint, written by a background thread while
+    the next chunk's features are computed. `max_shards` stops after that many
+    newly scored chunks (to test resumption).
     """
     from chronorisk.data.meds_io import site_ids
 
@@ -432,10 +520,32 @@ def batch_score(
         raise InputError("--meds", f"no MEDS sites under {meds_root}/sites")
     report = BatchReport(prediction_time)
     started = time.perf_counter()
-    done = store.done_chunks(prediction_time)
+    plan = _chunk_plan(store, models, meds_root, chosen, prediction_time, chunk_events, report)
     withdrawn = store.withdrawn_subjects()
-    scored_shards = 0
-    for site in chosen:
+    with ChunkWriter(store, monitor) as chunk_writer:
+        for site, shard, todo in plan:
+            if max_shards is not None and report.scored_chunks >= max_shards:
+                break
+            scored = score_chunk(todo, shard, site, prediction_time, withdrawn, explain_tiers, top_k,
+                                 keep_features=monitor is not None)
+            chunk_writer.submit(scored)
+            stats = report.sites[site]
+            report.scored_chunks += 1
+            stats["scored"] += scored.n_scored
+            stats["explained"] += scored.n_explained
+            stats["chunks"] += 1
+            if progress:
+                progress(f"{site} {scored.chunk}: {scored.n_scored} scores ({scored.n_explained} explained)")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _chunk_plan(store, models, meds_root, sites, prediction_time, chunk_events, report) -> list[tuple]:
+    """(site, shards, models to run) of every chunk not yet scored by the current model versions;
+    chunks already done are counted as skipped (the resumable part of a re-run)."""
+    done = store.done_chunks(prediction_time)
+    plan = []
+    for site in sites:
         shards = site_shards(meds_root, site)
         if not shards:
             raise InputError("--sites", f"site {site} has no MEDS data under {meds_root}")
@@ -443,42 +553,105 @@ def batch_score(
         for shard in shard_chunks(shards, chunk_events):
             chunk = chunk_name(shard)
             todo = [m for m in models.values() if done.get((site, chunk, m.task)) != m.version]
-            if not todo:
+            if todo:
+                plan.append((site, shard, todo))
+            else:
                 report.skipped_chunks += 1
                 stats["skipped"] += 1
-                continue
-            if max_shards is not None and scored_shards >= max_shards:
-                return _finish(report, started)
-            n, n_explained = _score_shard(
-                store, todo, shard, site, chunk, prediction_time, withdrawn, explain_tiers, top_k, monitor
-            )
-            scored_shards += 1
-            report.scored_chunks += 1
-            stats["scored"] += n
-            stats["explained"] += n_explained
-            stats["chunks"] += 1
-            if progress:
-                progress(f"{site} {chunk}: {n} scores ({n_explained} explained)")
-    return _finish(report, started)
+    return plan
 
 
-def _finish(report: BatchReport, started: float) -> BatchReport:
-    report.seconds = time.perf_counter() - started
-    return report
+@dataclass
+class ScoredChunk:
+    """One chunk's results, ready to write: store rows as frames, checkpoints, monitoring inputs."""
+
+    site: str
+    chunk: str
+    scores: pl.DataFrame
+    patients: pl.DataFrame
+    checkpoints: list[dict]
+    monitoring: list[tuple]  # (model, features, risk, tiers) per task, when a monitor is attached
+    n_explained: int = 0
+
+    @property
+    def n_scored(self) -> int:
+        return self.scores.height
+
+    @property
+    def part(self) -> str:
+        """The monitoring log's part name of this chunk: the same on a re-run, so its file is replaced."""
+        return re.sub(r"[^A-Za-z0-9._=-]", "_", f"batch-{self.checkpoints[0]['prediction_time']:%Y%m%d}-"
+                      f"{self.site}-{self.chunk}")[:120]
 
 
-def _score_shard(
-    store: ScoreStore,
+class ChunkWriter:
+    """Writes scored chunks (monitoring log, then the store with the checkpoint) on one background
+    thread, so that writing chunk i overlaps the features of chunk i+1 (polars, LightGBM, SQLite
+    and parquet writes all run outside the GIL). `submit` waits for the previous write first: at
+    most one chunk is pending, and a failed write surfaces at the next submit or at exit."""
+
+    def __init__(self, store: ScoreStore, monitor=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store = store
+        self.monitor = monitor
+        # an in-memory SQLite database exists once per connection (thread): write on the caller's
+        self._pool = None if store.in_memory() else ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
+        self._pending = None
+
+    def submit(self, scored: ScoredChunk) -> None:
+        self.wait()
+        if self._pool is None:
+            self._write(scored)
+        else:
+            self._pending = self._pool.submit(self._write, scored)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _write(self, scored: ScoredChunk) -> None:
+        # the log first: a checkpointed chunk (skipped by a re-run) always has its monitoring rows
+        if self.monitor is not None:
+            for model, feats, risk, tiers in scored.monitoring:
+                records = monitoring_records(model, feats, risk, tiers, scored.site, scored.checkpoints[0]
+                                             ["prediction_time"])
+                self.monitor.batch(records, model, scored.part)
+        self.store.write_chunk(scored.scores, scored.patients, scored.checkpoints)
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:  # the run already failed: let the pending chunk finish, keep the first error
+                try:
+                    self.wait()
+                except Exception as late:
+                    log.warning("the last chunk's write failed too (%s)", type(late).__name__)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+
+def score_chunk(
     models: Sequence[ServedModel],
     shard: Sequence[Path],
     site: str,
-    chunk: str,
     prediction_time: datetime,
     withdrawn: set[int],
     explain_tiers: Sequence[str],
     top_k: int,
-    monitor,
-) -> tuple[int, int]:
+    *,
+    keep_features: bool = False,
+) -> ScoredChunk:
+    """Features, risks, tiers, stored factors and patient facts of one chunk of shards, as frames.
+
+    Everything is columnar (no per-row Python except the JSON of stored explanations); the chunk's
+    events are read once and every task shares the eligibility summary."""
     from chronorisk.features.labels import eligible_index
     from chronorisk.features.pipeline import transform
 
@@ -488,47 +661,80 @@ def _score_shard(
         keep &= ~pl.col("subject_id").is_in(list(withdrawn))
     events = pl.scan_parquet(list(shard)).select(list(EVENT_SCHEMA)).filter(keep).collect().lazy()
     scored_at = utcnow()
-    score_rows: list[dict] = []
-    checkpoints: list[dict] = []
-    facts: list[pl.DataFrame] = []
-    n_explained = 0
     summary = eligibility_events(events)
+    frames, facts, checkpoints, monitoring = [], [], [], []
+    n_explained = 0
     for model in models:
         index = eligible_index(summary, model.task_def, [prediction_time]).collect()
         if index.height:
             mine = events.join(index.lazy().select("subject_id"), on="subject_id", how="semi")
             feats = transform(model.spec, mine, index.lazy()).collect()
             risk, tiers, _ = predict(model, feats, explain=False, top_k=top_k)
-            tiers_arr = np.asarray(tiers)
-            factors: list[str | None] = [None] * feats.height
-            wanted = np.flatnonzero(np.isin(tiers_arr, list(explain_tiers)))
-            if wanted.size:
-                explained = model.bundle.explain(feats[wanted], top_k)
-                for pos, f in zip(wanted.tolist(), explained, strict=True):
-                    factors[pos] = to_json_factors(f)
-                n_explained += int(wanted.size)
-            ids = feats["subject_id"].to_list()
+            factors, explained = stored_factors(model, feats, tiers, explain_tiers, top_k)
+            n_explained += explained
             facts.append(facts_from_features(model, feats, prediction_time))
-            score_rows.extend(
-                {
-                    "site": site, "subject_id": sid, "task": model.task, "prediction_time": prediction_time,
-                    "risk": float(r), "tier": t, "age_band": None, "model_name": model.name,
-                    "model_version": model.version, "scored_at": scored_at, "factors": f,
-                }
-                for sid, r, t, f in zip(ids, risk.tolist(), tiers, factors, strict=True)
-            )
-            if monitor is not None:
-                part = re.sub(r"[^A-Za-z0-9._=-]", "_", f"batch-{prediction_time:%Y%m%d}-{site}-{chunk}")[:120]
-                monitor.batch(monitoring_records(model, feats, risk, tiers, site, prediction_time), model, part)
+            frames.append(pl.DataFrame({
+                "subject_id": feats["subject_id"], "risk": pl.Series(risk, dtype=pl.Float64),
+                "tier": pl.Series(tiers, dtype=pl.String), "factors": factors,
+            }).with_columns(pl.lit(model.task, dtype=pl.String).alias("task"),
+                            pl.lit(model.name, dtype=pl.String).alias("model_name"),
+                            pl.lit(model.version, dtype=pl.String).alias("model_version")))
+            if keep_features:
+                monitoring.append((model, feats, risk, tiers))
         checkpoints.append(
-            {"prediction_time": prediction_time, "site": site, "chunk": chunk, "task": model.task,
+            {"prediction_time": prediction_time, "site": site, "chunk": chunk_name(shard), "task": model.task,
              "model_version": model.version, "n_scored": index.height, "finished_at": utcnow()}
         )
-    patient_rows, bands = _patient_rows(facts, site, prediction_time, scored_at)
-    for row in score_rows:
-        row["age_band"] = bands.get(row["subject_id"])
-    store.write_chunk(score_rows, patient_rows, checkpoints)
-    return len(score_rows), n_explained
+    patients = patient_frame(facts, site, prediction_time, scored_at)
+    return ScoredChunk(site, chunk_name(shard), score_frame(frames, patients, site, prediction_time, scored_at),
+                       patients, checkpoints, monitoring, n_explained)
+
+
+def stored_factors(model: ServedModel, feats: pl.DataFrame, tiers, explain_tiers: Sequence[str],
+                   top_k: int) -> tuple[pl.Series, int]:
+    """JSON factors of the rows whose tier is stored with its explanation (null elsewhere: those
+    are computed on demand), and how many were explained."""
+    factors: list[str | None] = [None] * feats.height
+    wanted = np.flatnonzero(np.isin(np.asarray(tiers, dtype=object), list(explain_tiers))) if explain_tiers else []
+    if len(wanted):
+        for pos, f in zip(wanted.tolist(), model.bundle.explain(feats[wanted], top_k), strict=True):
+            factors[pos] = to_json_factors(f)
+    return pl.Series("factors", factors, dtype=pl.String), len(wanted)
+
+
+def score_frame(frames: list[pl.DataFrame], patients: pl.DataFrame, site: str, prediction_time: datetime,
+                scored_at: datetime) -> pl.DataFrame:
+    """The chunk's `scores` rows in the table's column order, in primary-key order (B-tree friendly),
+    with each subject's age band from its facts."""
+    from chronorisk.serving.store import scores
+
+    if not frames:
+        return pl.DataFrame(schema={c.name: pl.Null for c in scores.columns})
+    table = pl.concat(frames, how="vertical_relaxed").join(
+        patients.select("subject_id", "age_band"), on="subject_id", how="left"
+    )
+    return table.with_columns(
+        pl.lit(site, dtype=pl.String).alias("site"),
+        pl.lit(prediction_time).cast(_US).alias("prediction_time"),
+        pl.lit(scored_at).cast(_US).alias("scored_at"),
+    ).select([c.name for c in scores.columns]).sort("subject_id", "task")
+
+
+def patient_frame(facts: list[pl.DataFrame], site: str, prediction_time: datetime,
+                  updated_at: datetime) -> pl.DataFrame:
+    """One `patients` row per scored subject (the first task's facts), plus the age band the scores
+    carry."""
+    if not facts:
+        return pl.DataFrame(schema={"site": pl.String, "subject_id": pl.Int64, "sex": pl.String,
+                                    "birth_year": pl.Int32, "conditions": pl.String, "as_of": _US,
+                                    "updated_at": _US, "age_band": pl.String})
+    table = pl.concat(facts, how="vertical").unique("subject_id", keep="first", maintain_order=True)
+    return table.with_columns(
+        pl.lit(site, dtype=pl.String).alias("site"),
+        pl.lit(prediction_time).cast(_US).alias("as_of"),
+        pl.lit(updated_at).cast(_US).alias("updated_at"),
+    ).select("site", "subject_id", "sex", "birth_year", "conditions", "as_of", "updated_at",
+             "age_band").sort("subject_id")
 
 
 def eligibility_events(events: pl.LazyFrame) -> pl.LazyFrame:
@@ -573,18 +779,6 @@ def facts_from_features(model: ServedModel, feats: pl.DataFrame, prediction_time
     )
 
 
-def _patient_rows(facts: list[pl.DataFrame], site, prediction_time, updated_at):
-    if not facts:
-        return [], {}
-    table = pl.concat(facts, how="vertical").unique("subject_id", keep="first", maintain_order=True)
-    rows, bands = [], {}
-    for sid, sex, birth_year, band, conditions in table.iter_rows():
-        bands[sid] = band
-        rows.append({"site": site, "subject_id": sid, "sex": sex, "birth_year": birth_year,
-                     "conditions": conditions, "as_of": prediction_time, "updated_at": updated_at})
-    return rows, bands
-
-
 def monitoring_records(
     model: ServedModel, feats, risk, tiers, site: str | None, prediction_time: datetime
 ) -> pl.DataFrame:
@@ -593,8 +787,9 @@ def monitoring_records(
     if isinstance(feats, np.ndarray):
         frame = pl.DataFrame(feats, schema=model.feature_names, orient="row")
     else:
-        cols = [c for c in model.feature_names if c in feats.columns]
-        if "subject_id" in feats.columns:
+        present = set(feats.columns)  # `columns` builds a new list on each access
+        cols = [c for c in model.feature_names if c in present]
+        if "subject_id" in present:
             cols = ["subject_id", *cols]
         frame = feats.select(cols)
     return frame.with_columns(

@@ -112,6 +112,7 @@ score_runs = Table(
 )
 
 TIERS = ("low", "medium", "high")
+WRITER_CACHE_KIB = 128 * 1024  # SQLite page cache of a connection that writes score chunks
 AGE_BANDS = ("0-17", "18-29", "30-39", "40-49", "50-59", "60-69", "70-79", "80+")
 
 
@@ -208,29 +209,22 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict], keys: Sequence[
     return len(rows)
 
 
-def bulk_upsert(conn: Connection, table: Table, rows: Sequence[dict], keys: Sequence[str]) -> int:
+def bulk_upsert(conn: Connection, table: Table, rows, keys: Sequence[str]) -> int:
     """`upsert` for many rows at driver speed: SQLite executemany of tuples, PostgreSQL COPY into a
-    temporary table then one INSERT ... ON CONFLICT. Values go through the columns' own bind
-    processors, so stored datetimes are exactly what SQLAlchemy writes and compares."""
-    if not rows:
+    temporary table then one INSERT ... ON CONFLICT. `rows` is a sequence of dicts or a polars
+    DataFrame (batch scoring: columns converted whole, no per-row dict). Values go through the
+    columns' own bind processors, so stored datetimes are exactly what SQLAlchemy writes and compares."""
+    if len(rows) == 0:
         return 0
     columns = [c.name for c in table.columns]
-    processors = [table.c[name].type.dialect_impl(conn.dialect).bind_processor(conn.dialect) for name in columns]
-    # a chunk repeats few distinct values in the converted columns (its times): convert each once
-    convert = [(i, _memoized(p)) for i, p in enumerate(processors) if p is not None]
-
-    def as_tuple(row: dict) -> tuple:
-        values = [row.get(name) for name in columns]
-        for i, p in convert:
-            values[i] = p(values[i])
-        return tuple(values)
-
+    frame = rows if _is_frame(rows) else None
     updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in keys)
     conflict = f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {updates}"
     if conn.dialect.name == "sqlite":
         sql = (f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
                f"{conflict}")
-        conn.exec_driver_sql(sql, [as_tuple(r) for r in rows])
+        values = _frame_tuples(conn, table, frame) if frame is not None else _dict_tuples(conn, table, rows)
+        conn.exec_driver_sql(sql, values)
         return len(rows)
     if conn.dialect.name == "postgresql":
         import secrets
@@ -240,13 +234,60 @@ def bulk_upsert(conn: Connection, table: Table, rows: Sequence[dict], keys: Sequ
         raw = conn.connection.driver_connection
         with raw.cursor() as cur:
             cur.execute(f"CREATE TEMP TABLE {tmp} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP")
-            with cur.copy(f"COPY {tmp} ({cols}) FROM STDIN") as copy:
-                for r in rows:
-                    copy.write_row(as_tuple(r))
+            if frame is not None:
+                # one CSV text of the whole frame: COPY parses it server-side (empty unquoted = NULL)
+                data = frame.select(columns).write_csv(include_header=False, datetime_format="%Y-%m-%d %H:%M:%S%.6f")
+                with cur.copy(f"COPY {tmp} ({cols}) FROM STDIN (FORMAT csv)") as copy:
+                    copy.write(data)
+            else:
+                with cur.copy(f"COPY {tmp} ({cols}) FROM STDIN") as copy:
+                    for row in _dict_tuples(conn, table, rows):
+                        copy.write_row(row)
             cur.execute(f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {tmp} {conflict}")
             cur.execute(f"DROP TABLE {tmp}")
         return len(rows)
     return upsert(conn, table, rows, keys)  # pragma: no cover - other dialects are refused earlier
+
+
+def _is_frame(rows) -> bool:
+    return type(rows).__module__.startswith("polars") and hasattr(rows, "get_column")
+
+
+def _processors(conn: Connection, table: Table) -> list:
+    return [c.type.dialect_impl(conn.dialect).bind_processor(conn.dialect) for c in table.columns]
+
+
+def _dict_tuples(conn: Connection, table: Table, rows: Sequence[dict]) -> list[tuple]:
+    columns = [c.name for c in table.columns]
+    # a chunk repeats few distinct values in the converted columns (its times): convert each once
+    convert = [(i, _memoized(p)) for i, p in enumerate(_processors(conn, table)) if p is not None]
+
+    def as_tuple(row: dict) -> tuple:
+        values = [row.get(name) for name in columns]
+        for i, p in convert:
+            values[i] = p(values[i])
+        return tuple(values)
+
+    return [as_tuple(r) for r in rows]
+
+
+def _frame_tuples(conn: Connection, table: Table, frame) -> list[tuple]:
+    """Row tuples of a frame, column by column: a column the bind processor converts (times) and
+    that holds one value (the chunk's prediction and scoring times) is converted once."""
+    out = []
+    for column, processor in zip(table.columns, _processors(conn, table), strict=True):
+        if column.name not in frame.columns:
+            out.append([None] * frame.height)
+            continue
+        series = frame.get_column(column.name)
+        if processor is None:
+            out.append(series.to_list())
+        elif series.n_unique() == 1:
+            out.append([processor(series[0])] * frame.height)
+        else:
+            convert = _memoized(processor)
+            out.append([convert(v) for v in series.to_list()])
+    return list(zip(*out, strict=True))
 
 
 def _memoized(fn):
@@ -296,6 +337,10 @@ class ScoreStore:
     def info(self) -> StoreInfo:
         return StoreInfo(self.engine.dialect.name, self.engine.url.render_as_string(hide_password=True))
 
+    def in_memory(self) -> bool:
+        """An in-memory SQLite database (one per connection: no other thread sees it)."""
+        return self.engine.dialect.name == "sqlite" and self.engine.url.database in (None, "", ":memory:")
+
     def dispose(self) -> None:
         self.engine.dispose()
 
@@ -315,11 +360,19 @@ class ScoreStore:
         patient_rows: Sequence[dict],
         checkpoints: Sequence[dict] = (),
     ) -> None:
-        """Scores, patients and the chunk's checkpoints in ONE transaction: all or nothing."""
-        with writer(self.engine) as conn, conn.begin():
-            bulk_upsert(conn, patients, patient_rows, ("site", "subject_id"))
-            bulk_upsert(conn, scores, score_rows, ("site", "subject_id", "task", "prediction_time"))
-            upsert(conn, score_runs, list(checkpoints), ("prediction_time", "site", "chunk", "task"))
+        """Scores, patients and the chunk's checkpoints in ONE transaction: all or nothing.
+
+        Rows are dicts or polars frames (batch scoring); columns not in a table are ignored."""
+        with writer(self.engine) as conn:
+            if conn.dialect.name == "sqlite":
+                # a million-patient batch updates three indexes of a table that outgrows the default
+                # 2 MiB page cache; a larger cache on the writing connection keeps those pages in memory
+                # (on the driver connection: a SQLAlchemy statement here would begin a transaction)
+                conn.connection.driver_connection.execute(f"PRAGMA cache_size=-{WRITER_CACHE_KIB}")
+            with conn.begin():
+                bulk_upsert(conn, patients, patient_rows, ("site", "subject_id"))
+                bulk_upsert(conn, scores, score_rows, ("site", "subject_id", "task", "prediction_time"))
+                upsert(conn, score_runs, list(checkpoints), ("prediction_time", "site", "chunk", "task"))
 
     def done_chunks(self, prediction_time: datetime) -> dict[tuple[str, str, str], str]:
         """(site, chunk, task) -> model version of the chunks already scored at this time."""

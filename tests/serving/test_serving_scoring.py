@@ -331,3 +331,67 @@ def test_live_requests_reach_the_monitoring_log_in_batches(tiny_world, tmp_path)
     assert logged.height == 30 and "subject_id" not in logged.columns
     assert set(logged["site"]) == {"chc_a", "unknown"} and set(logged["source"]) == {"api"}
     assert set(model.feature_names) <= set(logged.columns)
+
+
+def test_feature_check_at_once_agrees_with_the_rule_per_feature(tiny_world):
+    """Ready-made features are checked against bounds arrays; they refuse exactly what
+    `impossible_feature_value` refuses, naming the same feature."""
+    from chronorisk.errors import InputError
+
+    chosen = list(scoring.load_models(["complication_1y", "onset_2y"], source="folder",
+                                      model_dir=tiny_world.models).values())
+    infos: dict = {}
+    for m in chosen:
+        infos.update(m.spec.features)
+    refused_some = accepted_some = False
+    for name, info in infos.items():
+        lo, hi, _ = scoring.feature_range(name, info)
+        edges = [v for v in (lo, hi, lo - 0.01, hi + 0.01) if abs(v) < 1e12]
+        for value in (-5.0, -0.5, 0.0, 0.5, 1.0, 2.0, 150.0, 1e6, None, *edges):
+            expected = value is not None and bool(scoring.impossible_feature_value(name, value, info))
+            try:
+                scoring.check_feature_names(chosen, {"demo_age_years": 50.0, name: value})
+                refused = False
+            except InputError as exc:
+                refused = True
+                assert exc.field == f"features.{name}"
+            assert refused == expected, (name, value)
+            refused_some |= refused
+            accepted_some |= not refused
+    assert refused_some and accepted_some
+    with pytest.raises(InputError, match="unknown feature"):
+        scoring.check_feature_names(chosen, {"demo_age_years": 50.0, "no_such_feature": 1.0})
+
+
+def test_batch_monitoring_log_has_keyed_ids_only_and_a_rerun_replaces_it(tiny_world, tmp_path):
+    """Batch scores reach the prediction log with a keyed hash of the subject id (never the id), one
+    fixed part per chunk: scoring the same chunks again replaces the files instead of adding rows."""
+    from chronorisk.serving.prediction_log import join_keys, monitoring_key
+    from chronorisk.serving.state import MonitoringSink
+
+    models = scoring.load_models(["complication_1y", "onset_2y"], source="folder", model_dir=tiny_world.models)
+    site = site_ids(tiny_world.meds)[0]
+    work = tmp_path / "w"
+    log_dir = work / "monitoring" / "log"
+    first = ScoreStore.open(f"sqlite:///{tmp_path / 'first.db'}")
+    report = scoring.batch_score(first, models, tiny_world.meds, WHEN, sites=[site], monitor=MonitoringSink(work))
+    files = sorted(log_dir.rglob("*.parquet"))
+    assert files and all(f.name.startswith(f"part-batch-20240101-{site}-") for f in files)
+    logged = pl.read_parquet(files)
+    assert logged.height == report.total() > 0
+    assert "subject_id" not in logged.columns
+    with first.engine.connect() as conn:
+        ids = [r[0] for r in conn.execute(scores.select().with_only_columns(scores.c.subject_id))]
+    first.dispose()
+    keys = join_keys(pl.Series(ids), pl.Series([WHEN] * len(ids)), monitoring_key(work))
+    assert set(logged["join_key"]) == set(keys)
+    raw = {str(i) for i in ids}
+    for col, dtype in logged.schema.items():
+        if dtype == pl.String:
+            assert not raw & set(logged[col].drop_nulls()), col
+    # a fresh store skips nothing: every chunk is scored and logged again, under the same part names
+    again = ScoreStore.open(f"sqlite:///{tmp_path / 'again.db'}")
+    scoring.batch_score(again, models, tiny_world.meds, WHEN, sites=[site], monitor=MonitoringSink(work))
+    again.dispose()
+    assert sorted(log_dir.rglob("*.parquet")) == files
+    assert pl.read_parquet(files).height == report.total()
