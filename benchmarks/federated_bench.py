@@ -13,7 +13,11 @@ Per exchange (summary, train rounds, evaluate) it records the wall time, the
 critical path of local work (the slowest site's handler time), the rest
 (Flower overhead: message delivery, the SuperNode's 3 s idle poll, a fresh
 `flwr-clientapp` process per message, aggregation), the ClientApp process
-start-up seconds, and the payload bytes sent to and from the sites. Then
+start-up seconds, the CPU seconds of the site handlers and of the ClientApp
+processes before their handlers ran, and the payload bytes sent to and from
+the sites; per run, the CPU seconds of every federation process (SuperLink with
+the ServerApp, SuperNodes with every ClientApp process), which unlike wall
+time do not move with what else runs on the machine. Then
 `chronorisk federated down`. Last, `chronorisk federated sim` on the same data
 checks that simulation reproduces the deployed training (same trees, same figures) when every
 site answered every round.
@@ -59,6 +63,8 @@ def _cli(work: Path, params: Path, *args: str, timeout: float = 3600) -> tuple[f
 def _rounds(result: dict) -> list[dict]:
     out = []
     for r in result["rounds"]:
+        cpu = r.get("site_cpu_seconds", {})
+        startup_cpu = r.get("site_startup_cpu_seconds", {})
         out.append({
             "phase": r["phase"],
             "round": r["round"],
@@ -67,15 +73,54 @@ def _rounds(result: dict) -> list[dict]:
             "local_s": r["local_s"],
             "flower_overhead_s": r["overhead_s"],
             "clientapp_startup_s_max": max(r["site_startup_seconds"].values(), default=0.0),
+            "local_cpu_s_sum": round(sum(cpu.values()), 3),
+            "local_cpu_s_max": round(max(cpu.values(), default=0.0), 3),
+            "clientapp_startup_cpu_s_sum": round(sum(startup_cpu.values()), 3),
             "bytes_to_sites": r["bytes_out"],
             "bytes_from_sites": r["bytes_in"],
         })
     return out
 
 
+def _federation_cpu(work: Path) -> float:
+    """CPU seconds (user + system) used so far by the SuperLink, the supervisor and everything under them.
+
+    Reaped children (every per-message ClientApp process) count in their
+    parent's children times, so the difference of two readings is the CPU the
+    federation spent in between, whatever else ran on the machine.
+    """
+    import psutil
+
+    state = json.loads((work / "federated" / "state.json").read_text())
+    roots = [state.get("superlink", {}).get("pid"), state.get("supervisor", {}).get("pid")]
+    total = 0.0
+    for pid in filter(None, roots):
+        try:
+            root = psutil.Process(pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _run(work: Path, params: Path, label: str) -> dict:
     load_start = os.getloadavg()
+    fed_cpu, cli_cpu = _federation_cpu(work), _children_cpu()
     wall, _ = _cli(work, params, "federated", "run", "--timeout", "3000")
+    fed_cpu, cli_cpu = _federation_cpu(work) - fed_cpu, _children_cpu() - cli_cpu
     runs = sorted((work / "federated" / "runs").glob("*/result.json"), key=lambda p: p.stat().st_mtime)
     result = json.loads(runs[-1].read_text())
     rounds = _rounds(result)
@@ -88,6 +133,15 @@ def _run(work: Path, params: Path, label: str) -> dict:
         "exchanges": len(rounds),
         "local_s_total": round(local, 2),
         "flower_overhead_s_total": round(overhead, 2),
+        "cpu_s": {
+            "federation": round(fed_cpu, 2),
+            "run_command": round(cli_cpu, 2),
+            "site_handlers": round(sum(r["local_cpu_s_sum"] for r in rounds), 2),
+            "clientapp_startup": round(sum(r["clientapp_startup_cpu_s_sum"] for r in rounds), 2),
+            "note": "federation = SuperLink (with the ServerApp) + SuperNodes (with every ClientApp process); "
+                    "run_command = `chronorisk federated run` and `flwr run`; site_handlers and "
+                    "clientapp_startup are parts of federation",
+        },
         "bytes_to_sites_total": sum(r["bytes_to_sites"] for r in rounds),
         "bytes_from_sites_total": sum(r["bytes_from_sites"] for r in rounds),
         "load_average_start": [round(x, 2) for x in load_start],
@@ -141,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     record: dict = {
         "benchmark": "federated",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, *_public_argv(sys.argv)]),
         "machine": {
             "cores": os.cpu_count(),
             "python": platform.python_version(),
@@ -177,6 +231,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{run['bytes_to_sites_total'] / 1e6:.2f} MB to sites, load {run['load_average_start'][0]:.1f}")
     print(f"-> {RESULTS}")
     return 0
+
+
+def _public_argv(argv: list[str]) -> list[str]:
+    """The command line without this machine's paths (the work folder becomes `W`)."""
+    out, hide = [], False
+    for arg in argv:
+        out.append("W" if hide else arg)
+        hide = arg == "--work"
+    return out
 
 
 def _version(package: str) -> str:

@@ -19,29 +19,33 @@ from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN
 app = ClientApp()
 
 
-def _without_scikit_learn() -> None:
-    """Let LightGBM load without scikit-learn in this short-lived process.
+def _without_optional_imports() -> None:
+    """Let LightGBM load without scikit-learn and pandas in this short-lived process.
 
     LightGBM imports scikit-learn (and SciPy's heavy parts with it) only to
-    offer its scikit-learn estimators, and treats it as an optional
-    dependency. The ClientApp never uses them, and every message starts a
-    new process, so ~3 s of CPU per message are saved by marking the module
-    absent here (`sys.modules[name] = None` makes `import sklearn` fail, as
-    if it were not installed). Nothing outside this process changes.
+    offer its scikit-learn estimators, and pandas only to accept data frames;
+    it treats both as optional dependencies. The ClientApp never uses either
+    (its tables are NumPy arrays from polars), and every message starts a new
+    process, so marking them absent here (`sys.modules[name] = None` makes the
+    import fail, as if they were not installed) saves ~3 s (scikit-learn) and
+    ~1.2 s (pandas) of CPU per message and site (measured). Nothing outside
+    this process changes.
     """
-    if "sklearn" not in sys.modules:
-        sys.modules["sklearn"] = None  # type: ignore[assignment]
+    for name in ("sklearn", "pandas"):
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
 
 
 def _reply(kind: str, msg: Message, context: Context) -> Message:
-    received = time.time()
-    _without_scikit_learn()
+    received, startup_cpu = time.time(), time.process_time()
+    _without_optional_imports()
     from chronorisk.federated import site
     from chronorisk.federated.protocol import from_records, to_records
 
     ctx = site.SiteContext.from_node_config(context.node_config)
     payload = site.handle(kind, from_records(msg.content), ctx)
     payload.config["startup_s"] = _startup_seconds(received)
+    payload.config["startup_cpu_s"] = startup_cpu  # CPU of Flower's process start and message pull
     return Message(to_records(payload), reply_to=msg)
 
 

@@ -14,7 +14,7 @@ Flower `Grid` (deployment engine and Flower's simulation), `LocalTransport`
 - fewer than `min_sites` answers stops the run with an error naming them.
 
 Messages are pushed with `grid.push_messages` and collected with a short
-`pull_messages` loop (`poll_interval_s`, default 50 ms) instead of
+`pull_messages` loop (`poll_interval_s`, default 0.2 s) instead of
 `send_and_receive`, whose fixed 3 s poll would dominate a round.
 """
 
@@ -85,7 +85,7 @@ _MESSAGE_TYPES = {SUMMARY: "query", TRAIN: "train", EVALUATE: "evaluate"}
 class FlowerTransport:
     """Exchanges over a Flower Grid: push_messages, then a short pull loop with a deadline."""
 
-    def __init__(self, grid: Any, poll_interval_s: float = 0.05, node_check_s: float = 2.0):
+    def __init__(self, grid: Any, poll_interval_s: float = 0.2, node_check_s: float = 2.0):
         self.grid = grid
         self.poll_interval_s = poll_interval_s
         self.node_check_s = node_check_s
@@ -190,6 +190,8 @@ class RoundLog:
     site_seconds: dict[str, float] = field(default_factory=dict)
     site_startup_seconds: dict[str, float] = field(default_factory=dict)
     site_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    site_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    site_startup_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def local_s(self) -> float:
@@ -214,6 +216,8 @@ class RoundLog:
             "missing": self.missing,
             "site_seconds": {k: round(v, 3) for k, v in self.site_seconds.items()},
             "site_startup_seconds": {k: round(v, 3) for k, v in self.site_startup_seconds.items()},
+            "site_cpu_seconds": {k: round(v, 3) for k, v in self.site_cpu_seconds.items()},
+            "site_startup_cpu_seconds": {k: round(v, 3) for k, v in self.site_startup_cpu_seconds.items()},
             "site_metrics": self.site_metrics,
         }
 
@@ -385,6 +389,8 @@ class FederatedTrainer:
             missing=missing,
             site_seconds={s: float(p.config.get("seconds", 0.0)) for s, p in by_site.items()},
             site_startup_seconds={s: float(p.config.get("startup_s", 0.0)) for s, p in by_site.items()},
+            site_cpu_seconds={s: float(p.config.get("cpu_seconds", 0.0)) for s, p in by_site.items()},
+            site_startup_cpu_seconds={s: float(p.config.get("startup_cpu_s", 0.0)) for s, p in by_site.items()},
             site_metrics={s: dict(p.metrics) for s, p in by_site.items() if p.metrics},
         )
         self.rounds.append(entry)

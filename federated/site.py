@@ -90,6 +90,7 @@ class SiteTable:
     split: np.ndarray
     half: np.ndarray
     feature_names: tuple[str, ...]
+    raw_cache: Path | None = None  # where the raw scores of the last global models are kept (see `model_raw`)
 
     def rows(self, split: str, half: int | None = None) -> np.ndarray:
         mask = self.split == split
@@ -103,13 +104,14 @@ class SiteTable:
 
 def handle(kind: str, request: Payload, ctx: SiteContext) -> Payload:
     """Run the site's part of one message; the reply carries the site name and handler seconds."""
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     handlers = {SUMMARY: summarize, TRAIN: train, EVALUATE: evaluate}
     if kind not in handlers:
         raise ProtocolError(f"unknown message kind {kind!r}")
     reply = handlers[kind](ctx, request)
     reply.config["site"] = ctx.site
     reply.config["seconds"] = time.perf_counter() - started
+    reply.config["cpu_seconds"] = time.process_time() - started_cpu  # wall time moves with the machine's load
     return reply
 
 
@@ -243,6 +245,7 @@ def feature_table(ctx: SiteContext, task: str, spec_json: str, times: list[str])
         table = _build_table(ctx, task, spec_json, times, path)
         log.info("%s: built %s features for %d rows in %.1f s", ctx.site, task, table.y.size,
                  time.perf_counter() - started)
+    table.raw_cache = path.with_name(f"{key}.raw.npz")
     if len(_MEMO) >= _MEMO_MAX:
         _MEMO.pop(next(iter(_MEMO)))
     _MEMO[key] = table
@@ -359,9 +362,10 @@ def train_task(out: Payload, task: str, table: SiteTable, request: Payload, *, s
     params.update({"num_threads": threads, "verbose": -1, "objective": "binary"})
     params["seed"] = int(params.get("seed", 0)) + _site_seed(site)
     model = request.blobs[f"model:{task}"].decode() if f"model:{task}" in request.blobs else None
+    if model and tcfg.get("checkpoints"):
+        losses, rows = checkpoint_losses(table, model, list(tcfg["checkpoints"]), threads=threads)
     info, trees, metrics = train_on_table(table, model, int(tcfg["trees"]), params)
     if model and tcfg.get("checkpoints"):
-        losses, rows = checkpoint_losses(table, model, list(tcfg["checkpoints"]))
         out.arrays[f"{task}:ckpt_loss"] = losses
         info["ckpt_rows"] = rows
     out.config["tasks"][task] = info
@@ -386,16 +390,17 @@ def train_on_table(
     if info["n_train"] == 0 or info["n_pos"] in (0, info["n_train"]):
         info["n_train"] = 0  # nothing to learn from here (no rows, or a single outcome)
         return info, None, {}
-    base = _booster(model_text)
-    init = base.predict(table.X[tr], raw_score=True) if base is not None else None
-    data = lgb.Dataset(table.X[tr], label=table.y[tr], init_score=init,
+    threads = int(params.get("num_threads", 1))
+    raw = model_raw(table, model_text, threads=threads) if model_text else None
+    data = lgb.Dataset(table.X[tr], label=table.y[tr], init_score=None if raw is None else raw[tr],
                        feature_name=list(table.feature_names), free_raw_data=True)
     booster = lgb.train(params, data, num_boost_round=trees)
     metrics: dict[str, float] = {}
     if tu.any():
         y_tu = table.y[tu]
-        before = base.predict(table.X[tu], raw_score=True) if base is not None else None
-        after = booster.predict(table.X[tu], raw_score=True) + (before if before is not None else 0.0)
+        before = raw[tu] if raw is not None else None
+        after = booster.predict(table.X[tu], raw_score=True, num_threads=threads) + (
+            before if before is not None else 0.0)
         metrics["tune_logloss_local"] = _log_loss(y_tu, after)
         metrics["tune_auroc_local"] = auroc(y_tu, after)
         if before is not None:
@@ -404,57 +409,141 @@ def train_on_table(
     return info, booster.model_to_string(), metrics
 
 
+# ---- raw scores of the global model, reused across rounds ------------------------------------
+
+_RAW_KEEP = 3
+
+
+def _prefix_digest(trees: tuple[str, ...], n: int) -> str:
+    h = hashlib.sha256()
+    for body in trees[:n]:
+        h.update(body.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _read_raw(path: Path | None, rows: int) -> list[tuple[int, str, np.ndarray]]:
+    if path is None or not path.is_file():
+        return []
+    try:
+        with np.load(path) as z:
+            counts, digests, raws = z["trees"], z["digests"], z["raw"]
+    except (OSError, ValueError, KeyError):
+        return []  # a damaged cache is only a slower message
+    if raws.ndim != 2 or raws.shape[1] != rows:
+        return []
+    return [(int(c), str(d), raws[i]) for i, (c, d) in enumerate(zip(counts, digests, strict=True))]
+
+
+def _write_raw(path: Path | None, entries: list[tuple[int, str, np.ndarray]]) -> None:
+    if path is None:
+        return
+    from chronorisk.data.files import atomic_output
+
+    entries = sorted(entries, key=lambda e: e[0])[-_RAW_KEEP:]
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, trees=np.array([e[0] for e in entries], dtype=np.int64),
+                 digests=np.array([e[1] for e in entries]), raw=np.stack([e[2] for e in entries]))
+
+
+def _best_prefix(entries, trees: tuple[str, ...], upto: int) -> tuple[int, np.ndarray | None]:
+    """The longest cached prefix of `trees` with at most `upto` trees: (its tree count, its raw scores)."""
+    for count, digest, raw in sorted(entries, key=lambda e: -e[0]):
+        if 0 < count <= upto and count <= len(trees) and _prefix_digest(trees, count) == digest:
+            return count, raw
+    return 0, None
+
+
+def model_raw(table: SiteTable, model_text: str, *, threads: int = 1, upto: int | None = None,
+              rows: np.ndarray | None = None) -> np.ndarray:
+    """Raw scores of the global model (its first `upto` trees) on the table's rows (or `rows` of them).
+
+    Successive global models share their first trees: a round appends trees
+    to the model of the round before, early stopping cuts it. The site keeps
+    the raw scores of the last few models it scored next to its feature
+    table (`raw_cache`, keyed by a digest of the trees) and predicts only
+    the trees after the longest prefix it already scored, instead of every
+    tree of a model that grows by (sites x trees per round) trees a round.
+    """
+    parsed = _parse_trees(model_text)
+    n = len(parsed) if upto is None else min(int(upto), len(parsed))
+    entries = _read_raw(table.raw_cache, table.y.size)
+    start, raw = _best_prefix(entries, parsed, n)
+    X = table.X if rows is None else table.X[rows]
+    out = np.zeros(X.shape[0]) if raw is None else (raw.copy() if rows is None else raw[rows])
+    if n > start:
+        out += _booster(model_text).predict(X, raw_score=True, start_iteration=start, num_iteration=n - start,
+                                            num_threads=threads)
+    if rows is None and n > start and table.raw_cache is not None:
+        _write_raw(table.raw_cache, [e for e in entries if e[0] != n] + [(n, _prefix_digest(parsed, n), out)])
+    return out
+
+
+def _parse_trees(model_text: str) -> tuple[str, ...]:
+    from chronorisk.federated.strategies import parse_model
+
+    return parse_model(model_text).trees
+
+
 def evaluate(ctx: SiteContext, request: Payload) -> Payload:
     """Binned (raw score, label) statistics of the final model on tuning halves and held-out rows."""
     out = Payload(config={"tasks": {}})
     for task, tcfg in request.config.get("tasks", {}).items():
         table = feature_table(ctx, task, request.blob_text(f"spec:{task}"), list(tcfg["times"]))
-        evaluate_task(out, task, table, request)
+        evaluate_task(out, task, table, request, threads=ctx.threads)
     return out
 
 
-def evaluate_task(out: Payload, task: str, table: SiteTable, request: Payload) -> None:
+def evaluate_task(out: Payload, task: str, table: SiteTable, request: Payload, *, threads: int = 1) -> None:
     """One task of an evaluate message on a ready table."""
     tcfg = request.config["tasks"][task]
     model = request.blob_text(f"model:{task}")
+    ckpt = None
+    if tcfg.get("checkpoints"):
+        ckpt = checkpoint_losses(table, model, list(tcfg["checkpoints"]), threads=threads)
     if tcfg.get("only_checkpoints"):
         arrays, info, metrics = {}, {}, {}
     else:
-        arrays, info, metrics = evaluate_table(table, model)
-    if tcfg.get("checkpoints"):
-        arrays["ckpt_loss"], info["ckpt_rows"] = checkpoint_losses(table, model, list(tcfg["checkpoints"]))
+        arrays, info, metrics = evaluate_table(table, model, threads=threads)
+    if ckpt is not None:
+        arrays["ckpt_loss"], info["ckpt_rows"] = ckpt
     out.arrays.update({f"{task}:{k}": v for k, v in arrays.items()})
     out.config["tasks"][task] = info
     out.metrics.update({f"{task}.{k}": v for k, v in metrics.items()})
 
 
-def checkpoint_losses(table: SiteTable, model_text: str, checkpoints: list[int]) -> tuple[np.ndarray, int]:
+def checkpoint_losses(table: SiteTable, model_text: str, checkpoints: list[int], *,
+                      threads: int = 1) -> tuple[np.ndarray, int]:
     """Sum of the tuning rows' log-loss of the model cut at each checkpoint (tree count), and the row count.
 
     Sums, not means: the server adds them over sites to get the pooled
-    tuning loss, the quantity centralized early stopping watches.
+    tuning loss, the quantity centralized early stopping watches. Scoring
+    starts from the raw scores of the longest prefix the site already scored.
     """
     tu = table.rows(TUNING_SPLIT)
     if not tu.any() or not checkpoints:
         return np.zeros(len(checkpoints)), 0
     model = _booster(model_text)
+    total = model.num_trees()
     X, y = table.X[tu], table.y[tu]
-    raw = np.zeros(y.size)
-    done = 0
+    first = min(max(int(min(checkpoints)), 0), total)
+    raw = model_raw(table, model_text, threads=threads, upto=first, rows=tu) if first > 0 else np.zeros(y.size)
+    done = first
     sums = np.zeros(len(checkpoints))
     for i, c in enumerate(checkpoints):
-        c = min(int(c), model.num_trees())
+        c = min(int(c), total)
         if c > done:
-            raw += model.predict(X, raw_score=True, start_iteration=done, num_iteration=c - done)
+            raw += model.predict(X, raw_score=True, start_iteration=done, num_iteration=c - done,
+                                 num_threads=threads)
             done = c
         sums[i] = _log_loss(y, raw) * y.size
     return sums, int(y.size)
 
 
-def evaluate_table(table: SiteTable, model_text: str) -> tuple[dict[str, np.ndarray], dict, dict[str, float]]:
+def evaluate_table(table: SiteTable, model_text: str, *,
+                   threads: int = 1) -> tuple[dict[str, np.ndarray], dict, dict[str, float]]:
     """Binned statistics of `tune_a`, `tune_b` (the tuning split's two halves) and `held_out`."""
-    model = _booster(model_text)
-    raw = model.predict(table.X, raw_score=True) if table.y.size else np.zeros(0)
+    raw = model_raw(table, model_text, threads=threads) if table.y.size else np.zeros(0)
     parts = {
         "tune_a": table.rows(TUNING_SPLIT, 0),
         "tune_b": table.rows(TUNING_SPLIT, 1),

@@ -91,3 +91,25 @@ def test_status_without_a_federation_and_run_refused(tmp_path):
     with pytest.raises(deploy.DeploymentError, match="federated up"):
         deploy.submit_run(layout, params_path=None)
     assert not deploy.pid_alive(None) and deploy.pid_alive(os.getpid())
+
+
+def test_flower_processes_cache_bytecode(tmp_path, monkeypatch):
+    layout = deploy.Layout(tmp_path / "work")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    monkeypatch.setattr(deploy, "packages_hold_bytecode", lambda: True)
+    env = deploy.tool_env(layout)
+    assert "PYTHONDONTWRITEBYTECODE" not in env and "PYTHONPYCACHEPREFIX" not in env
+    # packages that neither hold bytecode nor may: a cache under the work folder, used by a real process
+    monkeypatch.setattr(deploy, "packages_hold_bytecode", lambda: False)
+    env = deploy.tool_env(layout)
+    assert env["PYTHONPYCACHEPREFIX"] == str(layout.root / "pycache")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "fedmod.py").write_text("X = 1\n")
+    subprocess.run([sys.executable, "-c", "import fedmod"], env={**env, "PYTHONPATH": str(tmp_path / "src")},
+                   check=True, timeout=60)
+    assert list((layout.root / "pycache").rglob("fedmod*.pyc"))
+    assert not (tmp_path / "src" / "__pycache__").exists()
+    monkeypatch.setenv("PYTHONPYCACHEPREFIX", str(tmp_path / "mine"))
+    assert deploy.tool_env(layout)["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")
+    assert isinstance(deploy.packages_hold_bytecode(), bool)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.deployment, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.deployment, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,9 +62,11 @@ def _alive(pid: int | None) -> bool:
 def federation(tmp_path):
     work = tmp_path / "work"
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    # as little work as still shows the fault path: two train rounds of 3 trees (the killed site misses
+    # or rejoins one), short straggler wait; the deadline only bounds a loaded CI machine
     params["federated"].update({
-        "rounds": 3, "trees_per_round": 5, "min_sites": 3, "superlink_port": 0,
-        "round_timeout_s": 240, "straggler_wait_s": 20, "early_stopping": False,
+        "rounds": 2, "trees_per_round": 3, "min_sites": 3, "superlink_port": 0,
+        "round_timeout_s": 180, "straggler_wait_s": 5, "early_stopping": False,
     })
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
