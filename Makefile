@@ -24,11 +24,6 @@ export HF_HUB_OFFLINE := 1
 # mlflow, evidently and the rest on import, seconds each time.
 unexport PYTHONDONTWRITEBYTECODE
 
-# Known failure, left visible here until fixed (see the open issues' notes): a promotion test whose
-# shuffled-label candidate is not reliably worse than the champion on the 600-patient cohort.
-KNOWN_FAILING := \
-  --deselect tests/training/test_train_cli.py::test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_again
-
 .PHONY: setup browser-deps demo repro test test-fast lint bench clean distclean
 
 $(BIN)/uv:
@@ -58,7 +53,7 @@ browser-deps:
 
 test: setup browser-deps
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(KNOWN_FAILING) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser and not deployment" $(PYTEST_ARGS)

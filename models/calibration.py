@@ -36,6 +36,7 @@ import numpy as np
 
 CALIBRATION_METHODS = ("auto", "isotonic", "platt")
 ISOTONIC_MARGIN_SE = 2.0  # auto: isotonic must beat Platt by this many standard errors of the paired gain
+ISOTONIC_MIN_END_CASES = 10  # isotonic: the lowest block holds this many cases, the highest this many non-cases
 _EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] where a logarithm is taken
 
 
@@ -192,9 +193,11 @@ class IsotonicCalibrator(Calibrator):
         _check_xy(margin, y)
         m = np.asarray(margin, dtype=float)
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
-        iso.fit(m, np.asarray(y, dtype=float))
+        yy = np.asarray(y, dtype=float)
+        iso.fit(m, yy)
         xs = np.asarray(iso.X_thresholds_, dtype=float)
-        ys = _bounded_end_blocks(xs, np.asarray(iso.y_thresholds_, dtype=float), m)
+        ys = _pooled_end_blocks(np.asarray(iso.y_thresholds_, dtype=float), iso.predict(m), yy)
+        ys = _bounded_end_blocks(xs, ys, m)
         return cls(x_thresholds=xs, y_thresholds=ys)
 
     def predict(self, margin: np.ndarray) -> np.ndarray:
@@ -210,6 +213,34 @@ class IsotonicCalibrator(Calibrator):
             "y_thresholds": [float(v) for v in self.y_thresholds],
             "info": self.info,
         }
+
+
+def _pooled_end_blocks(ys: np.ndarray, fitted: np.ndarray, y: np.ndarray,
+                       min_cases: int = ISOTONIC_MIN_END_CASES) -> np.ndarray:
+    """End blocks pooled with their neighbours until the lowest holds `min_cases` cases, the highest as many non-cases.
+
+    Pool-adjacent-violators leaves the extreme blocks as small as the data
+    allow: a lowest block of 500 rows and no case, a top block of 8 rows. Their
+    rates are the noisiest of the map, and the most extreme risks it gives, so
+    they decide the logistic calibration slope on new rows (a generated cohort:
+    a lowest block at 0.001 where new rows had about 1%, slope 0.73). Pooling
+    them with the next blocks (the pooled rate lies between, so the map stays
+    non-decreasing) bounds that noise to what `min_cases` events can estimate.
+    """
+    ys = ys.copy()
+    levels, rows = np.unique(fitted, return_inverse=True)  # PAV blocks by their fitted rate, ascending
+    n_rows = np.bincount(rows, minlength=levels.size).astype(float)
+    n_cases = np.bincount(rows, weights=y, minlength=levels.size)
+    new = levels.copy()
+    for counts, order in ((n_cases, np.arange(levels.size)), (n_rows - n_cases, np.arange(levels.size)[::-1])):
+        cum = np.cumsum(counts[order])
+        k = int(np.searchsorted(cum, min_cases)) + 1  # blocks (from this end) needed to reach min_cases
+        k = min(k, levels.size)
+        if k > 1:
+            pooled = order[:k]
+            new[pooled] = n_cases[pooled].sum() / n_rows[pooled].sum()
+    new = np.maximum.accumulate(new)  # the two ends can overlap on tiny sets: keep the map non-decreasing
+    return np.interp(ys, levels, new) if levels.size > 1 else np.full_like(ys, new[0])
 
 
 def _bounded_end_blocks(xs: np.ndarray, ys: np.ndarray, margin: np.ndarray) -> np.ndarray:

@@ -76,6 +76,12 @@ class ModelConfig(BaseModel):
         "auto", description="auto: the one with lower cross-fitted log loss on the calibration rows"
     )
     calibration_folds: int = Field(5, ge=2, le=20, description="folds of the cross-fitted choice (auto)")
+    calibration_rows: Literal["cross_fit", "tuning"] = Field(
+        "cross_fit",
+        description="cross_fit: out-of-fold margins of every train and tuning patient (fold models of the final "
+        "model's size and tree count); tuning: the tuning split's margins only",
+    )
+    cross_fit_folds: int = Field(5, ge=2, le=20, description="patient folds of the cross-fitted calibration rows")
     top_k_factors: int = Field(5, ge=1, description="factors shown per prediction")
     seed: int = Field(0, description="seed of LightGBM bagging, the tuning search and calibration folds")
     tune_space: TuneSpace = Field(default_factory=TuneSpace)

@@ -110,7 +110,7 @@ def _data(m: Mapping, records: Sequence[Mapping]) -> list[str]:
         if isinstance(sizes, Mapping):
             out.append("- sites: " + ", ".join(f"{_md(k)} ({v} rows)" for k, v in sizes.items()))
         train = {}
-    for key, label in (("n_train", "training rows"), ("n_valid", "validation (early stopping, calibration) rows"),
+    for key, label in (("n_train", "training rows"), ("n_valid", "validation (early stopping) rows"),
                        ("sites", "sites"), ("first_prediction_time", "first prediction time"),
                        ("last_prediction_time", "last prediction time")):
         if train.get(key) is not None:
@@ -151,7 +151,11 @@ def _calibration(m: Mapping, records: Sequence[Mapping]) -> list[str]:
     out = ["## Calibration", ""]
     method = m.get("calibration_method") or info.get("method")
     if method:
-        line = f"Calibrator: {method}, fitted on {info.get('n', '?')} held-out rows"
+        where = {
+            "cross_fit": "out-of-fold rows (cross-fitted margins of the train and tuning patients)",
+            "tuning": "tuning-split rows",
+        }.get(info.get("rows"), "held-out rows")
+        line = f"Calibrator: {method}, fitted on {info.get('n', '?')} {where}"
         scores = info.get("cross_fitted")
         if scores:
             line += (" (chosen by cross-fitted log loss: platt "

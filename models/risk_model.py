@@ -7,6 +7,12 @@ on held-out rows: `X_cal, y_cal` when given, else the validation rows (the
 tuning split: the booster never trained on them; early stopping only chose
 the number of trees from them).
 
+`cross_fitted_margins` gives the calibrator many more rows (see
+`training.train.fit_model`): the train and tuning patients are split into k
+folds, and each fold's margins come from a booster trained on the other folds
+with the final model's parameters and tree count, so it is a model like the
+final one that never saw those patients.
+
 For federated training the two steps are separate: `fit_booster` can continue
 boosting from a global model (`init_model`) and keep the booster trainable
 (`keep_training_booster`), and `fit_calibration` / `from_parts` take a
@@ -34,7 +40,8 @@ def as_matrix(X: object, feature_names: Sequence[str] | None = None) -> np.ndarr
         arr = X
     elif hasattr(X, "to_numpy") and hasattr(X, "columns"):
         if feature_names is not None:
-            missing = [n for n in feature_names if n not in set(X.columns)]
+            columns = set(X.columns)
+            missing = [n for n in feature_names if n not in columns]
             if missing:
                 shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise ValueError(f"{len(missing)} feature column(s) missing: {shown}")
@@ -147,7 +154,54 @@ class RiskModel:
         self.calibrator_ = fit_calibrator(
             self.predict_raw(Xc), yc, config.calibration, folds=config.calibration_folds, seed=config.seed
         )
+        self.calibrator_.info["rows"] = "given"
         log.info("calibration: %s", self.calibrator_.info.get("method"))
+        return self
+
+    def cross_fitted_margins(
+        self, X: object, y: object, groups: object, *, folds: int = 5, seed: int = 0
+    ) -> np.ndarray:
+        """Out-of-fold raw margins of every row of (X, y): rows of one group (patient) share a fold.
+
+        Each fold is predicted by a booster with this model's parameters and
+        exactly its number of trees (no early stopping: the held-out fold
+        never chooses anything), trained on the other folds. With k folds over
+        the train and tuning patients each fold model learns from about as
+        many patients as the final model (train split), so its margins are
+        distributed like the final model's on new patients.
+        """
+        import lightgbm as lgb
+
+        self._check_fitted("booster_")
+        M, yy = _check_xy(X, y, self.feature_names_, "X")
+        fold_of = group_folds(groups, folds, seed)
+        if fold_of.size != yy.size:
+            raise ValueError(f"groups: {fold_of.size} values for {yy.size} rows")
+        params = {**self.params_, "verbose": -1}
+        params.pop("metric", None)
+        full = lgb.Dataset(M, label=yy, feature_name=list(self.feature_names_), free_raw_data=False, params=params)
+        full.construct()  # bin once; every fold model trains on a subset of these bins
+        margins = np.empty(yy.size)
+        for k in range(folds):
+            held = fold_of == k
+            if not held.any():
+                continue
+            if np.unique(yy[~held]).size < 2:
+                raise ValueError(f"cross-fitting: fold {k} leaves rows with one outcome only (too few cases)")
+            train_set = full.subset(np.flatnonzero(~held).tolist())
+            booster = lgb.train(params, train_set, num_boost_round=self.best_iteration_)
+            margins[held] = booster.predict(M[held], raw_score=True)
+        return margins
+
+    def fit_calibration_margins(self, margin: object, y: object, *, rows: str = "given") -> RiskModel:
+        """Fit `calibrator_` on raw margins computed elsewhere (e.g. `cross_fitted_margins`)."""
+        self._check_fitted("booster_")
+        config = self.config or ModelConfig()
+        m = np.asarray(margin, dtype=float)
+        yy = np.asarray(y).astype(float)
+        self.calibrator_ = fit_calibrator(m, yy, config.calibration, folds=config.calibration_folds, seed=config.seed)
+        self.calibrator_.info["rows"] = rows
+        log.info("calibration: %s on %d %s rows", self.calibrator_.info.get("method"), yy.size, rows)
         return self
 
     @classmethod
@@ -193,6 +247,17 @@ class RiskModel:
         if not hasattr(self, attr):
             what = "calibrated (fit or fit_calibration)" if attr == "calibrator_" else "fitted"
             raise RuntimeError(f"this RiskModel is not {what} yet")
+
+
+def group_folds(groups: object, folds: int, seed: int) -> np.ndarray:
+    """Fold number (0 .. folds-1) of every row; all rows of a group (patient) in one fold, seeded."""
+    if folds < 2:
+        raise ValueError(f"folds must be at least 2, got {folds}")
+    g = np.asarray(groups)
+    _, codes = np.unique(g, return_inverse=True)
+    n_groups = int(codes.max()) + 1 if codes.size else 0
+    fold_of_group = np.random.default_rng(seed).permutation(n_groups) % folds
+    return fold_of_group[codes]
 
 
 def tuning_candidates(config: ModelConfig, trials: int) -> list[dict]:

@@ -36,3 +36,6 @@ class PromoteConfig(BaseModel):
 
     auroc_tolerance: float = Field(0.005, ge=0, description="candidate AUROC may be this much below the champion's")
     ece_tolerance: float = Field(0.01, ge=0, description="candidate ECE may be this much above the champion's")
+    brier_tolerance: float = Field(
+        0.002, ge=0, description="candidate Brier score may be this much above the champion's"
+    )

@@ -12,7 +12,11 @@
   with `mode` ideal or realistic from the generator's metadata.
 
 Refitted models use the same parameters and feature spec as the bundle;
-they are scaffolding for the estimate and are not saved.
+they are scaffolding for the estimate and are not saved. They are calibrated
+on their tuning rows (`model.calibration_rows: tuning`), not cross-fitted:
+five more boosters per refit would triple the cost of `evaluate`, and the
+calibration error of a model moved to another site or a later period is
+dominated by that shift, not by the calibrator's sampling error.
 """
 
 from __future__ import annotations
@@ -196,7 +200,7 @@ def temporal(data: TaskData, bundle: ModelBundle, model_config: ModelConfig, con
     why = _refit_problem({"train": train, "tuning": tuning, "test": test})
     if why:
         return [], f"temporal validation at {config.temporal_split} skipped: {why}"
-    model = fit_model(train, tuning, data.feature_names, model_config)
+    model = fit_model(train, tuning, data.feature_names, _refit_config(model_config))
     frame, _ = attach_truth(evaluation_frame(test, model.predict_risk(test.select(data.feature_names))), truth)
     records = _evaluate(frame, data.task.name, bundle.tiers.high, mode if "true_risk" in frame.columns else None,
                         config, "temporal", ("all", "site"))
@@ -225,12 +229,17 @@ def leave_one_site_out(data: TaskData, bundle: ModelBundle, model_config: ModelC
         if why:
             notes.append(f"leave-one-site-out for {site} skipped: {why}")
             continue
-        model = fit_model(train, tuning, data.feature_names, model_config)
+        model = fit_model(train, tuning, data.feature_names, _refit_config(model_config))
         risk = model.predict_risk(test.select(data.feature_names))
         frame, _ = attach_truth(evaluation_frame(test, risk), truth)
         records += _evaluate(frame, data.task.name, bundle.tiers.high,
                              mode if "true_risk" in frame.columns else None, config, "leave_one_site_out", ("site",))
     return records, notes
+
+
+def _refit_config(model_config: ModelConfig) -> ModelConfig:
+    """The bundle's model parameters, calibrated on the tuning rows (see the module docstring)."""
+    return model_config.model_copy(update={"calibration_rows": "tuning"})
 
 
 def _refit_problem(parts: dict[str, pl.DataFrame]) -> str | None:

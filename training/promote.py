@@ -4,10 +4,14 @@ The champion is what serving loads, so promotion is a deliberate, checked
 step: the candidate (a version number, or the `challenger`) and the current
 champion are both scored now on the same held-out rows, and the candidate
 wins unless its AUROC falls below the champion's by more than
-`promote.auroc_tolerance` or its ECE rises above the champion's by more than
-`promote.ece_tolerance`. Figures logged at training time are not compared:
-they may come from other data. The first promotion (no champion yet)
-succeeds on the candidate's own figures.
+`promote.auroc_tolerance`, its ECE rises above the champion's by more than
+`promote.ece_tolerance`, or its Brier score rises above the champion's by
+more than `promote.brier_tolerance`. AUROC sees only the ranking and ECE
+only ten binned averages; the Brier score is a proper scoring rule (it is
+lowest for the true risks), so it also catches a candidate that is a little
+worse on both at once, or miscalibrated within the bins. Figures logged at
+training time are not compared: they may come from other data. The first
+promotion (no champion yet) succeeds on the candidate's own figures.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Decision:
     reasons: tuple[str, ...]
     auroc_tolerance: float
     ece_tolerance: float
+    brier_tolerance: float
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +70,7 @@ class Decision:
             "champion": asdict(self.champion) if self.champion else None,
             "auroc_tolerance": self.auroc_tolerance,
             "ece_tolerance": self.ece_tolerance,
+            "brier_tolerance": self.brier_tolerance,
         }
 
 
@@ -87,6 +93,11 @@ def decide(task: str, candidate: Figures, champion: Figures | None, config: Prom
                 f"ECE {candidate.ece:.4f} is above the champion's {champion.ece:.4f} "
                 f"by {candidate.ece - champion.ece:.4f} (tolerance {config.ece_tolerance})"
             )
+        if math.isfinite(champion.brier) and candidate.brier > champion.brier + config.brier_tolerance:
+            reasons.append(
+                f"Brier {candidate.brier:.4f} is above the champion's {champion.brier:.4f} "
+                f"by {candidate.brier - champion.brier:.4f} (tolerance {config.brier_tolerance})"
+            )
     accepted = not reasons
     if accepted:
         if champion is None:
@@ -96,7 +107,8 @@ def decide(task: str, candidate: Figures, champion: Figures | None, config: Prom
         else:
             reasons.append("not worse than the champion within tolerance")
     return Decision(
-        task, candidate, champion, accepted, tuple(reasons), config.auroc_tolerance, config.ece_tolerance
+        task, candidate, champion, accepted, tuple(reasons),
+        config.auroc_tolerance, config.ece_tolerance, config.brier_tolerance,
     )
 
 

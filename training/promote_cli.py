@@ -3,8 +3,8 @@
 The candidate (`--version N`, default the `challenger`) and the current
 champion are scored now on the same held-out rows (the feature tables, or
 `--meds DIR [--labels DIR]`); the `champion` alias moves only when the
-candidate's AUROC and ECE are within `promote.auroc_tolerance` /
-`promote.ece_tolerance` of the champion's or better. Otherwise nothing
+candidate's AUROC, ECE and Brier score are within `promote.auroc_tolerance` /
+`promote.ece_tolerance` / `promote.brier_tolerance` of the champion's or better. Otherwise nothing
 changes, both sets of figures are printed, and the exit status is 3
 (`--all`: every task is tried; 3 when any was refused). The first promotion
 of a task (no champion yet) succeeds.

@@ -2,10 +2,17 @@
 
 The feature table holds one row per (subject, prediction time) with `site`,
 `split` (MEDS train / tuning / held_out, by subject) and the label
-`boolean_value`. The booster learns from the train split; the tuning split
-both stops boosting early and fits the calibrator (the booster never trains
-on it); the held-out split is never touched here (`evaluate` and `promote`
-use it). The generator's ground truth is never read by this module.
+`boolean_value`. The booster learns from the train split and the tuning
+split stops boosting early. The calibrator (`model.calibration_rows`) is
+fitted by default on cross-fitted margins of every train and tuning patient
+(`RiskModel.cross_fitted_margins`): about 85% of the patients instead of the
+15% of the tuning split, so its slope is estimated with a standard error
+about 2.4 times smaller, and not on the rows early stopping already chose
+the tree count on. (On the 20,000-patient cohort the tuning split of
+`complication_1y` has about 330 outcomes: a Platt slope from it alone has a
+standard error near 0.08, as large as the 0.9-1.1 target band's half-width.)
+The held-out split is never touched here (`evaluate` and `promote` use it).
+The generator's ground truth is never read by this module.
 
 Two sources give the same `TaskData`:
 - `load_feature_tables`: what `chronorisk features` wrote under
@@ -211,15 +218,26 @@ def fit_model(
     train: pl.DataFrame, tuning: pl.DataFrame, feature_names: list[str], model_config: ModelConfig,
     *, tune: bool = False, tune_trials: int = 10,
 ) -> RiskModel:
-    """Boost on `train` with early stopping on `tuning`, then calibrate on `tuning`."""
+    """Boost on `train` with early stopping on `tuning`, then calibrate (see the module docstring)."""
     from chronorisk.models.risk_model import RiskModel
 
     model = RiskModel(model_config, tune=tune, tune_trials=tune_trials)
-    return model.fit(
+    model.fit_booster(
         train.select(feature_names), train["boolean_value"].to_numpy(),
         tuning.select(feature_names), tuning["boolean_value"].to_numpy(),
         feature_names,
     )
+    if model_config.calibration_rows == "tuning":
+        model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy())
+        model.calibrator_.info["rows"] = "tuning"
+        return model
+    both = pl.concat([train.select("subject_id", "boolean_value", *feature_names),
+                      tuning.select("subject_id", "boolean_value", *feature_names)])
+    margins = model.cross_fitted_margins(
+        both.select(feature_names), both["boolean_value"].to_numpy(), both["subject_id"].to_numpy(),
+        folds=model_config.cross_fit_folds, seed=model_config.seed,
+    )
+    return model.fit_calibration_margins(margins, both["boolean_value"].to_numpy(), rows="cross_fit")
 
 
 def train_task(

@@ -135,15 +135,26 @@ def test_federated_calibrator_dicts_are_understood():
     assert as_calibrator(Foreign()).predict(np.array([0.0]))[0] == pytest.approx(0.5)
 
 
-def test_isotonic_never_predicts_exactly_zero_or_one():
-    """An end block without cases gets the rule-of-a-half risk 0.5 / (n + 1), not 0."""
-    m = np.arange(100, dtype=float)
-    y = np.r_[np.zeros(40), ((np.arange(40) + 1) % 2).astype(float), np.ones(20)]  # 40 non-cases, 1 0 1 0.., 20 cases
+def test_isotonic_end_blocks_are_pooled_until_they_hold_ten_cases_and_ten_non_cases():
+    """PAV blocks (rows, cases): 100/0, 100/5, 100/30, 60/50, 20/20. The lowest block alone would
+    predict 0 and the highest 1; pooled, the three lowest give 35/300 and the two highest 70/80."""
+    y = np.r_[np.zeros(100), np.ones(5), np.zeros(95), np.ones(30), np.zeros(70), np.ones(50), np.zeros(10),
+              np.ones(20)]
+    m = np.arange(y.size, dtype=float)
     cal = IsotonicCalibrator.fit(m, y)
     p = cal.predict(m)
-    assert p.min() == pytest.approx(0.5 / 41)
-    assert p.max() == pytest.approx(1 - 0.5 / 21)
+    np.testing.assert_allclose(p[:300], 35 / 300)
+    np.testing.assert_allclose(p[300:], 70 / 80)
+
+
+def test_isotonic_with_few_cases_is_one_pooled_rate_never_zero_or_one():
+    m = np.arange(100, dtype=float)
+    y = np.r_[np.zeros(60), np.ones(4), np.zeros(30), np.ones(6)]  # 10 cases, but PAV leaves a case-free bottom
+    p = IsotonicCalibrator.fit(m, y).predict(m)
+    assert p.min() > 0 and p.max() < 1
     assert np.all(np.diff(p) >= 0)
+    y_few = np.r_[np.zeros(90), np.ones(5), np.zeros(5)]  # 5 cases: fewer than 10, one block at the rate
+    np.testing.assert_allclose(IsotonicCalibrator.fit(m, y_few).predict(m), 0.05)
 
 
 def test_auto_keeps_platt_unless_isotonic_is_clearly_better():

@@ -149,3 +149,33 @@ def test_data_without_missingness_still_trains():
     Xv, yv, _ = make_data(1000, 8, missing=0.0)
     model = RiskModel(small_config(num_boost_round=30)).fit(X, y, Xv, yv, NAMES)
     assert model.predict_risk(Xv).shape == (1000,)
+
+
+def test_group_folds_keep_a_patients_rows_together_and_are_seeded():
+    from chronorisk.models.risk_model import group_folds
+
+    groups = np.repeat(np.arange(200), 3)
+    folds = group_folds(groups, 5, seed=4)
+    assert all(np.unique(folds[groups == g]).size == 1 for g in range(200))
+    assert np.bincount(folds).tolist() == [120] * 5  # 40 patients of 3 rows each per fold
+    assert np.array_equal(folds, group_folds(groups, 5, seed=4))
+    assert not np.array_equal(folds, group_folds(groups, 5, seed=5))
+
+
+def test_cross_fitted_margins_never_come_from_a_model_that_saw_the_patient():
+    """On pure noise an in-sample margin still ranks its own rows (memorized); an out-of-fold one cannot."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    X = rng.normal(size=(n, len(NAMES)))
+    y = (rng.random(n) < 0.3).astype(float)
+    groups = np.arange(n) // 2  # two rows per patient, identical features: memorizing one predicts the other
+    X[1::2] = X[0::2]
+    y[1::2] = y[0::2]
+    config = small_config(lightgbm={"min_data_in_leaf": 2, "num_leaves": 31})
+    model = RiskModel(config).fit_booster(X, y, X[:500], y[:500], NAMES, num_boost_round=60, early_stopping=False)
+    in_sample = M.auroc(y, model.predict_raw(X))
+    oof = model.cross_fitted_margins(X, y, groups, folds=5, seed=0)
+    assert in_sample > 0.8
+    assert abs(M.auroc(y, oof) - 0.5) < 0.05
+    model.fit_calibration_margins(oof, y, rows="cross_fit")
+    assert model.calibrator_.info["rows"] == "cross_fit" and model.calibrator_.info["n"] == n

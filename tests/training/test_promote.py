@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from chronorisk.training.config import PromoteConfig
 from chronorisk.training.promote import Figures, decide, render
 
-TOL = PromoteConfig(auroc_tolerance=0.005, ece_tolerance=0.01)
+TOL = PromoteConfig(auroc_tolerance=0.005, ece_tolerance=0.01, brier_tolerance=0.002)
 
 
-def fig(version: int, auroc: float, ece: float, n: int = 1000, pos: int = 100) -> Figures:
-    return Figures(version=version, n=n, n_positive=pos, auroc=auroc, ece=ece, brier=0.08)
+def fig(version: int, auroc: float, ece: float, n: int = 1000, pos: int = 100, brier: float = 0.08) -> Figures:
+    return Figures(version=version, n=n, n_positive=pos, auroc=auroc, ece=ece, brier=brier)
 
 
 def test_first_promotion_needs_no_champion():
@@ -39,6 +39,21 @@ def test_first_promotion_needs_no_champion():
 def test_tolerances(cand, champ, accepted):
     d = decide("t", fig(2, *cand), fig(1, *champ), TOL)
     assert d.accepted is accepted
+
+
+@pytest.mark.parametrize(
+    ("cand_brier", "accepted"),
+    [
+        (0.0815, True),  # higher by 0.0015, within 0.002
+        (0.0790, True),  # better
+        (0.0830, False),  # higher by 0.003
+    ],
+)
+def test_brier_tolerance_with_auroc_and_ece_unchanged(cand_brier, accepted):
+    d = decide("t", fig(2, 0.8, 0.02, brier=cand_brier), fig(1, 0.8, 0.02, brier=0.08), TOL)
+    assert d.accepted is accepted
+    if not accepted:
+        assert d.reasons == ("Brier 0.0830 is above the champion's 0.0800 by 0.0030 (tolerance 0.002)",)
 
 
 def test_refusal_names_each_failed_figure_with_both_values():
@@ -71,12 +86,14 @@ def test_render_shows_both_columns_and_the_verdict():
 unit = st.floats(0, 1, allow_nan=False)
 
 
-@given(a1=unit, e1=unit, a2=unit, e2=unit)
-def test_never_worse_beyond_tolerance_when_accepted(a1, e1, a2, e2):
-    d = decide("t", fig(2, a2, e2), fig(1, a1, e1), TOL)
-    assert d.accepted == (a2 >= a1 - TOL.auroc_tolerance and e2 <= e1 + TOL.ece_tolerance)
+@given(a1=unit, e1=unit, b1=unit, a2=unit, e2=unit, b2=unit)
+def test_never_worse_beyond_tolerance_when_accepted(a1, e1, b1, a2, e2, b2):
+    d = decide("t", fig(2, a2, e2, brier=b2), fig(1, a1, e1, brier=b1), TOL)
+    assert d.accepted == (
+        a2 >= a1 - TOL.auroc_tolerance and e2 <= e1 + TOL.ece_tolerance and b2 <= b1 + TOL.brier_tolerance
+    )
     # a candidate identical to the champion is always accepted
-    assert decide("t", fig(2, a1, e1), fig(1, a1, e1), TOL).accepted
+    assert decide("t", fig(2, a1, e1, brier=b1), fig(1, a1, e1, brier=b1), TOL).accepted
 
 
 # ---- on real bundles: the champion is scored with its own feature spec, on the same rows -----------

@@ -166,7 +166,7 @@ def test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_aga
     track = _tracking(work)
     assert registry.get_version_by_alias(track, TASK, "champion").version == 1
 
-    worse = _register_worse_candidate(work)
+    worse = _register_worse_candidate(work, params)
     refused = chronorisk(work, "promote", "--task", TASK, params=params, check=False)
     assert refused.returncode == 3, refused.stderr
     assert "REFUSED" in refused.stdout and "refused" in refused.stderr
@@ -177,6 +177,11 @@ def test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_aga
     assert registry.get_version_by_alias(track, TASK, "champion").version == 1
     record = json.loads((work / "reports" / f"promotion_{TASK}.json").read_text())
     assert record["accepted"] is False and record["champion"]["version"] == 1
+    # worse by construction: it predicts the chance of *no* outcome, so its calibration and Brier score fail
+    # whatever the small cohort's AUROCs are (see _register_worse_candidate)
+    assert any(reason.startswith("ECE ") for reason in record["reasons"]), record["reasons"]
+    assert any(reason.startswith("Brier ") for reason in record["reasons"]), record["reasons"]
+    assert record["candidate"]["n"] == record["champion"]["n"]
     assert track.client().get_model_version(registry.registered_name(TASK), str(worse)).tags[
         "chronorisk.promotion"] == "refused"
 
@@ -184,19 +189,27 @@ def test_promote_first_then_refuses_a_worse_candidate_then_accepts_a_version_aga
     assert "already the champion" in again.stdout
 
 
-def _register_worse_candidate(work: Path) -> int:
-    """A model trained on shuffled labels (AUROC ~ 0.5), registered as the new challenger."""
+def _register_worse_candidate(work: Path, params_path: Path) -> int:
+    """A model trained with every label inverted, with the champion's parameters, registered as the challenger.
+
+    Worse by construction, not by luck: the booster learns the mirror image of
+    the champion's (binary log loss is symmetric under flipping the labels, so
+    with the same seed its margins are the champion's negated) and the
+    calibrator maps them to P(no outcome). On the held-out rows its risks are
+    about 1 - the champion's, so its AUROC is about 1 - the champion's, and
+    with an outcome rate far below one half its mean risk is far above the
+    observed rate: ECE and Brier score far above the champion's. (A model
+    trained on shuffled labels was not reliably worse: on a 600-patient
+    cohort the champion itself is weak and its held-out AUROC and ECE noisy.)
+    """
     from chronorisk.config import load_params
     from chronorisk.training.train import load_feature_tables, train_task
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(params_path)
     data = load_feature_tables(work / "features", TASK)
-    rng = np.random.default_rng(1)
-    shuffled = data.frame["boolean_value"].to_numpy().copy()
-    rng.shuffle(shuffled)
-    data.frame = data.frame.with_columns(pl.Series("boolean_value", shuffled))
-    model_config = params.model.model_copy(update={"num_boost_round": 30, "early_stopping_rounds": 5})
-    result = train_task(data, model_config, params.train)
+    assert data.frame["boolean_value"].mean() < 0.3  # the argument above needs a rare outcome
+    data.frame = data.frame.with_columns(~pl.col("boolean_value"))
+    result = train_task(data, params.model, params.train)
     folder = work / "worse-bundle"
     result.bundle.save(folder)
     track = tracking.configure_tracking(WorkPaths(work), experiment="chronorisk")
