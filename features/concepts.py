@@ -73,6 +73,10 @@ class DrugClass(BaseModel):
         return tuple(_check_code(c) for c in value)
 
 
+# (id(map), concept) -> (map, expression): one patient's eligibility plan is rebuilt per request
+_EXPR_CACHE: dict[tuple[int, str], tuple[ConceptMap, pl.Expr]] = {}
+
+
 class ConceptMap(BaseModel):
     """Conditions, measurement codes and drug classes, with data/codes.py merged in."""
 
@@ -126,6 +130,10 @@ class ConceptMap(BaseModel):
 
     def condition_expr(self, name: str, code: pl.Expr | None = None) -> pl.Expr:
         """Boolean polars expression: does `code` belong to condition `name`?"""
+        if code is None:  # the usual call, once per concept per plan: built once (expressions are immutable)
+            hit = _EXPR_CACHE.get((id(self), name))
+            if hit is not None and hit[0] is self:
+                return hit[1]
         if name not in self.conditions:
             raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
         col = pl.col("code") if code is None else code
@@ -133,6 +141,10 @@ class ConceptMap(BaseModel):
         expr = col.is_in(list(cond.codes)) if cond.codes else pl.lit(False)
         for prefix in cond.prefixes:
             expr = expr | col.str.starts_with(prefix)
+        if code is None:
+            if len(_EXPR_CACHE) >= 256:
+                _EXPR_CACHE.pop(next(iter(_EXPR_CACHE), None), None)  # another thread may evict too
+            _EXPR_CACHE[(id(self), name)] = (self, expr)
         return expr
 
     def concept_table(self, codes: pl.LazyFrame, names: list[str] | None = None) -> pl.LazyFrame:

@@ -69,7 +69,8 @@ def _eligible(subjects: pl.LazyFrame, times: pl.LazyFrame, task: TaskDefinition)
     t = pl.col("prediction_time")
     p = task.population
     cond = (pl.col("first_event") < t) & (pl.col("death").is_null() | (pl.col("death") > t))
-    schema = subjects.collect_schema().names()
+    # the columns `subject_table` made (known from the task: resolving the plan's schema costs more)
+    schema = [f"first_{role}" for role in _role_concepts(task)]
     if "first_any_of" in schema:
         cond &= pl.col("first_any_of") < t
     for name in schema:

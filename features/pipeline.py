@@ -23,8 +23,10 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from chronorisk.data import codes as vocab
@@ -289,7 +291,7 @@ def tag_events(
     lookup instead of a join. `kinds` limits the tagging to the codes of some families.
     """
     slots = _CodeSlots.of(spec, kinds)
-    ev = conform_events_lazy(events).collect()
+    ev = conform_events_lazy(events).collect(**_run_options(keys.height))
     ev = ev.with_columns(ev.get_column("code").cast(slots.enum, strict=False).to_physical().alias("slot"))
     one_time_each = keys.get_column("subject_id").is_unique().all()
     if one_time_each:  # nightly scoring: look rows up instead of joining
@@ -319,7 +321,7 @@ def tag_events(
     if not one_time_each:
         columns.remove("_ix")
     located = [_locate(p.select(columns), keys, one_time_each) for p in parts]
-    return pl.concat(pl.collect_all(located), how="vertical", rechunk=False)
+    return pl.concat(pl.collect_all(located, **_run_options(keys.height)), how="vertical", rechunk=False)
 
 
 def _row_of_subject(subjects: pl.Series, index_subjects: pl.Series) -> pl.Series:
@@ -392,33 +394,93 @@ def _features(
         if family.__name__ in chosen["compute"]
         for part in family(spec, tagged)
     ]
-    out = pl.concat([idx, *pl.collect_all(aligned)], how="horizontal")
-    return out.select(*idx.columns, *_final_exprs(spec, tuple(names)))
+    out = pl.concat([idx, *pl.collect_all(aligned, **_run_options(idx.height))], how="horizontal")
+    plan = _final_plan(spec, tuple(names))
+    if out.height <= _SMALL_ROWS:
+        return pl.concat([idx, _finish_small(out, plan)], how="horizontal")
+    return out.select(*idx.columns, *plan.exprs)
 
 
-_FINAL_CACHE: dict[tuple, tuple[FeatureSpec, list[pl.Expr]]] = {}
+_SMALL_ROWS = 256  # up to this many index rows, per-expression plan costs outweigh the arithmetic
 
 
-def _final_exprs(spec: FeatureSpec, names: tuple[str, ...]) -> list[pl.Expr]:
-    """Float32 feature columns: zeros for empty counts, `never` from missing counts (cached per spec)."""
+def _run_options(index_rows: int) -> dict:
+    """How to run plans over the events of `index_rows` predictions. For a few (one patient being
+    served) the in-memory engine starts a plan faster than the streaming one and the optimizer passes
+    cost more than they save; same results either way."""
+    if index_rows <= _SMALL_ROWS:
+        return {"engine": "in-memory", "optimizations": pl.QueryOptFlags.none()}
+    return {}
+
+
+_FINAL_CACHE: dict[tuple, tuple[FeatureSpec, _FinalPlan]] = {}
+
+
+@dataclass(frozen=True)
+class _FinalPlan:
+    """How each output feature comes from the family columns: its source column and its treatment.
+
+    Treatments (numpy families mark "no value" with NaN, which becomes null): `zero` counts and flags
+    are 0 when absent, `never` is 1 when the source count is missing, the others stay null.
+    One description, two executors: polars expressions (`exprs`, for many rows) and numpy
+    (`_finish_small`, for a few rows, where ~400 expressions cost milliseconds per call).
+    """
+
+    names: tuple[str, ...]
+    sources: tuple[str, ...]  # distinct source columns
+    gather: np.ndarray  # position in `sources` of each output's source column
+    zero: np.ndarray  # bool per output
+    never: np.ndarray  # bool per output
+
+    @cached_property
+    def exprs(self) -> list[pl.Expr]:
+        """Float32 feature columns as polars expressions (built once per plan)."""
+        out = []
+        for j, name in enumerate(self.names):
+            expr = pl.col(self.sources[self.gather[j]]).fill_nan(None)
+            if self.never[j]:
+                expr = expr.is_null()
+            elif self.zero[j]:
+                expr = expr.fill_null(0)
+            out.append(expr.cast(pl.Float32).alias(name))
+        return out
+
+
+def _final_plan(spec: FeatureSpec, names: tuple[str, ...]) -> _FinalPlan:
+    """The finishing plan of `names` (cached per spec: a spec is immutable)."""
     key = (id(spec), names)
     hit = _FINAL_CACHE.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
     zero = set(fam.zero_filled(spec))
-    exprs = []
-    for name in names:  # numpy families mark "no value" with NaN: it becomes null here
-        if name.startswith("miss_") and name.endswith("_never"):
-            expr = pl.col(name.removesuffix("_never") + "_count").fill_nan(None).is_null()
-        elif name in zero:
-            expr = pl.col(name).fill_nan(None).fill_null(0)
-        else:
-            expr = pl.col(name).fill_nan(None)
-        exprs.append(expr.cast(pl.Float32).alias(name))
+    never = [name.startswith("miss_") and name.endswith("_never") for name in names]
+    source_of = [n.removesuffix("_never") + "_count" if nv else n for n, nv in zip(names, never, strict=True)]
+    sources = tuple(dict.fromkeys(source_of))
+    position = {s: i for i, s in enumerate(sources)}
+    plan = _FinalPlan(
+        names=names,
+        sources=sources,
+        gather=np.array([position[s] for s in source_of], dtype=np.intp),
+        zero=np.array([n in zero and not nv for n, nv in zip(names, never, strict=True)], dtype=bool),
+        never=np.array(never, dtype=bool),
+    )
     if len(_FINAL_CACHE) >= 16:
-        _FINAL_CACHE.pop(next(iter(_FINAL_CACHE)))
-    _FINAL_CACHE[key] = (spec, exprs)
-    return exprs
+        _FINAL_CACHE.pop(next(iter(_FINAL_CACHE), None), None)
+    _FINAL_CACHE[key] = (spec, plan)
+    return plan
+
+
+def _finish_small(out: pl.DataFrame, plan: _FinalPlan) -> pl.DataFrame:
+    """`plan.exprs` computed with numpy: same values (NaN and null are both "no value" here)."""
+    by_name = {column.name: column for column in out.get_columns()}  # no select: ~400 expressions cost
+    values = np.column_stack([by_name[name].to_numpy() for name in plan.sources])
+    if values.dtype != np.float64:  # the families give Float64 (null -> NaN); any other type is cast
+        values = out.select(plan.sources).cast(pl.Float64).to_numpy()
+    values = values[:, plan.gather]
+    missing = np.isnan(values)
+    values = np.where(plan.never, missing, np.where(plan.zero & missing, 0.0, values)).astype(np.float32)
+    flat = pl.Series(values.ravel(), nan_to_null=True)
+    return flat.reshape(values.shape).arr.to_struct(fields=list(plan.names)).struct.unnest()
 
 
 def _chosen_families(families: Iterable[str] | None) -> dict[str, set[str]]:

@@ -256,12 +256,31 @@ def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_ti
     return feats, None
 
 
+def features_of_events(models: Sequence[ServedModel], events: pl.DataFrame, indexes: Sequence[pl.DataFrame]):
+    """Each model's feature frame from one patient's events, every task in one polars run; None where the
+    patient is not in that task's population. One run instead of one per task: for a single patient the
+    plan start, not the arithmetic, is most of the cost."""
+    from chronorisk.features.pipeline import transform
+
+    lazy = events.lazy()
+    todo = [i for i, index in enumerate(indexes) if index.height]
+    plans = [transform(models[i].spec, lazy, indexes[i].lazy()) for i in todo]
+    frames = pl.collect_all(plans, engine="in-memory", optimizations=pl.QueryOptFlags.none())  # see eligible_indexes
+    found: list[pl.DataFrame | None] = [None] * len(models)
+    for i, frame in zip(todo, frames, strict=True):
+        found[i] = frame
+    return found
+
+
 def eligible_indexes(models: Sequence[ServedModel], events: pl.DataFrame, prediction_time: datetime):
     """Every task's eligible index of these events in one polars run (one plan start, not one per task)."""
     from chronorisk.features.labels import eligible_index
 
     lazy = events.lazy()
-    return pl.collect_all([eligible_index(lazy, m.task_def, [prediction_time]) for m in models])
+    # one patient's few rows: the in-memory engine starts a plan faster than the streaming one, and the
+    # optimizer passes (pushdowns, common subplans) cost more than they save
+    return pl.collect_all([eligible_index(lazy, m.task_def, [prediction_time]) for m in models], engine="in-memory",
+                          optimizations=pl.QueryOptFlags.none())
 
 
 def features_from_dict(model: ServedModel, values: dict[str, float | None]) -> np.ndarray:
@@ -411,16 +430,17 @@ def score_one(
     chosen = [models[t] for t in tasks]
     if features is not None:
         check_feature_names(chosen, features)
-    indexes = None
+    from_events = None
     if events is not None:
         check_event_frame(events, prediction_time)
-        indexes = eligible_indexes(chosen, events, prediction_time)
+        from_events = features_of_events(chosen, events, eligible_indexes(chosen, events, prediction_time))
     results = []
     for i, model in enumerate(chosen):
         if features is not None:
             feats, reason = features_from_dict(model, features), None
         else:
-            feats, reason = features_from_events(model, events, prediction_time, indexes[i])
+            feats = from_events[i]
+            reason = None if feats is not None else NOT_ELIGIBLE
         if feats is None:
             results.append(TaskResult(model.task, False, reason, model_name=model.name, model_version=model.version))
             continue

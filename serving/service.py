@@ -36,6 +36,7 @@ class ChronoriskService:
 
         self.state = state_from_env()
         app.state.serving = self.state
+        _freeze_loaded_objects()
 
     def __is_ready__(self) -> bool:
         return self.state.store.ping()
@@ -46,3 +47,17 @@ class ChronoriskService:
         if self.state.monitor is not None:
             self.state.monitor.close()
         self.state.store.dispose()
+
+
+def _freeze_loaded_objects() -> None:
+    """Move everything loaded so far (models, libraries) out of the garbage collector's view.
+
+    A worker holds millions of long-lived objects after import and model load;
+    every full collection walks them all, which shows up as 50-100 ms pauses
+    in a request's tail latency. `gc.freeze` (the documented remedy for
+    pre-loaded servers) leaves them alone; objects made later are collected as usual.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()

@@ -153,3 +153,19 @@ def test_events_without_value_columns(spec):
     out = transform(spec, ev, pl.DataFrame({"subject_id": [1], "prediction_time": [T]})).collect()
     assert out["enc_amb_count_1095d"].to_list() == [0.0]
     assert out["enc_amb_days_since_last"][0] == pytest.approx((T - datetime(2020, 1, 1)).days)
+
+
+def test_finishing_few_rows_equals_many_rows(spec):
+    """The numpy finishing of a few rows (serving) gives what the polars expressions give (batches)."""
+    import numpy as np
+
+    from chronorisk.features.pipeline import _final_plan, _finish_small
+
+    plan = _final_plan(spec, spec.feature_names)
+    values = np.random.default_rng(0).normal(size=(5, len(plan.sources)))
+    values[values < -0.5] = np.nan  # "no value" from the numpy families
+    wide = pl.DataFrame(values, schema=list(plan.sources), orient="row")
+    wide = wide.with_columns(pl.when(pl.int_range(pl.len()) == 1).then(None).otherwise(pl.all()).name.keep())
+    expected = wide.select(plan.exprs)
+    assert expected.null_count().sum_horizontal().item() > 0  # nulls from NaN and from null both occur
+    assert_frame_equal(_finish_small(wide, plan), expected)
