@@ -104,7 +104,6 @@ class MonitoringSink:
         import numpy as np
         import polars as pl
 
-        from chronorisk.serving.scoring import monitoring_records
 
         with self._lock:
             rows, self._rows = self._rows, []
@@ -114,18 +113,14 @@ class MonitoringSink:
         for group in by_model.values():
             model = group[0][0]
             try:
-                frames = []
                 matrix = [g for g in group if isinstance(g[1], np.ndarray)]
+                tables = [g for g in group if not isinstance(g[1], np.ndarray)]
+                frames = []
                 if matrix:
-                    frames.append(monitoring_records(
-                        model, np.vstack([g[1] for g in matrix]), np.concatenate([g[2] for g in matrix]),
-                        [t for g in matrix for t in g[3]], None, matrix[0][5],
-                    ).with_columns(
-                        pl.Series("site", [g[4] or "unknown" for g in matrix for _ in g[3]], dtype=pl.String),
-                        pl.Series("prediction_time", [g[5] for g in matrix for _ in g[3]], dtype=pl.Datetime("us")),
-                    ))
-                frames += [monitoring_records(m, f, r, t, s, w) for m, f, r, t, s, w in group
-                           if not isinstance(f, np.ndarray)]
+                    frames.append(_stacked_records(model, matrix, np.vstack([g[1] for g in matrix])))
+                if tables:  # one concat and one select for all requests, not one select per request
+                    frames.append(_stacked_records(model, tables, pl.concat([g[1] for g in tables],
+                                                                            how="diagonal_relaxed")))
                 self.log.append(pl.concat(frames, how="diagonal_relaxed"), model.task, model.version, "api",
                                 model_name=model.name, feature_names=model.feature_names)
             except Exception as exc:
@@ -135,6 +130,21 @@ class MonitoringSink:
         self._stop = True
         self._wake.set()
         self.flush()
+
+
+def _stacked_records(model, rows: list[tuple], feats):
+    """Monitoring records of many buffered requests at once: `feats` stacks their feature rows in order."""
+    import numpy as np
+    import polars as pl
+
+    from chronorisk.serving.scoring import monitoring_records
+
+    return monitoring_records(
+        model, feats, np.concatenate([g[2] for g in rows]), [t for g in rows for t in g[3]], None, rows[0][5],
+    ).with_columns(
+        pl.Series("site", [g[4] or "unknown" for g in rows for _ in g[3]], dtype=pl.String),
+        pl.Series("prediction_time", [g[5] for g in rows for _ in g[3]], dtype=pl.Datetime("us")),
+    )
 
 
 def monitoring_sink(work: Path) -> MonitoringSink | None:

@@ -195,3 +195,30 @@ def test_scored_at_defaults_to_now_in_utc(work):
     log.append(_records(), "t", 1, "api")
     scored = log.scan("t").collect()["scored_at"]
     assert scored.min() >= before - timedelta(seconds=1)
+
+
+def test_live_sink_logs_feature_rows_and_event_frames_of_many_requests_in_order(work):
+    """The server's sink: ready-made feature rows and per-request frames (events path) land as one
+    table per model, each request's risk, tier, site and time on its own row, no subject id."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from chronorisk.serving.state import MonitoringSink
+
+    model = SimpleNamespace(task="onset_2y", version=4, name="chronorisk-onset_2y", feature_names=["age", "bmi_last"])
+    sink = MonitoringSink(work, flush_rows=10_000, flush_seconds=3600)
+    t1, t2, t3 = datetime(2025, 3, 3, 9), datetime(2025, 3, 3, 10), datetime(2025, 3, 4, 11)
+    sink.live(model, np.array([[51.0, 30.5]]), np.array([0.2]), ["medium"], "chc_a", t1)
+    frame = pl.DataFrame({"subject_id": [SUBJECTS[0]], "age": [62.0], "bmi_last": [None], "extra": [1.0]})
+    sink.live(model, frame, np.array([0.7]), ["high"], "hosp_c", t2)
+    sink.live(model, frame.drop("subject_id").with_columns(age=pl.lit(70.0)), np.array([0.05]), ["low"], None, t3)
+    sink.close()
+    rows = PredictionLog.for_work(work).scan("onset_2y").collect().sort("risk")
+    assert rows["risk"].to_list() == [0.05, 0.2, 0.7]
+    assert rows["tier"].to_list() == ["low", "medium", "high"]
+    assert rows["site"].to_list() == ["unknown", "chc_a", "hosp_c"]
+    assert rows["age"].to_list() == [70.0, 51.0, 62.0]
+    assert rows["bmi_last"].to_list()[1:] == [30.5, None]
+    assert rows["prediction_time"].dt.hour().to_list() == [11, 9, 10]
+    assert "subject_id" not in rows.columns and "extra" not in rows.columns
