@@ -291,7 +291,7 @@ def tag_events(
     lookup instead of a join. `kinds` limits the tagging to the codes of some families.
     """
     slots = _CodeSlots.of(spec, kinds)
-    ev = conform_events_lazy(events).collect(**_run_options(keys.height))
+    ev = conform_events_lazy(events).collect(**run_options(keys.height))
     ev = ev.with_columns(ev.get_column("code").cast(slots.enum, strict=False).to_physical().alias("slot"))
     one_time_each = keys.get_column("subject_id").is_unique().all()
     if one_time_each:  # nightly scoring: look rows up instead of joining
@@ -321,7 +321,7 @@ def tag_events(
     if not one_time_each:
         columns.remove("_ix")
     located = [_locate(p.select(columns), keys, one_time_each) for p in parts]
-    return pl.concat(pl.collect_all(located, **_run_options(keys.height)), how="vertical", rechunk=False)
+    return pl.concat(pl.collect_all(located, **run_options(keys.height)), how="vertical", rechunk=False)
 
 
 def _row_of_subject(subjects: pl.Series, index_subjects: pl.Series) -> pl.Series:
@@ -394,7 +394,7 @@ def _features(
         if family.__name__ in chosen["compute"]
         for part in family(spec, tagged)
     ]
-    out = pl.concat([idx, *pl.collect_all(aligned, **_run_options(idx.height))], how="horizontal")
+    out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
     plan = _final_plan(spec, tuple(names))
     if out.height <= _SMALL_ROWS:
         return pl.concat([idx, _finish_small(out, plan)], how="horizontal")
@@ -404,7 +404,7 @@ def _features(
 _SMALL_ROWS = 256  # up to this many index rows, per-expression plan costs outweigh the arithmetic
 
 
-def _run_options(index_rows: int) -> dict:
+def run_options(index_rows: int) -> dict:
     """How to run plans over the events of `index_rows` predictions. For a few (one patient being
     served) the in-memory engine starts a plan faster than the streaming one and the optimizer passes
     cost more than they save; same results either way."""

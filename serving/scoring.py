@@ -241,31 +241,22 @@ def check_event_frame(events: pl.DataFrame, prediction_time: datetime) -> None:
 NOT_ELIGIBLE = "not in the task population at the prediction time"
 
 
-def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_time: datetime, index=None):
-    """(features frame or None, reason): None when the patient is not in the task population.
-
-    `index`: the task's eligible index when the caller already has it (`eligible_indexes`)."""
-    from chronorisk.features.pipeline import transform
-
-    lazy = events.lazy()
-    if index is None:
-        index = eligible_indexes([model], events, prediction_time)[0]
-    if index.height == 0:
-        return None, NOT_ELIGIBLE
-    feats = transform(model.spec, lazy, index.lazy()).collect()
-    return feats, None
+def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_time: datetime):
+    """(features frame or None, reason): None when the patient is not in the task population."""
+    feats = features_of_events([model], events, eligible_indexes([model], events, prediction_time))[0]
+    return (feats, None) if feats is not None else (None, NOT_ELIGIBLE)
 
 
 def features_of_events(models: Sequence[ServedModel], events: pl.DataFrame, indexes: Sequence[pl.DataFrame]):
     """Each model's feature frame from one patient's events, every task in one polars run; None where the
     patient is not in that task's population. One run instead of one per task: for a single patient the
     plan start, not the arithmetic, is most of the cost."""
-    from chronorisk.features.pipeline import transform
+    from chronorisk.features.pipeline import run_options, transform
 
     lazy = events.lazy()
     todo = [i for i, index in enumerate(indexes) if index.height]
     plans = [transform(models[i].spec, lazy, indexes[i].lazy()) for i in todo]
-    frames = pl.collect_all(plans, engine="in-memory", optimizations=pl.QueryOptFlags.none())  # see eligible_indexes
+    frames = pl.collect_all(plans, **run_options(1))
     found: list[pl.DataFrame | None] = [None] * len(models)
     for i, frame in zip(todo, frames, strict=True):
         found[i] = frame
@@ -275,12 +266,10 @@ def features_of_events(models: Sequence[ServedModel], events: pl.DataFrame, inde
 def eligible_indexes(models: Sequence[ServedModel], events: pl.DataFrame, prediction_time: datetime):
     """Every task's eligible index of these events in one polars run (one plan start, not one per task)."""
     from chronorisk.features.labels import eligible_index
+    from chronorisk.features.pipeline import run_options
 
     lazy = events.lazy()
-    # one patient's few rows: the in-memory engine starts a plan faster than the streaming one, and the
-    # optimizer passes (pushdowns, common subplans) cost more than they save
-    return pl.collect_all([eligible_index(lazy, m.task_def, [prediction_time]) for m in models], engine="in-memory",
-                          optimizations=pl.QueryOptFlags.none())
+    return pl.collect_all([eligible_index(lazy, m.task_def, [prediction_time]) for m in models], **run_options(1))
 
 
 def features_from_dict(model: ServedModel, values: dict[str, float | None]) -> np.ndarray:
