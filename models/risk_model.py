@@ -149,14 +149,8 @@ class RiskModel:
     def fit_calibration(self, X_cal: object, y_cal: object) -> RiskModel:
         """Fit `calibrator_` on held-out rows (never the booster's training rows)."""
         self._check_fitted("booster_")
-        config = self.config or ModelConfig()
         Xc, yc = _check_xy(X_cal, y_cal, self.feature_names_, "X_cal")
-        self.calibrator_ = fit_calibrator(
-            self.predict_raw(Xc), yc, config.calibration, folds=config.calibration_folds, seed=config.seed
-        )
-        self.calibrator_.info["rows"] = "given"
-        log.info("calibration: %s", self.calibrator_.info.get("method"))
-        return self
+        return self.fit_calibration_margins(self.predict_raw(Xc), yc, rows="given")
 
     def cross_fitted_margins(
         self, X: object, y: object, groups: object, *, folds: int = 5, seed: int = 0

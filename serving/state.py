@@ -104,7 +104,6 @@ class MonitoringSink:
         import numpy as np
         import polars as pl
 
-
         with self._lock:
             rows, self._rows = self._rows, []
         by_model: dict[str, list] = {}
