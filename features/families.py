@@ -203,19 +203,21 @@ def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]], values: di
     return frame.insert_column(0, pl.Series("_ix", rows, dtype=pl.UInt32))
 
 
-_FEW_ROWS = 256
+FEW_ROWS = 256  # up to this many rows (one patient being served), per-column and per-expression costs dominate
 
 
-def frame_of_columns(matrix: np.ndarray, names: list[str]) -> pl.DataFrame:
-    """`pl.from_numpy(matrix, schema=names, orient="col")` (one column per matrix row), values unchanged.
+def frame_of_columns(matrix: np.ndarray, names: list[str], *, nan_to_null: bool = False) -> pl.DataFrame:
+    """`pl.from_numpy(matrix, schema=names, orient="col")` (one column per matrix row), values unchanged
+    (NaN becomes null with `nan_to_null`).
 
     For a few rows (one patient being served) the frame is made from one Series reshaped to an
     array column and unnested: from_numpy builds each of some hundred columns in Python, ~1 ms;
     for many rows from_numpy is the faster one.
     """
-    if matrix.shape[1] > _FEW_ROWS:
-        return pl.from_numpy(matrix, schema=names, orient="col")
-    flat = pl.Series(np.ascontiguousarray(matrix.T).ravel())
+    if matrix.shape[1] > FEW_ROWS:
+        frame = pl.from_numpy(matrix, schema=names, orient="col")
+        return frame.fill_nan(None) if nan_to_null else frame
+    flat = pl.Series(np.ascontiguousarray(matrix.T).ravel(), nan_to_null=nan_to_null)
     return flat.reshape((matrix.shape[1], matrix.shape[0])).arr.to_struct(fields=names).struct.unnest()
 
 

@@ -396,19 +396,16 @@ def _features(
     ]
     out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
     plan = _final_plan(spec, tuple(names))
-    if out.height <= _SMALL_ROWS:
+    if out.height <= fam.FEW_ROWS:
         return pl.concat([idx, _finish_small(out, plan)], how="horizontal")
     return out.select(*idx.columns, *plan.exprs)
-
-
-_SMALL_ROWS = 256  # up to this many index rows, per-expression plan costs outweigh the arithmetic
 
 
 def run_options(index_rows: int) -> dict:
     """How to run plans over the events of `index_rows` predictions. For a few (one patient being
     served) the in-memory engine starts a plan faster than the streaming one and the optimizer passes
     cost more than they save; same results either way."""
-    if index_rows <= _SMALL_ROWS:
+    if index_rows <= fam.FEW_ROWS:
         return {"engine": "in-memory", "optimizations": pl.QueryOptFlags.none()}
     return {}
 
@@ -479,8 +476,7 @@ def _finish_small(out: pl.DataFrame, plan: _FinalPlan) -> pl.DataFrame:
     values = values[:, plan.gather]
     missing = np.isnan(values)
     values = np.where(plan.never, missing, np.where(plan.zero & missing, 0.0, values)).astype(np.float32)
-    flat = pl.Series(values.ravel(), nan_to_null=True)
-    return flat.reshape(values.shape).arr.to_struct(fields=list(plan.names)).struct.unnest()
+    return fam.frame_of_columns(values.T, list(plan.names), nan_to_null=True)
 
 
 def _chosen_families(families: Iterable[str] | None) -> dict[str, set[str]]:
