@@ -22,14 +22,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", action="append", default=None, metavar="NAME",
-                        help="task name or task YAML file (repeatable; default: params.yaml labels.tasks)")
-    parser.add_argument("--features", type=Path, default=None, metavar="DIR",
-                        help="feature tables root (default: <work>/features)")
-    parser.add_argument("--meds", type=Path, default=None, metavar="DIR",
-                        help="MEDS data from elsewhere: features computed on the fly with the model's spec")
-    parser.add_argument("--labels", type=Path, default=None, metavar="DIR",
-                        help="MEDS label parquet (file or folder) for --meds; default: extract with the task")
+    from chronorisk.training.train_cli import add_data_arguments
+
+    add_data_arguments(parser, meds_help="MEDS data from elsewhere: features computed on the fly with the model's spec")
     parser.add_argument("--models", type=Path, default=None, metavar="DIR",
                         help="bundle folders <DIR>/<task>/ (default: <work>/models)")
     parser.add_argument("--version", type=int, default=None, help="evaluate this registered version instead")

@@ -15,15 +15,19 @@ import argparse
 from pathlib import Path
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, meds_help: str) -> None:
+    """The rows to work on: tasks, and feature tables or MEDS data with labels (train and evaluate)."""
     parser.add_argument("--task", action="append", default=None, metavar="NAME",
                         help="task name or task YAML file (repeatable; default: params.yaml labels.tasks)")
     parser.add_argument("--features", type=Path, default=None, metavar="DIR",
                         help="feature tables root (default: <work>/features)")
-    parser.add_argument("--meds", type=Path, default=None, metavar="DIR",
-                        help="MEDS data from elsewhere: compute features on the fly instead of --features")
+    parser.add_argument("--meds", type=Path, default=None, metavar="DIR", help=meds_help)
     parser.add_argument("--labels", type=Path, default=None, metavar="DIR",
                         help="MEDS label parquet (file or folder) for --meds; default: extract with the task")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_data_arguments(parser, meds_help="MEDS data from elsewhere: compute features on the fly instead of --features")
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow tracking server or database (default: sqlite in the work folder)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: params.yaml train.experiment)")
