@@ -8,10 +8,14 @@ pseudonymous MEDS `subject_id`s; nothing in this module logs them.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -180,9 +184,68 @@ def make_engine(url: str) -> Engine:
     raise InputError("store_url", f"backend {backend!r} is not supported; use sqlite or postgresql+psycopg")
 
 
-def writer(conn_or_engine: Engine) -> Connection:
-    """A connection whose transactions take the write lock at BEGIN (SQLite); plain elsewhere."""
-    return conn_or_engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+@contextmanager
+def writer(engine: Engine) -> Iterator[Connection]:
+    """A connection for one write transaction, holding the store's write lock while open.
+
+    SQLite lets one writer in at a time (BEGIN IMMEDIATE takes the lock up front). A writer that
+    finds the lock taken waits in SQLite's busy handler, which sleeps in growing steps of up to
+    100 ms. With two service workers auditing every patient read into the same file, those sleeps
+    made the p99 of `GET /patients` 70-225 ms while its p50 was 1-3 ms. So writers of one SQLite
+    file first queue on an flock beside it (`<file>-writer.lock`), which wakes the next one as
+    soon as the lock is free. The busy handler stays as the fallback for writers from elsewhere.
+    PostgreSQL queues its lock waiters itself; there it is a plain connection.
+    """
+    with _sqlite_write_lock(engine), engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn:
+        yield conn
+
+
+class _FileLock:
+    """An exclusive lock on one file across processes (flock) and this process's threads (a Lock).
+
+    The file is opened once per process (never inherited across fork: a child shares the
+    parent's open file and its flock would not exclude the parent)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.threads = threading.Lock()
+        self.fd: int | None = None
+        self.pid = 0
+
+    def __enter__(self) -> _FileLock:
+        self.threads.acquire()
+        try:
+            if self.fd is None or self.pid != os.getpid():
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                self.pid = os.getpid()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.threads.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.threads.release()
+
+
+_FILE_LOCKS: dict[str, _FileLock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+
+
+def _sqlite_write_lock(engine: Engine) -> AbstractContextManager:
+    """The write lock of `engine`'s SQLite file; nothing to hold for PostgreSQL or an in-memory SQLite."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return nullcontext()
+    path = str(Path(database).resolve()) + "-writer.lock"
+    with _FILE_LOCKS_GUARD:
+        lock = _FILE_LOCKS.get(path)
+        if lock is None:
+            lock = _FILE_LOCKS[path] = _FileLock(Path(path))
+    return lock
 
 
 def _insert(engine_or_conn):

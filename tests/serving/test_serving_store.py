@@ -173,6 +173,40 @@ def test_audit_concurrent_appends_keep_one_chain(any_store):
     assert result.n_entries == 60
 
 
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(0.4)
+released = time.time()
+fcntl.flock(fd, fcntl.LOCK_UN)
+print(released, flush=True)
+"""
+
+
+def test_sqlite_writers_of_other_processes_queue_on_the_lock_file(sqlite_store, tmp_path):
+    """A writer waits while another process holds `<db>-writer.lock`, then writes (service workers
+    queue there instead of sleeping in SQLite's busy handler)."""
+    import subprocess
+    import sys
+    import time
+
+    from chronorisk.serving.store import writer
+
+    lock_file = f"{tmp_path / 'store.db'}-writer.lock"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, lock_file], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with writer(sqlite_store.engine) as conn, conn.begin():
+        entered = time.time()
+        conn.execute(text("CREATE TABLE lock_probe (k INTEGER)"))
+    released = float(holder.stdout.readline())
+    assert holder.wait(timeout=10) == 0
+    assert entered >= released
+    with sqlite_store.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM lock_probe")).scalar() == 0
+
+
 # -- access ---------------------------------------------------------------------------------
 
 
