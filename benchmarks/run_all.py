@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 # In dependency-free order: cheap, self-contained ones first.
-BENCHMARKS = ("train", "explain", "ingest", "generate", "features", "monitor", "serving", "federated")
+BENCHMARKS = ("train", "calibration", "explain", "ingest", "generate", "features", "monitor", "serving", "federated")
 
 
 def benchmark_command(name: str, quick: bool) -> list[str]:
