@@ -207,6 +207,36 @@ def test_sqlite_writers_of_other_processes_queue_on_the_lock_file(sqlite_store, 
         assert conn.execute(text("SELECT count(*) FROM lock_probe")).scalar() == 0
 
 
+_PROBE_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held")
+"""
+
+
+def test_a_nested_writer_keeps_the_lock_until_the_outer_one_ends(sqlite_store, tmp_path):
+    import subprocess
+    import sys
+
+    from chronorisk.serving.store import _sqlite_write_lock
+
+    lock_file = f"{tmp_path / 'store.db'}-writer.lock"
+
+    def probe() -> str:
+        return subprocess.run([sys.executable, "-c", _PROBE_LOCK, lock_file], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    with _sqlite_write_lock(sqlite_store.engine):
+        with _sqlite_write_lock(sqlite_store.engine):
+            assert probe() == "held"
+        assert probe() == "held"
+    assert probe() == "free"
+
+
 # -- access ---------------------------------------------------------------------------------
 
 
