@@ -275,7 +275,10 @@ def organization_site(resource: dict, full_url: str | None = None) -> tuple[list
     if isinstance(full_url, str) and full_url.startswith(("urn:uuid:", "urn:oid:")):
         keys.append("id:" + full_url.rsplit(":", 1)[-1])
     site = None
-    for ident in resource.get("identifier") or ():
+    identifiers = resource.get("identifier")
+    if isinstance(identifiers, dict):  # one identifier where FHIR has a list: read it all the same
+        identifiers = [identifiers]
+    for ident in identifiers if isinstance(identifiers, list) else ():
         if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
             continue
         system, value = ident.get("system"), ident["value"]
@@ -504,7 +507,8 @@ def _medication_code(resource: dict, ctx: BundleContext) -> str:
     ref = resource.get("medicationReference")
     target = ref.get("reference") if isinstance(ref, dict) else None
     if isinstance(target, str) and target.startswith("#"):
-        for contained in resource.get("contained") or ():
+        contained_list = resource.get("contained")
+        for contained in contained_list if isinstance(contained_list, list) else ():
             if isinstance(contained, dict) and contained.get("id") == target[1:]:
                 return pick_code(contained.get("code"), "contained Medication.code", ctx)
     elif isinstance(target, str) and target in ctx.medications:

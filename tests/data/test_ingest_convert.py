@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chronorisk.data.codes import MEASUREMENTS
@@ -357,6 +357,8 @@ _json = st.recursive(
                          "serviceProvider", "identifier", "name", "verificationStatus", "contained"]),
         _json, max_size=8),
 )
+@example(rtype="Organization", body={"identifier": 1})  # once raised TypeError: identifier not a list
+@example(rtype="MedicationRequest", body={"medicationReference": {"reference": "#m"}, "contained": 7})
 @settings(max_examples=300, deadline=None)
 def test_any_shape_is_converted_quarantined_or_skipped(tmp_path_factory, rtype, body):
     from chronorisk.data.fhir.worker import WorkerSettings, _Task
