@@ -64,6 +64,22 @@ class Exchange:
     bytes_in: int = 0
 
 
+def encoded_requests(requests: dict[int, Payload], result: Exchange) -> dict[int, Any]:
+    """Each node's request as Flower records, adding their size to `result.bytes_out`.
+
+    One request payload is often shared by every node (the global model): it is encoded once."""
+    from chronorisk.federated.protocol import record_bytes, to_records
+
+    by_payload: dict[int, Any] = {}
+    out: dict[int, Any] = {}
+    for node, payload in requests.items():
+        if id(payload) not in by_payload:
+            by_payload[id(payload)] = to_records(payload)
+        out[node] = by_payload[id(payload)]
+        result.bytes_out += record_bytes(out[node])
+    return out
+
+
 class Transport(Protocol):
     def node_ids(self) -> list[int]: ...
 
@@ -105,18 +121,12 @@ class FlowerTransport:
     ) -> Exchange:
         from flwr.app import Message
 
-        from chronorisk.federated.protocol import ProtocolError, from_records, record_bytes, to_records
+        from chronorisk.federated.protocol import ProtocolError, from_records, record_bytes
 
         result = Exchange()
         start = time.monotonic()
         messages = []
-        encoded = {}
-        for node, payload in requests.items():
-            key = id(payload)  # one request payload is often shared by every node: encode it once
-            if key not in encoded:
-                encoded[key] = to_records(payload)
-            records = encoded[key]
-            result.bytes_out += record_bytes(records)
+        for node, records in encoded_requests(requests, result).items():
             messages.append(
                 Message(
                     records,

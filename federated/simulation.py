@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chronorisk.federated.protocol import Payload, from_records, record_bytes, to_records
-from chronorisk.federated.runner import Exchange
+from chronorisk.federated.runner import Exchange, encoded_requests
 from chronorisk.federated.site import SiteContext, handle
 
 if TYPE_CHECKING:
@@ -67,13 +67,8 @@ class LocalTransport:
         result = Exchange()
         start = time.monotonic()
         round_index = int(label.rsplit("-", 1)[-1]) if "-" in label else 0
-        encoded = {}
-        for node, payload in requests.items():
+        for node, records in encoded_requests(requests, result).items():
             ctx = self.sites.get(node)
-            if id(payload) not in encoded:
-                encoded[id(payload)] = to_records(payload)
-            records = encoded[id(payload)]
-            result.bytes_out += record_bytes(records)
             if ctx is None or ctx.site in self.offline:
                 result.failures[node] = "node left the federation"
                 continue
