@@ -21,6 +21,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.errors import InputError
 
@@ -73,8 +74,8 @@ class DrugClass(BaseModel):
         return tuple(_check_code(c) for c in value)
 
 
-# (id(map), concept) -> (map, expression): one patient's eligibility plan is rebuilt per request
-_EXPR_CACHE: dict[tuple[int, str], tuple[ConceptMap, pl.Expr]] = {}
+# (map, concept) -> expression: one patient's eligibility plan is rebuilt per request
+_EXPR_CACHE = IdentityCache(256)
 
 
 class ConceptMap(BaseModel):
@@ -131,9 +132,9 @@ class ConceptMap(BaseModel):
     def condition_expr(self, name: str, code: pl.Expr | None = None) -> pl.Expr:
         """Boolean polars expression: does `code` belong to condition `name`?"""
         if code is None:  # the usual call, once per concept per plan: built once (expressions are immutable)
-            hit = _EXPR_CACHE.get((id(self), name))
-            if hit is not None and hit[0] is self:
-                return hit[1]
+            hit = _EXPR_CACHE.get((self,), name)
+            if hit is not None:
+                return hit
         if name not in self.conditions:
             raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
         col = pl.col("code") if code is None else code
@@ -141,11 +142,7 @@ class ConceptMap(BaseModel):
         expr = col.is_in(list(cond.codes)) if cond.codes else pl.lit(False)
         for prefix in cond.prefixes:
             expr = expr | col.str.starts_with(prefix)
-        if code is None:
-            if len(_EXPR_CACHE) >= 256:
-                _EXPR_CACHE.pop(next(iter(_EXPR_CACHE), None), None)  # another thread may evict too
-            _EXPR_CACHE[(id(self), name)] = (self, expr)
-        return expr
+        return _EXPR_CACHE.put((self,), name, expr) if code is None else expr
 
     def concept_table(self, codes: pl.LazyFrame, names: list[str] | None = None) -> pl.LazyFrame:
         """Long table (code, concept) for the distinct `codes` (a frame with a `code` column).

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.errors import InputError
 from chronorisk.features import families as fam
@@ -410,7 +411,7 @@ def run_options(index_rows: int) -> dict:
     return {}
 
 
-_FINAL_CACHE: dict[tuple, tuple[FeatureSpec, _FinalPlan]] = {}
+_FINAL_CACHE = IdentityCache(16)  # (spec, names) -> _FinalPlan
 
 
 @dataclass(frozen=True)
@@ -445,10 +446,9 @@ class _FinalPlan:
 
 def _final_plan(spec: FeatureSpec, names: tuple[str, ...]) -> _FinalPlan:
     """The finishing plan of `names` (cached per spec: a spec is immutable)."""
-    key = (id(spec), names)
-    hit = _FINAL_CACHE.get(key)
-    if hit is not None and hit[0] is spec:
-        return hit[1]
+    hit = _FINAL_CACHE.get((spec,), names)
+    if hit is not None:
+        return hit
     zero = set(fam.zero_filled(spec))
     never = [name.startswith("miss_") and name.endswith("_never") for name in names]
     source_of = [n.removesuffix("_never") + "_count" if nv else n for n, nv in zip(names, never, strict=True)]
@@ -461,10 +461,7 @@ def _final_plan(spec: FeatureSpec, names: tuple[str, ...]) -> _FinalPlan:
         zero=np.array([n in zero and not nv for n, nv in zip(names, never, strict=True)], dtype=bool),
         never=np.array(never, dtype=bool),
     )
-    if len(_FINAL_CACHE) >= 16:
-        _FINAL_CACHE.pop(next(iter(_FINAL_CACHE), None), None)
-    _FINAL_CACHE[key] = (spec, plan)
-    return plan
+    return _FINAL_CACHE.put((spec,), names, plan)
 
 
 def _finish_small(out: pl.DataFrame, plan: _FinalPlan) -> pl.DataFrame:

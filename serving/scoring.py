@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import EVENT_SCHEMA
 from chronorisk.errors import ChronoriskError, InputError
@@ -306,15 +307,14 @@ class FeatureBounds:
     binary: np.ndarray
 
 
-_BOUNDS: dict[tuple, tuple[tuple, FeatureBounds]] = {}
+_BOUNDS = IdentityCache(32)  # models -> FeatureBounds
 
 
 def feature_bounds(models: Sequence[ServedModel]) -> FeatureBounds:
     """The bounds of these models' features, cached (a service asks for the same few task sets)."""
-    key = tuple(id(m) for m in models)
-    hit = _BOUNDS.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], models, strict=True)):
-        return hit[1]
+    hit = _BOUNDS.get(models)
+    if hit is not None:
+        return hit
     infos: dict = {}
     for m in models:
         infos.update(m.spec.features)
@@ -325,10 +325,7 @@ def feature_bounds(models: Sequence[ServedModel]) -> FeatureBounds:
         hi=np.array([r[1] for r in rows], dtype=np.float64),
         binary=np.array([r[2] for r in rows], dtype=bool),
     )
-    if len(_BOUNDS) >= 32:
-        _BOUNDS.pop(next(iter(_BOUNDS)))
-    _BOUNDS[key] = (tuple(models), bounds)
-    return bounds
+    return _BOUNDS.put(models, None, bounds)
 
 
 def feature_range(name: str, info) -> tuple[float, float, bool]:
