@@ -146,11 +146,11 @@ class RiskModel:
         )
         return self
 
-    def fit_calibration(self, X_cal: object, y_cal: object) -> RiskModel:
-        """Fit `calibrator_` on held-out rows (never the booster's training rows)."""
+    def fit_calibration(self, X_cal: object, y_cal: object, *, rows: str = "given") -> RiskModel:
+        """Fit `calibrator_` on held-out rows (never the booster's training rows); `rows` names them."""
         self._check_fitted("booster_")
         Xc, yc = _check_xy(X_cal, y_cal, self.feature_names_, "X_cal")
-        return self.fit_calibration_margins(self.predict_raw(Xc), yc, rows="given")
+        return self.fit_calibration_margins(self.predict_raw(Xc), yc, rows=rows)
 
     def cross_fitted_margins(
         self, X: object, y: object, groups: object, *, folds: int = 5, seed: int = 0

@@ -635,12 +635,9 @@ def _cdf_gap(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[np.ndarray
 
 def _wasserstein_and_ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
     """(normed W1, two-sample KS p-value) from one pass over the pooled values: they run thousands of times."""
-    from scipy.special import kolmogorov
-
     grid, gap = _cdf_gap(ref_sorted, cur_sorted)
     w = float(np.dot(gap[:-1], np.diff(grid)) / max(float(np.std(ref_sorted)), 0.001))
-    n, m = ref_sorted.size, cur_sorted.size
-    return w, float(kolmogorov(math.sqrt(n * m / (n + m)) * float(gap.max())))
+    return w, _ks_p_of_gap(float(gap.max()), ref_sorted.size, cur_sorted.size)
 
 
 def _distance_and_p(wasserstein, ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
@@ -802,10 +799,13 @@ def _series(values: np.ndarray):
 
 def _ks_p(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
     """Two-sample Kolmogorov-Smirnov p-value (asymptotic distribution) of two sorted samples."""
+    return _ks_p_of_gap(float(_cdf_gap(ref_sorted, cur_sorted)[1].max()), ref_sorted.size, cur_sorted.size)
+
+
+def _ks_p_of_gap(d: float, n: int, m: int) -> float:
+    """The asymptotic KS p-value of the largest CDF gap `d` between samples of `n` and `m` values."""
     from scipy.special import kolmogorov
 
-    n, m = ref_sorted.size, cur_sorted.size
-    d = float(_cdf_gap(ref_sorted, cur_sorted)[1].max())
     return float(kolmogorov(math.sqrt(n * m / (n + m)) * d))
 
 

@@ -228,9 +228,7 @@ def fit_model(
         feature_names,
     )
     if model_config.calibration_rows == "tuning":
-        model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy())
-        model.calibrator_.info["rows"] = "tuning"
-        return model
+        return model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy(), rows="tuning")
     both = pl.concat([train.select("subject_id", "boolean_value", *feature_names),
                       tuning.select("subject_id", "boolean_value", *feature_names)])
     margins = model.cross_fitted_margins(
