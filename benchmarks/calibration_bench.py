@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from bench_common import write_result  # noqa: E402 (a sibling script's module)
 from train_bench import cohort_task, machine, prepare_cohort  # noqa: E402
 
 RESULTS = HERE / "results" / "calibration.json"
@@ -162,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     record["records"] = records
     record["summary"] = summary(records)
     stem = "_".join(["calibration", *([args.name] if args.name else []), *(["quick"] if args.quick else [])])
-    out = args.out or RESULTS.with_name(f"{stem}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out)
+    write_result(args.out or RESULTS.with_name(f"{stem}.json"), record)
     print(json.dumps(record["summary"], indent=1))
     return 0
 

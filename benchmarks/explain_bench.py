@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import write_result
 from train_bench import machine, split, synthetic_matrix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             print(label, json.dumps(record["models"][label]), file=sys.stderr)
     record["note"] = "shared 2-core machine with other work running: latencies are noisy upper bounds"
     out = args.out or (RESULTS.with_name("explain_quick.json") if args.quick else RESULTS)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, out)
+    write_result(out, record)
     print(json.dumps({k: {m: v.get(m) for m in ("trees", "pred_contrib", "explain_bundle")}
                       for k, v in record["models"].items()}, indent=1))
     return 0

@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
+from bench_common import children_cpu_seconds, public_argv
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "federated.json"
@@ -109,18 +110,11 @@ def _federation_cpu(work: Path) -> float:
     return total
 
 
-def _children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _run(work: Path, params: Path, label: str) -> dict:
     load_start = os.getloadavg()
-    fed_cpu, cli_cpu = _federation_cpu(work), _children_cpu()
+    fed_cpu, cli_cpu = _federation_cpu(work), children_cpu_seconds()
     wall, _ = _cli(work, params, "federated", "run", "--timeout", "3000")
-    fed_cpu, cli_cpu = _federation_cpu(work) - fed_cpu, _children_cpu() - cli_cpu
+    fed_cpu, cli_cpu = _federation_cpu(work) - fed_cpu, children_cpu_seconds() - cli_cpu
     runs = sorted((work / "federated" / "runs").glob("*/result.json"), key=lambda p: p.stat().st_mtime)
     result = json.loads(runs[-1].read_text())
     rounds = _rounds(result)
@@ -195,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     record: dict = {
         "benchmark": "federated",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *_public_argv(sys.argv)]),
+        "command": " ".join([Path(sys.executable).name, *public_argv(sys.argv)]),
         "machine": {
             "cores": os.cpu_count(),
             "python": platform.python_version(),
@@ -231,15 +225,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{run['bytes_to_sites_total'] / 1e6:.2f} MB to sites, load {run['load_average_start'][0]:.1f}")
     print(f"-> {RESULTS}")
     return 0
-
-
-def _public_argv(argv: list[str]) -> list[str]:
-    """The command line without this machine's paths (the work folder becomes `W`)."""
-    out, hide = [], False
-    for arg in argv:
-        out.append("W" if hide else arg)
-        hide = arg == "--work"
-    return out
 
 
 def _version(package: str) -> str:

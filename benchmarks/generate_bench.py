@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+from bench_common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -257,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(), "runs": runs,
               "invocation": "benchmarks/generate_bench.py" + (" --quick" if args.quick else "")}
     target = RESULTS / ("generate_quick.json" if args.quick else "generate.json")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_result(target, record)
     print(f"wrote {target.relative_to(REPO)}")
     return 0
 
@@ -279,9 +277,7 @@ def _run_ideal_check(args) -> int:
               "machine": machine(), **result,
               "invocation": "benchmarks/generate_bench.py --ideal-check" + (" --quick" if args.quick else "")}
     target = RESULTS / ("generate_ideal_check_quick.json" if args.quick else "generate_ideal_check.json")
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_result(target, record)
     print(f"wrote {target.relative_to(REPO)}")
     return 0
 

@@ -27,7 +27,6 @@ import gzip
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -36,15 +35,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench_common import children_cpu_seconds
+
 REPO = Path(__file__).resolve().parents[1]
 SYNTHEA = REPO.parent / "shared" / "data" / "synthea-r4"
 RESULTS = REPO / "benchmarks" / "results" / "ingest.json"
 BENCH_KEY = b"chronorisk-benchmark-key-not-secret"
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _json_megabytes(folder: Path) -> float:
@@ -67,7 +63,7 @@ def run_once(folder: Path, work: Path, workers: int) -> dict:
     env = {**os.environ, "CHRONORISK_PSEUDONYM_KEY": BENCH_KEY.decode()}
     cmd = [sys.executable, "-m", "chronorisk.cli", "--params", str(params), "--work", str(work), "ingest",
            "--input", str(folder), "--out", str(work / "ingested")]
-    cpu0 = _children_cpu()
+    cpu0 = children_cpu_seconds()
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     wall = time.perf_counter() - t0
@@ -77,7 +73,7 @@ def run_once(folder: Path, work: Path, workers: int) -> dict:
     shutil.rmtree(work / "quarantine", ignore_errors=True)
     resources = report["totals"]["read"]
     convert = report["throughput"]["convert_seconds"]
-    cpu = _children_cpu() - cpu0
+    cpu = children_cpu_seconds() - cpu0
     return {
         "wall_s": round(wall, 3),
         "convert_s": round(convert, 3),

@@ -33,6 +33,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench_common import public_argv, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "monitor.json"
 SITES = ("hosp_central", "hosp_east", "chc_riverside", "chc_hillview", "chc_harbour")
@@ -143,15 +145,6 @@ def child(work: Path) -> None:
                       "statuses": {s: v["status"] for s, v in section["sites"].items()}}))
 
 
-def _public_args(argv: list[str]) -> list[str]:
-    """The command line as recorded: the work folder (a path of this machine) shown as <work>."""
-    out, hide = [], False
-    for arg in argv:
-        out.append("<work>" if hide else ("--work=<work>" if arg.startswith("--work=") else arg))
-        hide = arg == "--work"
-    return out
-
-
 def _load() -> list[float]:
     """1, 5 and 15 minute load averages: how much the machine was shared while timing."""
     return [round(x, 2) for x in os.getloadavg()]
@@ -206,7 +199,7 @@ def main() -> None:
     rerun = _timed_child(args.work)
     record = {
         "benchmark": "monitor", "mode": "quick" if args.quick else "full",
-        "command": " ".join(["benchmarks/monitor_bench.py", *_public_args(sys.argv[1:])]),
+        "command": " ".join(["benchmarks/monitor_bench.py", *public_argv(sys.argv[1:])]),
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average_at_start": round(load, 2),
@@ -222,9 +215,7 @@ def main() -> None:
     }
     print(json.dumps(record, indent=1))
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        name = RESULTS if not args.quick else RESULTS.with_name("monitor_quick.json")
-        name.write_text(json.dumps(record, indent=1) + "\n")
+        write_result(RESULTS if not args.quick else RESULTS.with_name("monitor_quick.json"), record, indent=1)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from bench_common import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "serving"))
@@ -612,9 +613,7 @@ def main(argv=None) -> int:
         # a partial run keeps the other sections of the last full file (each says when it was measured)
         merged = {**json.loads(target.read_text()), **result}
     merged["summary"] = summary(merged)
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(merged, indent=1, default=str))
-    os.replace(tmp, target)
+    write_result(target, merged, indent=1)
     print(f"wrote {target}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

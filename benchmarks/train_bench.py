@@ -46,6 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from bench_common import children_cpu_seconds, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train.json"
@@ -174,21 +175,14 @@ def run(rows: int, features: int, threads: list[int]) -> dict:
     }
 
 
-def _cpu_children() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _chronorisk(work: Path, params: Path, *args: str) -> float:
     """Run one `chronorisk` command into `work`; its CPU seconds (user + system)."""
     import subprocess
 
-    before = _cpu_children()
+    before = children_cpu_seconds()
     cmd = [sys.executable, "-m", "chronorisk.cli", "--params", str(params), "--work", str(work), *args]
     subprocess.run(cmd, check=True, cwd=REPO)
-    return round(_cpu_children() - before, 2)
+    return round(children_cpu_seconds() - before, 2)
 
 
 def prepare_cohort(work: Path, params: Path, patients: int, seed: int, ideal: bool, tasks: list[str]) -> dict:
@@ -294,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         record.update(run(rows, args.features, threads))
         out = args.out or (RESULTS.with_name("train_quick.json") if args.quick else RESULTS)
     record["note"] = "shared 2-core machine; other work was running, so the timings are noisy upper bounds"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out)
+    write_result(out, record)
     print(json.dumps(record.get("records") or record["runs"], indent=1))
     return 0
 
