@@ -49,19 +49,20 @@ class Measurement:
     aliases: tuple[str, ...] = ()
 
     def accepts(self, unit: str | None) -> bool:
-        return unit in self.units()
+        return unit_of_spelling(unit) in self.units()
 
     def units(self) -> tuple[str, ...]:
         return (self.unit, *self.conversions)
 
     def to_canonical(self, value: float, unit: str | None) -> float:
-        """Value in the canonical unit; raises ValueError naming the unit if unknown."""
+        """Value in the canonical unit (from any spelling in `UNIT_SPELLINGS`); ValueError naming an unknown unit."""
+        unit = unit_of_spelling(unit) or unit
         if unit == self.unit:
             return float(value)
         if unit in self.conversions:
             return float(self.conversions[unit](value))
         raise ValueError(
-            f"unit {unit!r} for {self.display} cannot be converted; accepted: {', '.join(self.units())}"
+            f"unit {unit!r} for {self.display} cannot be converted; accepted: {accepted_spellings(self)}"
         )
 
 
@@ -91,6 +92,55 @@ MEASUREMENTS: dict[str, Measurement] = {
                     {"mL/min": _scale(1.0), "mL/min/1.73m2": _scale(1.0)}),
     )
 }
+
+# The spellings sites send for each unit above, all accepted (the UCUM code first). Matching also
+# ignores case (UCUM's case-insensitive form: `MG/DL`) and white space; `str.casefold` maps the micro
+# sign U+00B5 to the Greek mu U+03BC, listed here both. Every unit of MEASUREMENTS must appear here.
+UNIT_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "mm[Hg]": ("mm[Hg]",),
+    "mmHg": ("mmHg", "mm Hg"),
+    "%": ("%",),
+    "mmol/mol": ("mmol/mol",),
+    "mg/dL": ("mg/dL", "mg/dl"),
+    "mmol/L": ("mmol/L", "mmol/l"),
+    "kg/m2": ("kg/m2", "kg/m^2", "kg/m\u00b2"),
+    "kg": ("kg",),
+    "[lb_av]": ("[lb_av]",),
+    "lb": ("lb", "lbs"),
+    "cm": ("cm",),
+    "[in_i]": ("[in_i]", "in"),
+    "umol/L": ("umol/L", "umol/l", "\u00b5mol/L", "\u00b5mol/l", "\u03bcmol/L", "\u03bcmol/l"),
+    "mL/min/{1.73_m2}": ("mL/min/{1.73_m2}", "ml/min/{1.73_m2}"),
+    "mL/min": ("mL/min", "ml/min"),
+    "mL/min/1.73m2": ("mL/min/1.73m2", "ml/min/1.73m2", "mL/min/1.73 m2", "mL/min/{1.73m2}"),
+}
+
+
+def _spelling_key(spelling: str) -> str:
+    return "".join(spelling.split()).casefold()
+
+
+_UNIT_BY_SPELLING: dict[str, str] = {
+    key: unit for unit, spellings in UNIT_SPELLINGS.items() for s in spellings for key in (s, _spelling_key(s))
+}
+
+
+def unit_of_spelling(spelling: object) -> str | None:
+    """The unit of MEASUREMENTS a spelling stands for (`mg/dl` -> `mg/dL`, `\u00b5mol/L` -> `umol/L`); None if none."""
+    if not isinstance(spelling, str):
+        return None
+    unit = _UNIT_BY_SPELLING.get(spelling)
+    return unit if unit is not None else _UNIT_BY_SPELLING.get(_spelling_key(spelling))
+
+
+def accepted_spellings(measurement: Measurement) -> str:
+    """`mg/dL (mg/dl), mmol/L (mmol/l)`: a measurement's units and their other accepted spellings."""
+    parts = []
+    for unit in measurement.units():
+        others = [s for s in UNIT_SPELLINGS.get(unit, ()) if s != unit]
+        parts.append(f"{unit} ({', '.join(others)})" if others else unit)
+    return ", ".join(parts)
+
 
 MEASUREMENT_BY_CODE: dict[str, Measurement] = {
     code: m for m in MEASUREMENTS.values() for code in (m.code, *m.aliases)

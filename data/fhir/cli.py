@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     options = IngestOptions(
         input=args.input or args.input_path or ctx.paths.fhir,
         out=args.out or ctx.paths.ingested,
-        quarantine_root=ctx.paths.quarantine,
+        quarantine_root=None,  # beside --out
         site=args.site,
         workers=args.workers,
     )

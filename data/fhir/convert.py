@@ -55,6 +55,8 @@ from chronorisk.data.codes import (
     SEX_FEMALE,
     SEX_MALE,
     VOCAB_BY_SYSTEM,
+    accepted_spellings,
+    unit_of_spelling,
 )
 from chronorisk.data.pseudonym import Pseudonymizer
 
@@ -79,7 +81,7 @@ _DAYS_PER_UNIT = {
     "h": 1 / 24, "hour": 1 / 24, "hours": 1 / 24,
 }
 _VOID_STATUSES = {"entered-in-error", "cancelled", "refuted"}
-_UNITS_BY_CODE = {code: frozenset(m.units()) for code, m in MEASUREMENT_BY_CODE.items()}
+DEFAULT_MAX_TEXT_BYTES = 64 * 1024  # params.yaml ingest.max_text_kib
 _UNSUPPORTED_VALUES = (
     "valueRange", "valueRatio", "valueSampledData", "valueTime", "valueDateTime", "valuePeriod",
     "valueAttachment", "valueReference",
@@ -87,11 +89,13 @@ _UNSUPPORTED_VALUES = (
 
 
 class Rejected(Exception):
-    """A resource that cannot be converted: `category` for counts, `detail` for the quarantine."""
+    """A resource (or, with `part`, one component of it) that cannot be converted: `category` for
+    counts, `detail` for the quarantine."""
 
-    def __init__(self, category: str, detail: str):
+    def __init__(self, category: str, detail: str, part: str | None = None):
         self.category = category
         self.detail = detail
+        self.part = part
         super().__init__(f"{category}: {detail}")
 
 
@@ -100,30 +104,49 @@ class BundleContext:
 
     `patient_urls` maps a bundle entry's fullUrl to the Patient's logical id
     (transaction bundles reference patients by `urn:uuid:` fullUrl);
+    `patient_ids` holds the logical ids of the bundle's Patients: a subject
+    must be one of them. For bulk-export NDJSON (`reset_export`) a subject must
+    be a Patient of the export's files (`export_patients`) instead.
     `medications` maps fullUrl / `Medication/<id>` to the Medication's code.
+    `partial` collects the components a converter left out (one `Rejected`
+    each, with `part` naming the component) while converting the rest.
     """
 
     __slots__ = (
-        "_times", "bundle_org", "displays", "medications", "notes", "patient_urls", "pseudonymizer", "subjects",
+        "_times", "bundle_org", "displays", "export_patients", "max_text_bytes", "medications", "notes", "partial",
+        "patient_ids", "patient_urls", "pseudonymizer", "subjects",
     )
 
-    def __init__(self, pseudonymizer: Pseudonymizer, displays: dict[str, str], notes: dict[str, int]):
+    def __init__(self, pseudonymizer: Pseudonymizer, displays: dict[str, str], notes: dict[str, int],
+                 max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES):
         self.pseudonymizer = pseudonymizer
         self.displays = displays
         self.notes = notes
+        self.max_text_bytes = max_text_bytes
         self.patient_urls: dict[str, str] = {}
+        self.patient_ids: set[str] | None = None  # set by index_bundle: a subject must be one of them
+        self.export_patients: frozenset[str] | None = None  # set by reset_export (None: not checked)
         self.medications: dict[str, dict] = {}
         self.bundle_org: str | None = None  # the key of the bundle's only Organization, if exactly one
         self.subjects: dict[str, int] = {}  # reference string -> subject id, within one bundle / file
+        self.partial: list[Rejected] = []
         self._times: dict[str, int] = {}
 
     def reset_bundle(self) -> None:
+        """Forget the previous bundle (subjects are not checked until `index_bundle` or `reset_export`)."""
         self.patient_urls = {}
+        self.patient_ids = None
+        self.export_patients = None
         self.medications = {}
         self.bundle_org = None
         self.subjects = {}
         if len(self._times) > 100_000:
             self._times = {}
+
+    def reset_export(self, export_patients: frozenset[str] | None) -> None:
+        """Resolve subjects against the Patient ids of a bulk export's files (None: do not check)."""
+        self.reset_bundle()
+        self.export_patients = export_patients
 
     def note(self, key: str) -> None:
         self.notes[key] = self.notes.get(key, 0) + 1
@@ -227,8 +250,15 @@ def subject_of(resource: dict, ctx: BundleContext, key: str = "subject") -> int:
     if target is None:
         raise Rejected("no_subject", f"{key} has no resolvable Patient reference (contained, conditional or missing)")
     kind, value = target
-    if kind == "url":
-        value = ctx.patient_urls.get(value) or value.rsplit(":", 1)[-1]
+    if ctx.patient_ids is not None:  # a bundle: the Patient must be in it
+        value = ctx.patient_urls.get(value) if kind == "url" else value
+        if value is None or value not in ctx.patient_ids:
+            raise Rejected("subject_not_in_bundle", f"subject not in bundle: {key} names no Patient of this bundle")
+    else:
+        value = (ctx.patient_urls.get(value) or value.rsplit(":", 1)[-1]) if kind == "url" else value
+        if ctx.export_patients is not None and value not in ctx.export_patients:
+            raise Rejected("subject_not_in_export",
+                           f"subject not in export: {key} names no Patient of the export's files")
     subject = ctx.pseudonymizer.subject_id(value)
     if len(ctx.subjects) >= 100_000:  # NDJSON files reference many patients: keep memory bounded
         ctx.subjects.clear()
@@ -312,19 +342,21 @@ def _quantity_row(code: str, quantity: object, where: str) -> tuple[str, float]:
         number = float(value)
     else:
         ucum, unit = quantity.get("code"), quantity.get("unit")
-        accepted = _UNITS_BY_CODE[code]
-        chosen = ucum if ucum in accepted else unit if unit in accepted else None
-        if chosen is None:
+        accepted = measurement.units()
+        chosen = unit_of_spelling(ucum)
+        if chosen not in accepted:
+            chosen = unit_of_spelling(unit)
+        if chosen not in accepted:
             sent = ucum if ucum is not None else unit
             if sent is None:
                 raise Rejected(
                     "no_unit",
-                    f"{where}: {measurement.display} has no unit; accepted: {', '.join(measurement.units())}",
+                    f"{where}: {measurement.display} has no unit; accepted: {accepted_spellings(measurement)}",
                 )
             raise Rejected(
                 "unit_not_convertible",
                 f"{where}: unit {sent!r} for {measurement.display} cannot be converted; "
-                f"accepted: {', '.join(measurement.units())}",
+                f"accepted: {accepted_spellings(measurement)}",
             )
         number = measurement.to_canonical(float(value), chosen)
         low, high = measurement.plausible
@@ -340,6 +372,16 @@ def _quantity_row(code: str, quantity: object, where: str) -> tuple[str, float]:
     return code, number
 
 
+def _check_text_size(text: str, where: str, max_bytes: int) -> None:
+    """Rejected when a text value is over `max_bytes` in UTF-8 (params.yaml ingest.max_text_kib)."""
+    if len(text) * 4 <= max_bytes:  # a character is at most 4 bytes: no need to encode
+        return
+    size = len(text.encode("utf-8", errors="surrogatepass"))
+    if size > max_bytes:
+        raise Rejected("text_too_long", f"{where} is {size:,} bytes, over the {max_bytes:,}-byte cap "
+                                        "(ingest.max_text_kib)")
+
+
 def _value_row(
     code: str, holder: dict, subject: int, time_us: int, where: str, ctx: BundleContext
 ) -> Row | None:
@@ -350,11 +392,14 @@ def _value_row(
         return (subject, time_us, out_code, number, None, None)
     concept = holder.get("valueCodeableConcept")
     if concept is not None:
-        return (subject, time_us, code, None, pick_code(concept, f"{where}.valueCodeableConcept", ctx), None)
+        text = pick_code(concept, f"{where}.valueCodeableConcept", ctx)
+        _check_text_size(text, f"{where}.valueCodeableConcept", ctx.max_text_bytes)
+        return (subject, time_us, code, None, text, None)
     text = holder.get("valueString")
     if text is not None:
         if not isinstance(text, str):
             raise Rejected("bad_value", f"{where}: valueString is not a string")
+        _check_text_size(text, f"{where}.valueString", ctx.max_text_bytes)
         return (subject, time_us, code, None, text, None)
     flag = holder.get("valueBoolean")
     if flag is not None:
@@ -463,22 +508,34 @@ def observation_rows(resource: dict, ctx: BundleContext) -> list[Row]:
     if row is not None:
         rows.append(row)
     components = resource.get("component")
+    bad: list[Rejected] = []
     if components:
         if not isinstance(components, list):
             raise Rejected("bad_value", "component is not a list")
         for i, component in enumerate(components):
-            if not isinstance(component, dict):
-                raise Rejected("bad_value", f"component[{i}] is not an object")
-            where = f"component[{i}]"
-            component_code = pick_code(component.get("code"), f"{where}.code", ctx)
-            row = _value_row(component_code, component, subject, time_us, where, ctx)
+            try:
+                row = _component_row(component, i, subject, time_us, ctx)
+            except Rejected as exc:
+                bad.append(Rejected(exc.category, exc.detail, f"component[{i}]"))
+                continue
             if row is None:
                 ctx.note("Observation: component without a value (skipped)")
             else:
                 rows.append(row)
     if not rows:
+        if bad:  # nothing converted: the resource is quarantined whole, naming every bad component
+            raise Rejected(bad[0].category, "; ".join(b.detail for b in bad))
         raise Rejected("no_value", "Observation has no value and no component with a value")
+    ctx.partial.extend(bad)  # the good components are kept; each bad one is quarantined on its own
     return rows
+
+
+def _component_row(component: object, i: int, subject: int, time_us: int, ctx: BundleContext) -> Row | None:
+    where = f"component[{i}]"
+    if not isinstance(component, dict):
+        raise Rejected("bad_value", f"{where} is not an object")
+    component_code = pick_code(component.get("code"), f"{where}.code", ctx)
+    return _value_row(component_code, component, subject, time_us, f"{where} ({component_code})", ctx)
 
 
 def _supply_days(request: dict) -> float | None:
@@ -537,6 +594,78 @@ CONVERTERS: dict[str, Callable[[dict, BundleContext], list[Row]]] = {
     "Observation": observation_rows,
     "MedicationRequest": medication_request_rows,
 }
+
+
+def convert_resource(resource: dict, ctx: BundleContext, full_url: object = None) -> list[Row]:
+    """Rows of one core resource (Rejected if it cannot be converted); the components left out of a
+    resource that converts are in `ctx.partial` afterwards. KeyError if the type is not converted."""
+    ctx.partial = []
+    rtype = resource.get("resourceType")
+    if rtype == "Patient":
+        return patient_rows(resource, ctx, full_url if isinstance(full_url, str) else None)
+    return CONVERTERS[rtype](resource, ctx)  # type: ignore[index]
+
+
+def index_bundle(entries: list, ctx: BundleContext) -> None:
+    """Start a bundle: its Patients (fullUrl -> id, and the ids a subject must be one of), its Medications
+    (fullUrl / `Medication/<id>` -> code) and its Organization when there is exactly one."""
+    ctx.reset_bundle()
+    ctx.patient_ids = set()
+    org_keys: set[str] = set()
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict):
+            continue
+        rtype = resource.get("resourceType")
+        if rtype == "Patient":
+            url, rid = entry.get("fullUrl"), resource.get("id")
+            if not (isinstance(rid, str) and rid) and isinstance(url, str) and url.startswith("urn:uuid:"):
+                rid = url.rsplit(":", 1)[-1]  # what patient_rows takes as the id
+            if isinstance(rid, str) and rid:
+                ctx.patient_ids.add(rid)  # type: ignore[union-attr]
+                if isinstance(url, str) and url:
+                    ctx.patient_urls[url] = rid
+        elif rtype == "Medication":
+            url, rid = entry.get("fullUrl"), resource.get("id")
+            for key in (url, f"Medication/{rid}" if isinstance(rid, str) else None):
+                if isinstance(key, str):
+                    ctx.medications[key] = resource.get("code")
+        elif rtype == "Organization":
+            keys, _ = organization_site(resource, entry.get("fullUrl"))
+            if keys:
+                org_keys.add(keys[0])
+    ctx.bundle_org = next(iter(org_keys)) if len(org_keys) == 1 else None
+
+
+def bundle_rows(bundle: dict, ctx: BundleContext) -> tuple[list[Row], list[tuple[int, str, Rejected]]]:
+    """One in-memory FHIR Bundle (dict) -> (rows, problems), the conversion `chronorisk ingest` applies.
+
+    Rows of every Patient, Encounter, Condition, Observation and MedicationRequest that converts
+    (other types are skipped); `problems` lists `(entry index, resource type, Rejected)` for each
+    resource that does not, and for each component left out of a panel that does (`Rejected.part`
+    names it). Duplicates (same type and id) are not removed here (ingestion removes them per patient).
+    """
+    entries = bundle.get("entry") if isinstance(bundle, dict) else None
+    entries = entries if isinstance(entries, list) else []
+    index_bundle(entries, ctx)
+    rows: list[Row] = []
+    problems: list[tuple[int, str, Rejected]] = []
+    for i, entry in enumerate(entries):
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        rtype = resource.get("resourceType") if isinstance(resource, dict) else None
+        if rtype not in CONVERTERS:
+            continue
+        try:
+            rows.extend(convert_resource(resource, ctx, entry.get("fullUrl")))  # type: ignore[union-attr]
+        except Rejected as exc:
+            problems.append((i, rtype, exc))  # type: ignore[arg-type]
+            continue
+        except Exception as exc:  # malformed shapes a converter did not foresee
+            problems.append((i, rtype, Rejected("malformed", f"{type(exc).__name__} while converting "
+                                                             "(unexpected structure)")))  # type: ignore[arg-type]
+            continue
+        problems.extend((i, rtype, part) for part in ctx.partial)  # type: ignore[misc]
+    return rows, problems
 
 
 def subject_if_any(resource: dict, ctx: BundleContext) -> int | None:

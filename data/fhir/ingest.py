@@ -14,8 +14,13 @@
    goes to the site of their Patient.managingOrganization, else of the only
    Organization in their bundle, else to `ingest.unassigned_site`. Resources that name no patient are
    counted under "(no subject)".
-4. Each staging bucket becomes one MEDS shard per site (a subject lives in
-   exactly one shard), then metadata, the quarantine file and the report.
+4. Duplicates: a resource sent twice for one patient (same type and id, in
+   one file or in several) is kept once, the copy with the latest
+   meta.lastUpdated, else the first in input order; the others are counted
+   as `duplicate` in the report.
+5. Each staging bucket becomes one MEDS shard per site (a subject lives in
+   exactly one shard), then metadata, the quarantine file (beside `--out`:
+   `<out>_quarantine/<run>/`) and the report.
 
 Everything is written into a temporary folder beside `--out` and swapped in
 at the end, so a failed run leaves the previous output untouched and a re-run
@@ -39,10 +44,19 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from chronorisk.data.config import IngestConfig
+from chronorisk.data.fhir.convert import CORE_TYPES
 from chronorisk.data.fhir.quarantine import QUARANTINE_FILE, merge_parts
 from chronorisk.data.fhir.report import REPORT_FILE, build_report, report_json
-from chronorisk.data.fhir.sources import Source, discover, plan_tasks
-from chronorisk.data.fhir.worker import TaskResult, WorkerSettings, init_worker, peak_rss_mb, run_task
+from chronorisk.data.fhir.sources import Source, discover, export_patient_ids, plan_tasks
+from chronorisk.data.fhir.worker import (
+    CONVERTED,
+    DUPLICATE,
+    TaskResult,
+    WorkerSettings,
+    init_worker,
+    peak_rss_mb,
+    run_task,
+)
 from chronorisk.data.files import write_text_atomic
 from chronorisk.errors import ChronoriskError, InputError
 
@@ -54,9 +68,15 @@ NO_SUBJECT = "(no subject)"
 class IngestOptions:
     input: Path
     out: Path
-    quarantine_root: Path
+    quarantine_root: Path | None = None  # None: beside the output, `<out>_quarantine`
     site: str | None = None
     workers: int | None = None  # None: config.workers
+
+
+def quarantine_root_for(out: Path) -> Path:
+    """Where the quarantine of an output folder goes: beside it (`<out>_quarantine/<run>/`), not inside it."""
+    out = Path(out).resolve()
+    return out.parent / f"{out.name}_quarantine"
 
 
 def new_run_id() -> str:
@@ -113,15 +133,15 @@ def _run_tasks_unguarded(tasks: list[list[Source]], key: bytes, settings: Worker
 def _merge(results: list[TaskResult]) -> dict:
     merged = {
         "files": 0, "bytes_in": 0, "rows": 0, "worker_seconds": 0.0, "organizations": 0, "worker_peak_rss_mb": 0.0,
-        "outcomes": Counter(), "categories": Counter(), "file_problems": Counter(),
-        "line_problems": Counter(), "notes": Counter(), "orgs": {}, "displays": {},
+        "empty_bundles": 0, "outcomes": Counter(), "categories": Counter(), "part_categories": Counter(),
+        "file_problems": Counter(), "line_problems": Counter(), "notes": Counter(), "orgs": {}, "displays": {},
     }
     for r in results:
-        for key in ("files", "bytes_in", "rows", "organizations"):
+        for key in ("files", "bytes_in", "rows", "organizations", "empty_bundles"):
             merged[key] += getattr(r, key)
         merged["worker_seconds"] += r.seconds
         merged["worker_peak_rss_mb"] = max(merged["worker_peak_rss_mb"], r.peak_rss_mb)
-        for key in ("outcomes", "categories", "file_problems", "line_problems"):
+        for key in ("outcomes", "categories", "part_categories", "file_problems", "line_problems"):
             merged[key].update(getattr(r, key))
         merged["notes"].update(r.notes)
         for k, v in r.orgs.items():
@@ -132,7 +152,35 @@ def _merge(results: list[TaskResult]) -> dict:
     return merged
 
 
-def _site_map(staging: Path, orgs: dict[str, str | None], site: str | None):
+def _duplicates(staging: Path):
+    """(subject_id, rtype, occ) of the copies to drop: of a resource (type and id) staged more than once
+    for a patient, every occurrence but the one with the latest meta.lastUpdated, else the first."""
+    import polars as pl
+
+    found = [pl.DataFrame(schema={"subject_id": pl.Int64, "rtype": pl.Int8, "occ": pl.Int64})]
+    for bucket_dir in sorted((staging / "events").glob("b*")):  # a patient's rows are all in one bucket
+        occurrences = (
+            pl.scan_parquet(sorted(bucket_dir.glob("*.parquet")))
+            .filter(pl.col("rkey").is_not_null())
+            .group_by("subject_id", "rkey", "occ")
+            .agg(pl.col("updated").first(), pl.col("rtype").first())
+        )
+        found.append(
+            occurrences.filter(pl.len().over("subject_id", "rkey") > 1)
+            .sort(["updated", "occ"], descending=[True, False], nulls_last=True)
+            .filter(pl.int_range(pl.len()).over("subject_id", "rkey") > 0)
+            .select("subject_id", "rtype", "occ")
+            .collect()
+        )
+    return pl.concat(found)
+
+
+def _without(frame, duplicates):
+    """A staging frame without the rows of the duplicate occurrences."""
+    return frame if duplicates.is_empty() else frame.join(duplicates.lazy().select("occ"), on="occ", how="anti")
+
+
+def _site_map(staging: Path, orgs: dict[str, str | None], site: str | None, duplicates):
     """subject_id -> site (most encounters at that site's organizations; ties: first by name)."""
     import polars as pl
 
@@ -144,7 +192,7 @@ def _site_map(staging: Path, orgs: dict[str, str | None], site: str | None):
         {"org": list(orgs), "site": list(orgs.values())}, schema={"org": pl.String, "site": pl.String}
     ).drop_nulls()
     votes = (
-        pl.scan_parquet(files)
+        _without(pl.scan_parquet(files), duplicates)
         .drop_nulls("org")
         .select(
             "subject_id", "org",
@@ -163,7 +211,7 @@ def _site_map(staging: Path, orgs: dict[str, str | None], site: str | None):
 
 
 def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unassigned: str, displays: dict,
-                 run_id: str) -> dict[str, dict]:
+                 run_id: str, duplicates) -> dict[str, dict]:
     """One MEDS shard per (bucket, site) plus metadata per site; returns per-site subjects/events."""
     import polars as pl
 
@@ -175,7 +223,7 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
     events: Counter = Counter()
     shards: Counter = Counter()
     for bucket_dir in sorted((staging / "events").glob("b*")):
-        frame = pl.scan_parquet(sorted(bucket_dir.glob("*.parquet")))
+        frame = _without(pl.scan_parquet(sorted(bucket_dir.glob("*.parquet"))), duplicates)
         if site is not None:
             frame = frame.with_columns(pl.lit(site).alias("site"))
         else:
@@ -207,7 +255,22 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
     return summary
 
 
-def _site_outcomes(staging: Path, site_map, site: str | None, unassigned: str) -> dict:
+def _duplicate_counts(duplicates):
+    """Per-subject outcome corrections: each dropped copy moves from `converted` to `duplicate`."""
+    import polars as pl
+
+    per_type = duplicates.group_by("subject_id", "rtype").len().with_columns(
+        pl.col("rtype").replace_strict(list(range(len(CORE_TYPES))), list(CORE_TYPES),
+                                       return_dtype=pl.String).alias("resource_type"),
+        pl.col("len").cast(pl.Int64).alias("n"),
+    )
+    return pl.concat([
+        per_type.select("subject_id", "resource_type", pl.lit(CONVERTED).alias("outcome"), -pl.col("n")),
+        per_type.select("subject_id", "resource_type", pl.lit(DUPLICATE).alias("outcome"), "n"),
+    ])
+
+
+def _site_outcomes(staging: Path, site_map, site: str | None, unassigned: str, duplicates) -> dict:
     """{site: {resource_type: {outcome: n}}} from the per-subject outcome counts."""
     import polars as pl
 
@@ -215,6 +278,8 @@ def _site_outcomes(staging: Path, site_map, site: str | None, unassigned: str) -
     if not files:
         return {}
     frame = pl.scan_parquet(files)
+    if not duplicates.is_empty():
+        frame = pl.concat([frame, _duplicate_counts(duplicates).lazy()], how="vertical_relaxed")
     if site is not None:
         frame = frame.with_columns(pl.lit(site).alias("site"))
     else:
@@ -248,7 +313,7 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
     run_id = new_run_id()
     tmp_out = out.parent / f".{out.name}.tmp-{run_id}"
     staging = tmp_out / "_staging"
-    quarantine_dir = Path(options.quarantine_root) / run_id
+    quarantine_dir = Path(options.quarantine_root or quarantine_root_for(out)) / run_id
     workers = options.workers or config.workers
     total_bytes = sum(s.size for s in sources)
     if total_bytes < config.inline_below_mb * 1e6:
@@ -257,6 +322,7 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
     settings = WorkerSettings(
         staging=str(staging), quarantine_parts=str(quarantine_dir / ".parts"), n_buckets=n_buckets,
         max_bytes=int(config.max_file_mb * 1e6), flush_rows=config.flush_rows,
+        max_text_bytes=int(config.max_text_kib * 1024), export_patients=export_patient_ids(sources),
     )
     tasks = plan_tasks(sources, int(config.task_mb * 1e6), workers)
     log.info("ingest: %d file(s), %.1f MB, %d task(s), %d worker(s)", len(sources), total_bytes / 1e6,
@@ -267,10 +333,14 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
         results = _run_tasks(tasks, key, settings, workers)
         t_convert = time.perf_counter() - t0
         merged = _merge(results)
-        site_map = _site_map(staging, merged["orgs"], options.site)
+        duplicates = _duplicates(staging)
+        for rtype_index, n in duplicates.group_by("rtype").len().iter_rows():
+            merged["outcomes"][(CORE_TYPES[rtype_index], CONVERTED)] -= n
+            merged["outcomes"][(CORE_TYPES[rtype_index], DUPLICATE)] += n
+        site_map = _site_map(staging, merged["orgs"], options.site, duplicates)
         sites = _write_sites(tmp_out, staging, site_map, options.site, config.unassigned_site,
-                             merged["displays"], run_id)
-        per_site = _site_outcomes(staging, site_map, options.site, config.unassigned_site)
+                             merged["displays"], run_id, duplicates)
+        per_site = _site_outcomes(staging, site_map, options.site, config.unassigned_site, duplicates)
         shutil.rmtree(staging, ignore_errors=True)
         quarantined_lines = merge_parts(quarantine_dir / ".parts", quarantine_dir / QUARANTINE_FILE)
         seconds = time.perf_counter() - t0

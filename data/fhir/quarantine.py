@@ -1,22 +1,26 @@
 """The quarantine: every record (or file) ingestion could not convert, with the reason.
 
-One JSON object a line in `<work>/quarantine/<run>/quarantine.ndjson`:
+One JSON object a line in `<out>_quarantine/<run>/quarantine.ndjson` (beside the
+MEDS output; `ingest_report.json` records the path):
 
 - a record: `{"file", "location", "resource_type", "category", "reason", "resource"}`
   where `resource` is the raw FHIR resource exactly as received, so that the
   site can fix and resend it;
+- one component left out of a resource whose other components were converted
+  (a BP panel with one bad component): the same, plus `"component": "component[i]"`;
 - a whole file: `{"file", "location": null, "resource_type": null, "category",
   "reason"}` (truncated JSON, not a bundle, random bytes, oversize...): its
-  content is not copied;
+  content is not copied (an empty Bundle too: category `empty_bundle`);
 - an NDJSON line that is not JSON: as a file line with `location` its byte
   offset and `raw_line` (at most `MAX_RAW_LINE` bytes, decoded leniently).
 
 Privacy: the raw records are source data and may carry names, addresses and
 identifiers, and source file names may carry patient names (Synthea's do).
-That is why the quarantine lives in the site's work folder, next to the
-source data and under the same protection, and why nothing of it (file
-names, reasons with values, records) is copied into MEDS, the report or logs;
-those only count quarantined records by resource type and category.
+That is why the quarantine lives beside the site's MEDS output (not inside
+it: MEDS is pseudonymized, the quarantine is not), under the same protection
+as the source data, and why nothing of it (file names, reasons with values,
+records) is copied into MEDS, the report or logs; those only count
+quarantined records by resource type and category.
 """
 
 from __future__ import annotations
@@ -48,9 +52,12 @@ class QuarantineWriter:
         self.lines += 1
 
     def record(self, file: str, location: str, resource_type: str | None, category: str, reason: str,
-               resource: object) -> None:
-        self._write({"file": file, "location": location, "resource_type": resource_type,
-                     "category": category, "reason": reason, "resource": resource})
+               resource: object, part: str | None = None) -> None:
+        line = {"file": file, "location": location, "resource_type": resource_type,
+                "category": category, "reason": reason, "resource": resource}
+        if part is not None:
+            line["component"] = part
+        self._write(line)
 
     def file_problem(self, file: str, category: str, reason: str, location: str | None = None,
                      raw_line: bytes | None = None) -> None:

@@ -1,12 +1,16 @@
 """The ingestion report: counts only (`<out>/ingest_report.json` and a printed table).
 
-For every resource type: read = converted + quarantined + skipped, where
-skipped means "not a type ingestion converts" (Procedure, Immunization,
-Claim, ...: counted, never dropped silently). Quarantined records are further
-counted by category (`unit_not_convertible`, `bad_date`, ...). Files that could
-not be read at all are counted by problem. The same counts per site. The
-report never holds a patient identifier, a file name or a value from a
-record: those stay in the quarantine file, whose path it gives.
+For every resource type: read = converted + quarantined + skipped + duplicate,
+where skipped means "not a type ingestion converts" (Procedure, Immunization,
+Claim, ...: counted, never dropped silently) and duplicate a second copy of a
+resource (same type and id) of one patient, not written again. Quarantined
+records are further counted by category (`unit_not_convertible`, `bad_date`,
+...), and components left out of a resource that was converted (one bad
+component of a BP panel) by category under `quarantined_components`. Files
+that could not be read at all are counted by problem, empty bundles apart.
+The same counts per site. The report never holds a patient identifier, a
+file name or a value from a record: those stay in the quarantine file, whose
+path it gives (file names of empty bundles included).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import orjson
 from chronorisk.data.fhir.convert import CORE_TYPES
 
 REPORT_FILE = "ingest_report.json"
-OUTCOMES = ("converted", "quarantined", "skipped")
+OUTCOMES = ("converted", "quarantined", "skipped", "duplicate")
 
 
 def _by_type(outcomes: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
@@ -44,6 +48,9 @@ def build_report(*, run_id: str, started_at: datetime, seconds: float, convert_s
     categories: dict[str, dict[str, int]] = {}
     for (rtype, category), n in sorted(merged["categories"].items()):
         categories.setdefault(rtype, {})[category] = n
+    components: dict[str, dict[str, int]] = {}
+    for (rtype, category), n in sorted(merged["part_categories"].items()):
+        components.setdefault(rtype, {})[category] = n
     site_rows = {}
     for site_id in sorted(set(sites) | set(per_site)):
         per_type = per_site.get(site_id, {})
@@ -67,11 +74,14 @@ def build_report(*, run_id: str, started_at: datetime, seconds: float, convert_s
             "ignored_other_files": ignored,
             "megabytes": round(mb, 3),
             "unreadable": dict(sorted(merged["file_problems"].items())),
+            "empty_bundles": merged["empty_bundles"],
         },
         "ndjson_line_problems": dict(sorted(merged["line_problems"].items())),
         "resources": resources,
         "totals": totals,
         "quarantine_categories": categories,
+        "quarantined_components": components,
+        "duplicates": {t: r["duplicate"] for t, r in resources.items() if r["duplicate"]},
         "quarantine_lines": quarantined_lines,
         "notes": dict(sorted(merged["notes"].items())),
         "organizations": {"read": merged["organizations"], "reference_keys": len(merged["orgs"])},
@@ -111,10 +121,10 @@ def format_report(report: dict) -> str:
              f"{report['files']['megabytes']:.1f} MB in {report['throughput']['seconds']:.1f} s "
              f"({report['throughput']['resources_per_s'] or 0:,.0f} resources/s, "
              f"{report['throughput']['mb_per_s'] or 0:.1f} MB/s)", ""]
-    res_rows = [[t, r["read"], r["converted"], r["quarantined"], r["skipped"]] for t, r in report["resources"].items()]
+    res_rows = [[t, *(r[k] for k in ("read", *OUTCOMES))] for t, r in report["resources"].items()]
     tot = report["totals"]
-    res_rows.append(["total", tot["read"], tot["converted"], tot["quarantined"], tot["skipped"]])
-    lines += _table(["resource type", "read", "converted", "quarantined", "skipped"], res_rows)
+    res_rows.append(["total", *(tot[k] for k in ("read", *OUTCOMES))])
+    lines += _table(["resource type", "read", *OUTCOMES], res_rows)
     lines.append("")
     site_rows = []
     for site_id, s in report["sites"].items():
@@ -126,6 +136,11 @@ def format_report(report: dict) -> str:
     unreadable = report["files"]["unreadable"]
     if unreadable:
         lines += ["", "files that could not be read: " + ", ".join(f"{k} {v}" for k, v in unreadable.items())]
+    if report["files"]["empty_bundles"]:
+        lines += [f"empty bundles (no entries): {report['files']['empty_bundles']}, named in the quarantine"]
+    if report["duplicates"]:
+        lines += ["duplicates kept once (same type and id, one patient): "
+                  + ", ".join(f"{k} {v}" for k, v in report["duplicates"].items())]
     if report["ndjson_line_problems"]:
         lines += ["NDJSON lines that could not be read: "
                   + ", ".join(f"{k} {v}" for k, v in report["ndjson_line_problems"].items())]
@@ -136,7 +151,14 @@ def format_report(report: dict) -> str:
                 cats[k] = cats.get(k, 0) + v
         if cats:
             lines += ["quarantined records by reason: " + ", ".join(f"{k} {v}" for k, v in sorted(cats.items()))]
-        lines += [f"quarantine ({report['quarantine_lines']} line(s), each naming the file and the problem): "
-                  f"{report['quarantine_file']}"]
+        parts: dict[str, int] = {}
+        for per_type in report["quarantined_components"].values():
+            for k, v in per_type.items():
+                parts[k] = parts.get(k, 0) + v
+        if parts:
+            lines += ["components quarantined (the rest of their resource converted): "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(parts.items()))]
+    lines += [f"quarantine ({report['quarantine_lines']} line(s), each naming the file and the problem): "
+              f"{report['quarantine_file']}"]
     lines += [f"MEDS per site: {report['out']}/sites/<site>/  report: {report['out']}/{REPORT_FILE}"]
     return "\n".join(lines)

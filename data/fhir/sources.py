@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from chronorisk.errors import InputError
 BUNDLE_SUFFIXES = (".json", ".json.gz")
 NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz")
 ACCEPTED = ".json, .json.gz, .ndjson, .ndjson.gz"
+UTF8_BOM = b"\xef\xbb\xbf"
+_PATIENT_LINE = re.compile(rb'"resourceType"\s*:\s*"Patient"')
 
 
 class FileProblem(Exception):
@@ -159,7 +162,7 @@ def read_bundle(source: Source, max_bytes: int) -> dict:
         except zlib.error as exc:
             raise FileProblem("bad_gzip", f"not valid gzip ({exc})") from None
     try:
-        doc = orjson.loads(data)
+        doc = orjson.loads(data[3:] if data.startswith(UTF8_BOM) else data)  # RFC 8259 8.1: a parser may ignore it
     except orjson.JSONDecodeError as exc:
         raise FileProblem("not_json", f"not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
@@ -196,7 +199,35 @@ def ndjson_lines(source: Source) -> Iterator[tuple[int, bytes]]:
                 if not line:
                     break
                 offset, pos = pos, pos + len(line)
+                if offset == 0 and line.startswith(UTF8_BOM):
+                    line = line[3:]
                 if line.strip():
                     yield offset, line
         except (OSError, EOFError, zlib.error) as exc:
             raise FileProblem("bad_gzip", f"cannot be decompressed past byte {pos} ({exc})") from None
+
+
+def export_patient_ids(sources: list[Source]) -> frozenset[str] | None:
+    """The ids of the Patients in the NDJSON sources (a bulk export's files), or None if there is no
+    NDJSON source. Lines that cannot be read are left to the conversion, which quarantines them."""
+    files = {s.path: s for s in sources if s.kind == "ndjson"}
+    if not files:
+        return None
+    ids: set[str] = set()
+    for path in sorted(files):
+        try:
+            for _, line in ndjson_lines(Source(path, files[path].name, "ndjson", files[path].size)):
+                if _PATIENT_LINE.search(line) is None:
+                    continue
+                try:
+                    resource = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+                    continue
+                rid = resource.get("id")
+                if isinstance(rid, str) and rid:
+                    ids.add(rid)
+        except FileProblem:
+            continue
+    return frozenset(ids)

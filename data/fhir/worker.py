@@ -8,11 +8,17 @@ A task converts its resources to MEDS rows and spills them, every
 Quarantine lines go to the task's own part file. What comes back to the
 parent is small: counts, the organizations seen (for site resolution) and
 code displays.
+
+Each staged row also carries what the parent needs to keep one copy of a
+resource sent twice (same type and id, per patient): `rkey` (a 64-bit hash
+of `type/id`, null without an id), `occ` (which occurrence: task and
+position, in input order), `updated` (meta.lastUpdated) and `rtype`.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import resource
 import time
@@ -24,18 +30,22 @@ import orjson
 
 from chronorisk.data.fhir.convert import (
     CONVERTERS,
+    CORE_TYPES,
     BundleContext,
     Rejected,
     Row,
+    convert_resource,
+    index_bundle,
     organization_site,
-    patient_rows,
+    parse_time,
     subject_if_any,
 )
 from chronorisk.data.fhir.quarantine import QuarantineWriter
 from chronorisk.data.fhir.sources import FileProblem, Source, ndjson_lines, read_bundle
 from chronorisk.data.pseudonym import Pseudonymizer
 
-CONVERTED, QUARANTINED, SKIPPED = "converted", "quarantined", "skipped"
+CONVERTED, QUARANTINED, SKIPPED, DUPLICATE = "converted", "quarantined", "skipped", "duplicate"
+TYPE_INDEX = {t: i for i, t in enumerate(CORE_TYPES)}
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,8 @@ class WorkerSettings:
     n_buckets: int
     max_bytes: int
     flush_rows: int
+    max_text_bytes: int = 64 * 1024
+    export_patients: frozenset[str] | None = None  # Patient ids of the NDJSON files (None: no NDJSON)
 
 
 @dataclass
@@ -58,6 +70,8 @@ class TaskResult:
     seconds: float = 0.0
     outcomes: Counter = field(default_factory=Counter)  # (resource_type, outcome) -> n
     categories: Counter = field(default_factory=Counter)  # (resource_type, category) -> n
+    part_categories: Counter = field(default_factory=Counter)  # components left out: (resource_type, category)
+    empty_bundles: int = 0
     file_problems: Counter = field(default_factory=Counter)  # category -> n
     line_problems: Counter = field(default_factory=Counter)  # category -> n (NDJSON lines)
     notes: dict[str, int] = field(default_factory=dict)
@@ -90,12 +104,14 @@ class _Spill:
         self.settings = settings
         self.task = task
         self.rows: list[Row] = []
+        self.keys: list[tuple[int | None, int, int | None, int]] = []  # (rkey, occ, updated, rtype) per row
         self.subject_outcomes: Counter = Counter()
         self.parts = 0
         self.total = 0
 
-    def add(self, rows: list[Row]) -> None:
+    def add(self, rows: list[Row], key: tuple[int | None, int, int | None, int]) -> None:
         self.rows.extend(rows)
+        self.keys.extend([key] * len(rows))
         if len(self.rows) >= self.settings.flush_rows:
             self.flush()
 
@@ -106,6 +122,7 @@ class _Spill:
         staging = Path(self.settings.staging)
         if self.rows:
             subject, times, code, number, text, org = zip(*self.rows, strict=True)
+            rkey, occ, updated, rtype = zip(*self.keys, strict=True)
             frame = pl.DataFrame(
                 {
                     "subject_id": pl.Series(subject, dtype=pl.Int64),
@@ -114,6 +131,10 @@ class _Spill:
                     "numeric_value": pl.Series(number, dtype=pl.Float64).cast(pl.Float32),
                     "text_value": pl.Series(text, dtype=pl.String),
                     "org": pl.Series(org, dtype=pl.String),
+                    "rkey": pl.Series(rkey, dtype=pl.Int64),
+                    "occ": pl.Series(occ, dtype=pl.Int64),
+                    "updated": pl.Series(updated, dtype=pl.Int64),
+                    "rtype": pl.Series(rtype, dtype=pl.Int8),
                 }
             )
             buckets = frame.get_column("subject_id") % self.settings.n_buckets
@@ -123,6 +144,7 @@ class _Spill:
                 part.drop("_b").write_parquet(target, compression="lz4", statistics=False)
             self.total += len(self.rows)
             self.rows = []
+            self.keys = []
         if self.subject_outcomes:
             keys = list(self.subject_outcomes)
             counts = pl.DataFrame(
@@ -144,7 +166,8 @@ class _Task:
     def __init__(self, index: int, settings: WorkerSettings, pseudonymizer: Pseudonymizer):
         self.result = TaskResult(index=index)
         self.settings = settings
-        self.ctx = BundleContext(pseudonymizer, self.result.displays, self.result.notes)
+        self.ctx = BundleContext(pseudonymizer, self.result.displays, self.result.notes, settings.max_text_bytes)
+        self.seq = 0
         self.spill = _Spill(settings, index)
         self.quarantine = QuarantineWriter(Path(settings.quarantine_parts) / f"{index:06d}.ndjson")
 
@@ -173,10 +196,7 @@ class _Task:
             self.outcome(rtype, SKIPPED, self._subject_quietly(resource))
             return
         try:
-            if rtype == "Patient":
-                rows = patient_rows(resource, self.ctx, full_url if isinstance(full_url, str) else None)
-            else:
-                rows = converter(resource, self.ctx)
+            rows = convert_resource(resource, self.ctx, full_url)
         except Rejected as exc:
             self._reject(rtype, exc.category, exc.detail, resource, file, location)
             return
@@ -185,7 +205,22 @@ class _Task:
                          resource, file, location)
             return
         self.outcome(rtype, CONVERTED, rows[0][0])
-        self.spill.add(rows)
+        for part in self.ctx.partial:  # components left out of a panel that converts: each quarantined alone
+            self.quarantine.record(file, location, rtype, part.category, part.detail, resource, part=part.part)
+            self.result.part_categories[(rtype, part.category)] += 1
+        self.seq += 1
+        self.spill.add(rows, (_resource_key(rtype, resource.get("id")), (self.result.index << 32) | self.seq,
+                              self._last_updated(resource), TYPE_INDEX[rtype]))
+
+    def _last_updated(self, resource: dict) -> int | None:
+        meta = resource.get("meta")
+        value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+        if value is None:
+            return None
+        try:
+            return parse_time(value, "meta.lastUpdated")
+        except Rejected:
+            return None
 
     def _reject(self, rtype: str, category: str, detail: str, resource: dict, file: str, location: str) -> None:
         self.quarantine.record(file, location, rtype, category, detail, resource)
@@ -206,8 +241,11 @@ class _Task:
             self.result.file_problems[problem.category] += 1
             return
         entries = doc.get("entry") or []
-        self.ctx.reset_bundle()
-        self._index_bundle(entries)
+        if not entries:
+            self.quarantine.file_problem(source.name, "empty_bundle", "Bundle has no entries")
+            self.result.empty_bundles += 1
+            return
+        index_bundle(entries, self.ctx)
         for i, entry in enumerate(entries):
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(resource, dict):
@@ -215,32 +253,8 @@ class _Task:
                 continue
             self.resource(resource, entry.get("fullUrl"), source.name, f"entry {i}")
 
-    def _index_bundle(self, entries: list) -> None:
-        """fullUrl -> Patient id and Medication code maps of one bundle (references resolve within it),
-        and the bundle's Organization when there is exactly one."""
-        org_keys: set[str] = set()
-        for entry in entries:
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if not isinstance(resource, dict):
-                continue
-            rtype = resource.get("resourceType")
-            if rtype == "Patient":
-                url, rid = entry.get("fullUrl"), resource.get("id")
-                if isinstance(url, str) and url:
-                    self.ctx.patient_urls[url] = rid if isinstance(rid, str) and rid else url.rsplit(":", 1)[-1]
-            elif rtype == "Medication":
-                url, rid = entry.get("fullUrl"), resource.get("id")
-                for key in (url, f"Medication/{rid}" if isinstance(rid, str) else None):
-                    if isinstance(key, str):
-                        self.ctx.medications[key] = resource.get("code")
-            elif rtype == "Organization":
-                keys, _ = organization_site(resource, entry.get("fullUrl"))
-                if keys:
-                    org_keys.add(keys[0])
-        self.ctx.bundle_org = next(iter(org_keys)) if len(org_keys) == 1 else None
-
     def ndjson(self, source: Source) -> None:
-        self.ctx.reset_bundle()
+        self.ctx.reset_export(self.settings.export_patients)
         max_bytes = self.settings.max_bytes
         try:
             for offset, line in ndjson_lines(source):
@@ -290,6 +304,14 @@ class _Task:
         self.result.seconds = time.perf_counter() - started
         self.result.peak_rss_mb = peak_rss_mb()
         return self.result
+
+
+def _resource_key(rtype: str, rid: object) -> int | None:
+    """A stable 64-bit key of `type/id` (None without an id): the same resource sent twice has the same key."""
+    if not isinstance(rid, str) or not rid:
+        return None
+    digest = hashlib.blake2b(f"{rtype}/{rid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def run_task(index: int, sources: list[Source]) -> TaskResult:

@@ -103,7 +103,8 @@ def test_bad_files_and_records_are_quarantined_and_the_rest_completes(bad_folder
     # the report counts it all; the good data is there
     assert report["files"]["read"] == 8 and report["files"]["ignored_other_files"] == 1
     assert report["files"]["unreadable"] == {"bad_gzip": 1, "not_a_bundle": 2, "not_json": 2}
-    assert report["resources"]["Observation"] == {"read": 8, "converted": 4, "quarantined": 4, "skipped": 0}
+    assert report["resources"]["Observation"] == {"read": 8, "converted": 4, "quarantined": 4, "skipped": 0,
+                                                     "duplicate": 0}
     assert report["resources"]["Patient"]["converted"] == 3
     assert report["quarantine_categories"]["Observation"] == {"bad_date": 2, "no_subject": 1,
                                                                "unit_not_convertible": 1}
@@ -162,14 +163,17 @@ def test_ndjson_split_into_byte_ranges_reads_every_line_once(tmp_path, work):
     """A large NDJSON file is cut into ranges for several workers: no line lost or doubled."""
     folder = tmp_path / "bulk"
     folder.mkdir()
+    with open(folder / "Patient.ndjson", "w") as fh:
+        fh.writelines(json.dumps(patient(f"p{i}")) + "\n" for i in range(50))
     with open(folder / "Observation.ndjson", "w") as fh:
         for i in range(3000):
             r = observation(f"p{i % 50}", "8480-6", 100 + i % 80, "mm[Hg]")
             r["subject"] = {"reference": f"Patient/p{i % 50}"}
             fh.write(json.dumps(r) + "\n")
     report = run(folder, work, task_mb=0.05, workers=1)
-    assert report["resources"]["Observation"] == {"read": 3000, "converted": 3000, "quarantined": 0, "skipped": 0}
-    events = scan_site(work / "ingested", "site_a").collect()
+    assert report["resources"]["Observation"] == {"read": 3000, "converted": 3000, "quarantined": 0, "skipped": 0,
+                                                  "duplicate": 0}
+    events = scan_site(work / "ingested", "site_a").collect().filter(pl.col("code") == "LOINC//8480-6")
     assert events.height == 3000 and events.get_column("subject_id").n_unique() == 50
 
 

@@ -141,7 +141,7 @@ def test_observation_unit_not_convertible_names_unit_and_accepted():
     with pytest.raises(Rejected) as exc:
         observation_rows(obs("2339-0", **quantity(5.5, "g/L")), ctx())
     assert exc.value.category == "unit_not_convertible"
-    assert "'g/L'" in exc.value.detail and "mg/dL, mmol/L" in exc.value.detail
+    assert "'g/L'" in exc.value.detail and "accepted: mg/dL (mg/dl), mmol/L (mmol/l)" in exc.value.detail
 
 
 def test_observation_implausible_value_is_rejected():
@@ -162,14 +162,28 @@ def test_bp_panel_gives_one_event_per_component():
     ]
 
 
-def test_bp_panel_with_one_bad_component_is_rejected_whole():
+def test_bp_panel_keeps_its_good_component_and_names_the_bad_one():
     panel = obs("55284-4", component=[
         {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]}, **quantity(81, "mm[Hg]")},
         {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 132}},
     ])
+    c = ctx()
+    assert observation_rows(panel, c) == [(SID, us("2020-03-01T10:00:00"), "LOINC//8462-4", 81.0, None, None)]
+    [bad] = c.partial
+    assert (bad.category, bad.part) == ("no_unit", "component[1]")
+    assert bad.detail.startswith("component[1] (LOINC//8480-6): Systolic blood pressure has no unit")
+
+
+def test_bp_panel_with_every_component_bad_is_rejected_whole_naming_each():
+    panel = obs("55284-4", component=[
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]}, **quantity(81, "kPa")},
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, "valueQuantity": {"value": 132}},
+    ])
     with pytest.raises(Rejected) as exc:
         observation_rows(panel, ctx())
-    assert exc.value.category == "no_unit" and exc.value.detail.startswith("component[1]")
+    assert exc.value.category == "unit_not_convertible"
+    assert "component[0] (LOINC//8462-4): unit 'kPa'" in exc.value.detail
+    assert "component[1] (LOINC//8480-6): Systolic blood pressure has no unit" in exc.value.detail
 
 
 def test_smoking_status_answer_is_text_value():

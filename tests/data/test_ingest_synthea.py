@@ -60,12 +60,12 @@ def test_every_core_resource_is_converted_or_quarantined(synthea, in_files):
     report, _, quarantine, _ = synthea
     counts, _ = in_files
     assert report["files"] == {"read": 125, "inputs": 125, "ignored_other_files": 1,
-                               "megabytes": pytest.approx(6.949, abs=0.01), "unreadable": {}}
+                               "megabytes": pytest.approx(6.949, abs=0.01), "unreadable": {}, "empty_bundles": 0}
     assert {t: r["read"] for t, r in report["resources"].items()} == dict(counts)
     for rtype in CORE_TYPES:
         row = report["resources"][rtype]
         assert row["converted"] + row["quarantined"] == row["read"] == counts[rtype], rtype
-        assert row["skipped"] == 0
+        assert row["skipped"] == row["duplicate"] == 0
         in_quarantine = [line for line in quarantine if line["resource_type"] == rtype]
         assert len(in_quarantine) == row["quarantined"]
         assert all(line["reason"] and line["resource"]["resourceType"] == rtype for line in in_quarantine)
@@ -77,9 +77,23 @@ def test_every_core_resource_is_converted_or_quarantined(synthea, in_files):
         "MedicationRequest": (804, 0)}
     # 97 BP panels whose components carry no unit; 8 HbA1c values below the plausible 3 %
     assert report["quarantine_categories"] == {"Observation": {"implausible_value": 8, "no_unit": 97}}
+    assert report["quarantined_components"] == {} and report["duplicates"] == {}
     # events = 123 births + 123 sexes + 29 deaths + 3320 encounters + 868 conditions + 804 medication requests
     #   + observations: 14697 quantities + 1181 coded + 75 strings + 2 x 1095 BP components + 5 KOOS components
     assert report["events_written"] == 23415
+
+
+def test_no_good_component_of_a_panel_is_quarantined(synthea):
+    """Every quarantined resource with components has no component that could convert: each one
+    is named in the reason, and none of them carries a unit (read here from the raw resource)."""
+    _, _, quarantine, _ = synthea
+    panels = [line for line in quarantine if line["resource"].get("component")]
+    assert len(panels) == 97 and not any("component" in line for line in quarantine)
+    for line in panels:
+        for i, component in enumerate(line["resource"]["component"]):
+            assert f"component[{i}] (" in line["reason"]
+            quantity = component["valueQuantity"]
+            assert "unit" not in quantity and "code" not in quantity
 
 
 def test_sites_come_from_the_service_provider_and_validate(synthea):
@@ -146,7 +160,9 @@ def test_douglas_by_hand(synthea):
     assert douglas.filter(pl.col("code") == "LOINC//8480-6").height == 10
     his = [line for line in quarantine if line["resource"]["subject"]["reference"] == f"urn:uuid:{DOUGLAS}"]
     assert len(his) == 97 and {line["category"] for line in his} == {"no_unit"}
-    assert his[0]["reason"] == "component[0]: Diastolic blood pressure has no unit; accepted: mm[Hg], mmHg"
+    assert his[0]["reason"] == (
+        "component[0] (LOINC//8462-4): Diastolic blood pressure has no unit; accepted: mm[Hg], mmHg (mm Hg); "
+        "component[1] (LOINC//8480-6): Systolic blood pressure has no unit; accepted: mm[Hg], mmHg (mm Hg)")
     assert his[0]["file"].startswith("Douglas_Walsh_") and his[0]["location"].startswith("entry ")
     assert _values(douglas, "LOINC//4548-4")[-1] == ("2019-11-13T02:43:19", 5.8796)
 
