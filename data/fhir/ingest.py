@@ -34,13 +34,15 @@ import math
 import os
 import secrets
 import shutil
+import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 from chronorisk.data.config import IngestConfig
@@ -100,6 +102,16 @@ def _run_tasks(tasks: list[list[Source]], key: bytes, settings: WorkerSettings, 
         ) from None
 
 
+def _pool_context():
+    """`fork` where the platform has it and this process has not imported polars or pyarrow (they
+    start threads; forking a process with threads can deadlock the child), else `spawn`. Forked
+    workers start in milliseconds; spawned ones start a new interpreter and re-import (~0.5 s each)."""
+    if "fork" in get_all_start_methods() and not {"polars", "pyarrow"} & set(sys.modules) \
+            and threading.active_count() == 1:
+        return get_context("fork")
+    return get_context("spawn")
+
+
 def _run_tasks_unguarded(tasks: list[list[Source]], key: bytes, settings: WorkerSettings,
                          workers: int) -> list[TaskResult]:
     results: list[TaskResult] = []
@@ -110,7 +122,7 @@ def _run_tasks_unguarded(tasks: list[list[Source]], key: bytes, settings: Worker
             results.append(run_task(i, task))
         return results
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=get_context("spawn"), initializer=init_worker, initargs=(key, settings)
+        max_workers=workers, mp_context=_pool_context(), initializer=init_worker, initargs=(key, settings)
     )
     try:
         futures = [pool.submit(run_task, i, task) for i, task in enumerate(tasks)]
@@ -230,16 +242,17 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
             frame = frame.join(site_map.lazy(), on="subject_id", how="left").with_columns(
                 pl.col("site").fill_null(unassigned)
             )
-        here = frame.select(pl.col("site").unique()).collect().get_column("site").sort().to_list()
-        for site_id in here:  # one site's rows in memory at a time (re-reading staging is cheap)
-            part = frame.filter(pl.col("site") == site_id).select(list(EVENT_SCHEMA)).collect()
+        # one bucket in memory at a time (about shard_input_mb of input: a few MB of rows), read once
+        by_site = frame.select("site", *EVENT_SCHEMA).collect().partition_by("site", as_dict=True)
+        for (site_id,), part in sorted(by_site.items()):
+            part = part.drop("site")
             target = site_root(tmp_out, site_id) / "data" / f"{bucket_dir.name[1:]}.parquet"
             write_events(part, target)
             subjects.setdefault(site_id, []).append(part.get_column("subject_id").unique())
             codes.setdefault(site_id, set()).update(part.get_column("code").unique().to_list())
             events[site_id] += part.height
             shards[site_id] += 1
-            del part
+        del by_site
     summary = {}
     for site_id in sorted(subjects):
         ids = pl.concat(subjects[site_id]).unique().sort()
