@@ -173,14 +173,14 @@ def _duplicates(staging: Path):
     for bucket_dir in sorted((staging / "events").glob("b*")):  # a patient's rows are all in one bucket
         occurrences = (
             pl.scan_parquet(sorted(bucket_dir.glob("*.parquet")))
-            .filter(pl.col("rkey").is_not_null())
-            .group_by("subject_id", "rkey", "occ")
-            .agg(pl.col("updated").first(), pl.col("rtype").first())
+            .filter(pl.col("rid").is_not_null())
+            .group_by("subject_id", "rtype", "rid", "occ")
+            .agg(pl.col("updated").first())
         )
         found.append(
-            occurrences.filter(pl.len().over("subject_id", "rkey") > 1)
+            occurrences.filter(pl.len().over("subject_id", "rtype", "rid") > 1)
             .sort(["updated", "occ"], descending=[True, False], nulls_last=True)
-            .filter(pl.int_range(pl.len()).over("subject_id", "rkey") > 0)
+            .filter(pl.int_range(pl.len()).over("subject_id", "rtype", "rid") > 0)
             .select("subject_id", "rtype", "occ")
             .collect()
         )

@@ -10,15 +10,14 @@ parent is small: counts, the organizations seen (for site resolution) and
 code displays.
 
 Each staged row also carries what the parent needs to keep one copy of a
-resource sent twice (same type and id, per patient): `rkey` (a 64-bit hash
-of `type/id`, null without an id), `occ` (which occurrence: task and
-position, in input order), `updated` (meta.lastUpdated) and `rtype`.
+resource sent twice (same type and id, per patient): `rtype`, `rid` (the
+resource id, null without one), `occ` (which occurrence: task and position,
+in input order) and `updated` (meta.lastUpdated).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import resource
 import time
@@ -104,12 +103,12 @@ class _Spill:
         self.settings = settings
         self.task = task
         self.rows: list[Row] = []
-        self.keys: list[tuple[int | None, int, int | None, int]] = []  # (rkey, occ, updated, rtype) per row
+        self.keys: list[tuple[int, str | None, int, int | None]] = []  # (rtype, rid, occ, updated) per row
         self.subject_outcomes: Counter = Counter()
         self.parts = 0
         self.total = 0
 
-    def add(self, rows: list[Row], key: tuple[int | None, int, int | None, int]) -> None:
+    def add(self, rows: list[Row], key: tuple[int, str | None, int, int | None]) -> None:
         self.rows.extend(rows)
         self.keys.extend([key] * len(rows))
         if len(self.rows) >= self.settings.flush_rows:
@@ -122,7 +121,7 @@ class _Spill:
         staging = Path(self.settings.staging)
         if self.rows:
             subject, times, code, number, text, org = zip(*self.rows, strict=True)
-            rkey, occ, updated, rtype = zip(*self.keys, strict=True)
+            rtype, rid, occ, updated = zip(*self.keys, strict=True)
             frame = pl.DataFrame(
                 {
                     "subject_id": pl.Series(subject, dtype=pl.Int64),
@@ -131,10 +130,10 @@ class _Spill:
                     "numeric_value": pl.Series(number, dtype=pl.Float64).cast(pl.Float32),
                     "text_value": pl.Series(text, dtype=pl.String),
                     "org": pl.Series(org, dtype=pl.String),
-                    "rkey": pl.Series(rkey, dtype=pl.Int64),
+                    "rtype": pl.Series(rtype, dtype=pl.Int8),
+                    "rid": pl.Series(rid, dtype=pl.String),
                     "occ": pl.Series(occ, dtype=pl.Int64),
                     "updated": pl.Series(updated, dtype=pl.Int64),
-                    "rtype": pl.Series(rtype, dtype=pl.Int8),
                 }
             )
             buckets = frame.get_column("subject_id") % self.settings.n_buckets
@@ -209,8 +208,9 @@ class _Task:
             self.quarantine.record(file, location, rtype, part.category, part.detail, resource, part=part.part)
             self.result.part_categories[(rtype, part.category)] += 1
         self.seq += 1
-        self.spill.add(rows, (_resource_key(rtype, resource.get("id")), (self.result.index << 32) | self.seq,
-                              self._last_updated(resource), TYPE_INDEX[rtype]))
+        rid = resource.get("id")
+        self.spill.add(rows, (TYPE_INDEX[rtype], rid if isinstance(rid, str) and rid else None,
+                              (self.result.index << 32) | self.seq, self._last_updated(resource)))
 
     def _last_updated(self, resource: dict) -> int | None:
         meta = resource.get("meta")
@@ -304,14 +304,6 @@ class _Task:
         self.result.seconds = time.perf_counter() - started
         self.result.peak_rss_mb = peak_rss_mb()
         return self.result
-
-
-def _resource_key(rtype: str, rid: object) -> int | None:
-    """A stable 64-bit key of `type/id` (None without an id): the same resource sent twice has the same key."""
-    if not isinstance(rid, str) or not rid:
-        return None
-    digest = hashlib.blake2b(f"{rtype}/{rid}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
 
 
 def run_task(index: int, sources: list[Source]) -> TaskResult:
