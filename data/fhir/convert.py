@@ -2,8 +2,11 @@
 
 A converter returns the rows of one resource or raises `Rejected` with a
 short category (counted in the report) and a detail (written to the
-quarantine beside the raw record). A resource is converted whole or not at
-all: no half-converted observation reaches MEDS.
+quarantine beside the raw record). An observation's parts (its own value and
+each component) convert independently: the parts that convert are kept, each
+part that does not is left in `BundleContext.partial` (quarantined alone,
+named); only when no part converts is the observation rejected whole.
+`bundle_rows` converts one in-memory Bundle (what serving needs).
 
 Rows are tuples `(subject_id, time_us, code, numeric_value, text_value, org)`,
 `time_us` microseconds since 1970-01-01 UTC (None for static facts) and `org`
@@ -30,6 +33,7 @@ Mapping (codes and units from `chronorisk.data.codes`):
   valueInteger -> number. Components (BP panel 55284-4 -> 8480-6 and 8462-4)
   become one event each under the component's code; the panel code itself is
   not written. Components without a value are skipped (counted as a note).
+  A text value (valueString, or a code) over `max_text_bytes` is rejected.
 - MedicationRequest: `RXNORM//<code>` (or the first known vocabulary) at
   authoredOn, numeric_value = dispenseRequest.expectedSupplyDuration in days
   (null when absent).
@@ -199,6 +203,8 @@ def pick_code(concept: object, field: str, ctx: BundleContext | None = None) -> 
         vocab = VOCAB_BY_SYSTEM.get(coding.get("system"))  # type: ignore[arg-type]
         value = coding.get("code")
         if vocab is not None and isinstance(value, str) and value:
+            if ctx is not None:
+                _check_text_size(value, f"{field} code", ctx.max_text_bytes)
             code = f"{vocab}//{value}"
             if ctx is not None and code not in ctx.displays:
                 display = coding.get("display")
@@ -504,11 +510,15 @@ def observation_rows(resource: dict, ctx: BundleContext) -> list[Row]:
     code = pick_code(resource.get("code"), "code", ctx)
     time_us = _observation_time(resource, ctx)
     rows: list[Row] = []
-    row = _value_row(code, resource, subject, time_us, "value", ctx)
+    bad: list[Rejected] = []
+    try:
+        row = _value_row(code, resource, subject, time_us, "value", ctx)
+    except Rejected as exc:  # the observation's own value is one part; its components are the others
+        bad.append(Rejected(exc.category, exc.detail, "value"))
+        row = None
     if row is not None:
         rows.append(row)
     components = resource.get("component")
-    bad: list[Rejected] = []
     if components:
         if not isinstance(components, list):
             raise Rejected("bad_value", "component is not a list")

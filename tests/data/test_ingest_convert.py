@@ -386,3 +386,19 @@ def test_any_shape_is_converted_quarantined_or_skipped(tmp_path_factory, rtype, 
     assert sum(task.result.outcomes.values()) == 1
     (outcome,) = {o for (_, o) in task.result.outcomes}
     assert (task.quarantine.lines == 1) == (outcome == "quarantined")
+
+
+def test_an_observation_with_a_bad_value_keeps_its_good_components():
+    panel = obs("55284-4", valueQuantity={"value": "high"}, component=[
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]}, **quantity(140, "mmHg")}])
+    c = ctx()
+    assert observation_rows(panel, c) == [(SID, us("2020-03-01T10:00:00"), "LOINC//8480-6", 140.0, None, None)]
+    [bad] = c.partial
+    assert (bad.category, bad.part) == ("bad_value", "value")
+
+
+def test_a_code_over_the_text_cap_is_rejected():
+    huge = obs("72166-2", valueCodeableConcept={"coding": [{"system": "http://snomed.info/sct", "code": "9" * 70_000}]})
+    with pytest.raises(Rejected) as exc:
+        observation_rows(huge, ctx())
+    assert exc.value.category == "text_too_long" and "70,000 bytes" in exc.value.detail
