@@ -14,9 +14,9 @@ Corpora:
   ingested MEDS is then compared with the generator's own MEDS (`data/fhir/roundtrip.py`):
   same sites, codes, counts, times and values after unit normalization.
 
-Each run is `chronorisk ingest` in a fresh process (`--quick`: one repeat, 1,000 generated patients,
-x5 instead of x20). Recorded: wall seconds of the command
-and of its conversion phase, CPU seconds (parent + workers), resources/s, resources per
+Each run is `chronorisk ingest` in a fresh process into a fresh `--out` (`--quick`: one repeat,
+1,000 generated patients, x5 instead of x20). Recorded: wall seconds of the command, of its
+ingest stage and of its conversion phase, CPU seconds (parent + workers), resources/s, resources per
 CPU-second (what 2 free cores would give, times 2), MB/s of input as stored and of JSON,
 and peak resident memory of the parent and of a worker. Timings on a shared machine are
 noisy: the load average at the start is recorded.
@@ -60,7 +60,10 @@ def _json_megabytes(folder: Path) -> float:
 
 
 def run_once(folder: Path, work: Path, workers: int) -> dict:
-    """One `chronorisk ingest` in a fresh process (so its peak memory is its own)."""
+    """One `chronorisk ingest` in a fresh process (so its peak memory is its own), into a fresh
+    `--out` (a first ingest: replacing an earlier output would add deleting it to the time)."""
+    shutil.rmtree(work / "ingested", ignore_errors=True)
+    shutil.rmtree(work / "ingested_quarantine", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     params = work / "params.yaml"
     params.write_text(f"ingest:\n  workers: {workers}\n")  # the rest as params.yaml's defaults
