@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -171,19 +171,20 @@ def _duplicates(staging: Path):
 
     found = [pl.DataFrame(schema={"subject_id": pl.Int64, "rtype": pl.Int8, "occ": pl.Int64})]
     for bucket_dir in sorted((staging / "events").glob("b*")):  # a patient's rows are all in one bucket
-        rows = pl.scan_parquet(sorted(bucket_dir.glob("*.parquet"))).select(
-            "subject_id", "rtype", "rid", "occ", "updated").filter(pl.col("rid").is_not_null())
-        repeated = (  # usually none: then the bucket costs one pass over three columns
-            rows.group_by("subject_id", "rtype", "rid").agg(pl.col("occ").n_unique().alias("copies"))
-            .filter(pl.col("copies") > 1).drop("copies").collect()
+        rows = pl.scan_parquet(sorted(bucket_dir.glob("*.parquet"))).filter(pl.col("rid").is_not_null())
+        key = pl.struct("subject_id", "rtype", "rid").hash(seed=1).alias("key")  # 64 bits: light to group
+        repeated = (  # usually none: then the bucket costs one light pass
+            rows.select(key, "occ").group_by("key").agg(pl.col("occ").n_unique().alias("copies"))
+            .filter(pl.col("copies") > 1).select("key").collect()
         )
         if repeated.is_empty():
             continue
         found.append(
-            rows.join(repeated.lazy(), on=["subject_id", "rtype", "rid"], how="semi")
-            .group_by("subject_id", "rtype", "rid", "occ").agg(pl.col("updated").first())
+            rows.select(key, "occ", "updated", "subject_id", "rtype")
+            .join(repeated.lazy(), on="key", how="semi")
+            .group_by("key", "occ").agg(pl.col("updated", "subject_id", "rtype").first())
             .sort(["updated", "occ"], descending=[True, False], nulls_last=True)
-            .filter(pl.int_range(pl.len()).over("subject_id", "rtype", "rid") > 0)
+            .filter(pl.int_range(pl.len()).over("key") > 0)
             .select("subject_id", "rtype", "occ")
             .collect()
         )
@@ -237,6 +238,9 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
     codes: dict[str, set[str]] = {}
     events: Counter = Counter()
     shards: Counter = Counter()
+    # many small sites: their files are written by 2 threads (parquet writes release the GIL)
+    writers = ThreadPoolExecutor(max_workers=2)
+    pending = []
     for bucket_dir in sorted((staging / "events").glob("b*")):
         frame = _without(pl.scan_parquet(sorted(bucket_dir.glob("*.parquet"))), duplicates)
         if site is not None:
@@ -250,24 +254,32 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
         for (site_id,), part in sorted(by_site.items()):
             part = part.drop("site")
             target = site_root(tmp_out, site_id) / "data" / f"{bucket_dir.name[1:]}.parquet"
-            write_events(part, target)
+            pending.append(writers.submit(write_events, part, target))
             subjects.setdefault(site_id, []).append(part.get_column("subject_id").unique())
             codes.setdefault(site_id, set()).update(part.get_column("code").unique().to_list())
             events[site_id] += part.height
             shards[site_id] += 1
-        del by_site
+        for future in pending:  # this bucket written before the next is read: one bucket in memory
+            future.result()
+        pending, by_site = [], None
     summary = {}
     for site_id in sorted(subjects):
         ids = pl.concat(subjects[site_id]).unique().sort()
-        write_metadata(
+        pending.append(writers.submit(
+            write_metadata,
             site_root(tmp_out, site_id),
             dataset_name=f"chronorisk-fhir-{site_id}",
             etl_name="chronorisk ingest (FHIR R4)",
             subject_ids=ids,
             code_descriptions={c: display_for(c) or displays.get(c) or None for c in sorted(codes[site_id])},
             extra={"site_id": site_id, "source": "fhir-r4", "ingest_run": run_id},
-        )
+        ))
         summary[site_id] = {"subjects": ids.len(), "events": events[site_id], "shards": shards[site_id]}
+    try:
+        for future in pending:
+            future.result()  # re-raises a failed write here
+    finally:
+        writers.shutdown(wait=True, cancel_futures=True)
     return summary
 
 
