@@ -172,19 +172,21 @@ def _duplicates(staging: Path):
     found = [pl.DataFrame(schema={"subject_id": pl.Int64, "rtype": pl.Int8, "occ": pl.Int64})]
     for bucket_dir in sorted((staging / "events").glob("b*")):  # a patient's rows are all in one bucket
         rows = pl.scan_parquet(sorted(bucket_dir.glob("*.parquet"))).filter(pl.col("rid").is_not_null())
-        key = pl.struct("subject_id", "rtype", "rid").hash(seed=1).alias("key")  # 64 bits: light to group
-        repeated = (  # usually none: then the bucket costs one light pass
+        # a 64-bit hash of (patient, type, id) finds the candidates in one light pass (usually none);
+        # the candidates are then compared on the exact values (a hash collision costs nothing)
+        key = pl.struct("subject_id", "rtype", "rid").hash(seed=1).alias("key")
+        repeated = (
             rows.select(key, "occ").group_by("key").agg(pl.col("occ").n_unique().alias("copies"))
             .filter(pl.col("copies") > 1).select("key").collect()
         )
         if repeated.is_empty():
             continue
         found.append(
-            rows.select(key, "occ", "updated", "subject_id", "rtype")
+            rows.select(key, "occ", "updated", "subject_id", "rtype", "rid")
             .join(repeated.lazy(), on="key", how="semi")
-            .group_by("key", "occ").agg(pl.col("updated", "subject_id", "rtype").first())
+            .group_by("occ").agg(pl.col("updated", "subject_id", "rtype", "rid").first())
             .sort(["updated", "occ"], descending=[True, False], nulls_last=True)
-            .filter(pl.int_range(pl.len()).over("key") > 0)
+            .filter(pl.int_range(pl.len()).over("subject_id", "rtype", "rid") > 0)
             .select("subject_id", "rtype", "occ")
             .collect()
         )
