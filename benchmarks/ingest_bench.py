@@ -6,6 +6,7 @@ Corpora:
   136 MB of JSON). Small: end-to-end time carries fixed costs (interpreter and config, importing
   polars/pyarrow/meds for the writer), so the ingest stage alone (the report's `seconds`, from
   finding the files to the report written) and the conversion phase are reported too.
+- `synthea_in_process`: the same sample with `inline_below_mb: 1000`: converted in-process, no pool.
 - `synthea_x20`: the same files linked 20 times under new names: the same patients sent 20 times,
   so every resource is a duplicate of itself 19 times (same per-resource work, plus finding the
   duplicates; the events written are those of one copy).
@@ -59,14 +60,14 @@ def _json_megabytes(folder: Path) -> float:
     return total / 1e6
 
 
-def run_once(folder: Path, work: Path, workers: int) -> dict:
+def run_once(folder: Path, work: Path, workers: int, extra_params: str = "") -> dict:
     """One `chronorisk ingest` in a fresh process (so its peak memory is its own), into a fresh
     `--out` (a first ingest: replacing an earlier output would add deleting it to the time)."""
     shutil.rmtree(work / "ingested", ignore_errors=True)
     shutil.rmtree(work / "ingested_quarantine", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     params = work / "params.yaml"
-    params.write_text(f"ingest:\n  workers: {workers}\n")  # the rest as params.yaml's defaults
+    params.write_text(f"ingest:\n  workers: {workers}\n{extra_params}")  # the rest: params.yaml's defaults
     env = {**os.environ, "CHRONORISK_PSEUDONYM_KEY": BENCH_KEY.decode()}
     cmd = [sys.executable, "-m", "chronorisk.cli", "--params", str(params), "--work", str(work), "ingest",
            "--input", str(folder), "--out", str(work / "ingested")]
@@ -101,8 +102,8 @@ def run_once(folder: Path, work: Path, workers: int) -> dict:
     }
 
 
-def bench(name: str, folder: Path, work: Path, repeats: int, workers: int) -> dict:
-    runs = [run_once(folder, work, workers) for _ in range(repeats)]
+def bench(name: str, folder: Path, work: Path, repeats: int, workers: int, extra_params: str = "") -> dict:
+    runs = [run_once(folder, work, workers, extra_params) for _ in range(repeats)]
     best = max(runs, key=lambda r: r["resources_per_s"])
     stored_mb = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 1e6
     json_mb = _json_megabytes(folder)
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     results = []
     results.append(bench("synthea", SYNTHEA, args.work / "run", repeats, args.workers))
+    # the same sample converted in-process (as inputs under ingest.inline_below_mb are), for comparison
+    entry = bench("synthea_in_process", SYNTHEA, args.work / "run", repeats, args.workers, "  inline_below_mb: 1000\n")
+    entry["how"] = "ingest.inline_below_mb: 1000 (no worker pool)"
+    results.append(entry)
     x = 5 if args.quick else 20
     big = replicate(SYNTHEA, args.work / f"synthea_x{x}", x)
     results.append(bench(f"synthea_x{x}", big, args.work / "run", repeats, args.workers))
