@@ -86,6 +86,7 @@ _DAYS_PER_UNIT = {
 }
 _VOID_STATUSES = {"entered-in-error", "cancelled", "refuted"}
 DEFAULT_MAX_TEXT_BYTES = 64 * 1024  # params.yaml ingest.max_text_kib
+_UNITS_BY_CODE = {code: frozenset(m.units()) for code, m in MEASUREMENT_BY_CODE.items()}
 _UNSUPPORTED_VALUES = (
     "valueRange", "valueRatio", "valueSampledData", "valueTime", "valueDateTime", "valuePeriod",
     "valueAttachment", "valueReference",
@@ -348,7 +349,7 @@ def _quantity_row(code: str, quantity: object, where: str) -> tuple[str, float]:
         number = float(value)
     else:
         ucum, unit = quantity.get("code"), quantity.get("unit")
-        accepted = measurement.units()
+        accepted = _UNITS_BY_CODE[code]
         chosen = unit_of_spelling(ucum)
         if chosen not in accepted:
             chosen = unit_of_spelling(unit)
@@ -609,7 +610,8 @@ CONVERTERS: dict[str, Callable[[dict, BundleContext], list[Row]]] = {
 def convert_resource(resource: dict, ctx: BundleContext, full_url: object = None) -> list[Row]:
     """Rows of one core resource (Rejected if it cannot be converted); the components left out of a
     resource that converts are in `ctx.partial` afterwards. KeyError if the type is not converted."""
-    ctx.partial = []
+    if ctx.partial:
+        ctx.partial = []
     rtype = resource.get("resourceType")
     if rtype == "Patient":
         return patient_rows(resource, ctx, full_url if isinstance(full_url, str) else None)

@@ -208,19 +208,9 @@ class _Task:
             self.quarantine.record(file, location, rtype, part.category, part.detail, resource, part=part.part)
             self.result.part_categories[(rtype, part.category)] += 1
         self.seq += 1
-        rid = resource.get("id")
+        rid, meta = resource.get("id"), resource.get("meta")
         self.spill.add(rows, (TYPE_INDEX[rtype], rid if isinstance(rid, str) and rid else None,
-                              (self.result.index << 32) | self.seq, self._last_updated(resource)))
-
-    def _last_updated(self, resource: dict) -> int | None:
-        meta = resource.get("meta")
-        value = meta.get("lastUpdated") if isinstance(meta, dict) else None
-        if value is None:
-            return None
-        try:
-            return parse_time(value, "meta.lastUpdated")
-        except Rejected:
-            return None
+                              (self.result.index << 32) | self.seq, _last_updated(meta) if meta else None))
 
     def _reject(self, rtype: str, category: str, detail: str, resource: dict, file: str, location: str) -> None:
         self.quarantine.record(file, location, rtype, category, detail, resource)
@@ -304,6 +294,17 @@ class _Task:
         self.result.seconds = time.perf_counter() - started
         self.result.peak_rss_mb = peak_rss_mb()
         return self.result
+
+
+def _last_updated(meta: object) -> int | None:
+    """meta.lastUpdated in microseconds (None if absent or not a valid instant: then input order decides)."""
+    value = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    if value is None:
+        return None
+    try:
+        return parse_time(value, "meta.lastUpdated")
+    except Rejected:
+        return None
 
 
 def run_task(index: int, sources: list[Source]) -> TaskResult:
