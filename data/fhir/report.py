@@ -129,10 +129,9 @@ def format_report(report: dict) -> str:
     site_rows = []
     for site_id, s in report["sites"].items():
         r = s["resources"]
-        site_rows.append([site_id, s["subjects"], s["events"], sum(v["read"] for v in r.values()),
-                          sum(v["converted"] for v in r.values()), sum(v["quarantined"] for v in r.values()),
-                          sum(v["skipped"] for v in r.values())])
-    lines += _table(["site", "subjects", "events", "read", "converted", "quarantined", "skipped"], site_rows)
+        site_rows.append([site_id, s["subjects"], s["events"],
+                          *(sum(v[k] for v in r.values()) for k in ("read", *OUTCOMES))])
+    lines += _table(["site", "subjects", "events", "read", *OUTCOMES], site_rows)
     unreadable = report["files"]["unreadable"]
     if unreadable:
         lines += ["", "files that could not be read: " + ", ".join(f"{k} {v}" for k, v in unreadable.items())]
