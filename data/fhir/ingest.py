@@ -58,6 +58,7 @@ from chronorisk.data.fhir.worker import (
     init_worker,
     peak_rss_mb,
     run_task,
+    write_light_staging,
 )
 from chronorisk.data.files import write_text_atomic
 from chronorisk.errors import ChronoriskError, InputError
@@ -353,6 +354,7 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
         staging=str(staging), quarantine_parts=str(quarantine_dir / ".parts"), n_buckets=n_buckets,
         max_bytes=int(config.max_file_mb * 1e6), flush_rows=config.flush_rows,
         max_text_bytes=int(config.max_text_kib * 1024), export_patients=export_patient_ids(sources),
+        light=workers > 1 and total_bytes < config.light_workers_below_mb * 1e6,
     )
     tasks = plan_tasks(sources, int(config.task_mb * 1e6), workers)
     log.info("ingest: %d file(s), %.1f MB, %d task(s), %d worker(s)", len(sources), total_bytes / 1e6,
@@ -361,6 +363,7 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
     done = False
     try:
         results = _run_tasks(tasks, key, settings, workers)
+        write_light_staging(staging, n_buckets)
         t_convert = time.perf_counter() - t0
         merged = _merge(results)
         duplicates = _duplicates(staging)

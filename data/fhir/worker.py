@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import resource
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ class WorkerSettings:
     max_bytes: int
     flush_rows: int
     max_text_bytes: int = 64 * 1024
+    light: bool = False  # small input: stage rows as pickles, the parent writes the parquet
     export_patients: frozenset[str] | None = None  # Patient ids of the NDJSON files (None: no NDJSON)
 
 
@@ -96,8 +98,59 @@ def init_worker(key: bytes, settings: WorkerSettings, single_threaded: bool = Tr
     _STATE["settings"] = settings
 
 
+def write_staging(staging: Path, name: str, rows: list[Row], keys: list, outcomes: dict, n_buckets: int) -> None:
+    """Staging parquet of spilled rows (bucketed by subject: `events/b<bucket>/<name>.parquet`) and of the
+    per-subject outcome counts (`counts/<name>.parquet`)."""
+    import polars as pl
+
+    if rows:
+        subject, times, code, number, text, org = zip(*rows, strict=True)
+        rtype, rid, occ, updated = zip(*keys, strict=True)
+        frame = pl.DataFrame(
+            {
+                "subject_id": pl.Series(subject, dtype=pl.Int64),
+                "time": pl.Series(times, dtype=pl.Int64).cast(pl.Datetime("us")),
+                "code": pl.Series(code, dtype=pl.String),
+                "numeric_value": pl.Series(number, dtype=pl.Float64).cast(pl.Float32),
+                "text_value": pl.Series(text, dtype=pl.String),
+                "org": pl.Series(org, dtype=pl.String),
+                "rtype": pl.Series(rtype, dtype=pl.Int8),
+                "rid": pl.Series(rid, dtype=pl.String),
+                "occ": pl.Series(occ, dtype=pl.Int64),
+                "updated": pl.Series(updated, dtype=pl.Int64),
+            }
+        )
+        buckets = frame.get_column("subject_id") % n_buckets
+        for (bucket,), part in frame.with_columns(buckets.alias("_b")).partition_by("_b", as_dict=True).items():
+            target = staging / "events" / f"b{bucket:05d}" / f"{name}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part.drop("_b").write_parquet(target, compression="lz4", statistics=False)
+    if outcomes:
+        counts = pl.DataFrame(
+            {
+                "subject_id": pl.Series([k[0] for k in outcomes], dtype=pl.Int64),
+                "resource_type": pl.Series([k[1] for k in outcomes], dtype=pl.String),
+                "outcome": pl.Series([k[2] for k in outcomes], dtype=pl.String),
+                "n": pl.Series(list(outcomes.values()), dtype=pl.Int64),
+            }
+        )
+        target = staging / "counts" / f"{name}.parquet"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        counts.write_parquet(target, compression="lz4", statistics=False)
+
+
+def write_light_staging(staging: Path, n_buckets: int) -> None:
+    """In the parent: the pickled rows of light workers -> the same staging parquet (then removed)."""
+    for path in sorted((Path(staging) / "light").glob("*.pickle")):
+        with open(path, "rb") as fh:
+            rows, keys, outcomes = pickle.load(fh)  # written by this run's own workers, in its staging folder
+        write_staging(Path(staging), path.stem, rows, keys, outcomes, n_buckets)
+        path.unlink()
+
+
 class _Spill:
-    """Rows and per-subject outcome counts, written to staging parquet every `flush_rows` rows."""
+    """Rows and per-subject outcome counts, written to staging every `flush_rows` rows (parquet, or with
+    `light` a pickle the parent turns into parquet)."""
 
     def __init__(self, settings: WorkerSettings, task: int):
         self.settings = settings
@@ -115,49 +168,19 @@ class _Spill:
             self.flush()
 
     def flush(self) -> None:
-        import polars as pl
-
-        name = f"t{self.task:06d}p{self.parts:04d}.parquet"
+        name = f"t{self.task:06d}p{self.parts:04d}"
         staging = Path(self.settings.staging)
-        if self.rows:
-            subject, times, code, number, text, org = zip(*self.rows, strict=True)
-            rtype, rid, occ, updated = zip(*self.keys, strict=True)
-            frame = pl.DataFrame(
-                {
-                    "subject_id": pl.Series(subject, dtype=pl.Int64),
-                    "time": pl.Series(times, dtype=pl.Int64).cast(pl.Datetime("us")),
-                    "code": pl.Series(code, dtype=pl.String),
-                    "numeric_value": pl.Series(number, dtype=pl.Float64).cast(pl.Float32),
-                    "text_value": pl.Series(text, dtype=pl.String),
-                    "org": pl.Series(org, dtype=pl.String),
-                    "rtype": pl.Series(rtype, dtype=pl.Int8),
-                    "rid": pl.Series(rid, dtype=pl.String),
-                    "occ": pl.Series(occ, dtype=pl.Int64),
-                    "updated": pl.Series(updated, dtype=pl.Int64),
-                }
-            )
-            buckets = frame.get_column("subject_id") % self.settings.n_buckets
-            for (bucket,), part in frame.with_columns(buckets.alias("_b")).partition_by("_b", as_dict=True).items():
-                target = staging / "events" / f"b{bucket:05d}" / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                part.drop("_b").write_parquet(target, compression="lz4", statistics=False)
-            self.total += len(self.rows)
-            self.rows = []
-            self.keys = []
-        if self.subject_outcomes:
-            keys = list(self.subject_outcomes)
-            counts = pl.DataFrame(
-                {
-                    "subject_id": pl.Series([k[0] for k in keys], dtype=pl.Int64),
-                    "resource_type": pl.Series([k[1] for k in keys], dtype=pl.String),
-                    "outcome": pl.Series([k[2] for k in keys], dtype=pl.String),
-                    "n": pl.Series(list(self.subject_outcomes.values()), dtype=pl.Int64),
-                }
-            )
-            target = staging / "counts" / name
+        if not self.rows and not self.subject_outcomes:
+            pass
+        elif self.settings.light:  # small input: the parent writes the parquet (no polars import here)
+            target = staging / "light" / f"{name}.pickle"
             target.parent.mkdir(parents=True, exist_ok=True)
-            counts.write_parquet(target, compression="lz4", statistics=False)
-            self.subject_outcomes = Counter()
+            with open(target, "wb") as fh:
+                pickle.dump((self.rows, self.keys, dict(self.subject_outcomes)), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            write_staging(staging, name, self.rows, self.keys, self.subject_outcomes, self.settings.n_buckets)
+        self.total += len(self.rows)
+        self.rows, self.keys, self.subject_outcomes = [], [], Counter()
         self.parts += 1
 
 

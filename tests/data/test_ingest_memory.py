@@ -20,7 +20,7 @@ def _ingest(folder: Path, work: Path) -> dict:
     # the parent holds one output bucket at a time (duplicates are found per bucket): buckets of about
     # one copy of the sample, so that the larger input has more buckets, not larger ones
     params.write_text("ingest:\n  workers: 2\n  inline_below_mb: 0\n  task_mb: 2\n  flush_rows: 20000\n"
-                      "  shard_input_mb: 7\n")
+                      "  shard_input_mb: 7\n  light_workers_below_mb: 0\n")  # both runs stage parquet in the workers
     env = {**os.environ, "CHRONORISK_PSEUDONYM_KEY": KEY}
     done = subprocess.run([sys.executable, "-m", "chronorisk.cli", "--params", str(params), "--work", str(work),
                            "ingest", "--input", str(folder)], capture_output=True, text=True, env=env, timeout=900)
