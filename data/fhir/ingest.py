@@ -1,10 +1,14 @@
 """FHIR R4 -> MEDS per site: plan, convert in a process pool, place patients at sites, write.
 
-1. Discover the input files and cut them into tasks (`sources.plan_tasks`).
+1. Discover the input files and cut them into tasks (`sources.plan_tasks`);
+   read the Patient ids of NDJSON files (a bulk export's subjects resolve
+   across its files).
 2. Workers convert each task's resources and spill rows to staging parquet,
    bucketed by subject (`worker.run_task`); records that cannot be converted
    go to the quarantine. Memory stays flat: a worker holds at most
-   `flush_rows` rows, the parent only counts.
+   `flush_rows` rows, the parent only counts (and holds one bucket when
+   writing). Small inputs run in-process (`inline_below_mb`), or with workers
+   that hand their rows to the parent (`light_workers_below_mb`).
 3. Sites. With `--site`, every patient goes there. Otherwise each encounter's
    serviceProvider names an Organization (found in any input file: Synthea
    writes them in the patient bundle and in `hospitalInformation*.json`); its
