@@ -108,11 +108,11 @@ def _run_tasks(tasks: list[list[Source]], key: bytes, settings: WorkerSettings, 
 
 
 def _pool_context():
-    """`fork` where the platform has it and this process has not imported polars or pyarrow (they
+    """`fork` on Linux when this process runs no thread and has not imported polars or pyarrow (they
     start threads; forking a process with threads can deadlock the child), else `spawn`. Forked
     workers start in milliseconds; spawned ones start a new interpreter and re-import (~0.5 s each)."""
-    if "fork" in get_all_start_methods() and not {"polars", "pyarrow"} & set(sys.modules) \
-            and threading.active_count() == 1:
+    threads_free = threading.active_count() == 1 and not {"polars", "pyarrow"} & set(sys.modules)
+    if sys.platform == "linux" and "fork" in get_all_start_methods() and threads_free:
         return get_context("fork")
     return get_context("spawn")
 
