@@ -91,6 +91,7 @@ def run_once(folder: Path, work: Path, workers: int, extra_params: str = "") -> 
         "quarantined": report["totals"]["quarantined"],
         "duplicates": report["totals"]["duplicate"],
         "workers_used": report["throughput"]["workers"],
+        "pool": report["throughput"]["pool"],
         "ingest_stage_s": report["throughput"]["seconds"],
         "resources_per_s": round(resources / wall, 1),
         "resources_per_s_ingest_stage": report["throughput"]["resources_per_s"],

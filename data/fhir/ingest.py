@@ -98,9 +98,10 @@ def _check_out(out: Path) -> None:
         raise InputError("--out", f"{out} is not empty and holds no {REPORT_FILE}: refusing to replace it")
 
 
-def _run_tasks(tasks: list[list[Source]], key: bytes, settings: WorkerSettings, workers: int) -> list[TaskResult]:
+def _run_tasks(tasks: list[list[Source]], key: bytes, settings: WorkerSettings, workers: int,
+               context) -> list[TaskResult]:
     try:
-        return _run_tasks_unguarded(tasks, key, settings, workers)
+        return _run_tasks_unguarded(tasks, key, settings, workers, context)
     except OSError as exc:  # disk full, permissions: the input is fine, the output cannot be written
         raise ChronoriskError(
             f"cannot write staging or quarantine files ({exc.strerror or type(exc).__name__})"
@@ -117,8 +118,15 @@ def _pool_context():
     return get_context("spawn")
 
 
+def _pool_name(context, light: bool) -> str:
+    """How the tasks ran, for the report: `in-process`, `fork`, `spawn` (+ ` (light workers)`)."""
+    if context is None:
+        return "in-process"
+    return context.get_start_method() + (" (light workers)" if light else "")
+
+
 def _run_tasks_unguarded(tasks: list[list[Source]], key: bytes, settings: WorkerSettings,
-                         workers: int) -> list[TaskResult]:
+                         workers: int, context) -> list[TaskResult]:
     results: list[TaskResult] = []
     started = time.perf_counter()
     if workers <= 1:
@@ -127,7 +135,7 @@ def _run_tasks_unguarded(tasks: list[list[Source]], key: bytes, settings: Worker
             results.append(run_task(i, task))
         return results
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=_pool_context(), initializer=init_worker, initargs=(key, settings)
+        max_workers=workers, mp_context=context, initializer=init_worker, initargs=(key, settings)
     )
     try:
         futures = [pool.submit(run_task, i, task) for i, task in enumerate(tasks)]
@@ -366,7 +374,8 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
     tmp_out.mkdir(parents=True)
     done = False
     try:
-        results = _run_tasks(tasks, key, settings, workers)
+        context = _pool_context() if workers > 1 else None
+        results = _run_tasks(tasks, key, settings, workers, context)
         write_light_staging(staging, n_buckets)
         t_convert = time.perf_counter() - t0
         merged = _merge(results)
@@ -385,6 +394,7 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
             run_id=run_id, started_at=started_at, seconds=seconds, convert_seconds=t_convert,
             input_path=Path(options.input).resolve(), out=out, quarantine_file=quarantine_dir / QUARANTINE_FILE,
             key_source=key_source, site=options.site, workers=workers, n_sources=len(sources), ignored=ignored,
+            pool=_pool_name(context, settings.light),
             merged=merged, sites=sites, per_site=per_site, quarantined_lines=quarantined_lines,
             parent_peak_rss_mb=peak_rss_mb(),
         )

@@ -42,7 +42,7 @@ def _by_type(outcomes: dict[tuple[str, str], int]) -> dict[str, dict[str, int]]:
 def build_report(*, run_id: str, started_at: datetime, seconds: float, convert_seconds: float,
                  input_path: Path, out: Path, quarantine_file: Path, key_source: str, site: str | None,
                  workers: int, n_sources: int, ignored: int, merged: dict, sites: dict, per_site: dict,
-                 quarantined_lines: int, parent_peak_rss_mb: float) -> dict:
+                 quarantined_lines: int, parent_peak_rss_mb: float, pool: str = "in-process") -> dict:
     resources = _by_type(merged["outcomes"])
     totals = {k: sum(row[k] for row in resources.values()) for k in ("read", *OUTCOMES)}
     categories: dict[str, dict[str, int]] = {}
@@ -89,6 +89,7 @@ def build_report(*, run_id: str, started_at: datetime, seconds: float, convert_s
         "sites": site_rows,
         "throughput": {
             "workers": workers,
+            "pool": pool,
             "seconds": round(seconds, 3),
             "convert_seconds": round(convert_seconds, 3),
             "resources_per_s": round(totals["read"] / seconds, 1) if seconds > 0 else None,

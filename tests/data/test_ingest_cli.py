@@ -95,6 +95,7 @@ def test_cli_ingests_to_sites_with_a_pool_and_leaks_nothing(fhir_folder, work, t
     assert report["sites"]["hosp_south"]["resources"]["Encounter"]["converted"] == 4
     assert report["resources"]["Organization"]["skipped"] == 4
     assert report["throughput"]["workers"] == 2
+    assert report["throughput"]["pool"] == "fork (light workers)"  # a CLI process runs no thread: forked
     assert "chc_north" in out.stdout and "hosp_south" in out.stdout
 
     # nothing identifying anywhere: MEDS (decoded), metadata, report, stdout, stderr

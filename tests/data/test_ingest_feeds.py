@@ -272,6 +272,7 @@ def test_the_quarantine_is_beside_the_output_and_in_the_report(bundles_run):
 
 def test_a_small_input_runs_in_process(bundles_run):
     assert bundles_run["report"]["throughput"]["workers"] == 1  # params say 2; under inline_below_mb
+    assert bundles_run["report"]["throughput"]["pool"] == "in-process"
 
 
 # ------------------------------------------------------------------ bulk export (NDJSON)
