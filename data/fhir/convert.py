@@ -258,8 +258,9 @@ def subject_of(resource: dict, ctx: BundleContext, key: str = "subject") -> int:
         raise Rejected("no_subject", f"{key} has no resolvable Patient reference (contained, conditional or missing)")
     kind, value = target
     if ctx.patient_ids is not None:  # a bundle: the Patient must be in it
-        value = ctx.patient_urls.get(value) if kind == "url" else value
-        if value is None or value not in ctx.patient_ids:
+        if kind == "url":  # an entry's fullUrl, else a urn:uuid: naming the Patient's id itself
+            value = ctx.patient_urls.get(value) or value.rsplit(":", 1)[-1]
+        if value not in ctx.patient_ids:
             raise Rejected("subject_not_in_bundle", f"subject not in bundle: {key} names no Patient of this bundle")
     else:
         value = (ctx.patient_urls.get(value) or value.rsplit(":", 1)[-1]) if kind == "url" else value

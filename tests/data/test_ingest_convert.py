@@ -402,3 +402,19 @@ def test_a_code_over_the_text_cap_is_rejected():
     with pytest.raises(Rejected) as exc:
         observation_rows(huge, ctx())
     assert exc.value.category == "text_too_long" and "70,000 bytes" in exc.value.detail
+
+
+def test_subjects_must_be_patients_of_the_bundle():
+    from chronorisk.data.fhir.convert import bundle_rows
+
+    bundle = {"resourceType": "Bundle", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"}},  # no fullUrl
+        {"resource": obs("4548-4", subject={"reference": "urn:uuid:p1"}, **quantity(6.0, "%"))},
+        {"resource": obs("4548-4", subject={"reference": "Patient/p1"}, **quantity(6.1, "%"))},
+        {"resource": obs("4548-4", subject={"reference": "Patient/p2"}, **quantity(6.2, "%"))},
+    ]}
+    rows, problems = bundle_rows(bundle, ctx())
+    assert [r[3] for r in rows if r[2] == "LOINC//4548-4"] == [6.0, 6.1]
+    [(entry, rtype, rejected)] = problems
+    assert (entry, rtype, rejected.category) == (3, "Observation", "subject_not_in_bundle")
+    assert rejected.detail.startswith("subject not in bundle")
