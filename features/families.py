@@ -200,24 +200,6 @@ def declare_smoking() -> Declared:
     return out
 
 
-def declare_codes(vocabulary: tuple[str, ...]) -> tuple[Declared, list[str]]:
-    """Features for the selected codes; returns (declared, column names in vocabulary order)."""
-    out: Declared = {}
-    names: list[str] = []
-    for code in vocabulary:
-        base = f"code_{feature_safe(code)}"
-        name, i = base, 1
-        while name in out:
-            i += 1
-            name = f"{base}_{i}"
-        display = vocab.display_for(code) or code
-        out[name] = FeatureInfo(display=f"{display}: records", unit="records", family="codes", kind="count",
-                                concept=code, code=code, aggregate="count", bounds=(0.0, COUNT_MAX),
-                                concept_display=display)
-        names.append(name)
-    return out, names
-
-
 # ---- computations -------------------------------------------------------------------------
 # Families aggregate with plain column aggregations (polars' fast path) over one
 # combined key, `key = _ix * n + idx`, and then scatter the long result into one
@@ -331,6 +313,7 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         return []
     rows = _of(ev, KIND_MEAS).filter(pl.col("value").is_not_null() & pl.col("value").is_finite())
     rows = rows.select("_ix", "idx", "days", "value")
+    lo, hi = plausible_arrays(spec.measurements)
     names = [m.name for m in spec.measurements]
     windows = tuple(spec.windows_days)
     columns = {
@@ -345,13 +328,14 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     schema = {"_ix": pl.UInt32, **dict.fromkeys(feature_names, pl.Float64)}
 
     def compute(df: pl.DataFrame) -> pl.DataFrame:
-        if df.height == 0:
+        idx, value = df["idx"].to_numpy().astype(np.intp), df["value"].to_numpy()
+        plausible = (value >= lo[idx]) & (value <= hi[idx])  # impossible values are dropped (and counted)
+        if not plausible.any():
             return pl.DataFrame(schema=schema)
-        ix = df["_ix"].to_numpy().astype(np.intp)
+        ix = df["_ix"].to_numpy().astype(np.intp)[plausible]
         n_rows = int(ix.max()) + 1
         stats = _measurement_stats(
-            df["days"].to_numpy(), df["value"].to_numpy(), df["idx"].to_numpy().astype(np.intp) * n_rows + ix,
-            n * n_rows, windows,
+            df["days"].to_numpy()[plausible], value[plausible], idx[plausible] * n_rows + ix, n * n_rows, windows,
         )
         present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
         matrix = np.concatenate([stats[stat].reshape(n, n_rows)[:, present] for stat in columns])
@@ -359,6 +343,13 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         return frame.insert_column(0, pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32))
 
     return [rows.map_batches(compute, schema=schema)]
+
+
+def plausible_arrays(measurements: tuple[MeasurementSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) plausible value of each measurement (data/codes.py; unbounded if unknown)."""
+    ranges = [vocab.MEASUREMENTS[m.name].plausible if m.name in vocab.MEASUREMENTS else (-np.inf, np.inf)
+              for m in measurements]
+    return np.array([r[0] for r in ranges], dtype=np.float64), np.array([r[1] for r in ranges], dtype=np.float64)
 
 
 _BLOCK = 1 << 18  # rows per block: the temporaries of a block stay in cache and are reused
@@ -498,18 +489,18 @@ def encounters(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     return [_widen(long, n, columns)]
 
 
+_SMOKING_ANSWERS = {
+    **{c.removeprefix("SNOMED//").lower(): status for status, codes in
+       ((2, vocab.SMOKING_CURRENT), (1, vocab.SMOKING_FORMER), (0, vocab.SMOKING_NEVER)) for c in codes},
+    **vocab.SMOKING_TEXT_ANSWERS,
+}
+
+
 def smoking_status_expr(text: pl.Expr) -> pl.Expr:
-    """Smoking answer code (with or without `SNOMED//`) -> 0 never, 1 former, 2 current, null unknown."""
-    code = text.str.strip_prefix("SNOMED//")
-
-    def bare(codes: tuple[str, ...]) -> list[str]:
-        return [c.removeprefix("SNOMED//") for c in codes]
-
-    return (
-        pl.when(code.is_in(bare(vocab.SMOKING_CURRENT))).then(pl.lit(2))
-        .when(code.is_in(bare(vocab.SMOKING_FORMER))).then(pl.lit(1))
-        .when(code.is_in(bare(vocab.SMOKING_NEVER))).then(pl.lit(0))
-    )
+    """Smoking answer (SNOMED code with or without `SNOMED//`, or words such as "Former smoker")
+    -> 0 never, 1 former, 2 current, null unknown (`data.codes.smoking_status_of_text` as an expression)."""
+    words = text.str.strip_prefix("SNOMED//").str.to_lowercase().str.strip_suffix("(finding)").str.strip_chars()
+    return words.replace_strict(_SMOKING_ANSWERS, default=None, return_dtype=pl.Int32)
 
 
 def smoking(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
@@ -527,20 +518,7 @@ def smoking(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     ]
 
 
-def codes(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
-    """Records of each selected code before t."""
-    names = list(code_feature_names(spec))
-    if not names:
-        return []
-    long = _keyed(_of(ev, KIND_CODE), len(names)).group_by("key").agg(pl.len().alias("n"))
-    return [_widen(long, len(names), {"n": names})]
-
-
-def code_feature_names(spec: FeatureSpec) -> tuple[str, ...]:
-    return tuple(n for n in spec.feature_names if spec.features[n].family == "codes")
-
-
-FAMILIES = (demographics, conditions, measurements, medications, encounters, smoking, codes)
+FAMILIES = (demographics, conditions, measurements, medications, encounters, smoking)  # + code_families.codes
 _KINDS = {
     "demographics": {KIND_BIRTH, KIND_SEX}, "conditions": {KIND_COND}, "measurements": {KIND_MEAS},
     "medications": {KIND_MED}, "encounters": {KIND_ENC}, "smoking": {KIND_SMOKE}, "codes": {KIND_CODE},

@@ -91,6 +91,27 @@ class DrugClassSpec(BaseModel):
     codes: tuple[str, ...]
 
 
+class CodeSpec(BaseModel):
+    """A code of the data-driven vocabulary: what the fit saw of it (counts only) and which features it gets.
+
+    `counts`: presence, counts per window and days since last (False for a concept's code whose
+    unread text values are categories); `values`: value aggregates of its numbers, clipped to
+    `clip` (fitted quantiles; None for codes with a plausible range in data/codes.py, whose values
+    outside that range are dropped); `texts`: text values that become categories.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    code: str
+    display: str
+    n_subjects: int = Field(ge=0)
+    counts: bool = True
+    values: bool = False
+    unit: str = ""
+    clip: tuple[float, float] | None = None
+    texts: tuple[str, ...] = ()
+
+
 class FeatureSpec(BaseModel):
     """Fitted, JSON-serializable description of every feature, in column order."""
 
@@ -104,7 +125,7 @@ class FeatureSpec(BaseModel):
     measurements: tuple[MeasurementSpec, ...]
     drug_classes: tuple[DrugClassSpec, ...]
     encounter_classes: tuple[str, ...]
-    vocabulary: tuple[str, ...] = Field((), description="codes selected as data-driven count features")
+    codes: tuple[CodeSpec, ...] = Field((), description="the data-driven vocabulary, most frequent first")
     feature_names: tuple[str, ...]
     features: dict[str, FeatureInfo]
     fit_info: dict = Field(default_factory=dict, description="what the fit saw (counts only, no records)")
@@ -122,6 +143,11 @@ class FeatureSpec(BaseModel):
         if dangling:
             raise ValueError(f"date_feature of {dangling[:5]} names no feature")
         return self
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]:
+        """Codes with data-driven presence and count features, most frequent first."""
+        return tuple(c.code for c in self.codes if c.counts)
 
     @property
     def n_features(self) -> int:
