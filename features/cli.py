@@ -36,9 +36,15 @@ def run(args: argparse.Namespace, ctx) -> int:
     import time
 
     from chronorisk.errors import ConfigError
-    from chronorisk.features.build import feature_table_for_site, fit_spec_on_train, labels_for_site
+    from chronorisk.features.build import (
+        feature_table_for_site,
+        fit_spec_on_train,
+        keep_spec_columns,
+        labels_for_site,
+    )
     from chronorisk.features.concepts import load_concepts
     from chronorisk.features.labels_cli import selected_tasks
+    from chronorisk.features.pruning import FitStats, dropped_lines, without_useless
     from chronorisk.features.sources import find_sites
     from chronorisk.features.spec import FeatureSpec
 
@@ -63,12 +69,34 @@ def run(args: argparse.Namespace, ctx) -> int:
             if fitted is None:
                 fitted = fit_spec_on_train(sites, config, cmap)
             spec = fitted(task)
-        spec.save(out_root / task.name / "spec.json")
+        stats = FitStats(spec) if given_spec is None else None
+        paths = []
         for source in sites:
             started = time.perf_counter()
             labels = labels_for_site(source, task, args.labels, ctx.paths.labels, cmap)
             path = out_root / task.name / f"{source.site}.parquet"
-            n = feature_table_for_site(spec, source, labels, path, chunk, workers)
+            n = feature_table_for_site(spec, source, labels, path, chunk, workers, stats)
+            paths.append(path)
             print(f"{task.name:<18} {source.site:<16} rows {n:>9,}  features {spec.n_features}  "
                   f"{time.perf_counter() - started:6.1f} s")
+            _print_value_checks(spec, source, task.name)
+        if stats is not None:
+            spec = without_useless(spec, stats.useless())
+            if spec.n_features < len(stats.names):
+                for path in paths:
+                    keep_spec_columns(spec, path)
+            for line in dropped_lines(spec):
+                print(f"{task.name:<18} {line}")
+        spec.save(out_root / task.name / "spec.json")
     return 0
+
+
+def _print_value_checks(spec, source, task: str) -> None:
+    """Say which numbers of the site the features dropped (impossible) or clipped (fitted quantiles)."""
+    from chronorisk.features.vocabulary import value_checks
+
+    checks = value_checks(spec, source.scan())
+    for code, dropped, clipped in checks.iter_rows():
+        what = [f"{dropped:,} impossible values dropped"] if dropped else []
+        what += [f"{clipped:,} values clipped to the fitted range"] if clipped else []
+        print(f"{task:<18} {source.site:<16} {code}: {', '.join(what)}")

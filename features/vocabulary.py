@@ -28,7 +28,7 @@ from chronorisk.data import codes as vocab
 from chronorisk.errors import InputError
 from chronorisk.features.concepts import ConceptMap
 from chronorisk.features.config import FeatureConfig
-from chronorisk.features.spec import CodeSpec
+from chronorisk.features.spec import CodeSpec, FeatureSpec
 
 CLIP_QUANTILES = (0.001, 0.999)  # numbers of codes without a plausible range are clipped to these
 SUMMARY_SCHEMA = {
@@ -193,3 +193,23 @@ def _text_categories(texts: pl.DataFrame, need: int, per_code: int) -> dict[str,
         if len(chosen) < per_code:
             chosen.append(r["text"])
     return {code: tuple(v) for code, v in out.items()}
+
+
+def value_checks(spec: FeatureSpec, events: pl.LazyFrame) -> pl.DataFrame:
+    """(code, dropped, clipped): numbers of `events` the features drop (outside the plausible range of a
+    known measurement) or clip (to a vocabulary code's fitted quantiles), per code with any."""
+    ranges = plausible_table().with_columns(pl.lit(True).alias("drops"))
+    clips = pl.DataFrame(
+        [(c.code, c.clip[0], c.clip[1]) for c in spec.codes if c.values and c.clip is not None],
+        schema={"code": pl.String, "lo": pl.Float64, "hi": pl.Float64}, orient="row",
+    ).with_columns(pl.lit(False).alias("drops"))
+    table = pl.concat([ranges, clips]).unique("code", keep="first")
+    outside = ~pl.col("value").is_between(pl.col("lo"), pl.col("hi"))
+    return (
+        _events(events).filter(pl.col("value").is_not_null()).join(table.lazy(), on="code", how="inner")
+        .group_by("code")
+        .agg((outside & pl.col("drops")).sum().alias("dropped"), (outside & ~pl.col("drops")).sum().alias("clipped"))
+        .filter((pl.col("dropped") > 0) | (pl.col("clipped") > 0))
+        .sort("code")
+        .collect()
+    )
