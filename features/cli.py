@@ -13,6 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import polars as pl
+
 log = logging.getLogger("chronorisk.features")
 
 
@@ -92,11 +94,16 @@ def run(args: argparse.Namespace, ctx) -> int:
 
 
 def _print_value_checks(spec, source, task: str) -> None:
-    """Say which numbers of the site the features dropped (impossible) or clipped (fitted quantiles)."""
+    """Say which numbers of the site the features drop (impossible, per code) or clip (fitted quantiles)."""
     from chronorisk.features.vocabulary import value_checks
 
     checks = value_checks(spec, source.scan())
-    for code, dropped, clipped in checks.iter_rows():
-        what = [f"{dropped:,} impossible values dropped"] if dropped else []
-        what += [f"{clipped:,} values clipped to the fitted range"] if clipped else []
-        print(f"{task:<18} {source.site:<16} {code}: {', '.join(what)}")
+    dropped = checks.filter(pl.col("dropped") > 0).sort("dropped", "code", descending=[True, False])
+    if dropped.height:
+        print(f"{task:<18} {source.site:<16} impossible values dropped: "
+              + ", ".join(f"{code} {n:,}" for code, n in dropped.select("code", "dropped").iter_rows()))
+    clipped = checks.filter(pl.col("clipped") > 0).sort("clipped", "code", descending=[True, False])
+    if clipped.height:
+        most = ", ".join(f"{code} {n:,}" for code, n in clipped.select("code", "clipped").head(3).iter_rows())
+        print(f"{task:<18} {source.site:<16} values clipped to their fitted 0.1-99.9 % range: "
+              f"{int(clipped['clipped'].sum()):,} in {clipped.height} codes (most: {most})")

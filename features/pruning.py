@@ -14,6 +14,7 @@ the feature tables are read once, as they are written.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -23,6 +24,7 @@ from chronorisk.features.spec import FeatureSpec
 
 REPEATABLE = {"value": ("last", "mean", "min", "max"), "count": ("count",)}
 _PAIR_BLOCK = 512  # pairs compared at a time (memory: rows x block booleans)
+_FIRST_ROWS = 2048
 
 
 def repeat_candidates(spec: FeatureSpec) -> list[tuple[int, int]]:
@@ -60,13 +62,20 @@ class FitStats:
     def add(self, frame: pl.DataFrame) -> None:
         if frame.height == 0:
             return
-        values = frame.select(self.names).to_numpy().astype(np.float64, copy=False)  # null -> NaN
+        values = frame.select(self.names).to_numpy()  # Float32 features; null -> NaN
         missing = np.isnan(values)
         self.rows += len(values)
-        self.non_null += (~missing).sum(axis=0)
-        with np.errstate(all="ignore"):
-            self.lo = np.fmin(self.lo, np.where(missing, np.inf, values).min(axis=0))
-            self.hi = np.fmax(self.hi, np.where(missing, -np.inf, values).max(axis=0))
+        self.non_null += len(values) - missing.sum(axis=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: NaN, which fmin/fmax skip
+            self.lo = np.fmin(self.lo, np.nanmin(values, axis=0))
+            self.hi = np.fmax(self.hi, np.nanmax(values, axis=0))
+        for rows in (slice(0, _FIRST_ROWS), slice(_FIRST_ROWS, None)):  # most pairs differ in the first rows
+            self._still_equal(values[rows], missing[rows])
+
+    def _still_equal(self, values: np.ndarray, missing: np.ndarray) -> None:
+        if len(values) == 0 or len(self.first) == 0:
+            return
         keep = np.ones(len(self.first), dtype=bool)
         for start in range(0, len(self.first), _PAIR_BLOCK):
             a, b = self.first[start:start + _PAIR_BLOCK], self.second[start:start + _PAIR_BLOCK]

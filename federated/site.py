@@ -133,7 +133,7 @@ def summarize(ctx: SiteContext, request: Payload) -> Payload:
     # the vocabulary is fitted on training subjects only, as for the centralized model
     train_ids = read_splits(ctx.meds_root, ctx.site).filter(pl.col("split") == TRAIN_SPLIT).select("subject_id")
     train_events = events.join(train_ids.lazy(), on="subject_id", how="semi")
-    summary = code_summary(train_events).filter(pl.col("n_subjects") >= min_count).sort("code")
+    summary = code_summary(train_events).filter(pl.col("text").is_null() & (pl.col("n_subjects") >= min_count))
     sketch_codes, sketches, sketch_n = numeric_sketches(train_events, min_count)
     return Payload(
         config={
