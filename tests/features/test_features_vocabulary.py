@@ -3,6 +3,7 @@ values checked on the way in (known answers on hand-built patients)."""
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 from features_support import T, after, before, events, index
 
@@ -93,3 +94,15 @@ def test_unmapped_numbers_are_clipped_to_fitted_quantiles():
     assert code.values and code.clip[1] < 1e6
     out = transform(spec, ev.lazy(), index([1001], at=T)).collect()
     assert out["code_LOCAL_HR_last"][0] == pytest.approx(code.clip[1], rel=1e-6)
+
+
+def test_site_summaries_add_up_to_the_pooled_summary():
+    from chronorisk.features.pipeline import merge_summaries
+
+    rows = _cohort()
+    site_a = events([r for r in rows if r[0] <= 10])
+    site_b = events([r for r in rows if r[0] > 10])
+    counts = ["code", "text", "n_subjects", "n_value_subjects", "n_values", "n_out_of_range"]
+    merged = merge_summaries([code_summary(site_a), code_summary(site_b)]).select(counts)
+    pooled = code_summary(pl.concat([site_a, site_b])).select(counts)
+    assert merged.equals(pooled)
