@@ -3,7 +3,7 @@
 About 150 events per patient over 5 years across the codes of data/codes.py:
 visits with encounters, blood pressure, weight/BMI, labs, smoking status,
 medication refills (days supplied as numeric_value), diagnoses in SNOMED or
-ICD-10-CM and a long tail of other codes. Values have a per-patient level
+ICD-10-CM and a long tail of other codes (every tenth with a number). Values have a per-patient level
 plus noise; nothing here has a clinical model behind it: it exists so the
 feature pipeline and the pandas baseline are timed on data of the right
 shape and size. Written in shards of `shard_size` subjects, sorted by
@@ -38,7 +38,7 @@ _MEDS = list(vocab.MEDICATIONS.values())
 _SMOKING = [*vocab.SMOKING_CURRENT[:1], *vocab.SMOKING_FORMER, *vocab.SMOKING_NEVER]
 
 
-def _events_for(ids: np.ndarray, rng: np.random.Generator) -> pl.DataFrame:
+def _events_for(ids: np.ndarray, rng: np.random.Generator, n_codes: int = 3000) -> pl.DataFrame:
     n = len(ids)
     span = (END - START).total_seconds() * 1e6
     t0 = np.datetime64(START, "us").astype(np.int64)
@@ -103,20 +103,25 @@ def _events_for(ids: np.ndarray, rng: np.random.Generator) -> pl.DataFrame:
     # a long tail of other codes (procedures, other observations), Zipf-like frequencies
     n_other = rng.poisson(32, n)
     o_subj = np.repeat(everyone, n_other)
-    rank = np.minimum(rng.zipf(1.3, len(o_subj)), 3000)
+    rank = np.minimum(rng.zipf(1.3, len(o_subj)), n_codes)
     o_code = np.char.add("SNOMED//", (100000 + rank).astype(str))
-    add(o_subj, t0 + (rng.random(len(o_subj)) * span).astype(np.int64), o_code)
+    # every tenth of these codes carries a number (a local lab), around a level of its own
+    o_value = np.where(rank % 10 == 0, rng.normal(50 + rank % 97, 10, len(o_subj)), np.nan).astype(np.float32)
+    add(o_subj, t0 + (rng.random(len(o_subj)) * span).astype(np.int64), o_code, o_value)
     return pl.concat(frames, how="vertical")
 
 
 def write_random_meds(out: Path, n_patients: int, seed: int = 0, shard_size: int = 50_000,
-                      first_id: int = 1_000_000) -> list[Path]:
-    """Write `n_patients` subjects' events as MEDS shards `out/data/<i>.parquet`; returns the paths."""
+                      first_id: int = 1_000_000, n_codes: int = 3000) -> list[Path]:
+    """Write `n_patients` subjects' events as MEDS shards `out/data/<i>.parquet`; returns the paths.
+
+    The long tail draws from `n_codes` distinct codes (Zipf-like: nearly all appear from ~50,000
+    patients on)."""
     rng = np.random.default_rng(seed)
     paths = []
     for i, lo in enumerate(range(0, n_patients, shard_size)):
         ids = np.arange(first_id + lo, first_id + min(lo + shard_size, n_patients), dtype=np.int64)
         path = Path(out) / "data" / f"{i}.parquet"
-        write_events(_events_for(ids, rng), path)
+        write_events(_events_for(ids, rng, n_codes), path)
         paths.append(path)
     return paths

@@ -152,6 +152,27 @@ SMOKING_STATUS = "LOINC//72166-2"
 SMOKING_CURRENT = ("SNOMED//449868002", "SNOMED//428041000124106", "SNOMED//77176002")
 SMOKING_FORMER = ("SNOMED//8517006",)
 SMOKING_NEVER = ("SNOMED//266919005",)
+# Smoking status sent as words instead of an answer code (lower case, without a trailing
+# "(finding)"): 2 current, 1 former, 0 never. The answer codes' display texts and the
+# usual EHR wordings; any other text stays a text category of the smoking code.
+SMOKING_TEXT_ANSWERS: dict[str, int] = {
+    "current every day smoker": 2, "current some day smoker": 2, "smoker, current status unknown": 2,
+    "heavy tobacco smoker": 2, "light tobacco smoker": 2, "current smoker": 2, "smoker": 2,
+    "smokes tobacco daily": 2, "occasional tobacco smoker": 2,
+    "former smoker": 1, "ex-smoker": 1, "ex smoker": 1, "past smoker": 1,
+    "never smoker": 0, "never smoked tobacco": 0, "non-smoker": 0, "nonsmoker": 0, "never smoked": 0,
+}
+
+
+def smoking_status_of_text(text: str | None) -> int | None:
+    """A smoking answer (code, with or without `SNOMED//`, or words) -> 2 current, 1 former, 0 never, else None."""
+    if text is None:
+        return None
+    code = text if text.startswith("SNOMED//") else f"SNOMED//{text}"
+    for status, codes in ((2, SMOKING_CURRENT), (1, SMOKING_FORMER), (0, SMOKING_NEVER)):
+        if code in codes:
+            return status
+    return SMOKING_TEXT_ANSWERS.get(text.strip().lower().removesuffix("(finding)").strip())
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ class GenerateConfig(_Strict):
     end: date = date(2025, 12, 31)
     ideal: bool = False
     fhir: bool = False
+    realistic_codes: bool = Field(False, description="messy records as real ones (data/synth/messy.py)")
     chunk_size: int = Field(50_000, gt=0, le=1_000_000)
     workers: int = Field(2, ge=1, le=64, description="processes simulating chunks in parallel")
     sites: list[SiteConfig] = Field(default_factory=default_sites, min_length=1)

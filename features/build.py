@@ -15,6 +15,7 @@ from chronorisk.features.concepts import ConceptMap
 from chronorisk.features.config import FeatureConfig
 from chronorisk.features.labels import read_labels, write_site_labels
 from chronorisk.features.pipeline import code_summary, fit_spec, merge_summaries, transform_shards
+from chronorisk.features.pruning import FitStats
 from chronorisk.features.sources import SiteSource
 from chronorisk.features.spec import FeatureSpec
 from chronorisk.features.tasks import TaskDefinition
@@ -22,6 +23,7 @@ from chronorisk.features.tasks import TaskDefinition
 log = logging.getLogger("chronorisk.features")
 TRAIN = "train"
 UNKNOWN_SPLIT = "held_out"  # a subject missing from subject_splits.parquet is never trained on
+INDEX_COLUMNS = ("subject_id", "prediction_time", "site", "split", "boolean_value")  # before the features
 
 
 def train_summary(source: SiteSource) -> pl.DataFrame:
@@ -60,15 +62,19 @@ def labels_for_site(
 
 
 def feature_table_for_site(
-    spec: FeatureSpec, source: SiteSource, labels: pl.DataFrame, path: Path, chunk_subjects: int, workers: int = 1
+    spec: FeatureSpec, source: SiteSource, labels: pl.DataFrame, path: Path, chunk_subjects: int, workers: int = 1,
+    stats: FitStats | None = None,
 ) -> int:
-    """Write subject_id, prediction_time, site, split, boolean_value + features; returns rows written."""
+    """Write subject_id, prediction_time, site, split, boolean_value + features; returns rows written.
+
+    With `stats`, the TRAIN rows are added to it as they are written (see `pruning`)."""
     index = (
         labels.join(source.splits(), on="subject_id", how="left")
         .select(
             "subject_id", "prediction_time", pl.lit(source.site).alias("site"),
             pl.col("split").fill_null(UNKNOWN_SPLIT), "boolean_value",
         )
+        .select(INDEX_COLUMNS)
         .sort("subject_id", "prediction_time")
     )
     written = 0
@@ -81,6 +87,8 @@ def feature_table_for_site(
                     writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
                 writer.write_table(table)
                 written += frame.height
+                if stats is not None:
+                    stats.add(frame.filter(pl.col("split") == TRAIN))
             if writer is None:  # no rows: still a valid, empty table with every column
                 empty = pl.DataFrame(schema={**index.schema, **dict.fromkeys(spec.feature_names, pl.Float32)})
                 pq.write_table(empty.to_arrow(), tmp)
@@ -91,3 +99,9 @@ def feature_table_for_site(
     if missing:
         log.warning("%s: %d label rows had no events in the MEDS shards and were left out", source.site, missing)
     return written
+
+
+def keep_spec_columns(spec: FeatureSpec, path: Path) -> None:
+    """Rewrite a feature table with only the spec's features (after dropping those that say nothing)."""
+    with atomic_output(path) as tmp:
+        pl.scan_parquet(path).select(*INDEX_COLUMNS, *spec.feature_names).sink_parquet(tmp, compression="zstd")

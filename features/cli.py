@@ -13,6 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
+import polars as pl
+
 log = logging.getLogger("chronorisk.features")
 
 
@@ -36,9 +38,15 @@ def run(args: argparse.Namespace, ctx) -> int:
     import time
 
     from chronorisk.errors import ConfigError
-    from chronorisk.features.build import feature_table_for_site, fit_spec_on_train, labels_for_site
+    from chronorisk.features.build import (
+        feature_table_for_site,
+        fit_spec_on_train,
+        keep_spec_columns,
+        labels_for_site,
+    )
     from chronorisk.features.concepts import load_concepts
     from chronorisk.features.labels_cli import selected_tasks
+    from chronorisk.features.pruning import FitStats, dropped_lines, without_useless
     from chronorisk.features.sources import find_sites
     from chronorisk.features.spec import FeatureSpec
 
@@ -63,12 +71,39 @@ def run(args: argparse.Namespace, ctx) -> int:
             if fitted is None:
                 fitted = fit_spec_on_train(sites, config, cmap)
             spec = fitted(task)
-        spec.save(out_root / task.name / "spec.json")
+        stats = FitStats(spec) if given_spec is None else None
+        paths = []
         for source in sites:
             started = time.perf_counter()
             labels = labels_for_site(source, task, args.labels, ctx.paths.labels, cmap)
             path = out_root / task.name / f"{source.site}.parquet"
-            n = feature_table_for_site(spec, source, labels, path, chunk, workers)
+            n = feature_table_for_site(spec, source, labels, path, chunk, workers, stats)
+            paths.append(path)
             print(f"{task.name:<18} {source.site:<16} rows {n:>9,}  features {spec.n_features}  "
                   f"{time.perf_counter() - started:6.1f} s")
+            _print_value_checks(spec, source, task.name)
+        if stats is not None:
+            spec = without_useless(spec, stats.useless())
+            if spec.n_features < len(stats.names):
+                for path in paths:
+                    keep_spec_columns(spec, path)
+            for line in dropped_lines(spec):
+                print(f"{task.name:<18} {line}")
+        spec.save(out_root / task.name / "spec.json")
     return 0
+
+
+def _print_value_checks(spec, source, task: str) -> None:
+    """Say which numbers of the site the features drop (impossible, per code) or clip (fitted quantiles)."""
+    from chronorisk.features.vocabulary import value_checks
+
+    checks = value_checks(spec, source.scan())
+    dropped = checks.filter(pl.col("dropped") > 0).sort("dropped", "code", descending=[True, False])
+    if dropped.height:
+        print(f"{task:<18} {source.site:<16} impossible values dropped: "
+              + ", ".join(f"{code} {n:,}" for code, n in dropped.select("code", "dropped").iter_rows()))
+    clipped = checks.filter(pl.col("clipped") > 0).sort("clipped", "code", descending=[True, False])
+    if clipped.height:
+        most = ", ".join(f"{code} {n:,}" for code, n in clipped.select("code", "clipped").head(3).iter_rows())
+        print(f"{task:<18} {source.site:<16} values clipped to their fitted 0.1-99.9 % range: "
+              f"{int(clipped['clipped'].sum()):,} in {clipped.height} codes (most: {most})")

@@ -37,6 +37,35 @@ _DIAGNOSIS_CONCEPTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# ICD codes are sent with and without the dot (ICD10CM//E11.9, ICD10CM//E119, ICD9CM//250.00,
+# ICD9CM//25000) and under WHO ICD-10 / bare ICD-9 names: the dot sits at a fixed place, so codes
+# are compared without it, under one vocabulary name.
+_ICD_VOCABS = {"ICD10CM": "ICD10CM", "ICD10": "ICD10CM", "ICD9CM": "ICD9CM", "ICD9": "ICD9CM"}
+ICD_PREFIXES = tuple(f"{v}//" for v in _ICD_VOCABS)
+
+
+def match_form(code: str) -> str:
+    """The form codes are compared in: ICD codes without their dot under one vocabulary name."""
+    vocab_part, sep, value = code.partition("//")
+    target = _ICD_VOCABS.get(vocab_part)
+    if not sep or target is None:
+        return code
+    return f"{target}//{value.replace('.', '')}"
+
+
+def match_form_expr(code: pl.Expr) -> pl.Expr:
+    """`match_form` as a polars expression (for the distinct codes of a dataset)."""
+    icd = code.str.contains(r"^(ICD10CM|ICD10|ICD9CM|ICD9)//")
+    renamed = code.str.replace(r"^ICD10//", "ICD10CM//").str.replace(r"^ICD9//", "ICD9CM//")
+    return pl.when(icd).then(renamed.str.replace_all(".", "", literal=True)).otherwise(code)
+
+
+def code_matches(code: str, codes: tuple[str, ...], prefixes: tuple[str, ...]) -> bool:
+    """Is `code` one of `codes` or in the family of one of `prefixes` (ICD dots ignored)?"""
+    form = match_form(code)
+    return any(form == match_form(c) for c in codes) or any(form.startswith(match_form(p)) for p in prefixes)
+
+
 def _check_code(code: str) -> str:
     vocab_part, sep, value = code.partition("//")
     if not sep or not vocab_part or not value:
@@ -59,7 +88,7 @@ class Condition(BaseModel):
         return tuple(_check_code(c) for c in value)
 
     def matches(self, code: str) -> bool:
-        return code in self.codes or any(code.startswith(p) for p in self.prefixes)
+        return code_matches(code, self.codes, self.prefixes)
 
 
 class DrugClass(BaseModel):
@@ -137,10 +166,10 @@ class ConceptMap(BaseModel):
                 return hit
         if name not in self.conditions:
             raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
-        col = pl.col("code") if code is None else code
+        col = match_form_expr(pl.col("code") if code is None else code)
         cond = self.conditions[name]
-        expr = col.is_in(list(cond.codes)) if cond.codes else pl.lit(False)
-        for prefix in cond.prefixes:
+        expr = col.is_in(sorted({match_form(c) for c in cond.codes})) if cond.codes else pl.lit(False)
+        for prefix in dict.fromkeys(match_form(p) for p in cond.prefixes):
             expr = expr | col.str.starts_with(prefix)
         return _EXPR_CACHE.put((self,), name, expr) if code is None else expr
 

@@ -10,7 +10,10 @@ class FeatureConfig(BaseModel):
 
     windows_days: list[int] = Field(default_factory=lambda: [90, 365, 1095])
     min_code_subjects: int = Field(20, ge=1, description="a code becomes a feature when this many subjects have it")
-    max_codes: int = Field(200, ge=0, description="at most this many data-driven code features")
+    max_codes: int = Field(200, ge=0, description="at most this many data-driven codes (the most frequent)")
+    max_texts_per_code: int = Field(
+        10, ge=0, description="text values of a code that become categories (the most frequent)"
+    )
     pdc_days: int = Field(365, gt=0, description="window of medication counts and proportion of days covered")
     chunk_subjects: int = Field(
         30_000, gt=0, description="index rows (subject x prediction time) transformed at a time (memory bound)"

@@ -51,10 +51,31 @@ def feature_safe(text: str) -> str:
 
 
 # ---- declarations -------------------------------------------------------------------------
+# Bounds of what a feature can hold (serving refuses values outside them). Elapsed times end at
+# the longest human life; a count has no natural ceiling, so COUNT_MAX only refuses the absurd.
+YEARS_MAX = 130.0
+DAYS_MAX = YEARS_MAX * DAYS_PER_YEAR
+COUNT_MAX = 1e6
+FLAG = (0.0, 1.0)
+
+
+def _elapsed(display: str, family: str, concept: str | None, concept_display: str | None,
+             aggregate: str = "days_since_last", **extra) -> FeatureInfo:
+    years = aggregate.startswith("years")
+    return FeatureInfo(
+        display=display, unit="years" if years else "days", family=family, kind="elapsed_days",
+        concept=concept, concept_display=concept_display, aggregate=aggregate,
+        bounds=(0.0, YEARS_MAX if years else DAYS_MAX), grows_with_clock=True, **extra,
+    )
+
+
 def declare_demographics() -> Declared:
     return {
-        "demo_age_years": FeatureInfo(display="Age", unit="years", family="demographics"),
-        "demo_sex_female": FeatureInfo(display="Female sex", unit="1 = female, 0 = male", family="demographics"),
+        "demo_age_years": FeatureInfo(display="Age", unit="years", family="demographics", kind="age",
+                                      concept="age", concept_display="Age", bounds=(0.0, YEARS_MAX),
+                                      grows_with_clock=True),
+        "demo_sex_female": FeatureInfo(display="Female sex", unit="1 = female, 0 = male", family="demographics",
+                                       kind="binary", concept="sex", concept_display="Sex", bounds=FLAG),
     }
 
 
@@ -62,38 +83,55 @@ def declare_conditions(conditions: tuple[ConditionSpec, ...]) -> Declared:
     out: Declared = {}
     for c in conditions:
         last = f"cond_{c.name}_days_since_last"
+        about = {"concept": c.name, "concept_display": c.display}
         out[f"cond_{c.name}_present"] = FeatureInfo(
-            display=f"{c.display} recorded", unit="1 = yes", family="conditions", date_feature=last
+            display=f"{c.display} recorded", unit="1 = yes", family="conditions", date_feature=last,
+            kind="binary", aggregate="present", bounds=FLAG, **about,
         )
-        out[f"cond_{c.name}_years_since_first"] = FeatureInfo(
-            display=f"{c.display}: years since first recorded", unit="years", family="conditions"
+        out[f"cond_{c.name}_years_since_first"] = _elapsed(
+            f"{c.display}: years since first recorded", "conditions", aggregate="years_since_first", **about
         )
-        out[last] = FeatureInfo(
-            display=f"{c.display}: days since last recorded", unit="days", family="conditions"
-        )
+        out[last] = _elapsed(f"{c.display}: days since last recorded", "conditions", **about)
     return out
+
+
+STAT_WORDS = {"mean": "mean", "min": "lowest", "max": "highest", "std": "standard deviation",
+              "count": "number of measurements", "slope": "trend"}
+STAT_AGGREGATE = {"slope": "trend"}  # aggregate names of FeatureInfo where they differ from the column's
+
+
+def value_info(display: str, unit: str, stat: str, bounds: tuple[float, float] | None, *, family: str,
+               concept: str, concept_display: str, window: int | None, date_feature: str,
+               code: str | None = None) -> FeatureInfo:
+    """One value aggregate (last/mean/min/max/std/count/slope) of a measured quantity."""
+    kind, unit_of, bounds_of = "value", unit, bounds
+    if stat == "count":
+        kind, unit_of, bounds_of = "count", "measurements", (0.0, COUNT_MAX)
+    elif stat == "slope":
+        unit_of, bounds_of = f"{unit} per year".strip(), None
+    elif stat == "std":
+        bounds_of = None if bounds is None else (0.0, bounds[1] - bounds[0])
+    words = "last value" if stat == "last" else (
+        f"{STAT_WORDS[stat]} over {window} days" if window else STAT_WORDS[stat])
+    return FeatureInfo(
+        display=f"{display}, {words}", unit=unit_of, family=family, date_feature=date_feature, kind=kind,
+        concept=concept, code=code, aggregate=STAT_AGGREGATE.get(stat, stat), window_days=window,
+        bounds=bounds_of, concept_display=concept_display,
+    )
 
 
 def declare_measurements(measurements: tuple[MeasurementSpec, ...], windows: tuple[int, ...]) -> Declared:
     out: Declared = {}
     for m in measurements:
         last = f"meas_{m.name}_days_since_last"
-        out[f"meas_{m.name}_last"] = FeatureInfo(
-            display=f"{m.display}, last value", unit=m.unit, family="measurements", date_feature=last
-        )
-        out[last] = FeatureInfo(display=f"{m.display}: days since last measured", unit="days",
-                                family="measurements")
+        plausible = vocab.MEASUREMENTS[m.name].plausible if m.name in vocab.MEASUREMENTS else None
+        bounds = None if plausible is None else (float(plausible[0]), float(plausible[1]))
+        about = {"family": "measurements", "concept": m.name, "concept_display": m.display, "date_feature": last}
+        out[f"meas_{m.name}_last"] = value_info(m.display, m.unit, "last", bounds, window=None, **about)
+        out[last] = _elapsed(f"{m.display}: days since last measured", "measurements", m.name, m.display)
         for w in windows:
-            units = {"count": "measurements", "slope": f"{m.unit} per year"}
-            labels = {"mean": "mean", "min": "lowest", "max": "highest", "std": "standard deviation",
-                      "count": "number of measurements", "slope": "trend"}
             for stat in WINDOW_STATS:
-                out[f"meas_{m.name}_{stat}_{w}d"] = FeatureInfo(
-                    display=f"{m.display}, {labels[stat]} over {w} days",
-                    unit=units.get(stat, m.unit),
-                    family="measurements",
-                    date_feature=last,
-                )
+                out[f"meas_{m.name}_{stat}_{w}d"] = value_info(m.display, m.unit, stat, bounds, window=w, **about)
     return out
 
 
@@ -101,12 +139,14 @@ def declare_missingness(measurements: tuple[MeasurementSpec, ...]) -> Declared:
     out: Declared = {}
     for m in measurements:
         last = f"meas_{m.name}_days_since_last"
+        about = {"concept": m.name, "concept_display": m.display}
         out[f"miss_{m.name}_never"] = FeatureInfo(
-            display=f"{m.display} never measured", unit="1 = never", family="missingness"
+            display=f"{m.display} never measured", unit="1 = never", family="missingness", kind="binary",
+            aggregate="never", bounds=FLAG, **about,
         )
         out[f"miss_{m.name}_count"] = FeatureInfo(
             display=f"{m.display}: measurements on record", unit="measurements", family="missingness",
-            date_feature=last,
+            date_feature=last, kind="count", aggregate="count", bounds=(0.0, COUNT_MAX), **about,
         )
     return out
 
@@ -115,18 +155,19 @@ def declare_medications(classes: tuple[DrugClassSpec, ...], pdc_days: int) -> De
     out: Declared = {}
     for k in classes:
         last = f"med_{k.name}_days_since_last"
+        about = {"family": "medications", "concept": k.name, "concept_display": k.display}
         out[f"med_{k.name}_active"] = FeatureInfo(
-            display=f"{k.display}: supply active", unit="1 = yes", family="medications", date_feature=last
+            display=f"{k.display}: supply active", unit="1 = yes", date_feature=last, kind="binary",
+            aggregate="active", bounds=FLAG, **about,
         )
         out[f"med_{k.name}_count_{pdc_days}d"] = FeatureInfo(
-            display=f"{k.display}: prescriptions in {pdc_days} days", unit="prescriptions",
-            family="medications", date_feature=last,
+            display=f"{k.display}: prescriptions in {pdc_days} days", unit="prescriptions", date_feature=last,
+            kind="count", aggregate="count", window_days=pdc_days, bounds=(0.0, COUNT_MAX), **about,
         )
-        out[last] = FeatureInfo(display=f"{k.display}: days since last prescription", unit="days",
-                                family="medications")
+        out[last] = _elapsed(f"{k.display}: days since last prescription", "medications", k.name, k.display)
         out[f"med_{k.name}_pdc_{pdc_days}d"] = FeatureInfo(
             display=f"{k.display}: proportion of days covered, {pdc_days} days", unit="fraction",
-            family="medications", date_feature=last,
+            date_feature=last, kind="proportion", aggregate="pdc", window_days=pdc_days, bounds=FLAG, **about,
         )
     return out
 
@@ -136,40 +177,27 @@ def declare_encounters(classes: tuple[str, ...], windows: tuple[int, ...]) -> De
     for e in classes:
         name = ENCOUNTER_DISPLAY.get(e, e.title())
         last = f"enc_{feature_safe(e).lower()}_days_since_last"
+        about = {"family": "encounters", "concept": f"encounter_{feature_safe(e).lower()}",
+                 "code": f"{vocab.ENCOUNTER_PREFIX}{e}", "concept_display": f"{name} encounters"}
         for w in windows:
             out[f"enc_{feature_safe(e).lower()}_count_{w}d"] = FeatureInfo(
-                display=f"{name} encounters in {w} days", unit="encounters", family="encounters",
-                date_feature=last,
+                display=f"{name} encounters in {w} days", unit="encounters", date_feature=last, kind="count",
+                aggregate="count", window_days=w, bounds=(0.0, COUNT_MAX), **about,
             )
-        out[last] = FeatureInfo(display=f"{name} encounter: days since last", unit="days", family="encounters")
+        out[last] = _elapsed(f"{name} encounter: days since last", **about)
     return out
 
 
 def declare_smoking() -> Declared:
     last = "smoking_days_since_last"
+    about = {"family": "smoking", "concept": "smoking", "concept_display": "Smoking status"}
     out: Declared = {
-        f"smoking_{s}": FeatureInfo(display=f"Smoking status: {s} smoker", unit="1 = yes", family="smoking",
-                                    date_feature=last)
+        f"smoking_{s}": FeatureInfo(display=f"Smoking status: {s} smoker", unit="1 = yes", date_feature=last,
+                                    kind="binary", aggregate="last", bounds=FLAG, **about)
         for s in reversed(SMOKING_STATES)
     }
-    out[last] = FeatureInfo(display="Smoking status: days since recorded", unit="days", family="smoking")
+    out[last] = _elapsed("Smoking status: days since recorded", **about)
     return out
-
-
-def declare_codes(vocabulary: tuple[str, ...]) -> tuple[Declared, list[str]]:
-    """Features for the selected codes; returns (declared, column names in vocabulary order)."""
-    out: Declared = {}
-    names: list[str] = []
-    for code in vocabulary:
-        base = f"code_{feature_safe(code)}"
-        name, i = base, 1
-        while name in out:
-            i += 1
-            name = f"{base}_{i}"
-        display = vocab.display_for(code) or code
-        out[name] = FeatureInfo(display=f"{display}: records", unit="records", family="codes")
-        names.append(name)
-    return out, names
 
 
 # ---- computations -------------------------------------------------------------------------
@@ -215,7 +243,10 @@ def frame_of_columns(matrix: np.ndarray, names: list[str], *, nan_to_null: bool 
     for many rows from_numpy is the faster one.
     """
     if matrix.shape[1] > FEW_ROWS:
-        frame = pl.from_numpy(matrix, schema=names, orient="col")
+        if matrix.shape[0] == 1:  # from_numpy reads a one-row matrix as one value
+            frame = pl.DataFrame({names[0]: matrix[0]})
+        else:
+            frame = pl.from_numpy(matrix, schema=names, orient="col")
         return frame.fill_nan(None) if nan_to_null else frame
     flat = pl.Series(np.ascontiguousarray(matrix.T).ravel(), nan_to_null=nan_to_null)
     return flat.reshape((matrix.shape[1], matrix.shape[0])).arr.to_struct(fields=names).struct.unnest()
@@ -285,6 +316,7 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         return []
     rows = _of(ev, KIND_MEAS).filter(pl.col("value").is_not_null() & pl.col("value").is_finite())
     rows = rows.select("_ix", "idx", "days", "value")
+    lo, hi = plausible_arrays(spec.measurements)
     names = [m.name for m in spec.measurements]
     windows = tuple(spec.windows_days)
     columns = {
@@ -299,13 +331,14 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     schema = {"_ix": pl.UInt32, **dict.fromkeys(feature_names, pl.Float64)}
 
     def compute(df: pl.DataFrame) -> pl.DataFrame:
-        if df.height == 0:
+        idx, value = df["idx"].to_numpy().astype(np.intp), df["value"].to_numpy()
+        plausible = (value >= lo[idx]) & (value <= hi[idx])  # impossible values are dropped (and counted)
+        if not plausible.any():
             return pl.DataFrame(schema=schema)
-        ix = df["_ix"].to_numpy().astype(np.intp)
+        ix = df["_ix"].to_numpy().astype(np.intp)[plausible]
         n_rows = int(ix.max()) + 1
         stats = _measurement_stats(
-            df["days"].to_numpy(), df["value"].to_numpy(), df["idx"].to_numpy().astype(np.intp) * n_rows + ix,
-            n * n_rows, windows,
+            df["days"].to_numpy()[plausible], value[plausible], idx[plausible] * n_rows + ix, n * n_rows, windows,
         )
         present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
         matrix = np.concatenate([stats[stat].reshape(n, n_rows)[:, present] for stat in columns])
@@ -313,6 +346,13 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         return frame.insert_column(0, pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32))
 
     return [rows.map_batches(compute, schema=schema)]
+
+
+def plausible_arrays(measurements: tuple[MeasurementSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(lowest, highest) plausible value of each measurement (data/codes.py; unbounded if unknown)."""
+    ranges = [vocab.MEASUREMENTS[m.name].plausible if m.name in vocab.MEASUREMENTS else (-np.inf, np.inf)
+              for m in measurements]
+    return np.array([r[0] for r in ranges], dtype=np.float64), np.array([r[1] for r in ranges], dtype=np.float64)
 
 
 _BLOCK = 1 << 18  # rows per block: the temporaries of a block stay in cache and are reused
@@ -452,18 +492,18 @@ def encounters(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     return [_widen(long, n, columns)]
 
 
+_SMOKING_ANSWERS = {
+    **{c.removeprefix("SNOMED//").lower(): status for status, codes in
+       ((2, vocab.SMOKING_CURRENT), (1, vocab.SMOKING_FORMER), (0, vocab.SMOKING_NEVER)) for c in codes},
+    **vocab.SMOKING_TEXT_ANSWERS,
+}
+
+
 def smoking_status_expr(text: pl.Expr) -> pl.Expr:
-    """Smoking answer code (with or without `SNOMED//`) -> 0 never, 1 former, 2 current, null unknown."""
-    code = text.str.strip_prefix("SNOMED//")
-
-    def bare(codes: tuple[str, ...]) -> list[str]:
-        return [c.removeprefix("SNOMED//") for c in codes]
-
-    return (
-        pl.when(code.is_in(bare(vocab.SMOKING_CURRENT))).then(pl.lit(2))
-        .when(code.is_in(bare(vocab.SMOKING_FORMER))).then(pl.lit(1))
-        .when(code.is_in(bare(vocab.SMOKING_NEVER))).then(pl.lit(0))
-    )
+    """Smoking answer (SNOMED code with or without `SNOMED//`, or words such as "Former smoker")
+    -> 0 never, 1 former, 2 current, null unknown (`data.codes.smoking_status_of_text` as an expression)."""
+    words = text.str.strip_prefix("SNOMED//").str.to_lowercase().str.strip_suffix("(finding)").str.strip_chars()
+    return words.replace_strict(_SMOKING_ANSWERS, default=None, return_dtype=pl.Int32)
 
 
 def smoking(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
@@ -481,20 +521,7 @@ def smoking(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     ]
 
 
-def codes(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
-    """Records of each selected code before t."""
-    names = list(code_feature_names(spec))
-    if not names:
-        return []
-    long = _keyed(_of(ev, KIND_CODE), len(names)).group_by("key").agg(pl.len().alias("n"))
-    return [_widen(long, len(names), {"n": names})]
-
-
-def code_feature_names(spec: FeatureSpec) -> tuple[str, ...]:
-    return tuple(n for n in spec.feature_names if spec.features[n].family == "codes")
-
-
-FAMILIES = (demographics, conditions, measurements, medications, encounters, smoking, codes)
+FAMILIES = (demographics, conditions, measurements, medications, encounters, smoking)  # + code_families.codes
 _KINDS = {
     "demographics": {KIND_BIRTH, KIND_SEX}, "conditions": {KIND_COND}, "measurements": {KIND_MEAS},
     "medications": {KIND_MED}, "encounters": {KIND_ENC}, "smoking": {KIND_SMOKE}, "codes": {KIND_CODE},
@@ -506,17 +533,12 @@ def kinds_of(families: set[str]) -> set[int]:
     return set().union(*(_KINDS[f] for f in families))
 
 
+ZERO_WHEN_ABSENT = frozenset({"present", "active", "pdc"})  # flags of something recorded: absent means 0
+
+
 def zero_filled(spec: FeatureSpec) -> list[str]:
     """Features whose absence means 0 (counts, flags of something recorded), not unknown."""
-    out = []
-    for name in spec.feature_names:
-        fam = spec.features[name].family
-        if (
-            fam == "codes"
-            or name.endswith("_present")
-            or "_count_" in name
-            or (fam == "missingness" and name.endswith("_count"))
-            or (fam == "medications" and (name.endswith("_active") or "_pdc_" in name))
-        ):
-            out.append(name)
-    return out
+    return [
+        name for name in spec.feature_names
+        if spec.features[name].kind == "count" or spec.features[name].aggregate in ZERO_WHEN_ABSENT
+    ]

@@ -1,9 +1,10 @@
 """Fit once, transform everywhere: the feature pipeline.
 
-- `code_summary(events)`: per code, how many subjects have it. A site's
-  summary holds counts only, never records, so federated sites can share it.
+- `code_summary(events)` (from `vocabulary.py`): per code, how many subjects have
+  it, with numbers and with each text value. A site's summary holds counts only,
+  never records, so federated sites can share it.
 - `fit_spec(summary, config, task)`: the vocabulary (data-driven code features)
-  and every feature's name, display and unit, as a `FeatureSpec`. Summaries of
+  and every feature's name and meaning, as a `FeatureSpec`. Summaries of
   several sites can be concatenated: counts are summed per code.
 - `transform(spec, events, index)`: one row per index row, every feature as
   Float32, from events strictly before each row's prediction time. It returns
@@ -33,7 +34,9 @@ from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.errors import InputError
 from chronorisk.features import families as fam
-from chronorisk.features.concepts import ConceptMap, load_concepts
+from chronorisk.features.code_families import codes as code_features
+from chronorisk.features.code_families import declare_codes
+from chronorisk.features.concepts import ICD_PREFIXES, ConceptMap, load_concepts, match_form
 from chronorisk.features.config import FeatureConfig
 from chronorisk.features.spec import (
     ConditionSpec,
@@ -43,7 +46,11 @@ from chronorisk.features.spec import (
     MeasurementSpec,
 )
 from chronorisk.features.tasks import TaskDefinition
+from chronorisk.features.vocabulary import code_summary, merge_summaries, select_codes
 
+__all__ = ["code_summary", "fit_spec", "merge_summaries", "transform", "transform_shards"]
+
+FAMILIES = (*fam.FAMILIES, code_features)  # each a (spec, tagged events) -> LazyFrames function
 _US = pl.Datetime("us")
 _US_PER_DAY = 86_400_000_000.0
 EVENT_COLUMNS = {
@@ -53,56 +60,9 @@ EVENT_COLUMNS = {
     "numeric_value": pl.Float32,
     "text_value": pl.String,
 }
-_SUMMARY_SCHEMA = {"code": pl.String, "n_subjects": pl.Int64}
 
 
 # ---- fit ------------------------------------------------------------------------------------
-def code_summary(events: pl.LazyFrame | pl.DataFrame, min_subjects: int = 1) -> pl.DataFrame:
-    """(code, n_subjects): distinct subjects per code; codes under `min_subjects` are left out."""
-    return (
-        events.lazy()
-        .select("subject_id", "code")
-        .filter(pl.col("code").is_not_null())
-        .group_by("code")
-        .agg(pl.col("subject_id").n_unique().cast(pl.Int64).alias("n_subjects"))
-        .filter(pl.col("n_subjects") >= min_subjects)
-        .sort("code")
-        .collect()
-    )
-
-
-def merge_summaries(summaries: Iterable[pl.DataFrame]) -> pl.DataFrame:
-    """Sum per-site code summaries (each site counts its own subjects; sites do not share subjects)."""
-    frames = [s.select(pl.col("code").cast(pl.String), pl.col("n_subjects").cast(pl.Int64)) for s in summaries]
-    if not frames:
-        return pl.DataFrame(schema=_SUMMARY_SCHEMA)
-    return pl.concat(frames).group_by("code").agg(pl.col("n_subjects").sum()).sort("code")
-
-
-_SPECIAL_CODES = frozenset(
-    {vocab.BIRTH, vocab.DEATH, vocab.SEX_FEMALE, vocab.SEX_MALE, vocab.SMOKING_STATUS}
-    | {f"{vocab.ENCOUNTER_PREFIX}{e}" for e in vocab.ENCOUNTER_CLASSES}
-)
-
-
-def _builtin_code(code: str, cmap: ConceptMap, known: set[str]) -> bool:
-    """Does a built-in feature already use this code (so it is no vocabulary candidate)?"""
-    return code in known or code in _SPECIAL_CODES or cmap.is_condition_code(code)
-
-
-def select_vocabulary(summary: pl.DataFrame, config: FeatureConfig, cmap: ConceptMap) -> list[str]:
-    """Top `max_codes` codes by subjects (ties by code), with >= `min_code_subjects`, not built in."""
-    if not {"code", "n_subjects"} <= set(summary.columns):
-        raise InputError("summary", f"needs columns code and n_subjects, got {summary.columns}")
-    merged = merge_summaries([summary]).filter(pl.col("n_subjects") >= config.min_code_subjects)
-    known = cmap.known_codes()
-    candidates = [
-        (n, code) for code, n in merged.iter_rows() if not _builtin_code(code, cmap, known)
-    ]
-    candidates.sort(key=lambda x: (-x[0], x[1]))
-    return [code for _, code in candidates[: config.max_codes]]
-
-
 def fit_spec(
     summary: pl.DataFrame,
     config: FeatureConfig | None = None,
@@ -127,7 +87,7 @@ def fit_spec(
         for n, codes in cmap.drug_class_codes().items()
     )
     encounter_classes = tuple(vocab.ENCOUNTER_CLASSES)
-    vocabulary = tuple(select_vocabulary(summary, config, cmap))
+    codes, left_out = select_codes(summary, config, cmap)
     features: dict[str, FeatureInfo] = {}
     features.update(fam.declare_demographics())
     features.update(fam.declare_conditions(conditions))
@@ -136,8 +96,7 @@ def fit_spec(
     features.update(fam.declare_medications(classes, config.pdc_days))
     features.update(fam.declare_encounters(encounter_classes, windows))
     features.update(fam.declare_smoking())
-    code_features, _ = fam.declare_codes(vocabulary)
-    features.update(code_features)
+    features.update(declare_codes(tuple(codes), windows))
     return FeatureSpec(
         task=task.name if task is not None else None,
         windows_days=windows,
@@ -146,13 +105,14 @@ def fit_spec(
         measurements=measurements,
         drug_classes=classes,
         encounter_classes=encounter_classes,
-        vocabulary=vocabulary,
+        codes=tuple(codes),
         feature_names=tuple(features),
         features=features,
         fit_info={
-            "codes_in_summary": summary.height,
+            **left_out,
             "subjects_for_selection_min": config.min_code_subjects,
             "max_codes": config.max_codes,
+            "max_texts_per_code": config.max_texts_per_code,
             "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
@@ -171,15 +131,10 @@ def _exact_code_table(spec: FeatureSpec) -> pl.DataFrame:
     rows += [(c, fam.KIND_MEAS, i) for i, m in enumerate(spec.measurements) for c in m.codes]
     rows += [(c, fam.KIND_MED, i) for i, k in enumerate(spec.drug_classes) for c in k.codes]
     rows += [(c, fam.KIND_COND, i) for i, cond in enumerate(spec.conditions) for c in cond.codes]
-    rows += [(c, fam.KIND_CODE, i) for i, c in enumerate(spec.vocabulary)]
+    rows += [(c.code, fam.KIND_CODE, i) for i, c in enumerate(spec.codes)]
     # an exact code may also fall in another condition's code family (prefix): known now, not per event
     known = {code for code, _, _ in rows}
-    rows += [
-        (code, fam.KIND_COND, i)
-        for i, cond in enumerate(spec.conditions)
-        for code in sorted(known)
-        if any(code.startswith(p) for p in cond.prefixes)
-    ]
+    rows += _condition_matches(spec, sorted(known), set(rows))
     table = pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row")
     return table.unique(maintain_order=True)
 
@@ -227,7 +182,7 @@ class _CodeSlots:
             pl.col("code").replace_strict(slot_of, return_dtype=pl.UInt32).alias("slot")
         ).with_columns(pl.int_range(pl.len()).over("slot").alias("nth"))
         first = with_slot.filter(pl.col("nth") == 0).sort("slot")
-        vocabs = sorted({p.split("//", 1)[0] + "//" for c in spec.conditions for p in c.prefixes})
+        vocabs = sorted({p.split("//", 1)[0] + "//" for c in spec.conditions for p in c.prefixes} | set(ICD_PREFIXES))
         if kinds is not None and fam.KIND_COND not in kinds:
             vocabs = []
         return cls(
@@ -241,15 +196,26 @@ class _CodeSlots:
 
 
 def _prefix_table(spec: FeatureSpec, codes: pl.Series, exact: pl.DataFrame) -> pl.DataFrame:
-    """(code, kind, idx) of condition prefix matches among the distinct `codes`, beyond exact ones."""
-    known = set(exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "idx").iter_rows())
-    rows = [
-        (code, fam.KIND_COND, i)
-        for code in codes.unique().drop_nulls().to_list()
-        for i, cond in enumerate(spec.conditions)
-        if (code, i) not in known and any(code.startswith(p) for p in cond.prefixes)
-    ]
+    """(code, kind, idx) of condition matches (prefixes, ICD codes with or without dots) among the
+    distinct `codes`, beyond exact ones."""
+    known = set(exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "kind", "idx").iter_rows())
+    rows = _condition_matches(spec, codes.unique().drop_nulls().to_list(), known)
     return pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row")
+
+
+def _condition_matches(spec: FeatureSpec, codes: list[str], known: set) -> list[tuple[str, int, int]]:
+    """(code, KIND_COND, condition index) of every condition each code matches, not already in `known`."""
+    matchers = [
+        (i, frozenset(match_form(c) for c in cond.codes), tuple(match_form(p) for p in cond.prefixes))
+        for i, cond in enumerate(spec.conditions)
+    ]
+    rows = []
+    for code in dict.fromkeys(codes):
+        form = match_form(code)
+        for i, exact, prefixes in matchers:
+            if (form in exact or form.startswith(prefixes)) and (code, fam.KIND_COND, i) not in known:
+                rows.append((code, fam.KIND_COND, i))
+    return rows
 
 
 def code_table(spec: FeatureSpec, events: pl.LazyFrame) -> pl.LazyFrame:
@@ -386,12 +352,12 @@ def _features(
 ) -> pl.DataFrame:
     """The features of every index row from the (materialized) events: tag once, run the families."""
     with_ix = idx.with_row_index("_ix")
-    kinds = None if chosen["compute"] >= {f.__name__ for f in fam.FAMILIES} else fam.kinds_of(chosen["compute"])
+    kinds = None if chosen["compute"] >= {f.__name__ for f in FAMILIES} else fam.kinds_of(chosen["compute"])
     tagged = tag_events(spec, events, with_ix.select("_ix", "subject_id", "prediction_time"), kinds).lazy()
     ixs = with_ix.lazy().select("_ix")
     aligned = [
         ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix")
-        for family in fam.FAMILIES
+        for family in FAMILIES
         if family.__name__ in chosen["compute"]
         for part in family(spec, tagged)
     ]
@@ -450,7 +416,7 @@ def _final_plan(spec: FeatureSpec, names: tuple[str, ...]) -> _FinalPlan:
     if hit is not None:
         return hit
     zero = set(fam.zero_filled(spec))
-    never = [name.startswith("miss_") and name.endswith("_never") for name in names]
+    never = [spec.features[name].aggregate == "never" for name in names]
     source_of = [n.removesuffix("_never") + "_count" if nv else n for n, nv in zip(names, never, strict=True)]
     sources = tuple(dict.fromkeys(source_of))
     position = {s: i for i, s in enumerate(sources)}
@@ -478,7 +444,7 @@ def _finish_small(out: pl.DataFrame, plan: _FinalPlan) -> pl.DataFrame:
 
 def _chosen_families(families: Iterable[str] | None) -> dict[str, set[str]]:
     """Which family functions to run and which features to output (missingness comes with measurements)."""
-    every = {f.__name__ for f in fam.FAMILIES} | {"missingness"}
+    every = {f.__name__ for f in FAMILIES} | {"missingness"}
     wanted = set(every if families is None else families)
     unknown = wanted - every
     if unknown:

@@ -47,13 +47,16 @@ def pooled_summary(summaries: dict[str, Payload]):
     import polars as pl
 
     from chronorisk.features.pipeline import merge_summaries
+    from chronorisk.features.vocabulary import SUMMARY_SCHEMA
 
-    return merge_summaries(
-        pl.DataFrame({"code": p.config.get("codes", []),
-                      "n_subjects": np.asarray(p.arrays.get("code_subjects", []), dtype=np.int64)},
-                     schema={"code": pl.String, "n_subjects": pl.Int64})
-        for p in summaries.values()
-    )
+    def table(p: Payload) -> pl.DataFrame:
+        if "summary" in p.config:  # the whole summary (features.vocabulary.code_summary)
+            return pl.DataFrame(p.config["summary"], schema=SUMMARY_SCHEMA)
+        return pl.DataFrame({"code": p.config.get("codes", []),
+                             "n_subjects": np.asarray(p.arrays.get("code_subjects", []), dtype=np.int64)},
+                            schema={"code": pl.String, "n_subjects": pl.Int64})
+
+    return merge_summaries(table(p) for p in summaries.values())
 
 
 def pooled_quantiles(summaries: dict[str, Payload]) -> dict[str, list[float]]:

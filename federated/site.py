@@ -133,13 +133,16 @@ def summarize(ctx: SiteContext, request: Payload) -> Payload:
     # the vocabulary is fitted on training subjects only, as for the centralized model
     train_ids = read_splits(ctx.meds_root, ctx.site).filter(pl.col("split") == TRAIN_SPLIT).select("subject_id")
     train_events = events.join(train_ids.lazy(), on="subject_id", how="semi")
-    summary = code_summary(train_events).filter(pl.col("n_subjects") >= min_count).sort("code")
+    # counts per code and per (code, text value), numbers' presence and quantiles: no records
+    full = code_summary(train_events).filter(pl.col("n_subjects") >= min_count)
+    summary = full.filter(pl.col("text").is_null())
     sketch_codes, sketches, sketch_n = numeric_sketches(train_events, min_count)
     return Payload(
         config={
             "n_subjects": int(n_subjects),
             "span": [start.isoformat() if start else None, end.isoformat() if end else None],
             "codes": summary["code"].to_list(),
+            "summary": full.to_dict(as_series=False),
             "sketch_codes": sketch_codes,
         },
         arrays={

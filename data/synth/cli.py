@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ideal", action="store_true", default=None,
                         help="no missingness, no measurement noise, no hidden risk terms")
     parser.add_argument("--fhir", action="store_true", default=None, help="also write FHIR R4 bundles")
+    parser.add_argument("--realistic-codes", action="store_true", default=None,
+                        help="messy records as real ones: a long tail of codes, a local lab code, smoking as text, "
+                             "ICD-9 at one site, an unmapped lab carrying risk (data/synth/messy.py)")
     parser.add_argument("--drift", action="append", default=None, metavar="SPEC",
                         help="site=<id>,from=YYYY-MM-DD,kind=units|population|lab_bias (repeatable)")
     parser.add_argument("--chunk-size", type=int, default=None, help="patients per chunk (default: params.yaml)")
@@ -29,6 +32,7 @@ def resolve_config(args: argparse.Namespace, base):
 
     values = base.model_dump(by_alias=True)
     for arg, key in (("seed", "seed"), ("patients", "patients"), ("ideal", "ideal"), ("fhir", "fhir"),
+                     ("realistic_codes", "realistic_codes"),
                      ("chunk_size", "chunk_size"), ("workers", "workers")):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
@@ -57,7 +61,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     cfg = resolve_config(args, ctx.params.generate)
     out = (args.out or ctx.paths.root).resolve()
     summary = generate(cfg, out)
-    mode = "ideal" if cfg.ideal else "realistic"
+    mode = ("ideal" if cfg.ideal else "realistic") + (", realistic codes" if cfg.realistic_codes else "")
     print(f"generated {summary.patients:,} patients ({mode}, seed {cfg.seed}) in {summary.seconds:.1f} s "
           f"with {summary.workers} worker(s) -> {out}")
     width = max(len(s) for s in summary.patients_by_site)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from chronorisk.data.config import GenerateConfig
-from chronorisk.data.synth import hazards
+from chronorisk.data.synth import hazards, messy
 from chronorisk.data.synth.events import CODES
 from chronorisk.data.synth.fhir_writer import write_site_bundles
 from chronorisk.data.synth.meds_writer import events_table, sort_order, write_shard, write_site_metadata
@@ -112,8 +112,13 @@ def run_chunk(spec: SimSpec, chunk: int, n: int, first_id: int, staging: Path, f
         summary.events_by_site[site_id] = hi - lo
         summary.codes_by_site[site_id] = {CODES[i] for i in np.unique(part.code)}
         if hi > lo:
-            write_shard(events_table(part, subject_ids),
-                        staging / "meds" / "sites" / site_id / "data" / f"{chunk:04d}.parquet")
+            table = events_table(part, subject_ids)
+            if spec.realistic_codes:
+                table, added = messy.make_messy(table, frailty=result.frailty, first_id=first_id, site_index=s,
+                                                seed=spec.seed, chunk=chunk)
+                summary.codes_by_site[site_id] |= added
+                summary.events_by_site[site_id] = table.num_rows
+            write_shard(table, staging / "meds" / "sites" / site_id / "data" / f"{chunk:04d}.parquet")
         if fhir:
             f0 = time.process_time()
             summary.bundles += write_site_bundles(part, subject_ids, site=spec.sites[s], seed=spec.seed,
@@ -201,7 +206,7 @@ def _finish(cfg: GenerateConfig, spec: SimSpec, summaries: list[ChunkSummary], s
     generator_info = {
         "generator": {
             "seed": cfg.seed, "patients": cfg.patients, "start": str(cfg.start), "end": str(cfg.end),
-            "ideal": cfg.ideal, "chunk_size": cfg.chunk_size,
+            "ideal": cfg.ideal, "realistic_codes": cfg.realistic_codes, "chunk_size": cfg.chunk_size,
             "drift": [{"site": d.site, "from": str(d.start), "kind": d.kind} for d in cfg.drift],
             "hazard_model": "docs/generator.md",
         },

@@ -34,6 +34,7 @@ from chronorisk.data.codes import DIAGNOSES, MEASUREMENTS, MEDICATIONS
 from chronorisk.data.config import DriftConfig, GenerateConfig, SiteConfig
 from chronorisk.data.synth import drift as drift_mod
 from chronorisk.data.synth import dynamics as dyn
+from chronorisk.data.synth import messy
 from chronorisk.data.synth.events import (
     CODE_INDEX,
     SITE_UNITS,
@@ -96,11 +97,12 @@ class SimSpec:
     sites: tuple[SiteConfig, ...]
     drift: tuple[DriftConfig, ...] = ()
     burn_in_years: int = 3
+    realistic_codes: bool = False
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig) -> SimSpec:
         return cls(seed=cfg.seed, start=cfg.start, end=cfg.end, ideal=cfg.ideal, sites=tuple(cfg.sites),
-                   drift=tuple(cfg.drift))
+                   drift=tuple(cfg.drift), realistic_codes=cfg.realistic_codes)
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,7 @@ class ChunkResult:
     site: np.ndarray  # int8 per patient (patients are sorted by site)
     truth: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # task -> (patient, month, risk)
     deaths: int = 0
+    frailty: np.ndarray | None = None  # hidden per-patient frailty (data/synth/messy.py reads it)
 
 
 class _SiteTables:
@@ -296,7 +299,8 @@ class _Chunk:
             slot_active=np.zeros((S, n), dtype=bool), slot_drug=np.zeros((S, n), dtype=np.int8),
             slot_s=np.zeros((S, n)),
         )
-        frailty = rng.normal(0.0, FRAILTY_SD, n)
+        frailty = rng.normal(0.0, messy.FRAILTY_SD if self.spec.realistic_codes else FRAILTY_SD, n)
+        self.frailty = frailty
         self.hidden = None if self.ideal else \
             HiddenTerms(st.risk_shift[site], st.outcome_shift[site], frailty).log_hazard_shift()
         self.arrival, self.records_from, self.reg_day = arrival, records_from, reg_day
@@ -564,7 +568,8 @@ class _Chunk:
                 truth[task] = tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
             else:
                 truth[task] = (np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0))
-        return ChunkResult(events=self.buf.arrays(), site=self.site, truth=truth, deaths=self.deaths)
+        return ChunkResult(events=self.buf.arrays(), site=self.site, truth=truth, deaths=self.deaths,
+                           frailty=self.frailty)
 
     def _static_events(self) -> None:
         ix = np.arange(self.n)

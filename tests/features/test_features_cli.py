@@ -44,7 +44,17 @@ def built(root, tmp_path_factory) -> Path:
     out = chronorisk(work, "features", "--meds", str(root), "--chunk-subjects", "100")
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
+    (work / "features_stdout.txt").write_text(out.stdout)
     return work
+
+
+def test_features_command_says_what_it_dropped(built):
+    spec = FeatureSpec.load(built / "features" / "onset_2y" / "spec.json")
+    dropped = spec.fit_info["dropped"]
+    assert dropped["count"] == len(dropped["features"]) > 0
+    assert not set(dropped["features"]) & set(spec.feature_names)
+    printed = (built / "features_stdout.txt").read_text()
+    assert f"onset_2y           dropped {dropped['count']} features that say nothing" in printed
 
 
 def test_labels_command(root, tmp_path):

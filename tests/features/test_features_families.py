@@ -165,8 +165,10 @@ def test_smoking(row):
 def test_code_counts(row):
     spec = row["spec"]
     assert TAIL in spec.vocabulary
-    assert row["p1"]["code_SNOMED_999999"] == 2.0  # the record after T does not count
-    assert row["p2"]["code_SNOMED_999999"] == 0.0
+    assert row["p1"]["code_SNOMED_999999_count_1095d"] == 1.0  # the record after T does not count
+    assert row["p1"]["code_SNOMED_999999_present"] == 1.0  # nor does it, 5,000 days before T it does
+    assert row["p1"]["code_SNOMED_999999_days_since_last"] == 5.0
+    assert row["p2"]["code_SNOMED_999999_count_1095d"] == 0.0 and row["p2"]["code_SNOMED_999999_present"] == 0.0
 
 
 def test_date_features_name_days_since_last(row):

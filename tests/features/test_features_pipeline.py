@@ -57,22 +57,25 @@ def test_vocabulary_selection():
     )
     spec = fit_spec(code_summary(ev), FeatureConfig(min_code_subjects=3, max_codes=2))
     assert spec.vocabulary == ("SNOMED//1", "SNOMED//2")
-    assert spec.feature_names[-2:] == ("code_SNOMED_1", "code_SNOMED_2")
+    assert spec.feature_names[-5:] == ("code_SNOMED_2_present", "code_SNOMED_2_count_90d", "code_SNOMED_2_count_365d",
+                                       "code_SNOMED_2_count_1095d", "code_SNOMED_2_days_since_last")
+    assert spec.fit_info["codes_over_max_codes"] == 1 and spec.fit_info["codes_under_min_subjects"] == 1
 
 
 def test_summaries_from_sites_add_up():
     a = pl.DataFrame({"code": ["A//1", "B//1"], "n_subjects": [3, 1]})
     b = pl.DataFrame({"code": ["A//1", "C//1"], "n_subjects": [2, 4]})
     merged = merge_summaries([a, b])
-    assert dict(merged.iter_rows()) == {"A//1": 5, "B//1": 1, "C//1": 4}
+    assert dict(merged.select("code", "n_subjects").iter_rows()) == {"A//1": 5, "B//1": 1, "C//1": 4}
     spec = fit_spec(pl.concat([a, b]), FeatureConfig(min_code_subjects=4))
     assert spec.vocabulary == ("A//1", "C//1")
 
 
 def test_code_summary_has_counts_only(meds):
     summary = code_summary(pl.scan_parquet(meds))
-    assert summary.columns == ["code", "n_subjects"]
-    assert summary["n_subjects"].max() <= 600
+    assert summary.columns == ["code", "text", "n_subjects", "n_value_subjects", "n_values", "n_out_of_range",
+                               "value_lo", "value_hi"]
+    assert summary["n_subjects"].max() <= 600 and summary["n_value_subjects"].max() <= 600
 
 
 # ---- the spec artifact ------------------------------------------------------------------------
