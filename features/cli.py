@@ -13,6 +13,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from chronorisk.features.labels_cli import LABELS_HELP
+
 log = logging.getLogger("chronorisk.features")
 
 
@@ -21,8 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", action="append", default=None,
                         help="task name or YAML file; repeatable (default: params labels.tasks)")
     parser.add_argument("--labels", type=Path, default=None,
-                        help="labels root with <task>/<site>.parquet, <task>/*.parquet or <task>.parquet "
-                             "(default: extract into <work>/labels)")
+                        help="supplied labels, " + LABELS_HELP + " (default: extract into <work>/labels)")
     parser.add_argument("--spec", type=Path, default=None, help="use this fitted spec.json instead of fitting")
     parser.add_argument("--sites", nargs="+", default=None, help="only these sites")
     parser.add_argument("--out", type=Path, default=None, help="features root (default <work>/features)")
@@ -38,6 +39,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     from chronorisk.errors import ConfigError
     from chronorisk.features.build import feature_table_for_site, fit_spec_on_train, labels_for_site
     from chronorisk.features.concepts import load_concepts
+    from chronorisk.features.labels import check_labels_for_tasks
     from chronorisk.features.labels_cli import selected_tasks
     from chronorisk.features.sources import find_sites
     from chronorisk.features.spec import FeatureSpec
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     sites = find_sites(meds_root, args.sites)
     cmap = load_concepts(config.concepts)
     tasks = selected_tasks(args, ctx)
+    check_labels_for_tasks(args.labels, [t.name for t in tasks])
     given_spec = FeatureSpec.load(args.spec) if args.spec else None
     fitted = None
     for task in tasks:

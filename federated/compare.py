@@ -83,6 +83,7 @@ def run_compare(
     strategies: list[str] | None = None,
     tasks: list[str] | None = None,
     sites: list[str] | None = None,
+    labels: Path | None = None,
 ) -> dict:
     from chronorisk.errors import ChronoriskError
     from chronorisk.federated.simulation import run_simulation, site_contexts
@@ -91,7 +92,7 @@ def run_compare(
     meds_root = meds_root or paths.meds
     strategies = list(strategies or ("bagging", "cyclic"))
     tasks = list(tasks or params.labels.tasks)
-    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=1)
+    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=1, labels=labels)
     if len(contexts) < 2:
         raise ChronoriskError(f"compare needs at least two sites under {meds_root}/sites")
     started = time.monotonic()
@@ -99,11 +100,12 @@ def run_compare(
     for strategy in strategies:
         federated[strategy] = run_simulation(
             params, paths, meds_root=meds_root, sites=sites, strategy=strategy, tasks=tasks, register=False,
-            out_dir=paths.federated / "compare" / strategy,
+            out_dir=paths.federated / "compare" / strategy, labels=labels,
         )
     report: dict = {
         "created_at": datetime.now().isoformat(timespec="seconds"),
         "meds": str(meds_root),
+        "labels": str(labels) if labels is not None else None,
         "strategies": strategies,
         "federated_config": params.federated.model_dump(),
         "tasks": {},

@@ -41,19 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, ctx) -> int:
     from chronorisk.errors import InputError
+    from chronorisk.training.train_cli import check_labels_argument
 
     params = ctx.params
     tasks = list(args.task or params.labels.tasks)
-    if args.labels is not None and args.meds is None:
-        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
-    if args.labels is not None and len(tasks) != 1:
-        raise InputError("--task", "give exactly one task with --labels (a label folder holds one task)")
     if args.bootstrap is not None and args.bootstrap < 0:
         raise InputError("--bootstrap", f"must be 0 or more, got {args.bootstrap}")
-    for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features),
-                       ("--models", args.models)):
+    for flag, path in (("--meds", args.meds), ("--features", args.features), ("--models", args.models)):
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
+    check_labels_argument(args, tasks)
     update: dict = {}
     if args.bootstrap is not None:
         update["bootstrap"] = args.bootstrap

@@ -192,6 +192,8 @@ def temporal(data: TaskData, bundle: ModelBundle, model_config: ModelConfig, con
     """Refit on outcomes known before the split date; test on held-out patients from the date on."""
     if config.temporal_split is None:
         return [], None
+    if data.task.horizon_days is None:
+        return [], "temporal validation skipped: the task's labels are supplied without horizon_days"
     split = datetime(config.temporal_split.year, config.temporal_split.month, config.temporal_split.day)
     known = pl.col("prediction_time") + pl.duration(days=data.task.horizon_days) <= split
     train = data.frame.filter((pl.col("split") == TRAIN) & known)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 TRAIN, TUNING, HELD_OUT = "train", "tuning", "held_out"
 KEY_COLUMNS = ("subject_id", "prediction_time", "site", "split", "boolean_value")
+INDEX_ORDER = ["subject_id", "prediction_time", "site", "boolean_value"]  # rows in this order: reproducible
 SPEC_FILE = "spec.json"
 
 
@@ -59,6 +60,7 @@ class TaskData:
     frame: pl.DataFrame  # KEY_COLUMNS + spec.feature_names (+ anything else, ignored)
     source: str  # where the rows came from (for logs, MLflow and the model card)
     meds_root: Path | None = None  # the MEDS data the features were computed from, when known
+    supplied_labels: dict | None = None  # `describe_labels` of label files given with --labels
 
     def split(self, name: str) -> pl.DataFrame:
         return self.frame.filter(pl.col("split") == name)
@@ -91,6 +93,7 @@ def load_feature_tables(features_root: Path, task: str | TaskDefinition) -> Task
         raise InputError("--features", f"{folder} has no feature tables (<site>.parquet)")
     frame = pl.concat([pl.read_parquet(t) for t in tables], how="diagonal_relaxed")
     check_table(frame, spec, str(folder))
+    frame = frame.sort(INDEX_ORDER, maintain_order=True)
     return TaskData(task=task_def, spec=spec, frame=frame, source=str(folder))
 
 
@@ -125,18 +128,20 @@ def read_meds(meds: Path) -> tuple[pl.LazyFrame, pl.DataFrame]:
         [s.scan().select(list(EVENT_SCHEMA)).with_columns(pl.lit(s.site).alias("site")) for s in sources],
         how="vertical_relaxed",
     )
-    splits = pl.concat([s.splits().select("subject_id", "split") for s in sources]).unique("subject_id", keep="first")
+    splits = pl.concat([s.splits().select("subject_id", "split") for s in sources])
     return events, splits
 
 
 def attach_splits(index: pl.DataFrame, events: pl.LazyFrame, splits: pl.DataFrame) -> pl.DataFrame:
     """Index rows with their subject's `site` and `split` (subjects without events are dropped).
 
-    A subject the split file does not list is held out: never trained on (as `chronorisk features` does).
+    The split is `features.build.assign_splits`'s (the one rule); a subject seen at two sites gets the
+    first site by name. The rows come back sorted: nothing depends on the order of files or rows.
     """
-    sites = events.select("subject_id", "site").unique("subject_id").collect()
-    out = index.join(sites, on="subject_id", how="inner").join(splits, on="subject_id", how="left")
-    return out.with_columns(pl.col("split").fill_null(HELD_OUT))
+    from chronorisk.features.build import assign_splits
+
+    sites = events.group_by("subject_id").agg(pl.col("site").min()).collect()
+    return assign_splits(index.join(sites, on="subject_id", how="inner"), splits)
 
 
 def compute_task_data(
@@ -154,13 +159,17 @@ def compute_task_data(
     only (the vocabulary never sees a held-out subject); with `spec` (a
     trained bundle's) nothing is fitted. `only_split` keeps the rows of one split.
     """
-    from chronorisk.features.labels import read_labels
+    from chronorisk.features.build import subject_splits
+    from chronorisk.features.labels import label_files, read_labels_files
     from chronorisk.features.pipeline import code_summary, fit_spec, transform
     from chronorisk.features.tasks import load_task
 
     task_def = load_task(task)
     events, splits = read_meds(meds)
-    label_rows = read_labels(labels) if labels is not None else site_labels(meds, task_def)
+    files = label_files(labels, task_def.name) if labels is not None else []
+    if labels is None:
+        task_def.require_extractable()
+    label_rows = read_labels_files(files) if labels is not None else site_labels(meds, task_def)
     if label_rows.height == 0:
         raise InputError("--labels" if labels else "--task", f"no labelled rows for task {task_def.name}")
     index = attach_splits(label_rows, events, splits)
@@ -169,10 +178,10 @@ def compute_task_data(
     if only_split is not None:  # e.g. promotion compares on held-out rows only: featurize only those
         index = index.filter(pl.col("split") == only_split)
     if spec is None:
-        train_subjects = splits.filter(pl.col("split") == TRAIN).select("subject_id")
+        train_subjects = subject_splits(splits).filter(pl.col("split") == TRAIN).select("subject_id")
         summary = code_summary(events.join(train_subjects.lazy(), on="subject_id", how="semi"))
         spec = fit_spec(summary, config, task_def)
-    frame = transform(spec, events.drop("site"), index.lazy()).collect()
+    frame = transform(spec, events.drop("site"), index.lazy()).collect().sort(INDEX_ORDER, maintain_order=True)
     check_table(frame, spec, "computed features")
     return TaskData(
         task=task_def,
@@ -180,7 +189,26 @@ def compute_task_data(
         frame=frame,
         source=str(meds) + (f" + labels {labels}" if labels else ""),
         meds_root=Path(meds),
+        supplied_labels=describe_labels(label_rows, files) if labels is not None else None,
     )
+
+
+def describe_labels(labels: pl.DataFrame, files: list[Path]) -> dict:
+    """What the model card says about supplied labels: fingerprint, rows, cases, prevalence, time span."""
+    from chronorisk.models.bundle import data_fingerprint
+
+    n_pos = int(labels["boolean_value"].sum())
+    times = labels["prediction_time"]
+    return {
+        "files": [f.name for f in files],
+        "fingerprint": data_fingerprint(labels.select("subject_id", "prediction_time", "boolean_value")),
+        "rows": labels.height,
+        "subjects": labels["subject_id"].n_unique(),
+        "cases": n_pos,
+        "prevalence": round(n_pos / max(labels.height, 1), 4),
+        "first_prediction_time": _iso(times.min()),
+        "last_prediction_time": _iso(times.max()),
+    }
 
 
 def site_labels(meds: Path, task: TaskDefinition) -> pl.DataFrame:
@@ -285,7 +313,7 @@ def train_task(
         version=version,
         data_fingerprint=fingerprint,
         metrics={"tuning": tuning_metrics},
-        extra={"training": info, **(extra_metadata or {})},
+        extra={"training": info, "supplied_labels": data.supplied_labels, **(extra_metadata or {})},
     )
     return TrainResult(model=model, bundle=bundle, tuning_metrics=tuning_metrics, training_info=info)
 
@@ -320,5 +348,5 @@ def with_spec(data: TaskData, spec: FeatureSpec, meds_root: Path | None) -> Task
     index = data.frame.select(*KEY_COLUMNS)
     frame = transform(spec, events.drop("site"), index.lazy()).collect()
     check_table(frame, spec, f"features recomputed from {root}")
-    return TaskData(task=data.task, spec=spec, frame=frame, source=f"{root} (recomputed for the model's spec)",
-                    meds_root=Path(root))
+    return dataclasses.replace(data, spec=spec, frame=frame, source=f"{root} (recomputed for the model's spec)",
+                               meds_root=Path(root))

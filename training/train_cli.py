@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from chronorisk.features.labels_cli import LABELS_HELP
+
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, meds_help: str) -> None:
     """The rows to work on: tasks, and feature tables or MEDS data with labels (train and evaluate)."""
@@ -22,8 +24,24 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, meds_help: str) -> No
     parser.add_argument("--features", type=Path, default=None, metavar="DIR",
                         help="feature tables root (default: <work>/features)")
     parser.add_argument("--meds", type=Path, default=None, metavar="DIR", help=meds_help)
-    parser.add_argument("--labels", type=Path, default=None, metavar="DIR",
-                        help="MEDS label parquet (file or folder) for --meds; default: extract with the task")
+    parser.add_argument("--labels", type=Path, default=None, metavar="PATH",
+                        help="with --meds: " + LABELS_HELP + "; default: extract with the task")
+
+
+def check_labels_argument(args: argparse.Namespace, tasks: list[str]) -> None:
+    """`--labels` goes with `--meds`, exists, and names labels of every task (train, evaluate, promote)."""
+    from chronorisk.errors import InputError
+    from chronorisk.features.labels import check_labels_for_tasks, label_files
+    from chronorisk.features.tasks import load_task
+
+    if args.labels is None:
+        return
+    if args.meds is None:
+        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
+    names = [load_task(t).name for t in tasks]
+    check_labels_for_tasks(args.labels, names)
+    for name in names:
+        label_files(args.labels, name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,13 +60,10 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     params = ctx.params
     tasks = list(args.task or params.labels.tasks)
-    if args.labels is not None and args.meds is None:
-        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
-    if args.labels is not None and len(tasks) != 1:
-        raise InputError("--task", "give exactly one task with --labels (a label folder holds one task)")
-    for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features)):
+    for flag, path in (("--meds", args.meds), ("--features", args.features)):
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
+    check_labels_argument(args, tasks)
     train_config = params.train.model_copy(update={"tune": args.tune} if args.tune is not None else {})
     tracking = None
     if not args.no_mlflow:
