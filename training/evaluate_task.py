@@ -202,7 +202,7 @@ def temporal(data: TaskData, bundle: ModelBundle, model_config: ModelConfig, con
     why = _refit_problem({"train": train, "tuning": tuning, "test": test})
     if why:
         return [], f"temporal validation at {config.temporal_split} skipped: {why}"
-    model = fit_model(train, tuning, data.feature_names, _refit_config(model_config))
+    model = fit_model(train, tuning, data.feature_names, _refit_config(model_config, bundle))
     frame, _ = attach_truth(evaluation_frame(test, model.predict_risk(test.select(data.feature_names))), truth)
     records = _evaluate(frame, data.task.name, bundle.tiers.high, mode if "true_risk" in frame.columns else None,
                         config, "temporal", ("all", "site"))
@@ -231,7 +231,7 @@ def leave_one_site_out(data: TaskData, bundle: ModelBundle, model_config: ModelC
         if why:
             notes.append(f"leave-one-site-out for {site} skipped: {why}")
             continue
-        model = fit_model(train, tuning, data.feature_names, _refit_config(model_config))
+        model = fit_model(train, tuning, data.feature_names, _refit_config(model_config, bundle))
         risk = model.predict_risk(test.select(data.feature_names))
         frame, _ = attach_truth(evaluation_frame(test, risk), truth)
         records += _evaluate(frame, data.task.name, bundle.tiers.high,
@@ -239,9 +239,9 @@ def leave_one_site_out(data: TaskData, bundle: ModelBundle, model_config: ModelC
     return records, notes
 
 
-def _refit_config(model_config: ModelConfig) -> ModelConfig:
-    """The bundle's model parameters, calibrated on the tuning rows (see the module docstring)."""
-    return model_config.model_copy(update={"calibration_rows": "tuning"})
+def _refit_config(model_config: ModelConfig, bundle: ModelBundle) -> ModelConfig:
+    """The bundle's model kind and parameters, calibrated on the tuning rows (see the module docstring)."""
+    return model_config.model_copy(update={"calibration_rows": "tuning", "kind": bundle.kind})
 
 
 def _refit_problem(parts: dict[str, pl.DataFrame]) -> str | None:

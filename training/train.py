@@ -246,24 +246,52 @@ def fit_model(
     train: pl.DataFrame, tuning: pl.DataFrame, feature_names: list[str], model_config: ModelConfig,
     *, tune: bool = False, tune_trials: int = 10,
 ) -> RiskModel:
-    """Boost on `train` with early stopping on `tuning`, then calibrate (see the module docstring)."""
+    """Fit the configured kind (or both, for `auto`), then calibrate (see the module docstring).
+
+    LightGBM boosts on `train` with early stopping on `tuning`; the logistic regression learns from
+    `train` (its penalty by grouped CV there). `auto` fits both and keeps the one whose out-of-fold
+    margins over the train and tuning patients (`RiskModel.cross_fitted_margins`, the rows the
+    calibrator is fitted on anyway) have the lower log loss; the choice and both losses are kept in
+    `model.selection_`.
+    """
+    from chronorisk.models.logistic import margin_log_loss
+
+    kinds = ["lightgbm", "logistic"] if model_config.kind == "auto" else [model_config.kind]
+    both = pl.concat([train.select("subject_id", "boolean_value", *feature_names),
+                      tuning.select("subject_id", "boolean_value", *feature_names)])
+    y_both = both["boolean_value"].to_numpy()
+    fitted: dict[str, tuple[RiskModel, object]] = {}
+    for kind in kinds:
+        model = _fit_kind(kind, train, tuning, feature_names, model_config, tune, tune_trials)
+        margins = None
+        if model_config.calibration_rows == "cross_fit" or len(kinds) > 1:
+            margins = model.cross_fitted_margins(
+                both.select(feature_names), y_both, both["subject_id"].to_numpy(),
+                folds=model_config.cross_fit_folds, seed=model_config.seed,
+            )
+        fitted[kind] = (model, margins)
+    losses = {k: margin_log_loss(m, y_both) for k, (_, m) in fitted.items() if m is not None}
+    chosen = min(losses, key=lambda k: (losses[k], k)) if len(kinds) > 1 else kinds[0]
+    model, margins = fitted[chosen]
+    model.selection_ = {"configured": model_config.kind, "chosen": chosen,
+                        "cv_log_loss": {k: round(v, 6) for k, v in losses.items()}}
+    if model_config.calibration_rows == "tuning":
+        return model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy(), rows="tuning")
+    return model.fit_calibration_margins(margins, y_both, rows="cross_fit")
+
+
+def _fit_kind(kind: str, train: pl.DataFrame, tuning: pl.DataFrame, names: list[str], model_config: ModelConfig,
+              tune: bool, tune_trials: int) -> RiskModel:
     from chronorisk.models.risk_model import RiskModel
 
     model = RiskModel(model_config, tune=tune, tune_trials=tune_trials)
-    model.fit_booster(
-        train.select(feature_names), train["boolean_value"].to_numpy(),
-        tuning.select(feature_names), tuning["boolean_value"].to_numpy(),
-        feature_names,
+    if kind == "logistic":
+        return model.fit_logistic(train.select(names), train["boolean_value"].to_numpy(), names,
+                                  groups=train["subject_id"].to_numpy())
+    return model.fit_booster(
+        train.select(names), train["boolean_value"].to_numpy(),
+        tuning.select(names), tuning["boolean_value"].to_numpy(), names,
     )
-    if model_config.calibration_rows == "tuning":
-        return model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy(), rows="tuning")
-    both = pl.concat([train.select("subject_id", "boolean_value", *feature_names),
-                      tuning.select("subject_id", "boolean_value", *feature_names)])
-    margins = model.cross_fitted_margins(
-        both.select(feature_names), both["boolean_value"].to_numpy(), both["subject_id"].to_numpy(),
-        folds=model_config.cross_fit_folds, seed=model_config.seed,
-    )
-    return model.fit_calibration_margins(margins, both["boolean_value"].to_numpy(), rows="cross_fit")
 
 
 def train_task(

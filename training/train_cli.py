@@ -117,7 +117,8 @@ def _train_one(task: str, args, ctx, train_config, tracking) -> None:
         log_files([(bundle_dir / "spec.json", "feature_spec"), (bundle_dir / "task.yaml", "task"),
                    (bundle_dir / "bundle.json", "bundle")])
         reg = registry.register_bundle(
-            tracking, bundle_dir, task=name, booster=result.bundle.booster, alias=registry.CHALLENGER,
+            tracking, bundle_dir, task=name, alias=registry.CHALLENGER,
+            booster=result.bundle.booster if result.bundle.kind == "lightgbm" else None,
             tags={"chronorisk.data_fingerprint": result.bundle.metadata.get("data_fingerprint"),
                   "chronorisk.source": tags["source"]},
             description=f"trained on {result.training_info['n_train']} rows of {data.source}",
@@ -141,8 +142,14 @@ def _next_version(tracking, task: str) -> int:
 
 def _print(task: str, result, bundle_dir: Path, reg) -> None:
     info, m = result.training_info, result.tuning_metrics
+    selection = result.bundle.metadata.get("model_selection") or {}
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in (selection.get("cv_log_loss") or {}).items())
+    what = (f"{result.bundle.metadata.get('n_trees')} trees" if result.bundle.kind == "lightgbm"
+            else f"logistic regression (C={result.model.params_.get('C')})")
     line = (f"{task}: {info['n_train']:,} train rows ({info['n_train_positive']:,} outcomes), "
-            f"{info['n_valid']:,} tuning rows; {result.bundle.metadata.get('n_trees')} trees, "
+            f"{info['n_valid']:,} tuning rows; {what}"
+            + (f" chosen by cross-validated log loss ({losses})" if len(selection.get("cv_log_loss") or {}) > 1 else "")
+            + ", "
             f"{result.bundle.calibrator.method} calibration; tuning AUROC {m['auroc']:.3f}, ECE {m['ece']:.3f}")
     print(line)
     print(f"  bundle -> {bundle_dir}")
