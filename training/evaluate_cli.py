@@ -145,8 +145,8 @@ def _write_outputs(paths, bundle, data, result) -> dict[str, Path]:
         "card": reports / f"model_card_{task}.md",
         "metrics": metrics_dir / f"{task}.json",
     }
-    model = {k: bundle.metadata.get(k) for k in ("name", "version", "trained_at", "data_fingerprint", "n_trees",
-                                                  "calibration_method")}
+    model = {k: bundle.metadata.get(k) for k in ("name", "version", "trained_at", "data_fingerprint", "model_kind",
+                                                  "n_trees", "calibration_method")}
     document = {
         "task": task,
         "mode": result.mode,
@@ -154,6 +154,7 @@ def _write_outputs(paths, bundle, data, result) -> dict[str, Path]:
         "model": model,
         "records": result.records,
         "notes": result.notes,
+        "baseline": result.baseline,
         "shap_importance": dict(list(result.importance.items())[:30]),
     }
     write_text_atomic(files["json"], json.dumps(document, indent=1, default=str))
@@ -171,7 +172,7 @@ def _write_outputs(paths, bundle, data, result) -> dict[str, Path]:
     )
     write_report(files["html"], [report], title=f"chronorisk evaluation: {task}")
     card = render_model_card(bundle.metadata, result.holdout, task=bundle.task, importance=result.importance,
-                             limitations=_card_notes(result))
+                             limitations=_card_notes(result), baseline=result.baseline)
     write_text_atomic(files["card"], card)
     write_text_atomic(files["metrics"], json.dumps(metrics_summary(result), indent=1, sort_keys=True))
     return files

@@ -221,6 +221,32 @@ def site_labels(meds: Path, task: TaskDefinition) -> pl.DataFrame:
 
 
 # ---- training --------------------------------------------------------------------------------
+class UnfitModelError(ChronoriskError):
+    """Training made a model that must not be handed over (too few cases, no better than chance)."""
+
+    exit_code = 4
+
+
+def unfit_reasons_before(train: pl.DataFrame, tuning: pl.DataFrame, config: TrainConfig) -> list[str]:
+    """Reasons known before fitting: fewer outcomes than `train.min_cases` in the train and tuning splits."""
+    cases = int(train["boolean_value"].sum()) + int(tuning["boolean_value"].sum())
+    if cases < config.min_cases:
+        return [f"only {cases} outcomes in the train and tuning splits; at least train.min_cases = "
+                f"{config.min_cases} are needed for a model worth handing over"]
+    return []
+
+
+def unfit_reasons_after(y_tune, p_tune, subjects, seed: int) -> tuple[list[str], tuple[float, float]]:
+    """The tuning AUROC's 95% interval (patients resampled); a reason when it includes 0.5."""
+    from chronorisk.training import metrics
+
+    lo, hi = metrics.bootstrap_intervals({"auroc": metrics.auroc}, y_tune, p_tune, n_boot=200, seed=seed,
+                                         clusters=subjects)["auroc"]
+    if not (lo > 0.5):
+        return [f"the tuning AUROC's 95% interval ({lo:.3f} to {hi:.3f}) includes 0.5: no better than chance"], (lo, hi)
+    return [], (lo, hi)
+
+
 @dataclass
 class TrainResult:
     model: RiskModel
@@ -307,12 +333,21 @@ def train_task(
     from chronorisk.training import metrics
 
     train, tuning = training_rows(data)
+    unfit = unfit_reasons_before(train, tuning, train_config)
+    if unfit and not train_config.allow_unfit:
+        raise UnfitModelError(_refusal(data.task.name, unfit))
     names = data.feature_names
     model = fit_model(train, tuning, names, model_config, tune=train_config.tune, tune_trials=train_config.tune_trials)
     y_tune = tuning["boolean_value"].to_numpy().astype(float)
     p_tune = model.predict_risk(tuning.select(names))
+    more, (auroc_lo, auroc_hi) = unfit_reasons_after(y_tune, p_tune, tuning["subject_id"].to_numpy(), model_config.seed)
+    unfit += more
+    if unfit and not train_config.allow_unfit:
+        raise UnfitModelError(_refusal(data.task.name, unfit))
     tuning_metrics = {
         "auroc": float(metrics.auroc(y_tune, p_tune)),
+        "auroc_lo": auroc_lo,
+        "auroc_hi": auroc_hi,
         "ece": float(metrics.ece(y_tune, p_tune)),
         "brier": float(metrics.brier(y_tune, p_tune)),
         "log_loss": float(metrics.log_loss(y_tune, p_tune)),
@@ -341,9 +376,14 @@ def train_task(
         version=version,
         data_fingerprint=fingerprint,
         metrics={"tuning": tuning_metrics},
-        extra={"training": info, "supplied_labels": data.supplied_labels, **(extra_metadata or {})},
+        extra={"training": info, "supplied_labels": data.supplied_labels, "unfit": unfit, **(extra_metadata or {})},
     )
     return TrainResult(model=model, bundle=bundle, tuning_metrics=tuning_metrics, training_info=info)
+
+
+def _refusal(task: str, reasons: list[str]) -> str:
+    return (f"task {task}: no model registered: " + "; ".join(reasons)
+            + " (more patients or cases, another task; --allow-unfit keeps it for experiments, marked not fit for use)")
 
 
 def _iso(value: object) -> str | None:

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random search of LightGBM parameters first (default: params.yaml train.tune)")
     parser.add_argument("--no-mlflow", action="store_true",
                         help="save the bundles only: no MLflow run, no registration")
+    parser.add_argument("--allow-unfit", action="store_true",
+                        help="keep (and register) a model that fails the checks (fewer cases than train.min_cases, "
+                             "tuning AUROC interval including 0.5); its model card opens with 'not fit for use'")
 
 
 def run(args: argparse.Namespace, ctx) -> int:
@@ -64,7 +67,10 @@ def run(args: argparse.Namespace, ctx) -> int:
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
     check_labels_argument(args, tasks)
-    train_config = params.train.model_copy(update={"tune": args.tune} if args.tune is not None else {})
+    update = {"tune": args.tune} if args.tune is not None else {}
+    if args.allow_unfit:
+        update["allow_unfit"] = True
+    train_config = params.train.model_copy(update=update)
     tracking = None
     if not args.no_mlflow:
         from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
@@ -152,6 +158,8 @@ def _print(task: str, result, bundle_dir: Path, reg) -> None:
             + ", "
             f"{result.bundle.calibrator.method} calibration; tuning AUROC {m['auroc']:.3f}, ECE {m['ece']:.3f}")
     print(line)
+    for reason in result.bundle.metadata.get("unfit") or []:
+        print(f"  NOT FIT FOR USE (kept with --allow-unfit): {reason}")
     print(f"  bundle -> {bundle_dir}")
     if reg is not None:
         print(f"  registered {reg.name} version {reg.version} (alias challenger)")
