@@ -281,6 +281,7 @@ def fit_model(
     `model.selection_`.
     """
     from chronorisk.models.logistic import margin_log_loss
+    from chronorisk.training import metrics
 
     kinds = ["lightgbm", "logistic"] if model_config.kind == "auto" else [model_config.kind]
     both = pl.concat([train.select("subject_id", "boolean_value", *feature_names),
@@ -300,7 +301,9 @@ def fit_model(
     chosen = min(losses, key=lambda k: (losses[k], k)) if len(kinds) > 1 else kinds[0]
     model, margins = fitted[chosen]
     model.selection_ = {"configured": model_config.kind, "chosen": chosen,
-                        "cv_log_loss": {k: round(v, 6) for k, v in losses.items()}}
+                        "cv_log_loss": {k: round(v, 6) for k, v in losses.items()},
+                        "cv_auroc": {k: round(float(metrics.auroc(y_both, m)), 6)
+                                     for k, (_, m) in fitted.items() if m is not None}}
     if model_config.calibration_rows == "tuning":
         return model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy(), rows="tuning")
     return model.fit_calibration_margins(margins, y_both, rows="cross_fit")
