@@ -335,10 +335,10 @@ def train_task(
     from chronorisk.models.bundle import ModelBundle, data_fingerprint
     from chronorisk.training import metrics
 
-    train, tuning = training_rows(data)
-    unfit = unfit_reasons_before(train, tuning, train_config)
+    unfit = unfit_reasons_before(data.split(TRAIN), data.split(TUNING), train_config)
     if unfit and not train_config.allow_unfit:
         raise UnfitModelError(_refusal(data.task.name, unfit))
+    train, tuning = training_rows(data)
     names = data.feature_names
     model = fit_model(train, tuning, names, model_config, tune=train_config.tune, tune_trials=train_config.tune_trials)
     y_tune = tuning["boolean_value"].to_numpy().astype(float)
