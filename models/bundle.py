@@ -114,7 +114,9 @@ class ModelBundle:
             "model_selection": getattr(model, "selection_", None),
             "n_trees": int(model.booster_.num_trees()),
             "best_iteration": int(getattr(model, "best_iteration_", 0) or 0),
-            "lightgbm_params": {k: v for k, v in getattr(model, "params_", {}).items() if _jsonable(v)},
+            f"{getattr(model, 'kind_', 'lightgbm')}_params": {
+                k: v for k, v in getattr(model, "params_", {}).items() if _jsonable(v)
+            },
             "calibration": getattr(model.calibrator_, "info", {}),
             "tuning_trials": list(getattr(model, "tuning_trials_", []) or []),
             "metrics": dict(metrics or {}),

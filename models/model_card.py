@@ -81,7 +81,7 @@ def _details(m: Mapping) -> list[str]:
     chosen = ("; chosen by cross-validated log loss on the training data ("
               + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + ")") if len(losses) > 1 else ""
     model = (f"penalized logistic regression (median imputation, missing indicators, standardized; "
-             f"C={(m.get('lightgbm_params') or {}).get('C', '?')}), {n_features} features"
+             f"C={(m.get('logistic_params') or {}).get('C', '?')}), {n_features} features"
              if m.get("model_kind") == "logistic"
              else f"LightGBM gradient-boosted trees, {m.get('n_trees', '?')} trees, {n_features} features")
     how = ("exact linear contributions coef x (value - training mean)" if m.get("model_kind") == "logistic"
