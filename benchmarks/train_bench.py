@@ -32,6 +32,7 @@ with a generator truth row) is recorded beside.
 
     .venv/bin/python benchmarks/train_bench.py [--quick] [--rows N] [--features P] [--threads 1,2]
     .venv/bin/python benchmarks/train_bench.py --cohort WORK --patients 20000 [--ideal] [--seed 42] [--threads 1]
+        [--kinds lightgbm,logistic,auto]   # the LightGBM, logistic-baseline and auto models side by side
 """
 
 from __future__ import annotations
@@ -198,19 +199,27 @@ def prepare_cohort(work: Path, params: Path, patients: int, seed: int, ideal: bo
     return steps
 
 
-def cohort_task(work: Path, task: str, params, threads: int, n_boot: int) -> tuple[list[dict], dict]:
-    """Train one task as `chronorisk train` does; evaluation records (all, per site) of its held-out rows."""
+def cohort_task(work: Path, task: str, params, threads: int, n_boot: int,
+                kind: str | None = None) -> tuple[list[dict], dict]:
+    """Train one task as `chronorisk train` does; evaluation records (all, per site) of its held-out rows.
+
+    `kind` (lightgbm, logistic, auto) replaces params.yaml's `model.kind`.
+    """
     from chronorisk.training.evaluate_task import attach_truth, evaluation_frame, generator_mode, read_truth
     from chronorisk.training.evaluation import evaluate
     from chronorisk.training.train import HELD_OUT, load_feature_tables, train_task
 
     data = load_feature_tables(work / "features", task)
-    model_config = params.model.model_copy(update={"lightgbm": {**params.model.lightgbm, "num_threads": threads}})
+    model_config = params.model.model_copy(update={"lightgbm": {**params.model.lightgbm, "num_threads": threads},
+                                                   "kind": kind or params.model.kind})
     load = os.getloadavg()[0]
     started, cpu_started = time.perf_counter(), time.process_time()
     result = train_task(data, model_config, params.train)
     info = {
         "task": task,
+        "configured_kind": model_config.kind,
+        "model_kind": result.bundle.kind,
+        "model_selection": result.bundle.metadata.get("model_selection"),
         "num_threads": threads,
         "load_average_1m": round(load, 2),
         "train_seconds": round(time.perf_counter() - started, 2),
@@ -231,7 +240,10 @@ def cohort_task(work: Path, task: str, params, threads: int, n_boot: int) -> tup
     records = evaluate(frame, task=task, threshold=result.bundle.tiers.high, mode=mode, n_boot=n_boot,
                        seed=params.evaluate.seed, min_group_size=params.evaluate.min_group_size,
                        groups=("all", "site"))
-    keep = ("task", "site", "mode", "n", "n_positive", "auroc", "auroc_lo", "auroc_hi", "oracle_auroc",
+    for r in records:
+        r["configured_kind"], r["model_kind"] = model_config.kind, result.bundle.kind
+    keep = ("task", "configured_kind", "model_kind", "site", "mode", "n", "n_positive", "auroc", "auroc_lo", "auroc_hi",
+            "oracle_auroc",
             "auroc_ratio", "calibration_slope", "calibration_slope_lo", "calibration_slope_hi",
             "calibration_intercept", "ece", "ece_lo", "ece_hi", "brier", "oracle_calibration_slope")
     return [{k: r.get(k) for k in keep} for r in records], info
@@ -246,10 +258,11 @@ def run_cohort(args: argparse.Namespace) -> dict:
     steps = prepare_cohort(work, args.params, args.patients, args.seed, args.ideal, tasks)
     records, runs = [], []
     for task in tasks:
-        recs, info = cohort_task(work, task, params, int(args.threads.split(",")[0]), args.bootstrap)
-        records += recs
-        runs.append(info)
-        print(json.dumps(info), file=sys.stderr)
+        for kind in [k.strip() for k in args.kinds.split(",") if k.strip()] or [None]:
+            recs, info = cohort_task(work, task, params, int(args.threads.split(",")[0]), args.bootstrap, kind)
+            records += recs
+            runs.append(info)
+            print(json.dumps(info), file=sys.stderr)
     gen = json.loads((work / "truth" / "generator.json").read_text()).get("generator", {})
     return {"patients": gen.get("patients"), "seed": gen.get("seed"), "ideal": gen.get("ideal"),
             "preparation": steps, "runs": runs, "records": records}
@@ -270,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ideal", action="store_true", help="--cohort: generate with --ideal")
     ap.add_argument("--bootstrap", type=int, default=200, help="--cohort: bootstrap resamples of the intervals")
     ap.add_argument("--params", type=Path, default=REPO / "params.yaml", help="--cohort: params.yaml")
+    ap.add_argument("--kinds", default="", help="--cohort: model kinds to train, e.g. lightgbm,logistic,auto "
+                    "(default: params.yaml model.kind)")
     args = ap.parse_args(argv)
     record = {
         "benchmark": "train_cohort" if args.cohort else "train",

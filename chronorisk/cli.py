@@ -23,7 +23,7 @@ from chronorisk.errors import ChronoriskError
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("chronorisk.data.synth.cli", "generate the synthetic multi-site cohort (MEDS, FHIR)"),
     "ingest": ("chronorisk.data.fhir.cli", "convert FHIR R4 bundles / NDJSON to MEDS per site"),
-    "summary": ("chronorisk.data.summary", "print a per-site summary of a MEDS root"),
+    "summary": ("chronorisk.features.summary", "print a per-site summary of a MEDS root"),
     "labels": ("chronorisk.features.labels_cli", "extract task labels (MEDS label parquet)"),
     "features": ("chronorisk.features.cli", "fit the feature spec and compute feature tables"),
     "train": ("chronorisk.training.train_cli", "train one LightGBM model per task, log to MLflow"),

@@ -13,7 +13,7 @@ from chronorisk.data.files import atomic_output
 from chronorisk.errors import InputError
 from chronorisk.features.concepts import ConceptMap
 from chronorisk.features.config import FeatureConfig
-from chronorisk.features.labels import read_labels, write_site_labels
+from chronorisk.features.labels import read_task_labels, write_site_labels
 from chronorisk.features.pipeline import code_summary, fit_spec, merge_summaries, transform_shards
 from chronorisk.features.pruning import FitStats
 from chronorisk.features.sources import SiteSource
@@ -24,6 +24,32 @@ log = logging.getLogger("chronorisk.features")
 TRAIN = "train"
 UNKNOWN_SPLIT = "held_out"  # a subject missing from subject_splits.parquet is never trained on
 INDEX_COLUMNS = ("subject_id", "prediction_time", "site", "split", "boolean_value")  # before the features
+INDEX_ORDER = ("subject_id", "prediction_time")
+
+
+def subject_splits(splits: pl.DataFrame) -> pl.DataFrame:
+    """One (subject_id, split) per subject, whatever the order of the split files and their rows.
+
+    A subject listed twice (two sites' files) keeps its first split in name order (held_out < train <
+    tuning): never a coin flip between runs.
+    """
+    return (
+        splits.select(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+        .sort("subject_id", "split")
+        .unique("subject_id", keep="first", maintain_order=True)
+    )
+
+
+def assign_splits(index: pl.DataFrame, splits: pl.DataFrame) -> pl.DataFrame:
+    """THE split rule of every command: each labelled row gets its subject's split from `splits`.
+
+    A subject the split file does not list is held out (never trained on). The rows come back sorted by
+    (subject_id, prediction_time) so that what is trained on does not depend on the order of the
+    input files or their rows (training, `features` and the federated sites all call this).
+    """
+    out = index.join(subject_splits(splits), on="subject_id", how="left")
+    order = [c for c in (*INDEX_ORDER, "boolean_value") if c in out.columns]
+    return out.with_columns(pl.col("split").fill_null(UNKNOWN_SPLIT)).sort(order, maintain_order=True)
 
 
 def train_summary(source: SiteSource) -> pl.DataFrame:
@@ -45,19 +71,17 @@ def fit_spec_on_train(
 def labels_for_site(
     source: SiteSource, task: TaskDefinition, given: Path | None, labels_root: Path, cmap: ConceptMap
 ) -> pl.DataFrame:
-    """Labels from `given` (files from elsewhere) or extracted and written to labels_root/<task>/<site>.parquet."""
+    """The site's labels: from `given` (`--labels`, see `labels.label_files`) or extracted to labels_root.
+
+    Extracted labels are written to labels_root/<task>/<site>.parquet; supplied ones are the task's
+    label rows of this site's subjects.
+    """
     if given is None:
+        if task.labels_supplied:
+            raise InputError("--labels", f"task {task.name} has supplied labels (labels: supplied): give --labels")
         return write_site_labels(source, task, labels_root / task.name / f"{source.site}.parquet", cmap)
-    for candidate in (given / task.name / f"{source.site}.parquet", given / task.name, given / f"{task.name}.parquet"):
-        if candidate.exists():
-            labels = read_labels(candidate)
-            break
-    else:
-        raise InputError(
-            "--labels", f"no labels for task {task.name} under {given} "
-            f"(looked for {task.name}/{source.site}.parquet, {task.name}/ and {task.name}.parquet)"
-        )
-    subjects = source.splits().select("subject_id")
+    labels = read_task_labels(given, task.name)
+    subjects = source.splits().select(pl.col("subject_id").cast(pl.Int64))
     return labels.join(subjects, on="subject_id", how="semi")
 
 
@@ -68,14 +92,8 @@ def feature_table_for_site(
     """Write subject_id, prediction_time, site, split, boolean_value + features; returns rows written.
 
     With `stats`, the TRAIN rows are added to it as they are written (see `pruning`)."""
-    index = (
-        labels.join(source.splits(), on="subject_id", how="left")
-        .select(
-            "subject_id", "prediction_time", pl.lit(source.site).alias("site"),
-            pl.col("split").fill_null(UNKNOWN_SPLIT), "boolean_value",
-        )
-        .select(INDEX_COLUMNS)
-        .sort("subject_id", "prediction_time")
+    index = assign_splits(labels, source.splits()).select(
+        "subject_id", "prediction_time", pl.lit(source.site).alias("site"), "split", "boolean_value",
     )
     written = 0
     with atomic_output(path) as tmp:

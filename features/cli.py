@@ -15,6 +15,8 @@ from pathlib import Path
 
 import polars as pl
 
+from chronorisk.features.labels_cli import LABELS_HELP
+
 log = logging.getLogger("chronorisk.features")
 
 
@@ -23,8 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", action="append", default=None,
                         help="task name or YAML file; repeatable (default: params labels.tasks)")
     parser.add_argument("--labels", type=Path, default=None,
-                        help="labels root with <task>/<site>.parquet, <task>/*.parquet or <task>.parquet "
-                             "(default: extract into <work>/labels)")
+                        help="supplied labels, " + LABELS_HELP + " (default: extract into <work>/labels)")
     parser.add_argument("--spec", type=Path, default=None, help="use this fitted spec.json instead of fitting")
     parser.add_argument("--sites", nargs="+", default=None, help="only these sites")
     parser.add_argument("--out", type=Path, default=None, help="features root (default <work>/features)")
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace, ctx) -> int:
         labels_for_site,
     )
     from chronorisk.features.concepts import load_concepts
+    from chronorisk.features.labels import check_labels_for_tasks
     from chronorisk.features.labels_cli import selected_tasks
     from chronorisk.features.pruning import FitStats, dropped_lines, without_useless
     from chronorisk.features.sources import find_sites
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace, ctx) -> int:
     sites = find_sites(meds_root, args.sites)
     cmap = load_concepts(config.concepts)
     tasks = selected_tasks(args, ctx)
+    check_labels_for_tasks(args.labels, [t.name for t in tasks])
     given_spec = FeatureSpec.load(args.spec) if args.spec else None
     fitted = None
     for task in tasks:

@@ -243,10 +243,9 @@ def frame_of_columns(matrix: np.ndarray, names: list[str], *, nan_to_null: bool 
     for many rows from_numpy is the faster one.
     """
     if matrix.shape[1] > FEW_ROWS:
-        if matrix.shape[0] == 1:  # from_numpy reads a one-row matrix as one value
-            frame = pl.DataFrame({names[0]: matrix[0]})
-        else:
-            frame = pl.from_numpy(matrix, schema=names, orient="col")
+        # one column: from_numpy(orient="col") makes a 1 x 1 frame of an array (polars 1.x), so build it directly
+        frame = (pl.DataFrame({names[0]: matrix[0]}) if len(names) == 1
+                 else pl.from_numpy(matrix, schema=names, orient="col"))
         return frame.fill_nan(None) if nan_to_null else frame
     flat = pl.Series(np.ascontiguousarray(matrix.T).ravel(), nan_to_null=nan_to_null)
     return flat.reshape((matrix.shape[1], matrix.shape[0])).arr.to_struct(fields=names).struct.unnest()

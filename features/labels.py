@@ -124,6 +124,7 @@ def extract_labels(
 ) -> pl.DataFrame:
     """MEDS labels (subject_id, prediction_time, boolean_value) for `task` from MEDS `events`."""
     task = load_task(task)
+    task.require_extractable()
     cmap = concepts or load_concepts()
     subjects = subject_table(events, task, cmap)
     _, data_end = data_span(events)
@@ -168,7 +169,7 @@ def extract_labels(
 def _outcome_events(events: pl.LazyFrame, task: TaskDefinition, cmap: ConceptMap) -> pl.LazyFrame:
     """Distinct (subject_id, outcome_time) of outcome concept records, sorted by time."""
     timed = events.select("subject_id", "time", "code").filter(pl.col("time").is_not_null())
-    table = cmap.concept_table(timed, list(task.outcome.concepts)).select("code").unique()
+    table = cmap.concept_table(timed, list(task.outcome_concepts)).select("code").unique()
     return (
         timed.join(table, on="code", how="semi")
         .select("subject_id", pl.col("time").cast(_US).alias("outcome_time"))
@@ -178,10 +179,65 @@ def _outcome_events(events: pl.LazyFrame, task: TaskDefinition, cmap: ConceptMap
 
 
 # ---- label files from elsewhere -------------------------------------------------------
-def read_labels(path: Path | str) -> pl.DataFrame:
-    """Read MEDS label parquet (a file or a folder of them), checking the label schema.
+def label_files(given: Path | str, task: str) -> list[Path]:
+    """The label files of ONE task that `--labels PATH` means, in every command (one rule).
 
-    Extra MEDS label columns (integer_value, float_value, categorical_value) are dropped.
+    - a parquet file: that file;
+    - a folder holding `<task>/` (a labels root, e.g. `<work>/labels`): the files under `<task>/`,
+      whatever other tasks' folders it holds;
+    - a folder holding `<task>.parquet`: that file;
+    - a folder with parquet files directly in it: one task's label files (e.g. one per site).
+    A folder whose label files are only in subfolders not named `<task>` holds other tasks: an error
+    that names them (reading them all would mix tasks).
+    """
+    path = Path(given)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError("--labels", f"{path} does not exist (expected a label parquet file or folder)")
+    for candidate in (path / task, path / f"{task}.parquet"):
+        if candidate.is_dir():
+            files = sorted(candidate.glob("**/*.parquet"))
+            if not files:
+                raise InputError("--labels", f"{candidate} holds no .parquet label files")
+            return files
+        if candidate.is_file():
+            return [candidate]
+    files = sorted(path.glob("*.parquet"))
+    if files:
+        return files
+    others = sorted({f.relative_to(path).parts[0] for f in path.glob("*/**/*.parquet")})
+    if others:
+        raise InputError(
+            "--labels", f"{path} holds no labels of task {task!r}: it is a labels root with "
+            f"{', '.join(others)}/ (give the task's folder or a file, or use --task with one of those)"
+        )
+    raise InputError("--labels", f"{path} holds no .parquet label files")
+
+
+def check_labels_for_tasks(given: Path | str | None, tasks: Sequence[str]) -> None:
+    """With several tasks `--labels` must be a labels root holding each task's labels (never one set for all)."""
+    if given is None or len(tasks) < 2:
+        return
+    path = Path(given)
+    missing = [t for t in tasks if not ((path / t).is_dir() or (path / f"{t}.parquet").is_file())]
+    if missing:
+        raise InputError(
+            "--labels", f"{path} holds no labels of task(s) {', '.join(missing)}: with several tasks give a "
+            "labels root holding <task>/ (or <task>.parquet) for each, or one --task"
+        )
+
+
+def read_task_labels(given: Path | str, task: str) -> pl.DataFrame:
+    """The labels of one task that `--labels PATH` means (`label_files`), sorted, checked."""
+    return read_labels_files(label_files(given, task))
+
+
+def read_labels(path: Path | str) -> pl.DataFrame:
+    """Read MEDS label parquet (a file, or every parquet file under a folder), checking the label schema.
+
+    Extra MEDS label columns (integer_value, float_value, categorical_value) are dropped. Commands
+    take `--labels` through `read_task_labels`, which never mixes tasks.
     """
     path = Path(path)
     if path.is_dir():
@@ -192,8 +248,13 @@ def read_labels(path: Path | str) -> pl.DataFrame:
         files = [path]
     else:
         raise InputError(str(path), "label file or folder does not exist")
+    return read_labels_files(files)
+
+
+def read_labels_files(files: Sequence[Path]) -> pl.DataFrame:
+    """The rows of these label files, sorted on every column: the same frame whatever their order."""
     frames = [_read_label_file(f) for f in files]
-    return pl.concat(frames, how="vertical").sort("subject_id", "prediction_time")
+    return pl.concat(frames, how="vertical").sort("subject_id", "prediction_time", "boolean_value")
 
 
 def _read_label_file(path: Path) -> pl.DataFrame:

@@ -103,16 +103,42 @@ class Censoring(_Strict):
 
 
 class TaskDefinition(_Strict):
-    """One prediction task (see the module docstring for the time rules)."""
+    """One prediction task (see the module docstring for the time rules).
+
+    `labels: supplied` says the labels come from elsewhere (`--labels`): population and outcome are
+    then optional (only described), labels are never extracted, and the model card describes the
+    supplied label files instead of an outcome definition.
+    """
 
     name: str = Field(pattern=_NAME_PATTERN)
     description: str = ""
+    labels: Literal["extracted", "supplied"] = Field(
+        "extracted", description="extracted: from the outcome concepts; supplied: label files given with --labels"
+    )
     population: Population = Field(default_factory=Population)
     schedule: Schedule = Field(default_factory=Schedule)
-    horizon_days: int = Field(gt=0, le=36500)
-    outcome: Outcome
+    horizon_days: int | None = Field(None, gt=0, le=36500, description="needed unless labels are supplied")
+    outcome: Outcome | None = Field(None, description="needed unless labels are supplied")
     exclusions: Exclusions = Field(default_factory=Exclusions)
     censoring: Censoring = Field(default_factory=Censoring)
+
+    @model_validator(mode="after")
+    def _extracted_needs_outcome(self) -> TaskDefinition:
+        if self.labels == "extracted":
+            missing = [k for k in ("horizon_days", "outcome") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"{' and '.join(missing)} needed to extract labels (or say `labels: supplied` and give --labels)"
+                )
+        return self
+
+    @property
+    def labels_supplied(self) -> bool:
+        return self.labels == "supplied"
+
+    @property
+    def outcome_concepts(self) -> tuple[str, ...]:
+        return self.outcome.concepts if self.outcome is not None else ()
 
     # ---- serialization -------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -150,12 +176,12 @@ class TaskDefinition(_Strict):
     def concepts_used(self) -> set[str]:
         p = self.population
         return {
-            *p.any_of, *p.all_of, *p.none_of, *self.outcome.concepts, *self.exclusions.concepts,
+            *p.any_of, *p.all_of, *p.none_of, *self.outcome_concepts, *self.exclusions.concepts,
         }
 
     def excluding_concepts(self) -> tuple[str, ...]:
         """Concepts whose record before t removes a subject (exclusions, prior outcome)."""
-        extra = self.outcome.concepts if self.exclusions.prior_outcome else ()
+        extra = self.outcome_concepts if self.exclusions.prior_outcome else ()
         return tuple(dict.fromkeys((*self.exclusions.concepts, *extra)))
 
     def check_concepts(self, source: str = "task") -> None:
@@ -171,7 +197,12 @@ class TaskDefinition(_Strict):
     # ---- schedule --------------------------------------------------------------------
     @property
     def horizon(self) -> timedelta:
-        return timedelta(days=self.horizon_days)
+        return timedelta(days=self.horizon_days or 0)
+
+    def require_extractable(self) -> None:
+        """Raise when labels cannot be extracted for this task (supplied labels)."""
+        if self.labels_supplied:
+            raise InputError("--labels", f"task {self.name} has supplied labels (labels: supplied): give --labels")
 
     def prediction_times(self, data_start: datetime, data_end: datetime) -> list[datetime]:
         """Grid dates from data start + lookback (or schedule.start) to data end - horizon (or .end).

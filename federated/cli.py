@@ -17,6 +17,27 @@ import json
 import sys
 from pathlib import Path
 
+from chronorisk.features.labels_cli import LABELS_HELP
+
+_LABELS_HELP = "supplied labels, " + LABELS_HELP + "; each site keeps its own subjects' rows"
+
+
+def _checked_labels(args, tasks: list[str] | None, ctx) -> Path | None:
+    """`--labels` resolved to an absolute path (sites may run elsewhere), checked against the tasks."""
+    from chronorisk.errors import InputError
+    from chronorisk.features.labels import check_labels_for_tasks, label_files
+    from chronorisk.features.tasks import load_task
+
+    if getattr(args, "labels", None) is None:
+        return None
+    if not args.labels.exists():
+        raise InputError("--labels", f"{args.labels} does not exist")
+    names = [load_task(t).name for t in (tasks or ctx.params.labels.tasks)]
+    check_labels_for_tasks(args.labels, names)
+    for name in names:
+        label_files(args.labels, name)  # fails here, with the reason, not later at every site
+    return args.labels.resolve()
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="federated_command", metavar="ACTION", required=True)
@@ -32,11 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--sites", nargs="+", default=None, help="only these sites")
     sim.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: params.yaml labels.tasks)")
     sim.add_argument("--no-register", action="store_true", help="do not register the models in MLflow")
+    sim.add_argument("--labels", type=Path, default=None, help=_LABELS_HELP)
 
     up = sub.add_parser("up", help="start SuperLink and one SuperNode per site (TLS, node authentication)")
     up.add_argument("--meds", type=Path, default=None, help="MEDS root with sites/<site>/ (default: <work>/meds)")
     up.add_argument("--sites", nargs="+", default=None, help="only these sites")
     up.add_argument("--port", type=int, default=None, help="SuperLink port (default: params.yaml; 0 = any free)")
+    up.add_argument("--labels", type=Path, default=None,
+                    help=_LABELS_HELP + "; written into every SuperNode's node config (labels=...): a real site "
+                    "names its own in its own node config")
 
     run = sub.add_parser("run", help="train on the federation started by `up`")
     training_options(run)
@@ -50,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     compare.add_argument("--strategies", nargs="+", choices=("bagging", "cyclic"), default=None,
                          help="federated strategies to compare (default: both)")
     compare.add_argument("--tasks", nargs="+", default=None, help="only these tasks")
+    compare.add_argument("--labels", type=Path, default=None, help=_LABELS_HELP)
 
 
 def run(args: argparse.Namespace, ctx) -> int:
@@ -88,6 +114,7 @@ def _sim(args, ctx) -> int:
     summary = run_simulation(
         ctx.params, ctx.paths, meds_root=args.meds, sites=args.sites, strategy=args.strategy,
         rounds=args.rounds, tasks=args.tasks, register=False if args.no_register else None,
+        labels=_checked_labels(args, args.tasks, ctx),
     )
     _print_table(summary)
     return 0
@@ -108,7 +135,8 @@ def _up(args, ctx) -> int:
     cfg = ctx.params.federated
     state = up(_layout(ctx), sites, meds,
                superlink_port=cfg.superlink_port if args.port is None else args.port,
-               task_poll_interval_s=cfg.task_poll_interval_s, wait_s=cfg.up_timeout_s)
+               task_poll_interval_s=cfg.task_poll_interval_s, wait_s=cfg.up_timeout_s,
+               labels=_checked_labels(args, None, ctx))
     print(f"SuperLink on 127.0.0.1:{state['superlink']['port']} (TLS, SuperNode authentication)")
     for site, info in state["sites"].items():
         print(f"  SuperNode {site:<18} pid {info['pid']}")
@@ -146,7 +174,7 @@ def _compare(args, ctx) -> int:
     from chronorisk.federated.compare import run_compare
 
     report = run_compare(ctx.params, ctx.paths, meds_root=args.meds, strategies=args.strategies,
-                         tasks=args.tasks)
+                         tasks=args.tasks, labels=_checked_labels(args, args.tasks, ctx))
     for task, info in report["tasks"].items():
         print(f"\n{task} (held-out AUROC / calibration slope)")
         models = list(info["overall"])

@@ -8,7 +8,10 @@ from the sites' summaries) and the MEDS splits of every site:
   the records would give, and the reference federated training must reach;
 - federated: each strategy, trained in simulation (simulation.py), with the
   calibration agreed from binned statistics;
-- site-local: one `RiskModel` per site on that site's rows only.
+- site-local: one `RiskModel` per site on that site's rows only;
+- baseline: the penalized logistic regression (`models/logistic.py`) on the
+  pooled training rows, calibrated on the pooled tuning rows: what a linear
+  model of the same features gives (federated training itself stays LightGBM).
 
 Every model is scored on each site's held-out rows (and on all of them
 together) with the centralized evaluation's metric functions: AUROC,
@@ -75,6 +78,16 @@ def fit_risk_model(tables: dict[str, SiteTable], params: Params):
     return RiskModel(_single_thread(params)).fit(X, y, Xv, yv, names)
 
 
+def fit_logistic_baseline(tables: dict[str, SiteTable], params: Params):
+    """The logistic baseline on the pooled training rows, calibrated on the pooled tuning rows."""
+    from chronorisk.models.risk_model import RiskModel
+
+    X, y = _stack(tables, TRAIN_SPLIT)
+    Xv, yv = _stack(tables, TUNING_SPLIT)
+    names = next(iter(tables.values())).feature_names
+    return RiskModel(params.model).fit_logistic(X, y, names).fit_calibration(Xv, yv, rows="tuning")
+
+
 def run_compare(
     params: Params,
     paths: WorkPaths,
@@ -83,6 +96,7 @@ def run_compare(
     strategies: list[str] | None = None,
     tasks: list[str] | None = None,
     sites: list[str] | None = None,
+    labels: Path | None = None,
 ) -> dict:
     from chronorisk.errors import ChronoriskError
     from chronorisk.federated.simulation import run_simulation, site_contexts
@@ -91,7 +105,7 @@ def run_compare(
     meds_root = meds_root or paths.meds
     strategies = list(strategies or ("bagging", "cyclic"))
     tasks = list(tasks or params.labels.tasks)
-    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=1)
+    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=1, labels=labels)
     if len(contexts) < 2:
         raise ChronoriskError(f"compare needs at least two sites under {meds_root}/sites")
     started = time.monotonic()
@@ -99,11 +113,12 @@ def run_compare(
     for strategy in strategies:
         federated[strategy] = run_simulation(
             params, paths, meds_root=meds_root, sites=sites, strategy=strategy, tasks=tasks, register=False,
-            out_dir=paths.federated / "compare" / strategy,
+            out_dir=paths.federated / "compare" / strategy, labels=labels,
         )
     report: dict = {
         "created_at": datetime.now().isoformat(timespec="seconds"),
         "meds": str(meds_root),
+        "labels": str(labels) if labels is not None else None,
         "strategies": strategies,
         "federated_config": params.federated.model_dump(),
         "tasks": {},
@@ -114,7 +129,8 @@ def run_compare(
         spec_json = spec_path.read_text()
         times = _times(first, task)
         tables = {c.site: feature_table(c, task, spec_json, times) for c in contexts}
-        models: dict[str, object] = {"centralized": fit_risk_model(tables, params)}
+        models: dict[str, object] = {"centralized": fit_risk_model(tables, params),
+                                     "logistic-baseline": fit_logistic_baseline(tables, params)}
         for strategy in strategies:
             models[f"federated-{strategy}"] = ModelBundle.load(federated[strategy]["bundles"][task])
         local = {}

@@ -393,9 +393,10 @@ def superlink_command(layout: Layout, certs: dict[str, Path], port: int) -> list
 
 
 def supernode_command(layout: Layout, site: str, *, superlink_port: int, runtime_port: int,
-                      meds_root: Path, key: Path | None = None) -> list[str]:
+                      meds_root: Path, key: Path | None = None, labels: Path | None = None) -> list[str]:
     node_config = (
         f'site="{site}" meds="{meds_root}" cache="{layout.node_dir(site) / "cache"}"'
+        + (f' labels="{labels}"' if labels is not None else "")  # the site's own supplied labels
     )
     return [
         flower_bin("flower-supernode"),
@@ -484,7 +485,7 @@ def _tail(text: str, n: int = 400) -> str:
 
 
 def up(layout: Layout, sites: list[str], meds_root: Path, *, superlink_port: int = 0,
-       task_poll_interval_s: float = 0.2, wait_s: float = 120.0) -> dict:
+       task_poll_interval_s: float = 0.2, wait_s: float = 120.0, labels: Path | None = None) -> dict:
     """Start SuperLink + supervised SuperNodes; return the state once every site is online."""
     state = read_state(layout)
     if state and pid_alive(state.get("supervisor", {}).get("pid")):
@@ -505,6 +506,7 @@ def up(layout: Layout, sites: list[str], meds_root: Path, *, superlink_port: int
     state = {
         "work": str(layout.work),
         "meds": str(meds_root),
+        "labels": str(labels) if labels is not None else None,
         "superlink": {"port": port, "pid": None},
         "sites": {s: {"port": free_port(), "pid": None, "restarts": 0, "status": "starting"} for s in sites},
         "task_poll_interval_s": task_poll_interval_s,
@@ -593,7 +595,8 @@ class Supervisor:
             home = self.layout.node_dir(name) / "flwr"
             home.mkdir(parents=True, exist_ok=True)
             cmd = supernode_command(
-                self.layout, name, superlink_port=port, runtime_port=info["port"], meds_root=Path(state["meds"])
+                self.layout, name, superlink_port=port, runtime_port=info["port"], meds_root=Path(state["meds"]),
+                labels=Path(state["labels"]) if state.get("labels") else None,
             )
             log_path = self.layout.logs / f"supernode-{name}.log"
             env = {**self._env(), "FLWR_HOME": str(home)}

@@ -95,11 +95,17 @@ def make_spec_fitter(params: Params):
     return fit
 
 
+SUPPLIED_TIMES = "supplied"  # a task with supplied labels: each site's label files give its prediction times
+
+
 def schedule(task: str, start: datetime, end: datetime) -> list[str]:
     """The task's prediction times over the federation's data span (as for pooled data)."""
     from chronorisk.features.tasks import load_task
 
-    return [t.isoformat() for t in load_task(task).prediction_times(start, end)]
+    task_def = load_task(task)
+    if task_def.labels_supplied:
+        return [SUPPLIED_TIMES]
+    return [t.isoformat() for t in task_def.prediction_times(start, end)]
 
 
 def lgb_params(params: Params) -> dict:
@@ -161,6 +167,7 @@ def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: 
     from chronorisk.models.risk_model import RiskModel
 
     spec = FeatureSpec.from_json(result.spec_json)
+    task_def = load_task(result.task)
     booster = lgb.Booster(model_str=result.model_text)
     model = RiskModel.from_parts(booster, to_model_calibrator(result), spec.feature_names, params.model)
     fingerprint = "federated:" + hashlib.sha256(
@@ -169,8 +176,8 @@ def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: 
     return ModelBundle.from_model(
         model,
         spec,
-        load_task(result.task),
-        params.model.tier_thresholds(result.task),
+        task_def,
+        params.model.tier_thresholds(task_def.name),
         version=version,
         data_fingerprint=fingerprint,
         metrics={"held_out": result.overall, "sites": result.site_metrics},
@@ -247,7 +254,7 @@ def finish(
     summary["registered"] = {}
     for task, task_result in result.tasks.items():
         bundle = build_bundle(task_result, params, strategy=result.strategy)
-        bundle_dir = out_dir / "models" / task
+        bundle_dir = out_dir / "models" / bundle.task.name  # `task` may be a YAML path
         bundle.save(bundle_dir)
         summary["bundles"][task] = str(bundle_dir)
         if tracking is not None and round_logger is not None:
@@ -276,7 +283,7 @@ def _log_task(tracking, run_id, task_result: TaskResult, bundle, bundle_dir, res
         from chronorisk.training.registry import register_bundle
 
         reg = register_bundle(
-            tracking, bundle_dir, task=task_result.task, booster=bundle.booster,
+            tracking, bundle_dir, task=bundle.task.name, booster=bundle.booster,
             tags={"chronorisk.training": "federated", "chronorisk.strategy": result.strategy},
             description=f"federated ({result.strategy}) over {len(result.sites)} sites",
         )

@@ -90,13 +90,16 @@ class LocalTransport:
 
 
 def site_contexts(
-    meds_root: Path, cache_root: Path, sites: list[str] | None = None, threads: int = 1
+    meds_root: Path, cache_root: Path, sites: list[str] | None = None, threads: int = 1,
+    labels: Path | None = None,
 ) -> list[SiteContext]:
+    """One context per site; `labels` (supplied labels, `--labels` semantics) is shared: each site keeps
+    the rows of its own subjects (in a deployment each site's node config names its own)."""
     from chronorisk.data.meds_io import site_ids
 
     chosen = sites or site_ids(meds_root)
-    return [SiteContext(site=s, meds_root=meds_root, cache_dir=cache_root / s / "cache", threads=threads)
-            for s in chosen]
+    return [SiteContext(site=s, meds_root=meds_root, cache_dir=cache_root / s / "cache", threads=threads,
+                        labels=labels) for s in chosen]
 
 
 def run_simulation(
@@ -111,6 +114,7 @@ def run_simulation(
     drop: DropRule | None = None,
     out_dir: Path | None = None,
     register: bool | None = None,
+    labels: Path | None = None,
 ) -> dict:
     """Train in simulation; write bundles and result.json like a deployment run; log to MLflow."""
     from datetime import datetime
@@ -119,7 +123,8 @@ def run_simulation(
     from chronorisk.federated.pipeline import finish, open_tracking, train_federated
 
     meds_root = meds_root or paths.meds
-    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=params.federated.site_threads)
+    contexts = site_contexts(meds_root, paths.federated / "nodes", sites, threads=params.federated.site_threads,
+                             labels=labels)
     if not contexts:
         raise ChronoriskError(f"no MEDS site under {meds_root}/sites (run `chronorisk generate` first)")
     transport = LocalTransport(contexts, drop=drop)

@@ -54,10 +54,11 @@ class SiteContext:
     meds_root: Path
     cache_dir: Path
     threads: int = 1
+    labels: Path | None = None  # the site's supplied labels (`--labels` semantics: features.labels.label_files)
 
     @classmethod
     def from_node_config(cls, config: Mapping[str, object]) -> SiteContext:
-        """From a SuperNode's node config: `site`, `meds`, `cache` (and optional `threads`)."""
+        """From a SuperNode's node config: `site`, `meds`, `cache` (optional `threads`, `labels`)."""
         missing = [k for k in ("site", "meds", "cache") if not config.get(k)]
         if missing:
             raise InputError("node-config", f"missing {', '.join(missing)} (start the SuperNode with "
@@ -67,11 +68,19 @@ class SiteContext:
             meds_root=Path(str(config["meds"])),
             cache_dir=Path(str(config["cache"])),
             threads=int(config.get("threads", 1) or 1),
+            labels=Path(str(config["labels"])) if config.get("labels") else None,
         )
 
     @property
     def site_dir(self) -> Path:
         return self.meds_root / "sites" / self.site
+
+    @property
+    def source(self):
+        """The site as the features package sees it (`features.sources.SiteSource`: shards, splits)."""
+        from chronorisk.features.sources import SiteSource
+
+        return SiteSource(self.site, self.site_dir)
 
     def events(self):
         from chronorisk.data.meds_io import scan_site
@@ -122,7 +131,7 @@ def summarize(ctx: SiteContext, request: Payload) -> Payload:
     """Code counts, numeric sketches, subject count and data span of the site: no records."""
     import polars as pl
 
-    from chronorisk.data.meds_io import read_splits
+    from chronorisk.features.build import subject_splits
     from chronorisk.features.pipeline import code_summary
     from chronorisk.features.tasks import data_span
 
@@ -131,7 +140,8 @@ def summarize(ctx: SiteContext, request: Payload) -> Payload:
     start, end = data_span(events)
     n_subjects = events.select(pl.col("subject_id").n_unique()).collect().item()
     # the vocabulary is fitted on training subjects only, as for the centralized model
-    train_ids = read_splits(ctx.meds_root, ctx.site).filter(pl.col("split") == TRAIN_SPLIT).select("subject_id")
+    splits = subject_splits(ctx.source.splits())
+    train_ids = splits.filter(pl.col("split") == TRAIN_SPLIT).select("subject_id")
     train_events = events.join(train_ids.lazy(), on="subject_id", how="semi")
     # counts per code and per (code, text value), numbers' presence and quantiles: no records
     full = code_summary(train_events).filter(pl.col("n_subjects") >= min_count)
@@ -210,11 +220,15 @@ def _cdf_at(quantiles: np.ndarray, levels: np.ndarray, x: np.ndarray) -> np.ndar
 
 
 def _data_version(ctx: SiteContext) -> str:
-    """Names, sizes and mtimes of the site's MEDS files: a cheap version of its data."""
+    """Names, sizes and mtimes of the site's MEDS files (and supplied labels): a cheap version of its data."""
     h = hashlib.sha256()
     for path in sorted(ctx.site_dir.rglob("*.parquet")):
         st = path.stat()
         h.update(f"{path.relative_to(ctx.site_dir)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    if ctx.labels is not None and ctx.labels.exists():
+        for path in sorted([ctx.labels] if ctx.labels.is_file() else ctx.labels.rglob("*.parquet")):
+            st = path.stat()
+            h.update(f"labels:{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 
@@ -237,10 +251,13 @@ def table_key(task: str, spec_json: str, times: list[str], data_version: str) ->
 
 def feature_table(ctx: SiteContext, task: str, spec_json: str, times: list[str]) -> SiteTable:
     """The site's feature rows for (task, spec, times): from the cache, or computed once and cached."""
+    from chronorisk.features.tasks import load_task
+
     key = table_key(task, spec_json, times, _data_version(ctx))
     if key in _MEMO:
         return _MEMO[key]
-    path = ctx.cache_dir / task / f"{key}.parquet"
+    # by the task's name: `task` may be a YAML path (an absolute one would replace the whole path)
+    path = ctx.cache_dir / load_task(task).name / f"{key}.parquet"
     if path.is_file():
         table = _read_table(path)
     else:
@@ -259,22 +276,14 @@ def _build_table(ctx: SiteContext, task: str, spec_json: str, times: list[str], 
     import polars as pl
 
     from chronorisk.data.files import atomic_output
-    from chronorisk.data.meds_io import read_splits
-    from chronorisk.features.labels import extract_labels
+    from chronorisk.features.build import assign_splits
     from chronorisk.features.pipeline import transform
     from chronorisk.features.spec import FeatureSpec
 
     spec = FeatureSpec.from_json(spec_json, source=f"feature spec of {task}")
     events = ctx.events()
-    when = [datetime.fromisoformat(t) for t in times]
-    labels = extract_labels(events, task, when)
-    splits = read_splits(ctx.meds_root, ctx.site).select("subject_id", "split")
-    index = (
-        labels.join(splits, on="subject_id", how="left")
-        .with_columns(
-            pl.col("split").fill_null(HELD_OUT_SPLIT),  # a subject the split file does not list: never trained on
-            (pl.col("subject_id").hash(seed=17) % 2).cast(pl.Int8).alias("half"),
-        )
+    index = assign_splits(site_labels(ctx, task, times), ctx.source.splits()).with_columns(
+        (pl.col("subject_id").hash(seed=17) % 2).cast(pl.Int8).alias("half"),
     )
     frame = transform(spec, events, index.lazy()).collect()
     names = list(spec.feature_names)
@@ -287,6 +296,23 @@ def _build_table(ctx: SiteContext, task: str, spec_json: str, times: list[str], 
     with atomic_output(path) as tmp:
         out.write_parquet(tmp, compression="zstd")
     return _from_frame(out, tuple(names))
+
+
+def site_labels(ctx: SiteContext, task: str, times: list[str]):
+    """The site's labels: its supplied labels (node config `labels`) of its subjects, or extracted at `times`."""
+    import polars as pl
+
+    from chronorisk.features.labels import extract_labels, read_task_labels
+    from chronorisk.features.tasks import load_task
+
+    task_def = load_task(task)
+    if ctx.labels is None:
+        if task_def.labels_supplied:
+            raise InputError(f"site {ctx.site}", f"task {task_def.name} has supplied labels: give the site's "
+                             "labels (--labels, or labels=\"...\" in its node config)")
+        return extract_labels(ctx.events(), task_def, [datetime.fromisoformat(t) for t in times])
+    subjects = ctx.events().select(pl.col("subject_id").unique()).collect()
+    return read_task_labels(ctx.labels, task_def.name).join(subjects, on="subject_id", how="semi")
 
 
 def _read_table(path: Path) -> SiteTable:

@@ -5,7 +5,7 @@ renamed into place, so a reader never sees half a bundle):
 
 | file | content |
 |---|---|
-| `booster.txt` | LightGBM model (text format) |
+| `booster.txt` | LightGBM model (text format); a logistic model has `linear.json` instead |
 | `calibrator.json` | calibrator (Platt coefficients or isotonic thresholds) |
 | `spec.json` | fitted `FeatureSpec`: which columns, in which order, how to show them |
 | `task.yaml` | `TaskDefinition` the model predicts |
@@ -13,7 +13,10 @@ renamed into place, so a reader never sees half a bundle):
 | | library versions, metrics) and the SHA-256 of the other four files |
 
 `load` checks every file and its checksum, and says which part is missing or
-corrupt. Serving needs only this module (no training code): `predict_risk`,
+corrupt. `kind` (bundle.json `model_kind`) is `lightgbm` or `logistic`; the
+logistic model (`models/logistic.py`) answers the booster methods used here,
+so scoring and explanations are the same code for both.
+Serving needs only this module (no training code): `predict_risk`,
 `tier` and `explain` take a feature table (polars or pandas, extra columns
 ignored, `spec.feature_names` selected in order).
 """
@@ -47,7 +50,8 @@ if TYPE_CHECKING:
     from chronorisk.models.risk_model import RiskModel
 
 BUNDLE_FORMAT = 1
-FILES = ("booster.txt", "calibrator.json", "spec.json", "task.yaml")
+FILES = ("booster.txt", "calibrator.json", "spec.json", "task.yaml")  # a lightgbm bundle's
+MODEL_FILES = {"lightgbm": "booster.txt", "logistic": "linear.json"}
 METADATA_FILE = "bundle.json"
 SMALL_FRAME_ROWS = 16  # up to this many rows, a polars frame is read row-wise (one patient's request)
 
@@ -76,6 +80,7 @@ class ModelBundle:
                 f"booster has {self.booster.num_feature()} features, the feature spec has {len(names)}"
             )
         self.metadata.setdefault("feature_names", list(names))
+        self.metadata.setdefault("model_kind", "logistic" if _is_linear(self.booster) else "lightgbm")
         self._explainer: Explainer | None = None
         self._layouts: dict = {}
 
@@ -105,9 +110,13 @@ class ModelBundle:
             "task": task.name,
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "data_fingerprint": data_fingerprint,
+            "model_kind": getattr(model, "kind_", "lightgbm"),
+            "model_selection": getattr(model, "selection_", None),
             "n_trees": int(model.booster_.num_trees()),
             "best_iteration": int(getattr(model, "best_iteration_", 0) or 0),
-            "lightgbm_params": {k: v for k, v in getattr(model, "params_", {}).items() if _jsonable(v)},
+            f"{getattr(model, 'kind_', 'lightgbm')}_params": {
+                k: v for k, v in getattr(model, "params_", {}).items() if _jsonable(v)
+            },
             "calibration": getattr(model.calibrator_, "info", {}),
             "tuning_trials": list(getattr(model, "tuning_trials_", []) or []),
             "metrics": dict(metrics or {}),
@@ -116,6 +125,11 @@ class ModelBundle:
         return cls(model.booster_, model.calibrator_, spec, task, tiers, metadata)
 
     # ---- scoring -----------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """`lightgbm` or `logistic`: what `booster` is."""
+        return str(self.metadata.get("model_kind") or "lightgbm")
+
     @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(self.spec.feature_names)
@@ -236,7 +250,7 @@ class ModelBundle:
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         contents = {
-            "booster.txt": self.booster.model_to_string(),
+            MODEL_FILES[self.kind]: self.booster.model_to_string(),
             "calibrator.json": json.dumps(self.calibrator.to_dict(), indent=1),
             "spec.json": self.spec.to_json(),
             "task.yaml": self.task.to_yaml(),
@@ -252,7 +266,7 @@ class ModelBundle:
             "calibration_method": self.calibrator.method,
             "versions": {
                 **dict(self.metadata.get("versions") or {}),
-                "lightgbm": lgb.__version__,
+                **({"lightgbm": lgb.__version__} if self.kind == "lightgbm" else {}),
                 "numpy": np.__version__,
                 "chronorisk": _package_version(),
                 "python": platform.python_version(),
@@ -282,11 +296,13 @@ class ModelBundle:
         folder = Path(directory)
         if not folder.is_dir():
             raise BundleError(f"model bundle {folder}: no such folder")
-        missing = [n for n in (*FILES, METADATA_FILE) if not (folder / n).is_file()]
+        kind = _kind_on_disk(folder)
+        files = (MODEL_FILES[kind], *FILES[1:])
+        missing = [n for n in (*files, METADATA_FILE) if not (folder / n).is_file()]
         if missing:
             raise BundleError(f"model bundle {folder}: missing {', '.join(missing)}")
         texts = {}
-        for name in (*FILES, METADATA_FILE):
+        for name in (*files, METADATA_FILE):
             try:
                 texts[name] = (folder / name).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
@@ -303,16 +319,13 @@ class ModelBundle:
                 f"(expected {BUNDLE_FORMAT})"
             )
         checksums = metadata.pop("checksums", None) or {}
-        for name in FILES:
+        for name in files:
             expected = checksums.get(name)
             if expected is None:
                 raise BundleError(f"model bundle {folder}: {METADATA_FILE} has no checksum for {name}")
             if _sha256(texts[name].encode()) != expected:
                 raise BundleError(f"model bundle {folder}: {name} is corrupt (checksum mismatch)")
-        try:
-            booster = lgb.Booster(model_str=texts["booster.txt"])
-        except Exception as exc:  # lightgbm.basic.LightGBMError and parse failures
-            raise BundleError(f"model bundle {folder}: booster.txt is not a LightGBM model ({exc})") from None
+        booster = _read_model(folder, kind, texts[MODEL_FILES[kind]], lgb)
         try:
             calibrator = calibrator_from_dict(json.loads(texts["calibrator.json"]))
         except (json.JSONDecodeError, ValueError) as exc:
@@ -329,6 +342,33 @@ class ModelBundle:
         if list(metadata.get("feature_names") or []) != list(spec.feature_names):
             raise BundleError(f"model bundle {folder}: feature names in {METADATA_FILE} differ from spec.json")
         return cls(booster, calibrator, spec, task, tiers, metadata)
+
+
+def _is_linear(model: object) -> bool:
+    from chronorisk.models.logistic import LinearModel
+
+    return isinstance(model, LinearModel)
+
+
+def _kind_on_disk(folder: Path) -> str:
+    """`logistic` when the folder holds the logistic model's file and no booster, else `lightgbm`."""
+    if (folder / MODEL_FILES["logistic"]).is_file() and not (folder / MODEL_FILES["lightgbm"]).is_file():
+        return "logistic"
+    return "lightgbm"
+
+
+def _read_model(folder: Path, kind: str, text: str, lgb) -> object:
+    if kind == "logistic":
+        from chronorisk.models.logistic import LinearModel
+
+        try:
+            return LinearModel.from_string(text)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"model bundle {folder}: linear.json is not a logistic model ({exc})") from None
+    try:
+        return lgb.Booster(model_str=text)
+    except Exception as exc:  # lightgbm.basic.LightGBMError and parse failures
+        raise BundleError(f"model bundle {folder}: booster.txt is not a LightGBM model ({exc})") from None
 
 
 def data_fingerprint(frame: object, columns: list[str] | None = None) -> str:

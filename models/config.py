@@ -66,6 +66,14 @@ class TuneSpace(BaseModel):
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["auto", "lightgbm", "logistic"] = Field(
+        "auto",
+        description="auto: LightGBM or the penalized logistic regression, whichever has the lower cross-validated "
+        "log loss on the training data (small cohorts with a few linear risk factors are not lost to trees)",
+    )
+    logistic_cs: tuple[float, ...] = Field(
+        (0.01, 0.1, 1.0), min_length=1, description="inverse L2 penalties tried by the logistic model (grouped CV)"
+    )
     lightgbm: dict = Field(
         default_factory=default_lightgbm_params,
         description="LightGBM parameters; keys given here replace the defaults one by one",

@@ -37,21 +37,34 @@ def render_model_card(
     task: object | None = None,
     importance: Mapping[str, float] | None = None,
     limitations: Sequence[str] = (),
+    baseline: Mapping | None = None,
 ) -> str:
-    """Markdown text of the model card."""
+    """Markdown text of the model card.
+
+    A model that failed training's checks (`metadata["unfit"]`, kept only with `--allow-unfit`) opens
+    with "not fit for use" and the reasons; a feature list whose contributions are all zero is not shown.
+    """
     task_name = str(metadata.get("task") or _get(task, "name") or "?")
     name = metadata.get("name") or f"chronorisk-{task_name}"
     lines = [f"# Model card: {name} (version {metadata.get('version', '?')})", ""]
+    unfit = metadata.get("unfit") or []
+    if unfit:
+        lines += ["**Not fit for use.** This model failed training's checks and was kept for experiments only "
+                  "(`--allow-unfit`):", "", *[f"- {_md(r)}" for r in unfit], ""]
     lines += _details(metadata)
     lines += ["## Intended use", "", INTENDED_USE.get(task_name, _get(task, "description") or ""), "", GENERAL_USE, ""]
     lines += _population(task)
+    lines += _supplied_labels(metadata)
     lines += _data(metadata, records)
     lines += _metrics_section(records)
+    lines += _baseline(baseline)
     lines += _calibration(metadata, records)
     lines += _fairness(records)
-    if importance:
+    if importance and not unfit and any(abs(v) > 0 for v in importance.values()):
+        how = ("exact linear contributions coef x (value - training mean)" if metadata.get("model_kind") == "logistic"
+               else "LightGBM's exact TreeSHAP")
         lines += ["## Most influential features", "",
-                  "Mean |SHAP contribution| (log-odds) over the evaluation rows, from LightGBM's exact TreeSHAP.", "",
+                  f"Mean |contribution| (log-odds) over the evaluation rows, from {how}.", "",
                   "| feature | mean abs. contribution |", "|---|---:|"]
         lines += [f"| {_md(k)} | {v:.4f} |" for k, v in list(importance.items())[:15]]
         lines.append("")
@@ -62,21 +75,76 @@ def render_model_card(
 def _details(m: Mapping) -> list[str]:
     versions = m.get("versions") or {}
     tiers = m.get("tiers") or {}
+    n_features = len(m.get("feature_names") or [])
+    selection = m.get("model_selection") or {}
+    losses = selection.get("cv_log_loss") or {}
+    chosen = ("; chosen by cross-validated log loss on the training data ("
+              + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()) + ")") if len(losses) > 1 else ""
+    model = (f"penalized logistic regression (median imputation, missing indicators, standardized; "
+             f"C={(m.get('logistic_params') or {}).get('C', '?')}), {n_features} features"
+             if m.get("model_kind") == "logistic"
+             else f"LightGBM gradient-boosted trees, {m.get('n_trees', '?')} trees, {n_features} features")
+    how = ("exact linear contributions coef x (value - training mean)" if m.get("model_kind") == "logistic"
+           else "top factors from LightGBM pred_contrib (exact TreeSHAP)")
+    explanations = f"{how}, with the patient's values and their dates"
     rows = [
         ("task", m.get("task")),
-        ("model", f"LightGBM gradient-boosted trees, {m.get('n_trees', '?')} trees, "
-                  f"{len(m.get('feature_names') or [])} features"),
+        ("model", model + chosen),
         ("calibration", m.get("calibration_method") or (m.get("calibration") or {}).get("method")),
         ("risk tiers", f"medium at >= {tiers.get('medium')}, high at >= {tiers.get('high')}" if tiers else None),
         ("trained at", m.get("trained_at")),
         ("training data fingerprint", f"`{m.get('data_fingerprint')}`" if m.get("data_fingerprint") else None),
         ("libraries", ", ".join(f"{k} {v}" for k, v in versions.items()) or None),
-        ("explanations", "top factors from LightGBM pred_contrib (exact TreeSHAP), with the patient's values "
-                         "and their dates"),
+        ("explanations", explanations),
     ]
     out = ["## Model details", "", "| | |", "|---|---|"]
     out += [f"| {k} | {_md(v)} |" for k, v in rows if v is not None]
     return [*out, ""]
+
+
+def _supplied_labels(m: Mapping) -> list[str]:
+    """What the supplied label files held (instead of an outcome definition)."""
+    info = m.get("supplied_labels")
+    if not isinstance(info, Mapping):
+        return []
+    return [
+        "## Supplied labels", "",
+        "The outcome was not defined here: labels came from files supplied with `--labels`.", "",
+        "| | |", "|---|---|",
+        f"| files | {_md(', '.join(info.get('files') or []))} |",
+        f"| fingerprint | `{info.get('fingerprint')}` |",
+        f"| rows | {info.get('rows')} ({info.get('subjects')} subjects) |",
+        f"| cases | {info.get('cases')} (prevalence {100 * float(info.get('prevalence') or 0):.1f}%) |",
+        f"| prediction times | {info.get('first_prediction_time')} to {info.get('last_prediction_time')} |",
+        "",
+    ]
+
+
+def _baseline(b: Mapping | None) -> list[str]:
+    """Which of the model and its baseline (the other kind, same rows) is better, and by how much."""
+    if not b:
+        return []
+    if "difference" not in b:
+        return ["## Baseline", "", _md(b.get("note", "no baseline")), ""]
+    names = {"logistic": "penalized logistic regression", "lightgbm": "LightGBM"}
+    lo, hi = b.get("difference_lo"), b.get("difference_hi")
+    ci = f" (95% paired bootstrap {lo:+.3f} to {hi:+.3f})" if _finite(lo) and _finite(hi) else ""
+    better = names.get(b.get("better"), b.get("better"))
+    return [
+        "## Baseline", "",
+        f"The same features and held-out rows ({b.get('n')} rows, {b.get('n_positive')} cases), the other model "
+        "kind refitted on the same training rows:", "",
+        "| model | AUROC | ECE |", "|---|---:|---:|",
+        f"| this model ({names.get(b.get('model_kind'))}) | {b['model_auroc']:.3f} | {b.get('model_ece', 0):.3f} |",
+        f"| baseline ({names.get(b.get('baseline_kind'))}) | {b['baseline_auroc']:.3f} "
+        f"| {b.get('baseline_ece', 0):.3f} |",
+        "",
+        f"AUROC difference (this model minus baseline): {b['difference']:+.3f}{ci}. Better: {better}.", "",
+    ]
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _population(task: object | None) -> list[str]:

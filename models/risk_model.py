@@ -13,6 +13,12 @@ folds, and each fold's margins come from a booster trained on the other folds
 with the final model's parameters and tree count, so it is a model like the
 final one that never saw those patients.
 
+`model.kind: logistic` (or `auto` choosing it, see `training.train.fit_model`)
+fits a penalized logistic regression instead (`fit_logistic`,
+`models/logistic.py`): `booster_` is then a `LinearModel`, which answers the
+booster methods used here and downstream, so calibration, bundles, serving and
+explanations are the same code for both kinds.
+
 For federated training the two steps are separate: `fit_booster` can continue
 boosting from a global model (`init_model`) and keep the booster trainable
 (`keep_training_booster`), and `fit_calibration` / `from_parts` take a
@@ -70,7 +76,30 @@ class RiskModel:
         self.tune = tune
         self.tune_trials = tune_trials
 
+    kind_ = "lightgbm"
+
     # ---- fitting -----------------------------------------------------------------------
+    def fit_logistic(self, X: object, y: object, feature_names: Sequence[str], *, groups: object = None) -> RiskModel:
+        """Fit `booster_` as a penalized logistic regression (`LinearModel`; C by grouped CV on these rows)."""
+        from chronorisk.models.logistic import LinearModel
+
+        config = self.config or ModelConfig()
+        names = _check_names(feature_names)
+        Xtr, ytr = _check_xy(X, y, names, "X")
+        started = time.perf_counter()
+        self.booster_ = LinearModel.fit(Xtr, ytr, names, groups=None if groups is None else np.asarray(groups),
+                                        Cs=config.logistic_cs, seed=config.seed)
+        self.kind_ = "logistic"
+        self.feature_names_ = names
+        self.params_ = {"C": self.booster_.info["C"]}
+        self.best_iteration_ = 0
+        self.n_trees_ = 0
+        self.tuning_trials_ = []
+        self.fit_seconds_ = time.perf_counter() - started
+        self.n_train_ = int(ytr.size)
+        log.info("logistic regression (C=%g) on %d rows in %.1f s", self.params_["C"], ytr.size, self.fit_seconds_)
+        return self
+
     def fit(
         self,
         X: object,
@@ -171,6 +200,10 @@ class RiskModel:
         fold_of = group_folds(groups, folds, seed)
         if fold_of.size != yy.size:
             raise ValueError(f"groups: {fold_of.size} values for {yy.size} rows")
+        if self.kind_ == "logistic":
+            from chronorisk.models.logistic import out_of_fold_margins
+
+            return out_of_fold_margins(M, yy, fold_of, self.params_["C"])
         params = {**self.params_, "verbose": -1}
         params.pop("metric", None)
         full = lgb.Dataset(M, label=yy, feature_name=list(self.feature_names_), free_raw_data=False, params=params)

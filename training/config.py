@@ -17,6 +17,10 @@ class TrainConfig(BaseModel):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; null = SQLite under the work folder (--tracking-uri wins)"
     )
+    min_cases: int = Field(20, ge=1, description="fewer outcomes than this in train + tuning: no model is registered")
+    allow_unfit: bool = Field(
+        False, description="register a model that fails the checks anyway (experiments; its card says not fit for use)"
+    )
 
 
 class EvaluateConfig(BaseModel):
@@ -29,6 +33,9 @@ class EvaluateConfig(BaseModel):
     )
     leave_one_site_out: bool = Field(True, description="also train on all sites but one and test on that one")
     min_group_size: int = Field(30, ge=1, description="groups (site, sex, age band) smaller than this are skipped")
+    min_group_cases: int = Field(
+        10, ge=1, description="groups with fewer cases or fewer non-cases than this are not reported"
+    )
 
 
 class PromoteConfig(BaseModel):

@@ -41,19 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, ctx) -> int:
     from chronorisk.errors import InputError
+    from chronorisk.training.train_cli import check_labels_argument
 
     params = ctx.params
     tasks = list(args.task or params.labels.tasks)
-    if args.labels is not None and args.meds is None:
-        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
-    if args.labels is not None and len(tasks) != 1:
-        raise InputError("--task", "give exactly one task with --labels (a label folder holds one task)")
     if args.bootstrap is not None and args.bootstrap < 0:
         raise InputError("--bootstrap", f"must be 0 or more, got {args.bootstrap}")
-    for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features),
-                       ("--models", args.models)):
+    for flag, path in (("--meds", args.meds), ("--features", args.features), ("--models", args.models)):
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
+    check_labels_argument(args, tasks)
     update: dict = {}
     if args.bootstrap is not None:
         update["bootstrap"] = args.bootstrap
@@ -148,8 +145,8 @@ def _write_outputs(paths, bundle, data, result) -> dict[str, Path]:
         "card": reports / f"model_card_{task}.md",
         "metrics": metrics_dir / f"{task}.json",
     }
-    model = {k: bundle.metadata.get(k) for k in ("name", "version", "trained_at", "data_fingerprint", "n_trees",
-                                                  "calibration_method")}
+    model = {k: bundle.metadata.get(k) for k in ("name", "version", "trained_at", "data_fingerprint", "model_kind",
+                                                  "n_trees", "calibration_method")}
     document = {
         "task": task,
         "mode": result.mode,
@@ -157,6 +154,7 @@ def _write_outputs(paths, bundle, data, result) -> dict[str, Path]:
         "model": model,
         "records": result.records,
         "notes": result.notes,
+        "baseline": result.baseline,
         "shap_importance": dict(list(result.importance.items())[:30]),
     }
     write_text_atomic(files["json"], json.dumps(document, indent=1, default=str))
@@ -174,7 +172,7 @@ def _write_outputs(paths, bundle, data, result) -> dict[str, Path]:
     )
     write_report(files["html"], [report], title=f"chronorisk evaluation: {task}")
     card = render_model_card(bundle.metadata, result.holdout, task=bundle.task, importance=result.importance,
-                             limitations=_card_notes(result))
+                             limitations=_card_notes(result), baseline=result.baseline)
     write_text_atomic(files["card"], card)
     write_text_atomic(files["metrics"], json.dumps(metrics_summary(result), indent=1, sort_keys=True))
     return files

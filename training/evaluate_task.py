@@ -53,6 +53,7 @@ class TaskEvaluation:
     leave_one_site_out: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     importance: dict[str, float] = field(default_factory=dict)
+    baseline: dict = field(default_factory=dict)  # the other model kind on the same rows (see `baseline`)
     frame: pl.DataFrame | None = None  # held-out evaluation rows: y, risk, site, true_risk (no identifiers kept)
 
     @property
@@ -136,7 +137,8 @@ def _evaluate(frame: pl.DataFrame, task: str, threshold: float, mode: str | None
 
     return evaluate(
         frame, task=task, threshold=threshold, mode=mode, validation=validation, n_boot=config.bootstrap,
-        seed=config.seed, min_group_size=config.min_group_size, groups=groups,
+        seed=config.seed, min_group_size=config.min_group_size, min_group_cases=config.min_group_cases,
+        groups=groups,
     )
 
 
@@ -163,6 +165,13 @@ def holdout(data: TaskData, bundle: ModelBundle, config: EvaluateConfig, truth: 
         result.mode = mode = None
     groups = ("all", "site", "sex", "age_band")
     result.holdout = _evaluate(frame, task, bundle.tiers.high, mode, config, "holdout", groups)
+    overall = result.overall()
+    if overall and overall.get("auroc_within_site") is not None:
+        result.notes.append(
+            f"Pooled AUROC {overall['auroc']:.3f} over sites; within sites (case/non-case pairs of the same site "
+            f"only) {overall['auroc_within_site']:.3f}; site prevalence alone gives "
+            f"{overall['auroc_site_prevalence']:.3f}, so site membership explains part of the pooled figure."
+        )
     result.frame = frame.drop("subject_id")
     result.importance = shap_summary(bundle, rows, seed=config.seed)
     return result
@@ -192,6 +201,8 @@ def temporal(data: TaskData, bundle: ModelBundle, model_config: ModelConfig, con
     """Refit on outcomes known before the split date; test on held-out patients from the date on."""
     if config.temporal_split is None:
         return [], None
+    if data.task.horizon_days is None:
+        return [], "temporal validation skipped: the task's labels are supplied without horizon_days"
     split = datetime(config.temporal_split.year, config.temporal_split.month, config.temporal_split.day)
     known = pl.col("prediction_time") + pl.duration(days=data.task.horizon_days) <= split
     train = data.frame.filter((pl.col("split") == TRAIN) & known)
@@ -200,7 +211,7 @@ def temporal(data: TaskData, bundle: ModelBundle, model_config: ModelConfig, con
     why = _refit_problem({"train": train, "tuning": tuning, "test": test})
     if why:
         return [], f"temporal validation at {config.temporal_split} skipped: {why}"
-    model = fit_model(train, tuning, data.feature_names, _refit_config(model_config))
+    model = fit_model(train, tuning, data.feature_names, _refit_config(model_config, bundle))
     frame, _ = attach_truth(evaluation_frame(test, model.predict_risk(test.select(data.feature_names))), truth)
     records = _evaluate(frame, data.task.name, bundle.tiers.high, mode if "true_risk" in frame.columns else None,
                         config, "temporal", ("all", "site"))
@@ -229,7 +240,7 @@ def leave_one_site_out(data: TaskData, bundle: ModelBundle, model_config: ModelC
         if why:
             notes.append(f"leave-one-site-out for {site} skipped: {why}")
             continue
-        model = fit_model(train, tuning, data.feature_names, _refit_config(model_config))
+        model = fit_model(train, tuning, data.feature_names, _refit_config(model_config, bundle))
         risk = model.predict_risk(test.select(data.feature_names))
         frame, _ = attach_truth(evaluation_frame(test, risk), truth)
         records += _evaluate(frame, data.task.name, bundle.tiers.high,
@@ -237,9 +248,9 @@ def leave_one_site_out(data: TaskData, bundle: ModelBundle, model_config: ModelC
     return records, notes
 
 
-def _refit_config(model_config: ModelConfig) -> ModelConfig:
-    """The bundle's model parameters, calibrated on the tuning rows (see the module docstring)."""
-    return model_config.model_copy(update={"calibration_rows": "tuning"})
+def _refit_config(model_config: ModelConfig, bundle: ModelBundle) -> ModelConfig:
+    """The bundle's model kind and parameters, calibrated on the tuning rows (see the module docstring)."""
+    return model_config.model_copy(update={"calibration_rows": "tuning", "kind": bundle.kind})
 
 
 def _refit_problem(parts: dict[str, pl.DataFrame]) -> str | None:
@@ -256,12 +267,64 @@ def _day(value: object) -> str:
     return str(value)
 
 
+def baseline(data: TaskData, bundle: ModelBundle, model_config: ModelConfig, config: EvaluateConfig) -> dict:
+    """The other model kind, refitted on the bundle's train / tuning rows, beside the bundle on the held-out rows.
+
+    A LightGBM bundle is compared with the penalized logistic regression (median imputation plus missing
+    indicators, standardized; `models/logistic.py`), a logistic bundle with LightGBM. The AUROC difference
+    (bundle minus baseline) has a paired bootstrap interval: the same resampled patients score both.
+    """
+    from chronorisk.training import metrics
+
+    test = data.split(HELD_OUT)
+    train, tuning = data.split(TRAIN), data.split(TUNING)
+    why = _refit_problem({"train": train, "tuning": tuning, "held-out": test})
+    if why:
+        return {"note": f"baseline skipped: {why}"}
+    other = "logistic" if bundle.kind == "lightgbm" else "lightgbm"
+    config_other = model_config.model_copy(update={"calibration_rows": "tuning", "kind": other})
+    model = fit_model(train, tuning, data.feature_names, config_other)
+    y = test["boolean_value"].to_numpy().astype(float)
+    p = bundle.predict_risk(test)
+    q = model.predict_risk(test.select(data.feature_names))
+    fns = {
+        "model_auroc": lambda yy, pp, w=None: metrics.auroc(yy, pp, w),
+        "baseline_auroc": lambda yy, _pp, w=None: metrics.auroc(yy, q, w),
+        "difference": lambda yy, pp, w=None: np.asarray(metrics.auroc(yy, pp, w)) - np.asarray(metrics.auroc(yy, q, w)),
+    }
+    cis = metrics.bootstrap_intervals(fns, y, p, n_boot=max(config.bootstrap, 1) if config.bootstrap else 0,
+                                      seed=config.seed, clusters=test["subject_id"].to_numpy())
+    out: dict = {"model_kind": bundle.kind, "baseline_kind": other, "n": int(y.size), "n_positive": int(y.sum()),
+                 "baseline_ece": float(metrics.ece(y, q)), "model_ece": float(metrics.ece(y, p))}
+    for name, fn in fns.items():
+        out[name] = float(fn(y, p))
+        out[f"{name}_lo"], out[f"{name}_hi"] = cis[name]
+    lo, hi = out["difference_lo"], out["difference_hi"]
+    out["better"] = (bundle.kind if lo > 0 else other if hi < 0 else "neither (interval includes 0)") \
+        if np.isfinite(lo) and np.isfinite(hi) else (bundle.kind if out["difference"] > 0 else other)
+    return out
+
+
+def baseline_sentence(b: dict) -> str:
+    """'Baseline: logistic regression AUROC 0.741 vs lightgbm 0.763 on the same held-out rows; ...'."""
+    if not b or "difference" not in b:
+        return str((b or {}).get("note", "no baseline"))
+    names = {"logistic": "logistic regression", "lightgbm": "LightGBM"}
+    ci = (f" (95% paired bootstrap {b['difference_lo']:+.3f} to {b['difference_hi']:+.3f})"
+          if np.isfinite(b.get("difference_lo", float("nan"))) else "")
+    return (f"Baseline: {names[b['baseline_kind']]} AUROC {b['baseline_auroc']:.3f} beside this model's "
+            f"{names[b['model_kind']]} {b['model_auroc']:.3f} on the same {b['n']:,} held-out rows; difference "
+            f"{b['difference']:+.3f}{ci}; better: {names.get(b['better'], b['better'])}.")
+
+
 def evaluate_all(data: TaskData, bundle: ModelBundle, model_config: ModelConfig, config: EvaluateConfig, *,
                  truth_dir: Path | None) -> TaskEvaluation:
-    """Held-out, temporal and leave-one-site-out evaluation of one task."""
+    """Held-out (with the baseline beside it), temporal and leave-one-site-out evaluation of one task."""
     truth = read_truth(truth_dir, data.task.name) if truth_dir is not None else None
     mode = generator_mode(truth_dir, data.meds_root) if truth is not None else None
     result = holdout(data, bundle, config, truth, mode)
+    result.baseline = baseline(data, bundle, model_config, config)
+    result.notes.append(baseline_sentence(result.baseline))
     if truth is None:
         result.notes.append("no generator truth for this task: oracle AUROC not reported")
     records, note = temporal(data, bundle, model_config, config, truth, result.mode)
@@ -275,7 +338,8 @@ def evaluate_all(data: TaskData, bundle: ModelBundle, model_config: ModelConfig,
 
 
 # ---- summaries -------------------------------------------------------------------------------
-HEADLINE_KEYS = ("n", "n_positive", "auroc", "auroc_lo", "auroc_hi", "auprc", "brier", "calibration_slope",
+HEADLINE_KEYS = ("n", "n_positive", "auroc", "auroc_lo", "auroc_hi", "auroc_within_site", "auroc_site_prevalence",
+                 "auprc", "brier", "calibration_slope",
                  "calibration_intercept", "ece", "ece_lo", "ece_hi", "oracle_auroc", "auroc_ratio",
                  "sensitivity", "ppv", "net_benefit")
 
@@ -295,4 +359,6 @@ def metrics_summary(result: TaskEvaluation) -> dict:
         out["temporal"] = pick(temporal_all)
     if result.leave_one_site_out:
         out["leave_one_site_out"] = {r["site"]: pick(r) for r in result.leave_one_site_out}
+    if "difference" in result.baseline:
+        out["baseline"] = {k: v for k, v in result.baseline.items() if isinstance(v, int | float)}
     return out

@@ -13,8 +13,11 @@ with the keys the issue fixes (`task`, `site` (or `all`), `n`, `auroc`,
 `oracle_auroc`, `mode`, `calibration_slope`, `ece`) plus `group` (all /
 site / sex / age_band), `sex`, `age_band`, `validation`, every metric of
 `chronorisk.training.metrics.standard_metrics` and its `_lo` / `_hi` bounds.
-Groups with fewer than `min_group_size` rows are left out (too few to say
-anything; the count is logged).
+Groups with fewer than `min_group_size` rows, or fewer than `min_group_cases`
+cases or non-cases, are left out (too few to say anything; the count is
+logged). The overall row of several sites adds the within-site AUROC and the
+AUROC of site prevalence alone. Intervals are bias-corrected bootstrap
+percentiles that always contain their point estimate (`metrics.bootstrap_intervals`).
 """
 
 from __future__ import annotations
@@ -71,10 +74,17 @@ def evaluate(
     n_boot: int = 200,
     seed: int = 0,
     min_group_size: int = 30,
+    min_group_cases: int = 10,
     groups: Sequence[str] = GROUPS,
     extra: Mapping[str, object] | None = None,
 ) -> list[dict]:
-    """One record per group (overall, each site, each sex, each age band) of `frame`."""
+    """One record per group (overall, each site, each sex, each age band) of `frame`.
+
+    A group is reported only with at least `min_group_size` rows and `min_group_cases` cases AND
+    non-cases (an AUROC from one case says nothing). With several sites the overall row also has
+    `auroc_within_site` (pairs of the same site only) and `auroc_site_prevalence` (the site's
+    prevalence as the only score): site prevalence explains part of a pooled AUROC.
+    """
     if mode is not None and mode not in MODES:
         raise InputError("mode", f"{mode!r} is not one of {', '.join(MODES)} (or none for external data)")
     bad = [g for g in groups if g not in GROUPS]
@@ -86,6 +96,11 @@ def evaluate(
         if part.height < min_group_size:
             log.info("%s: %s=%s skipped (%d rows < %d)", task, group, key, part.height, min_group_size)
             continue
+        cases = int(part["y"].sum())
+        if min(cases, part.height - cases) < min_group_cases:
+            log.info("%s: %s=%s skipped (%d cases, %d non-cases; %d of each needed)", task, group, key,
+                     cases, part.height - cases, min_group_cases)
+            continue
         row = {
             "task": task,
             "mode": mode,
@@ -95,6 +110,7 @@ def evaluate(
             "sex": key if group == "sex" else "all",
             "age_band": key if group == "age_band" else "all",
             **_group_metrics(part, threshold, n_boot, seed),
+            **(_site_parts(part) if group == "all" else {}),
             **dict(extra or {}),
         }
         records.append(json_safe(row))
@@ -177,6 +193,18 @@ def _group_metrics(part: pl.DataFrame, threshold: float, n_boot: int, seed: int)
         row[f"{name}_lo"] = lo
         row[f"{name}_hi"] = hi
     return row
+
+
+def _site_parts(part: pl.DataFrame) -> dict:
+    """Within-site AUROC and the AUROC of site prevalence alone, when the rows come from several sites."""
+    site = part["site"].to_numpy()
+    if np.unique(site).size < 2:
+        return {}
+    y, p = part["y"].to_numpy(), part["risk"].to_numpy()
+    return {
+        "auroc_within_site": metrics.within_group_auroc(y, p, site),
+        "auroc_site_prevalence": metrics.group_prevalence_auroc(y, site),
+    }
 
 
 def _truth(part: pl.DataFrame) -> tuple[np.ndarray, bool] | None:

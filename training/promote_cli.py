@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from chronorisk.features.labels_cli import LABELS_HELP
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feature tables root with the held-out rows (default: <work>/features)")
     parser.add_argument("--meds", type=Path, default=None, metavar="DIR",
                         help="MEDS data from elsewhere to compare on (features computed per model)")
-    parser.add_argument("--labels", type=Path, default=None, metavar="DIR", help="MEDS labels for --meds")
+    parser.add_argument("--labels", type=Path, default=None, metavar="PATH", help="with --meds: " + LABELS_HELP)
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow tracking server or database (default: sqlite in the work folder)")
 
@@ -35,19 +37,17 @@ def run(args: argparse.Namespace, ctx) -> int:
     from chronorisk.errors import InputError
     from chronorisk.training.promote import REFUSED_EXIT
     from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
+    from chronorisk.training.train_cli import check_labels_argument
 
     params = ctx.params
-    if args.labels is not None and args.meds is None:
-        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
     if args.version is not None and args.version < 1:
         raise InputError("--version", f"registered versions start at 1, got {args.version}")
     if args.version is not None and args.all:
         raise InputError("--version", "a version number belongs to one task: use --task with --version")
-    if args.labels is not None and args.all:
-        raise InputError("--labels", "a label folder holds one task: use --task with --labels")
-    for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features)):
+    for flag, path in (("--meds", args.meds), ("--features", args.features)):
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
+    check_labels_argument(args, list(params.labels.tasks) if args.all else [args.task])
     tracking = configure_tracking(
         ctx.paths, uri=resolve_tracking_uri(ctx.paths, args.tracking_uri, params.train.tracking_uri),
         experiment=params.train.experiment,

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 TRAIN, TUNING, HELD_OUT = "train", "tuning", "held_out"
 KEY_COLUMNS = ("subject_id", "prediction_time", "site", "split", "boolean_value")
+INDEX_ORDER = ["subject_id", "prediction_time", "site", "boolean_value"]  # rows in this order: reproducible
 SPEC_FILE = "spec.json"
 
 
@@ -59,6 +60,7 @@ class TaskData:
     frame: pl.DataFrame  # KEY_COLUMNS + spec.feature_names (+ anything else, ignored)
     source: str  # where the rows came from (for logs, MLflow and the model card)
     meds_root: Path | None = None  # the MEDS data the features were computed from, when known
+    supplied_labels: dict | None = None  # `describe_labels` of label files given with --labels
 
     def split(self, name: str) -> pl.DataFrame:
         return self.frame.filter(pl.col("split") == name)
@@ -91,6 +93,7 @@ def load_feature_tables(features_root: Path, task: str | TaskDefinition) -> Task
         raise InputError("--features", f"{folder} has no feature tables (<site>.parquet)")
     frame = pl.concat([pl.read_parquet(t) for t in tables], how="diagonal_relaxed")
     check_table(frame, spec, str(folder))
+    frame = frame.sort(INDEX_ORDER, maintain_order=True)
     return TaskData(task=task_def, spec=spec, frame=frame, source=str(folder))
 
 
@@ -125,18 +128,20 @@ def read_meds(meds: Path) -> tuple[pl.LazyFrame, pl.DataFrame]:
         [s.scan().select(list(EVENT_SCHEMA)).with_columns(pl.lit(s.site).alias("site")) for s in sources],
         how="vertical_relaxed",
     )
-    splits = pl.concat([s.splits().select("subject_id", "split") for s in sources]).unique("subject_id", keep="first")
+    splits = pl.concat([s.splits().select("subject_id", "split") for s in sources])
     return events, splits
 
 
 def attach_splits(index: pl.DataFrame, events: pl.LazyFrame, splits: pl.DataFrame) -> pl.DataFrame:
     """Index rows with their subject's `site` and `split` (subjects without events are dropped).
 
-    A subject the split file does not list is held out: never trained on (as `chronorisk features` does).
+    The split is `features.build.assign_splits`'s (the one rule); a subject seen at two sites gets the
+    first site by name. The rows come back sorted: nothing depends on the order of files or rows.
     """
-    sites = events.select("subject_id", "site").unique("subject_id").collect()
-    out = index.join(sites, on="subject_id", how="inner").join(splits, on="subject_id", how="left")
-    return out.with_columns(pl.col("split").fill_null(HELD_OUT))
+    from chronorisk.features.build import assign_splits
+
+    sites = events.group_by("subject_id").agg(pl.col("site").min()).collect()
+    return assign_splits(index.join(sites, on="subject_id", how="inner"), splits)
 
 
 def compute_task_data(
@@ -154,13 +159,17 @@ def compute_task_data(
     only (the vocabulary never sees a held-out subject); with `spec` (a
     trained bundle's) nothing is fitted. `only_split` keeps the rows of one split.
     """
-    from chronorisk.features.labels import read_labels
+    from chronorisk.features.build import subject_splits
+    from chronorisk.features.labels import label_files, read_labels_files
     from chronorisk.features.pipeline import code_summary, fit_spec, transform
     from chronorisk.features.tasks import load_task
 
     task_def = load_task(task)
     events, splits = read_meds(meds)
-    label_rows = read_labels(labels) if labels is not None else site_labels(meds, task_def)
+    files = label_files(labels, task_def.name) if labels is not None else []
+    if labels is None:
+        task_def.require_extractable()
+    label_rows = read_labels_files(files) if labels is not None else site_labels(meds, task_def)
     if label_rows.height == 0:
         raise InputError("--labels" if labels else "--task", f"no labelled rows for task {task_def.name}")
     index = attach_splits(label_rows, events, splits)
@@ -169,10 +178,10 @@ def compute_task_data(
     if only_split is not None:  # e.g. promotion compares on held-out rows only: featurize only those
         index = index.filter(pl.col("split") == only_split)
     if spec is None:
-        train_subjects = splits.filter(pl.col("split") == TRAIN).select("subject_id")
+        train_subjects = subject_splits(splits).filter(pl.col("split") == TRAIN).select("subject_id")
         summary = code_summary(events.join(train_subjects.lazy(), on="subject_id", how="semi"))
         spec = fit_spec(summary, config, task_def)
-    frame = transform(spec, events.drop("site"), index.lazy()).collect()
+    frame = transform(spec, events.drop("site"), index.lazy()).collect().sort(INDEX_ORDER, maintain_order=True)
     check_table(frame, spec, "computed features")
     return TaskData(
         task=task_def,
@@ -180,7 +189,26 @@ def compute_task_data(
         frame=frame,
         source=str(meds) + (f" + labels {labels}" if labels else ""),
         meds_root=Path(meds),
+        supplied_labels=describe_labels(label_rows, files) if labels is not None else None,
     )
+
+
+def describe_labels(labels: pl.DataFrame, files: list[Path]) -> dict:
+    """What the model card says about supplied labels: fingerprint, rows, cases, prevalence, time span."""
+    from chronorisk.models.bundle import data_fingerprint
+
+    n_pos = int(labels["boolean_value"].sum())
+    times = labels["prediction_time"]
+    return {
+        "files": [f.name for f in files],
+        "fingerprint": data_fingerprint(labels.select("subject_id", "prediction_time", "boolean_value")),
+        "rows": labels.height,
+        "subjects": labels["subject_id"].n_unique(),
+        "cases": n_pos,
+        "prevalence": round(n_pos / max(labels.height, 1), 4),
+        "first_prediction_time": _iso(times.min()),
+        "last_prediction_time": _iso(times.max()),
+    }
 
 
 def site_labels(meds: Path, task: TaskDefinition) -> pl.DataFrame:
@@ -193,6 +221,32 @@ def site_labels(meds: Path, task: TaskDefinition) -> pl.DataFrame:
 
 
 # ---- training --------------------------------------------------------------------------------
+class UnfitModelError(ChronoriskError):
+    """Training made a model that must not be handed over (too few cases, no better than chance)."""
+
+    exit_code = 4
+
+
+def unfit_reasons_before(train: pl.DataFrame, tuning: pl.DataFrame, config: TrainConfig) -> list[str]:
+    """Reasons known before fitting: fewer outcomes than `train.min_cases` in the train and tuning splits."""
+    cases = int(train["boolean_value"].sum()) + int(tuning["boolean_value"].sum())
+    if cases < config.min_cases:
+        return [f"only {cases} outcomes in the train and tuning splits; at least train.min_cases = "
+                f"{config.min_cases} are needed for a model worth handing over"]
+    return []
+
+
+def unfit_reasons_after(y_tune, p_tune, subjects, seed: int) -> tuple[list[str], tuple[float, float]]:
+    """The tuning AUROC's 95% interval (patients resampled); a reason when it includes 0.5."""
+    from chronorisk.training import metrics
+
+    lo, hi = metrics.bootstrap_intervals({"auroc": metrics.auroc}, y_tune, p_tune, n_boot=200, seed=seed,
+                                         clusters=subjects)["auroc"]
+    if not (lo > 0.5):
+        return [f"the tuning AUROC's 95% interval ({lo:.3f} to {hi:.3f}) includes 0.5: no better than chance"], (lo, hi)
+    return [], (lo, hi)
+
+
 @dataclass
 class TrainResult:
     model: RiskModel
@@ -218,24 +272,55 @@ def fit_model(
     train: pl.DataFrame, tuning: pl.DataFrame, feature_names: list[str], model_config: ModelConfig,
     *, tune: bool = False, tune_trials: int = 10,
 ) -> RiskModel:
-    """Boost on `train` with early stopping on `tuning`, then calibrate (see the module docstring)."""
+    """Fit the configured kind (or both, for `auto`), then calibrate (see the module docstring).
+
+    LightGBM boosts on `train` with early stopping on `tuning`; the logistic regression learns from
+    `train` (its penalty by grouped CV there). `auto` fits both and keeps the one whose out-of-fold
+    margins over the train and tuning patients (`RiskModel.cross_fitted_margins`, the rows the
+    calibrator is fitted on anyway) have the lower log loss; the choice and both losses are kept in
+    `model.selection_`.
+    """
+    from chronorisk.models.logistic import margin_log_loss
+    from chronorisk.training import metrics
+
+    kinds = ["lightgbm", "logistic"] if model_config.kind == "auto" else [model_config.kind]
+    both = pl.concat([train.select("subject_id", "boolean_value", *feature_names),
+                      tuning.select("subject_id", "boolean_value", *feature_names)])
+    y_both = both["boolean_value"].to_numpy()
+    fitted: dict[str, tuple[RiskModel, object]] = {}
+    for kind in kinds:
+        model = _fit_kind(kind, train, tuning, feature_names, model_config, tune, tune_trials)
+        margins = None
+        if model_config.calibration_rows == "cross_fit" or len(kinds) > 1:
+            margins = model.cross_fitted_margins(
+                both.select(feature_names), y_both, both["subject_id"].to_numpy(),
+                folds=model_config.cross_fit_folds, seed=model_config.seed,
+            )
+        fitted[kind] = (model, margins)
+    losses = {k: margin_log_loss(m, y_both) for k, (_, m) in fitted.items() if m is not None}
+    chosen = min(losses, key=lambda k: (losses[k], k)) if len(kinds) > 1 else kinds[0]
+    model, margins = fitted[chosen]
+    model.selection_ = {"configured": model_config.kind, "chosen": chosen,
+                        "cv_log_loss": {k: round(v, 6) for k, v in losses.items()},
+                        "cv_auroc": {k: round(float(metrics.auroc(y_both, m)), 6)
+                                     for k, (_, m) in fitted.items() if m is not None}}
+    if model_config.calibration_rows == "tuning":
+        return model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy(), rows="tuning")
+    return model.fit_calibration_margins(margins, y_both, rows="cross_fit")
+
+
+def _fit_kind(kind: str, train: pl.DataFrame, tuning: pl.DataFrame, names: list[str], model_config: ModelConfig,
+              tune: bool, tune_trials: int) -> RiskModel:
     from chronorisk.models.risk_model import RiskModel
 
     model = RiskModel(model_config, tune=tune, tune_trials=tune_trials)
-    model.fit_booster(
-        train.select(feature_names), train["boolean_value"].to_numpy(),
-        tuning.select(feature_names), tuning["boolean_value"].to_numpy(),
-        feature_names,
+    if kind == "logistic":
+        return model.fit_logistic(train.select(names), train["boolean_value"].to_numpy(), names,
+                                  groups=train["subject_id"].to_numpy())
+    return model.fit_booster(
+        train.select(names), train["boolean_value"].to_numpy(),
+        tuning.select(names), tuning["boolean_value"].to_numpy(), names,
     )
-    if model_config.calibration_rows == "tuning":
-        return model.fit_calibration(tuning.select(feature_names), tuning["boolean_value"].to_numpy(), rows="tuning")
-    both = pl.concat([train.select("subject_id", "boolean_value", *feature_names),
-                      tuning.select("subject_id", "boolean_value", *feature_names)])
-    margins = model.cross_fitted_margins(
-        both.select(feature_names), both["boolean_value"].to_numpy(), both["subject_id"].to_numpy(),
-        folds=model_config.cross_fit_folds, seed=model_config.seed,
-    )
-    return model.fit_calibration_margins(margins, both["boolean_value"].to_numpy(), rows="cross_fit")
 
 
 def train_task(
@@ -250,13 +335,22 @@ def train_task(
     from chronorisk.models.bundle import ModelBundle, data_fingerprint
     from chronorisk.training import metrics
 
+    unfit = unfit_reasons_before(data.split(TRAIN), data.split(TUNING), train_config)
+    if unfit and not train_config.allow_unfit:
+        raise UnfitModelError(_refusal(data.task.name, unfit))
     train, tuning = training_rows(data)
     names = data.feature_names
     model = fit_model(train, tuning, names, model_config, tune=train_config.tune, tune_trials=train_config.tune_trials)
     y_tune = tuning["boolean_value"].to_numpy().astype(float)
     p_tune = model.predict_risk(tuning.select(names))
+    more, (auroc_lo, auroc_hi) = unfit_reasons_after(y_tune, p_tune, tuning["subject_id"].to_numpy(), model_config.seed)
+    unfit += more
+    if unfit and not train_config.allow_unfit:
+        raise UnfitModelError(_refusal(data.task.name, unfit))
     tuning_metrics = {
         "auroc": float(metrics.auroc(y_tune, p_tune)),
+        "auroc_lo": auroc_lo,
+        "auroc_hi": auroc_hi,
         "ece": float(metrics.ece(y_tune, p_tune)),
         "brier": float(metrics.brier(y_tune, p_tune)),
         "log_loss": float(metrics.log_loss(y_tune, p_tune)),
@@ -285,9 +379,14 @@ def train_task(
         version=version,
         data_fingerprint=fingerprint,
         metrics={"tuning": tuning_metrics},
-        extra={"training": info, **(extra_metadata or {})},
+        extra={"training": info, "supplied_labels": data.supplied_labels, "unfit": unfit, **(extra_metadata or {})},
     )
     return TrainResult(model=model, bundle=bundle, tuning_metrics=tuning_metrics, training_info=info)
+
+
+def _refusal(task: str, reasons: list[str]) -> str:
+    return (f"task {task}: no model registered: " + "; ".join(reasons)
+            + " (more patients or cases, another task; --allow-unfit keeps it for experiments, marked not fit for use)")
 
 
 def _iso(value: object) -> str | None:
@@ -320,5 +419,5 @@ def with_spec(data: TaskData, spec: FeatureSpec, meds_root: Path | None) -> Task
     index = data.frame.select(*KEY_COLUMNS)
     frame = transform(spec, events.drop("site"), index.lazy()).collect()
     check_table(frame, spec, f"features recomputed from {root}")
-    return TaskData(task=data.task, spec=spec, frame=frame, source=f"{root} (recomputed for the model's spec)",
-                    meds_root=Path(root))
+    return dataclasses.replace(data, spec=spec, frame=frame, source=f"{root} (recomputed for the model's spec)",
+                               meds_root=Path(root))

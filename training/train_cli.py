@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from chronorisk.features.labels_cli import LABELS_HELP
+
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, meds_help: str) -> None:
     """The rows to work on: tasks, and feature tables or MEDS data with labels (train and evaluate)."""
@@ -22,8 +24,24 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, meds_help: str) -> No
     parser.add_argument("--features", type=Path, default=None, metavar="DIR",
                         help="feature tables root (default: <work>/features)")
     parser.add_argument("--meds", type=Path, default=None, metavar="DIR", help=meds_help)
-    parser.add_argument("--labels", type=Path, default=None, metavar="DIR",
-                        help="MEDS label parquet (file or folder) for --meds; default: extract with the task")
+    parser.add_argument("--labels", type=Path, default=None, metavar="PATH",
+                        help="with --meds: " + LABELS_HELP + "; default: extract with the task")
+
+
+def check_labels_argument(args: argparse.Namespace, tasks: list[str]) -> None:
+    """`--labels` goes with `--meds`, exists, and names labels of every task (train, evaluate, promote)."""
+    from chronorisk.errors import InputError
+    from chronorisk.features.labels import check_labels_for_tasks, label_files
+    from chronorisk.features.tasks import load_task
+
+    if args.labels is None:
+        return
+    if args.meds is None:
+        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
+    names = [load_task(t).name for t in tasks]
+    check_labels_for_tasks(args.labels, names)
+    for name in names:
+        label_files(args.labels, name)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random search of LightGBM parameters first (default: params.yaml train.tune)")
     parser.add_argument("--no-mlflow", action="store_true",
                         help="save the bundles only: no MLflow run, no registration")
+    parser.add_argument("--allow-unfit", action="store_true",
+                        help="keep (and register) a model that fails the checks (fewer cases than train.min_cases, "
+                             "tuning AUROC interval including 0.5); its model card opens with 'not fit for use'")
 
 
 def run(args: argparse.Namespace, ctx) -> int:
@@ -42,14 +63,14 @@ def run(args: argparse.Namespace, ctx) -> int:
 
     params = ctx.params
     tasks = list(args.task or params.labels.tasks)
-    if args.labels is not None and args.meds is None:
-        raise InputError("--labels", "needs --meds (labels from elsewhere go with their MEDS data)")
-    if args.labels is not None and len(tasks) != 1:
-        raise InputError("--task", "give exactly one task with --labels (a label folder holds one task)")
-    for flag, path in (("--meds", args.meds), ("--labels", args.labels), ("--features", args.features)):
+    for flag, path in (("--meds", args.meds), ("--features", args.features)):
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
-    train_config = params.train.model_copy(update={"tune": args.tune} if args.tune is not None else {})
+    check_labels_argument(args, tasks)
+    update = {"tune": args.tune} if args.tune is not None else {}
+    if args.allow_unfit:
+        update["allow_unfit"] = True
+    train_config = params.train.model_copy(update=update)
     tracking = None
     if not args.no_mlflow:
         from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
@@ -102,7 +123,8 @@ def _train_one(task: str, args, ctx, train_config, tracking) -> None:
         log_files([(bundle_dir / "spec.json", "feature_spec"), (bundle_dir / "task.yaml", "task"),
                    (bundle_dir / "bundle.json", "bundle")])
         reg = registry.register_bundle(
-            tracking, bundle_dir, task=name, booster=result.bundle.booster, alias=registry.CHALLENGER,
+            tracking, bundle_dir, task=name, alias=registry.CHALLENGER,
+            booster=result.bundle.booster if result.bundle.kind == "lightgbm" else None,
             tags={"chronorisk.data_fingerprint": result.bundle.metadata.get("data_fingerprint"),
                   "chronorisk.source": tags["source"]},
             description=f"trained on {result.training_info['n_train']} rows of {data.source}",
@@ -126,10 +148,18 @@ def _next_version(tracking, task: str) -> int:
 
 def _print(task: str, result, bundle_dir: Path, reg) -> None:
     info, m = result.training_info, result.tuning_metrics
+    selection = result.bundle.metadata.get("model_selection") or {}
+    losses = ", ".join(f"{k} {v:.4f}" for k, v in (selection.get("cv_log_loss") or {}).items())
+    what = (f"{result.bundle.metadata.get('n_trees')} trees" if result.bundle.kind == "lightgbm"
+            else f"logistic regression (C={result.model.params_.get('C')})")
     line = (f"{task}: {info['n_train']:,} train rows ({info['n_train_positive']:,} outcomes), "
-            f"{info['n_valid']:,} tuning rows; {result.bundle.metadata.get('n_trees')} trees, "
+            f"{info['n_valid']:,} tuning rows; {what}"
+            + (f" chosen by cross-validated log loss ({losses})" if len(selection.get("cv_log_loss") or {}) > 1 else "")
+            + ", "
             f"{result.bundle.calibrator.method} calibration; tuning AUROC {m['auroc']:.3f}, ECE {m['ece']:.3f}")
     print(line)
+    for reason in result.bundle.metadata.get("unfit") or []:
+        print(f"  NOT FIT FOR USE (kept with --allow-unfit): {reason}")
     print(f"  bundle -> {bundle_dir}")
     if reg is not None:
         print(f"  registered {reg.name} version {reg.version} (alias challenger)")

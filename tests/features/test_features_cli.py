@@ -110,7 +110,7 @@ def test_single_meds_dataset_from_elsewhere(root, tmp_path):
         (("features", "--meds", "/nonexistent/meds"), "MEDS root does not exist"),
         (("labels", "--task", "nope"), "neither a built-in task"),
         (("features", "--sites", "mars"), "unknown site(s) mars"),
-        (("features", "--labels", "/nonexistent/labels", "--task", "onset_2y"), "no labels for task onset_2y"),
+        (("features", "--labels", "/nonexistent/labels", "--task", "onset_2y"), "/nonexistent/labels does not exist"),
         (("features", "--spec", "/nonexistent/spec.json"), "feature spec file does not exist"),
     ],
 )

@@ -156,3 +156,55 @@ def test_bad_label_files_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"no \.parquet label files"):
         read_labels(tmp_path / "empty")
+
+
+def _label_frame(ids: list[int], value: bool) -> pl.DataFrame:
+    return pl.DataFrame({"subject_id": ids, "prediction_time": [datetime(2020, 1, 1)] * len(ids),
+                         "boolean_value": [value] * len(ids)})
+
+
+def test_labels_path_means_one_task_in_every_form(tmp_path):
+    from chronorisk.data.meds_io import write_labels
+    from chronorisk.features.labels import check_labels_for_tasks, label_files, read_task_labels
+
+    root = tmp_path / "root"
+    write_labels(_label_frame([3, 1], True), root / "a" / "site_x.parquet")
+    write_labels(_label_frame([2], False), root / "a" / "site_y.parquet")
+    write_labels(_label_frame([1, 2, 3], False), root / "b" / "all.parquet")
+    write_labels(_label_frame([9], True), root / "c.parquet")
+    assert read_task_labels(root, "a")["subject_id"].to_list() == [1, 2, 3]  # sorted, task b never mixed in
+    assert label_files(root, "b") == [root / "b" / "all.parquet"]
+    assert label_files(root, "c") == [root / "c.parquet"]
+    assert label_files(root / "a", "anything") == sorted((root / "a").glob("*.parquet"))  # one task's folder
+    assert label_files(root / "c.parquet", "anything") == [root / "c.parquet"]
+    with pytest.raises(InputError, match=r"holds no labels of task 'd': it is a labels root with a, b"):
+        label_files(_only_folders(root, tmp_path), "d")
+    with pytest.raises(InputError, match="does not exist"):
+        label_files(tmp_path / "nowhere", "a")
+    check_labels_for_tasks(root, ["a", "b", "c"])
+    with pytest.raises(InputError, match=r"no labels of task\(s\) d"):
+        check_labels_for_tasks(root, ["a", "d"])
+    with pytest.raises(InputError, match="with several tasks give a labels root"):
+        check_labels_for_tasks(root / "c.parquet", ["a", "b"])
+
+
+def _only_folders(root, tmp_path):
+    """A labels root without top-level files (the `c.parquet` of `root` left out)."""
+    import shutil
+
+    out = tmp_path / "folders_only"
+    for name in ("a", "b"):
+        shutil.copytree(root / name, out / name)
+    return out
+
+
+def test_a_task_with_supplied_labels_needs_no_outcome_and_is_never_extracted(tmp_path):
+    from chronorisk.features.tasks import TaskDefinition
+
+    task = TaskDefinition.from_yaml("name: study\nlabels: supplied\n", source="study.yaml")
+    assert task.labels_supplied and task.outcome is None and task.concepts_used() == set()
+    with pytest.raises(InputError, match="supplied labels"):
+        extract_labels(pl.LazyFrame(schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String,
+                                            "numeric_value": pl.Float32, "text_value": pl.String}), task)
+    with pytest.raises(InputError, match="outcome needed to extract labels"):
+        TaskDefinition.from_yaml("name: x\nhorizon_days: 30\n", source="x.yaml")

@@ -52,7 +52,7 @@ def test_custom_task_file(tmp_path):
     ("text", "message"),
     [
         ("name: x\nhorizon_days: -5\noutcome: {concepts: [mi]}\n", "horizon_days: Input should be greater than 0"),
-        ("name: x\nhorizon_days: 30\n", "outcome: Field required"),
+        ("name: x\nhorizon_days: 30\n", "outcome needed to extract labels"),
         ("name: x\nhorizon_days: 30\noutcome: {concepts: [not_a_concept]}\n", "unknown concept"),
         ("name: x\nhorizon_days: 30\noutcome: {concepts: [mi]}\nschedule: {months: [13]}\n", "months must be 1..12"),
         ("name: X Y\nhorizon_days: 30\noutcome: {concepts: [mi]}\n", "name: String should match pattern"),

@@ -52,8 +52,10 @@ def project(tmp_path_factory) -> Path:
             shutil.copy2(src, dst)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["generate"].update(patients=600)
+    params["evaluate"].update(min_group_cases=2)  # a tiny cohort: groups with 2 cases still shown
     params["evaluate"].update(bootstrap=20)
     params["model"].update(num_boost_round=200, early_stopping_rounds=20)
+    params["train"].update(allow_unfit=True)  # 600 patients: the mechanics, not a model fit for use
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root

@@ -43,8 +43,10 @@ def chronorisk(work: Path, *args: str, params: Path | None = None, check: bool =
 def small_params(path: Path) -> Path:
     """params.yaml with fewer bootstrap resamples and boosting rounds: same code paths, less time."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"].update(min_group_cases=2)  # a tiny cohort: groups with 2 cases still shown
     params["evaluate"].update(bootstrap=20, leave_one_site_out=True)
     params["model"].update(num_boost_round=200, early_stopping_rounds=20)
+    params["train"].update(allow_unfit=True)  # 600 patients: the mechanics are tested, not a model fit for use
     path.write_text(yaml.safe_dump(params))
     return path
 
