@@ -33,15 +33,15 @@ from chronorisk.errors import ChronoriskError
 from chronorisk.federated import strategies
 from chronorisk.federated.calibration import (
     BinnedScores,
-    Calibrator,
     binned_metrics,
-    choose_calibrator,
+    fit_from_tables,
     sum_binned,
 )
 from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN, Payload
 
 if TYPE_CHECKING:
     from chronorisk.federated.config import FederatedConfig
+    from chronorisk.models.calibration import Calibrator
 
 log = logging.getLogger("chronorisk.federated")
 
@@ -576,7 +576,7 @@ class FederatedTrainer:
             tasks_cfg[task] = {"spec_hash": st.spec_hash, "times": st.times, "checkpoints": st.checkpoints}
             blobs[f"spec:{task}"] = st.spec_json.encode()
             blobs[f"model:{task}"] = st.model.to_text().encode()
-        request = Payload(config={"tasks": tasks_cfg}, blobs=blobs)
+        request = Payload(config={"tasks": tasks_cfg, "min_cell_rows": self.config.min_cell_rows}, blobs=blobs)
         nodes = self.transport.node_ids()
         return self._exchange(EVALUATE, round_index, {n: request for n in nodes}, self.config.min_sites)
 
@@ -595,9 +595,8 @@ class FederatedTrainer:
             }
             if not tables:
                 raise FederatedError(f"{task}: no site returned evaluation statistics")
-            cal, info = choose_calibrator(
-                sum_binned([t["tune_a"] for t in tables.values()]),
-                sum_binned([t["tune_b"] for t in tables.values()]),
+            cal, info = fit_from_tables(
+                [sum_binned([t[half] for t in tables.values()]) for half in ("tune_a", "tune_b")],
                 self.calibration,
             )
             per_site = {site: binned_metrics(t["held_out"], cal) for site, t in sorted(tables.items())}
