@@ -46,7 +46,7 @@ def resolve_store_url(params, work, override: str | None = None) -> str:
 
 
 class MonitorConfig(BaseModel):
-    """Drift and performance monitoring (`monitor:` in params.yaml); see serving/monitoring.py for the tests."""
+    """Drift and performance monitoring (`monitor:` in params.yaml); see docs/monitoring.md."""
 
     model_config = ConfigDict(extra="forbid")
 
