@@ -354,7 +354,7 @@ def calibrator_from_dict(raw: object) -> Calibrator:
 
 
 def _accept_federated_keys(raw: dict) -> dict:
-    """Dicts of federated bundles saved before the one calibration core ({platt: a=slope, b=intercept}, {isotonic: x, y})."""
+    """Dicts of federated bundles saved before the one calibration core ({platt: a, b}, {isotonic: x, y})."""
     raw = dict(raw)
     if raw.get("method") == "platt" and "slope" not in raw and {"a", "b"} <= raw.keys():
         raw["slope"], raw["intercept"] = raw["a"], raw["b"]
