@@ -120,6 +120,15 @@ class MonitorConfig(BaseModel):
         0.001, gt=0, lt=1, description="p-value a performance finding must reach (AUROC drop, ECE, slope)"
     )
 
+    # performance estimated without labels (confidence-based, serving/monitoring/estimate.py)
+    estimate_min_rows: int = Field(100, ge=10, description="rows a window needs for a label-free estimate")
+    estimate_draws: int = Field(
+        200, ge=20, le=5000, description="outcome draws from the risks for the estimate's spread (seeded)"
+    )
+    estimated_auroc_floor: float | None = Field(
+        None, ge=0.5, le=1, description="label-free AUROC estimate below this: warning, below beyond chance: alert"
+    )
+
     @model_validator(mode="after")
     def _ordered(self) -> MonitorConfig:
         pairs = [("drift_share_warning", "drift_share_alert"), ("auroc_drop_warning", "auroc_drop_alert"),

@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from chronorisk.serving.monitoring.estimate import (
+    PerformanceEstimate,
+    estimate_performance,
+    judged_against_floor,
+    with_realized,
+)
 from chronorisk.serving.monitoring.reference import (
     FeatureBaseline,
     Reference,
@@ -132,10 +138,13 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     }
     performance = window_performance(inp, baseline, config)
     result["performance"] = performance
+    estimate = window_estimate(inp, reference, performance, config)
+    result["estimated_performance"] = estimate.to_dict() if estimate is not None else None
     if rows.height < config.min_window_rows:
         result.update(tested=False, data_drift=None, prediction_drift=None, change=None)
         status, reasons = "ok", [f"not tested: {rows.height} rows < min_window_rows {config.min_window_rows}"]
         status, reasons = _merge_performance_status(status, reasons, performance, config)
+        status, reasons = _estimate_status(status, reasons, estimate)
         result.update(status=status, reasons=reasons)
         return result
     have = set(rows.columns)
@@ -216,6 +225,7 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
         result["change"].update(baseline_windows=list(inp.recent_labels), baseline_rows=recent.n)
     status, reasons = _drift_status(result, config)
     status, reasons = _merge_performance_status(status, reasons, performance, config)
+    status, reasons = _estimate_status(status, reasons, estimate)
     result.update(status=status, reasons=reasons)
     return result
 
@@ -329,13 +339,21 @@ def _drift_status(result: dict, config: MonitorConfig) -> tuple[str, list[str]]:
     return status, reasons + details[:15]
 
 
-def window_performance(inp: WindowInput, baseline: SiteBaseline, config: MonitorConfig) -> dict[str, Any]:
+def _labelled(inp: WindowInput) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(rows with a join key, those of them whose outcome arrived: join_key, risk, outcome)."""
     keyed = inp.rows.filter(pl.col("join_key").is_not_null()) if "join_key" in inp.rows.columns else inp.rows.head(0)
-    out: dict[str, Any] = {"n_scored_with_key": keyed.height, "n_outcomes": 0, "reference": baseline.performance}
     if inp.outcomes is None or inp.outcomes.height == 0 or keyed.height == 0:
+        return keyed, pl.DataFrame(schema={"join_key": pl.String, "risk": pl.Float64, "outcome": pl.Boolean})
+    joined = keyed.select("join_key", "risk").join(inp.outcomes.select("join_key", "outcome"), on="join_key")
+    return keyed, joined
+
+
+def window_performance(inp: WindowInput, baseline: SiteBaseline, config: MonitorConfig) -> dict[str, Any]:
+    keyed, joined = _labelled(inp)
+    out: dict[str, Any] = {"n_scored_with_key": keyed.height, "n_outcomes": 0, "reference": baseline.performance}
+    if joined.height == 0:
         out["status"] = "pending"
         return out
-    joined = keyed.select("join_key", "risk").join(inp.outcomes.select("join_key", "outcome"), on="join_key")
     out["n_outcomes"] = joined.height
     metrics = realized_performance(joined["outcome"].to_numpy(), joined["risk"].to_numpy(), config)
     if metrics is None:
@@ -345,6 +363,32 @@ def window_performance(inp: WindowInput, baseline: SiteBaseline, config: Monitor
     out.update(metrics)
     out["status"] = "evaluated"
     return out
+
+
+def window_estimate(inp: WindowInput, reference: Reference, performance: dict[str, Any],
+                    config: MonitorConfig) -> PerformanceEstimate | None:
+    """The label-free estimate of the window (all its rows), the realized figures beside it, the floor's verdict."""
+    if inp.rows.height < config.estimate_min_rows:
+        return None
+    risk = inp.rows["risk"].cast(pl.Float64).to_numpy()
+    est = estimate_performance(risk, reference.meta.get("tiers") or {}, draws=config.estimate_draws,
+                               seed=seed_of(config.seed, "estimate", inp.task, inp.site, inp.window.label))
+    _, joined = _labelled(inp)
+    if joined.height:
+        est = with_realized(est, joined["outcome"].cast(pl.Float64).to_numpy(), joined["risk"].to_numpy(),
+                            performance.get("auroc"))
+    return judged_against_floor(est, config.estimated_auroc_floor)
+
+
+def _estimate_status(status: str, reasons: list[str], est: PerformanceEstimate | None) -> tuple[str, list[str]]:
+    if est is None or est.below_floor is None:
+        return status, reasons
+    spread = est.auroc_spread
+    text = (f"estimated AUROC without labels {est.auroc:.3f} (95% of chance outcomes {spread.low:.3f}-"
+            f"{spread.high:.3f}) is below the floor {est.floor:.3f} ({est.n} rows)")
+    if status == "ok" and reasons and reasons[0].startswith("ok:"):
+        reasons = reasons[1:]
+    return worst_status(status, est.below_floor), [text, *reasons]
 
 
 def _performance_findings(perf: dict, config: MonitorConfig) -> list[tuple[str, str]]:

@@ -104,6 +104,7 @@ def summarize_task(reports: Path, kind: str) -> dict:
                 "last_not_ok": next((r["window"] for r in reversed(results) if r["status"] != "ok"), None),
                 "history": [_history_row(r, folder) for r in results],
                 "performance_to_date": _performance_to_date(results),
+                "estimated_performance": _estimate_brief(last.get("estimated_performance")),
             }
     counts = {s: sum(1 for v in sites.values() if v["status"] == s) for s in STATUSES}
     return {"window_kind": kind, "sites": sites, "status_counts": counts}
@@ -118,6 +119,9 @@ def _history_row(r: dict, folder: Path) -> dict:
         "n_outcomes": perf.get("n_outcomes", 0), "auroc": perf.get("auroc"), "ece": perf.get("ece"),
         "calibration_slope": perf.get("calibration_slope"),
         "reference_auroc": (perf.get("reference") or {}).get("auroc"),
+        "estimated_auroc": (r.get("estimated_performance") or {}).get("auroc"),
+        "estimated_auroc_low": ((r.get("estimated_performance") or {}).get("auroc_spread") or {}).get("low"),
+        "estimated_auroc_high": ((r.get("estimated_performance") or {}).get("auroc_spread") or {}).get("high"),
         "html": f"reports/{folder.parent.name}/{folder.name}/{r['html']}" if r.get("html") else None,
         "json": f"reports/{folder.parent.name}/{folder.name}/{r['window']}.json",
         "reasons": r["reasons"][:3],
@@ -142,6 +146,20 @@ def shares_of(r: dict) -> dict[str, Any]:
         "drifted_features": drifted,
         "training_drift_share": dd.get("drift_share"), "change_share": ch.get("drift_share"),
         "prediction_drift": max(pdrift) if pdrift else None,
+    }
+
+
+def _estimate_brief(est: dict | None) -> dict | None:
+    """What the summary, page and gauges show of a window's label-free estimate."""
+    if not est:
+        return None
+    return {
+        "n": est["n"], "auroc": est["auroc"], "auroc_sd": est["auroc_spread"]["sd"],
+        "auroc_low": est["auroc_spread"]["low"], "auroc_high": est["auroc_spread"]["high"],
+        "prevalence": est["prevalence"], "n_outcomes": est["n_outcomes"], "realized_auroc": est["realized_auroc"],
+        "realized_prevalence": est["realized_prevalence"], "floor": est["floor"], "below_floor": est["below_floor"],
+        "thresholds": [{k: t[k] for k in ("tier", "threshold", "sensitivity", "ppv", "realized_sensitivity",
+                                          "realized_ppv")} for t in est["thresholds"]],
     }
 
 
@@ -197,6 +215,12 @@ _GAUGES = {
     "chronorisk_monitor_status": "Monitoring status of the latest window per site: 0 ok, 1 warning, 2 alert",
     "chronorisk_monitor_prediction_drift": "Normed Wasserstein distance of the risk distribution vs the reference",
     "chronorisk_monitor_realized_auroc": "Realized AUROC of the latest window with enough outcomes",
+    "chronorisk_monitor_estimated_auroc": "AUROC expected from the calibrated risks without labels, latest window",
+    "chronorisk_monitor_estimated_auroc_sd": "Standard deviation of the realized AUROC around the label-free estimate",
+}
+_TIER_GAUGES = {
+    "chronorisk_monitor_estimated_sensitivity": "Sensitivity expected without labels at the tier's threshold",
+    "chronorisk_monitor_estimated_ppv": "Positive predictive value expected without labels at the tier's threshold",
 }
 
 
@@ -205,6 +229,8 @@ def metric_families(summary: dict) -> list:
     from prometheus_client.core import GaugeMetricFamily
 
     fams = {name: GaugeMetricFamily(name, doc, labels=["task", "site", "window"]) for name, doc in _GAUGES.items()}
+    fams |= {name: GaugeMetricFamily(name, doc, labels=["task", "site", "window", "tier"])
+             for name, doc in _TIER_GAUGES.items()}
     for task, kinds in sorted(summary.get("tasks", {}).items()):
         for kind, section in sorted(kinds.items()):
             for site, s in sorted(section.get("sites", {}).items()):
@@ -217,7 +243,20 @@ def metric_families(summary: dict) -> list:
                 aurocs = [h["auroc"] for h in s.get("history", []) if h.get("auroc") is not None]
                 if aurocs:
                     fams["chronorisk_monitor_realized_auroc"].add_metric(labels, aurocs[-1])
+                _add_estimate(fams, labels, s.get("estimated_performance"))
     return list(fams.values())
+
+
+def _add_estimate(fams: dict, labels: list[str], est: dict | None) -> None:
+    if not est or est.get("auroc") is None:
+        return
+    fams["chronorisk_monitor_estimated_auroc"].add_metric(labels, est["auroc"])
+    if est.get("auroc_sd") is not None:
+        fams["chronorisk_monitor_estimated_auroc_sd"].add_metric(labels, est["auroc_sd"])
+    for t in est.get("thresholds", []):
+        for key in ("sensitivity", "ppv"):
+            if t.get(key) is not None:
+                fams[f"chronorisk_monitor_estimated_{key}"].add_metric([*labels, t["tier"]], t[key])
 
 
 class MonitoringCollector:

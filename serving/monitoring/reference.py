@@ -142,6 +142,7 @@ def reference_from_frame(
     recent_times: int = 2,
     seed: int = 0,
     trends: dict[str, dict[str, float]] | None = None,
+    tiers: Mapping[str, float] | None = None,
 ) -> Reference:
     """The reference from a scored feature table (site, split, prediction_time, boolean_value, features).
 
@@ -150,6 +151,8 @@ def reference_from_frame(
     splits (held out from training) with their outcome; the train split when
     there is no other. `trends` (per site, feature: change of the mean per
     year over the train split's prediction times) default to the frame's own.
+    `tiers` are the model's tier thresholds (name: lowest risk of the tier), for
+    the label-free sensitivity and PPV at each.
     """
     if frame.height != len(risk):
         raise InputError("risk", f"has {len(risk)} values for {frame.height} feature rows")
@@ -164,8 +167,8 @@ def reference_from_frame(
         train = scored
     if recent_times > 0 and "prediction_time" in train.columns:
         latest = (train.select("site", "prediction_time").unique()
-                  .with_columns(pl.col("prediction_time").rank("dense", descending=True).over("site").alias("rounded"))
-                  .filter(pl.col("rounded") <= recent_times).drop("rounded"))
+                  .with_columns(pl.col("prediction_time").rank("dense", descending=True).over("site").alias("_rank"))
+                  .filter(pl.col("_rank") <= recent_times).drop("_rank"))
         train = train.join(latest, on=["site", "prediction_time"], how="semi")
     keep = ["site", "risk", *(["tier"] if "tier" in train.columns else []), *feature_names]
     drift = _sample_per_site(train.select(keep), rows_per_site, seed)
@@ -182,6 +185,7 @@ def reference_from_frame(
     meta = {"rows_per_site": rows_per_site, "recent_times": recent_times, "seed": seed,
             "train_times": sorted({str(t) for t in train["prediction_time"].unique().to_list()})
             if "prediction_time" in train.columns else [],
+            "tiers": {str(k): float(v) for k, v in (tiers or {}).items()},
             "reference_time": _mean_time(train), "trends": trends if trends is not None else calendar_trends(
                 scored.filter(split == "train").lazy(), feature_names)}
     return Reference(
@@ -269,7 +273,7 @@ def build_reference(features_dir: Path, bundle, model_version: str | int, config
     ref = reference_from_frame(table, risk, task=task, model_version=model_version, feature_names=names,
                                importance=_importance(bundle, names), infos=infos,
                                rows_per_site=config.reference_rows, recent_times=config.reference_recent_times,
-                               seed=config.seed, trends=trends)
+                               seed=config.seed, trends=trends, tiers=bundle.tiers.model_dump())
     return ref
 
 

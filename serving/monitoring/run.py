@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chronorisk.serving.monitoring")
 
 
-MONITOR_VERSION = 2  # bump when the meaning of the outputs changes: forces recomputation
+MONITOR_VERSION = 3  # bump when the meaning of the outputs changes: forces recomputation
 
 
 @dataclass
