@@ -35,6 +35,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from chronorisk.models.calibration import Calibrator, WeightedOutcomes
+    from chronorisk.models.site_calibration import SiteLayer
 
 # Raw-score grid shared by every site: 0.02 log-odds wide bins, plus one
 # overflow bin at each end (LightGBM binary margins stay well inside).
@@ -162,6 +163,30 @@ def fit_from_tables(folds: list[BinnedScores], method: str = "auto") -> tuple[Ca
     cal = fit_calibrator_from_folds([t.as_outcomes() for t in folds], method)
     cal.info["federated"] = True
     return cal, cal.info
+
+
+def site_layer_from_tables(cal: Calibrator, tables: dict[str, BinnedScores],
+                           prior_cases: float | None = None) -> SiteLayer:
+    """Each site's recalibration on the global calibrated log-odds, from its binned (tuning) table.
+
+    Sites with too few cases (or non-cases) for a recalibration keep the global calibration.
+    """
+    from chronorisk.models.calibration import WeightedOutcomes, logit
+    from chronorisk.models.site_calibration import PRIOR_CASES, SiteLayer, fit_site_recalibration_from_cells
+
+    layer = SiteLayer()
+    for site, table in sorted(tables.items()):
+        s, n, k = table.occupied()
+        if s.size == 0:
+            continue
+        cells = WeightedOutcomes.from_cells(logit(cal.predict(s)), n, k)
+        try:
+            recal = fit_site_recalibration_from_cells(site, cells, prior_cases=PRIOR_CASES
+                                                      if prior_cases is None else prior_cases)
+        except ValueError:
+            continue
+        layer = layer.with_site(recal)
+    return layer
 
 
 # ---- evaluation from bins ---------------------------------------------------------------

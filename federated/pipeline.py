@@ -150,6 +150,7 @@ def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: 
     fingerprint = "federated:" + hashlib.sha256(
         json.dumps([result.spec_json, sorted(result.site_sizes.items())]).encode()
     ).hexdigest()[:32]
+    layer = result.site_layer if params.federated.site_recalibration and result.site_layer else None
     return ModelBundle.from_model(
         model,
         spec,
@@ -158,7 +159,8 @@ def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: 
         version=version,
         data_fingerprint=fingerprint,
         metrics={"held_out": result.overall, "sites": result.site_metrics},
-        extra={"training": "federated", "strategy": strategy, "site_sizes": result.site_sizes},
+        extra={"training": "federated", "strategy": strategy, "site_sizes": result.site_sizes,
+               **({"site_calibration": layer.to_dict()} if layer else {})},
     )
 
 

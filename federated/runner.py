@@ -35,6 +35,7 @@ from chronorisk.federated.calibration import (
     BinnedScores,
     binned_metrics,
     fit_from_tables,
+    site_layer_from_tables,
     sum_binned,
 )
 from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN, Payload
@@ -42,6 +43,7 @@ from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN, Payload
 if TYPE_CHECKING:
     from chronorisk.federated.config import FederatedConfig
     from chronorisk.models.calibration import Calibrator
+    from chronorisk.models.site_calibration import SiteLayer
 
 log = logging.getLogger("chronorisk.federated")
 
@@ -245,6 +247,7 @@ class TaskResult:
     times: list[str] = field(default_factory=list)
     early_stopping: dict = field(default_factory=dict)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    site_layer: SiteLayer | None = None  # each site's recalibration from its tuning bins (applied if configured)
 
     @property
     def num_trees(self) -> int:
@@ -275,6 +278,7 @@ class FederatedResult:
                     "site_sizes": r.site_sizes,
                     "times": r.times,
                     "early_stopping": r.early_stopping,
+                    "site_recalibration": r.site_layer.to_dict() if r.site_layer else {},
                 }
                 for name, r in self.tasks.items()
             },
@@ -600,6 +604,7 @@ class FederatedTrainer:
                 self.calibration,
             )
             per_site = {site: binned_metrics(t["held_out"], cal) for site, t in sorted(tables.items())}
+            site_layer = site_layer_from_tables(cal, {site: t["tune_a"] + t["tune_b"] for site, t in tables.items()})
             overall = binned_metrics(sum_binned([t["held_out"] for t in tables.values()]), cal)
             results[task] = TaskResult(
                 task=task,
@@ -613,6 +618,7 @@ class FederatedTrainer:
                 times=list(st.times),
                 early_stopping=st.stop_info or {"trees": st.model.num_trees, "at": "not stopped"},
                 loss_curve=st.loss_curve,
+                site_layer=site_layer,
             )
             log.info("%s: overall held-out AUROC %.4f over %d site(s)",
                      task, overall.get("auroc", float("nan")), len(per_site))

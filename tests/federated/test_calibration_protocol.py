@@ -177,3 +177,18 @@ def test_merged_sketches_approximate_pooled_quantiles():
     assert np.abs(merged - truth)[5:-5].max() < 0.15
     assert merged[0] == pytest.approx(truth[0]) and merged[-1] == pytest.approx(truth[-1])
     assert np.isnan(merge_sketches([])).all()
+
+
+def test_site_layer_from_binned_tables_recalibrates_the_miscalibrated_site_only():
+    rng = np.random.default_rng(9)
+    cal = PlattCalibrator(intercept=0.0, slope=1.0)
+    tables = {}
+    for site, slope in (("home", 1.0), ("new", 0.5)):
+        s = rng.normal(-2.0, 1.5, 6000)
+        y = (rng.random(s.size) < 1 / (1 + np.exp(-slope * s))).astype(float)
+        tables[site] = C.BinnedScores.from_rows(s, y).with_small_cells_pooled(5)
+    tables["tiny"] = C.BinnedScores.from_rows(np.array([-2.0, -1.0, 0.5]), np.array([0.0, 0.0, 1.0]))
+    layer = C.site_layer_from_tables(cal, tables)
+    assert set(layer.sites) == {"home", "new"}  # too few cases: the global calibration
+    assert layer.sites["home"].slope == pytest.approx(1.0, abs=0.1)
+    assert layer.sites["new"].slope == pytest.approx(0.5, abs=0.1)
