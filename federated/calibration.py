@@ -35,7 +35,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from chronorisk.models.calibration import Calibrator, WeightedOutcomes
-    from chronorisk.models.site_calibration import SiteLayer
+    from chronorisk.models.site_calibration import SiteLayer, SiteRecalibration
 
 # Raw-score grid shared by every site: 0.02 log-odds wide bins, plus one
 # overflow bin at each end (LightGBM binary margins stay well inside).
@@ -203,14 +203,15 @@ def binned_auroc(table: BinnedScores) -> float:
     return float(np.sum(pos * (neg_below + 0.5 * neg)) / (n_pos * n_neg))
 
 
-def binned_metrics(table: BinnedScores, cal: Calibrator) -> dict[str, float]:
+def binned_metrics(table: BinnedScores, cal: Calibrator, recal: SiteRecalibration | None = None) -> dict[str, float]:
     """The centralized evaluation's metrics (training.metrics) on the bins, each bin as two weighted rows.
 
     A bin becomes a row of positives and a row of negatives at the bin's
     calibrated risk, weighted by their counts: AUROC (ties within a bin count
     one half), AUPRC, Brier score, equal-mass ECE, calibration slope and
     intercept are then computed by the very functions `chronorisk evaluate`
-    uses, so federated and centralized figures mean the same thing.
+    uses, so federated and centralized figures mean the same thing. `recal`: the site's own
+    recalibration on top of the global calibrator.
     """
     from chronorisk.training import metrics as m
 
@@ -218,7 +219,8 @@ def binned_metrics(table: BinnedScores, cal: Calibrator) -> dict[str, float]:
     if n_rows == 0:
         return {"n": 0.0}
     s, n, k = table.occupied()
-    p = np.clip(cal.predict(s), 1e-6, 1 - 1e-6)
+    p = cal.predict(s) if recal is None else recal.apply(cal.predict(s))
+    p = np.clip(p, 1e-6, 1 - 1e-6)
     y = np.concatenate([np.ones_like(p), np.zeros_like(p)])
     pp = np.concatenate([p, p])
     w = np.concatenate([k, n - k])

@@ -248,6 +248,7 @@ class TaskResult:
     early_stopping: dict = field(default_factory=dict)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
     site_layer: SiteLayer | None = None  # each site's recalibration from its tuning bins (applied if configured)
+    site_metrics_recalibrated: dict[str, dict[str, float]] = field(default_factory=dict)  # held out, with it
 
     @property
     def num_trees(self) -> int:
@@ -279,6 +280,7 @@ class FederatedResult:
                     "times": r.times,
                     "early_stopping": r.early_stopping,
                     "site_recalibration": r.site_layer.to_dict() if r.site_layer else {},
+                    "sites_recalibrated": r.site_metrics_recalibrated,
                 }
                 for name, r in self.tasks.items()
             },
@@ -605,6 +607,8 @@ class FederatedTrainer:
             )
             per_site = {site: binned_metrics(t["held_out"], cal) for site, t in sorted(tables.items())}
             site_layer = site_layer_from_tables(cal, {site: t["tune_a"] + t["tune_b"] for site, t in tables.items()})
+            recalibrated = {site: binned_metrics(tables[site]["held_out"], cal, recal)
+                            for site, recal in site_layer.sites.items()}
             overall = binned_metrics(sum_binned([t["held_out"] for t in tables.values()]), cal)
             results[task] = TaskResult(
                 task=task,
@@ -619,6 +623,7 @@ class FederatedTrainer:
                 early_stopping=st.stop_info or {"trees": st.model.num_trees, "at": "not stopped"},
                 loss_curve=st.loss_curve,
                 site_layer=site_layer,
+                site_metrics_recalibrated=recalibrated,
             )
             log.info("%s: overall held-out AUROC %.4f over %d site(s)",
                      task, overall.get("auroc", float("nan")), len(per_site))
