@@ -26,7 +26,7 @@ from datetime import date
 from chronorisk.data.config import SiteConfig
 
 NEW_SITE_ID = "chc_newregion"
-JOINS = date(2024, 1, 1)  # first prediction time at which the new site's scores and outcomes count
+JOINS = date(2022, 1, 1)  # first prediction time at which the new site's scores and outcomes count
 NEW_SITE_SHARE = 0.22  # relative share of patients beside the founding sites' shares (which sum to 1)
 
 
