@@ -7,7 +7,7 @@ model was trained on, site baselines, clock-driven features), `statistics`
 Prometheus gauges), `run` (the run over a prediction log).
 """
 
-from chronorisk.serving.monitoring.judging import STATUSES, WindowInput, evaluate_window, judge_feature
+from chronorisk.serving.monitoring.judging import STATUSES, WindowInput, WindowResult, evaluate_window, judge_feature
 from chronorisk.serving.monitoring.outputs import (
     MonitoringCollector,
     load_summary,
@@ -34,7 +34,8 @@ from chronorisk.serving.monitoring.windows import Window, window_of, windows_for
 
 __all__ = [
     "MONITOR_VERSION", "STATUSES", "FeatureBaseline", "MonitorOptions", "MonitoringCollector", "Reference",
-    "SiteBaseline", "Window", "WindowInput", "build_reference", "clock_driven", "drift_scorer", "evaluate_window",
+    "SiteBaseline", "Window", "WindowInput", "WindowResult", "build_reference", "clock_driven", "drift_scorer",
+    "evaluate_window",
     "judge_feature", "load_or_build_reference", "load_summary", "metric_families", "metrics_text",
     "reference_from_frame", "run_monitor", "save_window_html", "screen_features", "site_baseline",
     "summarize_task", "window_of", "windows_for_days", "write_metrics", "write_summary",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -125,27 +125,51 @@ class WindowInput:
     recent_labels: tuple[str, ...] = ()
 
 
+@dataclass
+class WindowResult:
+    """The verdict of one (site, window); `to_dict` is its JSON report (sections as documented there)."""
+
+    task: str
+    site: str
+    window: str
+    window_kind: str
+    window_start: str
+    window_end: str
+    n_rows: int
+    model_versions: dict[str, int]
+    sources: dict[str, float]
+    reference: dict[str, Any]
+    performance: dict[str, Any]
+    estimated_performance: PerformanceEstimate | None
+    tested: bool = False
+    status: str = "ok"
+    reasons: list[str] = field(default_factory=list)
+    data_drift: dict[str, Any] | None = None  # vs the training reference
+    prediction_drift: dict[str, Any] | None = None  # the risk distribution vs the training reference
+    change: dict[str, Any] | None = None  # vs the site's recent windows
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseline,
-                    config: MonitorConfig) -> dict[str, Any]:
-    """The JSON result of one (site, window): drift vs training and vs recent windows, performance, status."""
+                    config: MonitorConfig) -> WindowResult:
+    """The verdict of one (site, window): drift vs training and vs recent windows, performance, status."""
     rows = inp.rows
-    result: dict[str, Any] = {
-        "task": inp.task, "site": inp.site, "window": inp.window.label, "window_kind": inp.window.kind,
-        "window_start": inp.window.start.date().isoformat(), "window_end": inp.window.end.date().isoformat(),
-        "n_rows": rows.height, "model_versions": _versions(rows), "sources": _sources(rows),
-        "reference": {"model_version": reference.model_version, "n_rows": baseline.n,
-                      "pooled_sites": baseline.pooled, "time": reference.meta.get("reference_time")},
-    }
     performance = window_performance(inp, baseline, config)
-    result["performance"] = performance
     estimate = window_estimate(inp, reference, performance, config)
-    result["estimated_performance"] = estimate.to_dict() if estimate is not None else None
+    result = WindowResult(
+        task=inp.task, site=inp.site, window=inp.window.label, window_kind=inp.window.kind,
+        window_start=inp.window.start.date().isoformat(), window_end=inp.window.end.date().isoformat(),
+        n_rows=rows.height, model_versions=_versions(rows), sources=_sources(rows),
+        reference={"model_version": reference.model_version, "n_rows": baseline.n,
+                   "pooled_sites": baseline.pooled, "time": reference.meta.get("reference_time")},
+        performance=performance, estimated_performance=estimate,
+    )
     if rows.height < config.min_window_rows:
-        result.update(tested=False, data_drift=None, prediction_drift=None, change=None)
         status, reasons = "ok", [f"not tested: {rows.height} rows < min_window_rows {config.min_window_rows}"]
         status, reasons = _merge_performance_status(status, reasons, performance, config)
-        status, reasons = _estimate_status(status, reasons, estimate)
-        result.update(status=status, reasons=reasons)
+        result.status, result.reasons = _estimate_status(status, reasons, estimate)
         return result
     have = set(rows.columns)
     features = [f for f in reference.feature_names if f in have]
@@ -176,7 +200,7 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
     tested = top + sorted(screened - set(top), key=rank.__getitem__)
     column = {f: j for j, f in enumerate(features)}
     wasserstein = drift_scorer(config.stattest)
-    batch_share = result["sources"].get("batch", 0.0)
+    batch_share = result.sources.get("batch", 0.0)
     counts = "all" if batch_share >= config.min_batch_share else "unit changes"
     samples = {"training": sampled, "recent": aligned[index] if index is not None else aligned}
     sorted_values: dict[tuple[str, bool], np.ndarray] = {}  # both comparisons share all but the aligned columns
@@ -212,21 +236,19 @@ def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseli
             "prediction_drift": _prediction_drift(risk, rows, base, config, wasserstein),
         }
 
-    result["tested"] = True
-    result["data_drift"] = compare(training, "training")
-    result["data_drift"].update(counts=counts, batch_share=rounded(batch_share),
-                                calendar_features=sorted(calendar & set(tested)),
-                                moved_with_calendar=[v["feature"] for v in result["data_drift"]["features"]
-                                                     if v.get("calendar")])
-    result["prediction_drift"] = result["data_drift"]["prediction_drift"]
-    result["change"] = None
+    result.tested = True
+    result.data_drift = compare(training, "training")
+    result.data_drift.update(counts=counts, batch_share=rounded(batch_share),
+                             calendar_features=sorted(calendar & set(tested)),
+                             moved_with_calendar=[v["feature"] for v in result.data_drift["features"]
+                                                  if v.get("calendar")])
+    result.prediction_drift = result.data_drift["prediction_drift"]
     if recent is not None:
-        result["change"] = compare(recent, "recent")
-        result["change"].update(baseline_windows=list(inp.recent_labels), baseline_rows=recent.n)
-    status, reasons = _drift_status(result, config)
+        result.change = compare(recent, "recent")
+        result.change.update(baseline_windows=list(inp.recent_labels), baseline_rows=recent.n)
+    status, reasons = _drift_status(result.data_drift, result.change, config)
     status, reasons = _merge_performance_status(status, reasons, performance, config)
-    status, reasons = _estimate_status(status, reasons, estimate)
-    result.update(status=status, reasons=reasons)
+    result.status, result.reasons = _estimate_status(status, reasons, estimate)
     return result
 
 
@@ -311,9 +333,9 @@ def _section_status(section: dict, config: MonitorConfig, label: str, counts: st
     return status, reasons, (drifted if status != "ok" else [])
 
 
-def _drift_status(result: dict, config: MonitorConfig) -> tuple[str, list[str]]:
-    """The worse of the two comparisons, reasons first, then the features that made them."""
-    dd, ch = result["data_drift"], result.get("change")
+def _drift_status(dd: dict, ch: dict | None, config: MonitorConfig) -> tuple[str, list[str]]:
+    """The worse of the two comparisons (vs training `dd`, vs recent windows `ch`), reasons first, then the
+    features that made them."""
     status, reasons, findings = _section_status(dd, config, "vs training", dd.get("counts", "all"))
     summary = [f"vs training: {dd['n_drifted']} of {dd['n_tested']} tested features drifted"
                + ("" if dd.get("counts", "all") == "all" else " (scores at visits: only unit changes count)")]

@@ -88,7 +88,7 @@ def run_monitor(prediction_log: PredictionLog, reference: Reference, monitoring_
             if site not in baselines:
                 baselines[site] = site_baseline(reference, site, config)
             inp = _window_input(prediction_log, opts.task, site, data, previous_windows, outcomes, config)
-            result = evaluate_window(inp, reference, baselines[site], config)
+            result = evaluate_window(inp, reference, baselines[site], config).to_dict()
             result["fingerprint"] = fingerprint
             result["html"] = None
             if opts.html == "all" or (opts.html == "flagged" and result["status"] != "ok"):
