@@ -5,7 +5,7 @@ Set-up: `chronorisk generate --new-site` (the founding five sites plus
 pattern, data/synth/new_site.py) and `chronorisk features --task T` into
 WORK, unless they are there. The global model is trained as `chronorisk
 train` does (`training.train.train_task`, params.yaml) on the founding sites
-only: the new site joins at `new_site.JOINS`, after it.
+only: the new site joins at `new_site.JOINS`, after it (saved in WORK and reused by later runs).
 
 Reported for the new site (its rows from the join date on, which the global
 model never saw):
@@ -181,6 +181,7 @@ def federated_join(work: Path, params, task: str, site: str) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from chronorisk.config import load_params
     from chronorisk.data.synth.new_site import JOINS, NEW_SITE_ID
+    from chronorisk.models.bundle import ModelBundle
     from chronorisk.training.train import HELD_OUT, load_feature_tables, train_task
 
     params = load_params(args.params)
@@ -191,10 +192,16 @@ def run(args: argparse.Namespace) -> dict:
     founding = data.frame.filter(~site)
     joined = data.frame.filter(site & (pl.col("prediction_time") >= datetime.combine(JOINS, datetime.min.time())))
     started = time.perf_counter()
-    model_config = params.model.model_copy(update={"lightgbm": {**params.model.lightgbm,
-                                                               "num_threads": args.threads}})
-    bundle = train_task(type(data)(data.task, data.spec, founding, data.source), model_config, params.train).bundle
-    train_seconds = round(time.perf_counter() - started, 1)
+    cached = work / "new_region_global_model" / args.task
+    if (cached / "bundle.json").is_file():  # the founding sites' model of an earlier run on this cohort
+        bundle, train_seconds = ModelBundle.load(cached), None
+    else:
+        model_config = params.model.model_copy(update={"lightgbm": {**params.model.lightgbm,
+                                                                   "num_threads": args.threads}})
+        bundle = train_task(type(data)(data.task, data.spec, founding, data.source), model_config,
+                            params.train).bundle
+        bundle.save(cached)
+        train_seconds = round(time.perf_counter() - started, 1)
     held = founding.filter(pl.col("split") == HELD_OUT)
     held_risk = bundle.predict_risk(held)
     new_risk = bundle.predict_risk(joined.drop("site"))  # the global calibration: no site layer yet
