@@ -1,9 +1,12 @@
 """The statistics monitoring runs: drift scores and p-values, the cheap screen, realized performance.
 
 Distribution tests come from maintained libraries: scipy.stats for the
-two-sample KS test, Wasserstein distance, binomial and normal tails and the
-two-proportion (chi-square) test; Evidently for any other drift method
-(`drift_scorer`). Figures are rounded for the JSON outputs here too
+binomial and normal tails, the two-proportion (chi-square) test and the
+two-sample KS test of other drift methods; Evidently for any other drift
+method (`drift_scorer`). One exception, measured: the default method's
+normed Wasserstein distance and its KS p-value are computed together on the
+sorted samples (`_wasserstein_and_ks`), six times faster than the two scipy
+calls, which made half of a monitor run's CPU. Figures are rounded for the JSON outputs here too
 (`rounded`, `p_value`).
 """
 
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
+from scipy.special import kolmogorov
 
 if TYPE_CHECKING:
     from chronorisk.serving.config import MonitorConfig
@@ -37,13 +41,12 @@ def shares(col: pl.Series) -> dict[str, float]:
 def drift_scorer(method: str):
     """score(reference_sorted, current_sorted) -> drift score of Evidently's method `method`.
 
-    "wasserstein" is Evidently's normed Wasserstein distance: W1 from
-    `scipy.stats.wasserstein_distance` divided by the reference's standard
-    deviation (at least 0.001), Evidently's own formula called directly,
-    about ten times faster than through Evidently's pandas wrapper (it runs
-    thousands of times a run); the HTML reports show Evidently's own figure
-    and a test checks they agree. Other methods go through Evidently's
-    registered StatTest.
+    "wasserstein" is Evidently's normed Wasserstein distance (W1 divided by
+    the reference's standard deviation, at least 0.001), computed on the
+    sorted samples together with the KS test (`_wasserstein_and_ks`: the
+    library calls were half a monitor run's CPU); the HTML reports show
+    Evidently's own figure and a test checks they agree. Other methods go
+    through Evidently's registered StatTest.
     """
     if method == "wasserstein":
         return _normed_wasserstein
@@ -59,15 +62,35 @@ def drift_scorer(method: str):
 
 
 def _normed_wasserstein(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
-    """W1(reference, current) / max(SD(reference), 0.001) (scipy.stats.wasserstein_distance)."""
-    from scipy.stats import wasserstein_distance
+    """W1(reference, current) / max(SD(reference), 0.001), both samples sorted."""
+    return _wasserstein_and_ks(ref_sorted, cur_sorted)[0]
 
-    return float(wasserstein_distance(ref_sorted, cur_sorted) / max(float(np.std(ref_sorted)), 0.001))
+
+def _wasserstein_and_ks(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> tuple[float, float]:
+    """(normed W1, asymptotic two-sample KS p-value) from one pass over the two sorted samples.
+
+    Hand-written on purpose, the one statistic kept so: both are made of the gap between the two
+    empirical CDFs on the pooled values, so one merge gives both. scipy.stats.wasserstein_distance
+    plus scipy.stats.ks_2samp take 2.5 ms a call on 5,000 + 5,000 values against 0.41 ms here (this
+    machine, 500 calls); a monitor run over 1,000,000 logged scores makes about 8,000 such calls,
+    and through scipy they were half of the run's CPU time (benchmarks/monitor_bench.py:
+    39.6 CPU-s with scipy, `monitor_scipy_stats.json`). Tests check the figures against scipy's and
+    Evidently's.
+    """
+    grid = np.sort(np.concatenate([ref_sorted, cur_sorted]), kind="stable")  # merges two sorted runs
+    gap = np.abs(np.searchsorted(ref_sorted, grid, side="right") / ref_sorted.size
+                 - np.searchsorted(cur_sorted, grid, side="right") / cur_sorted.size)
+    w = float(np.dot(gap[:-1], np.diff(grid)) / max(float(np.std(ref_sorted)), 0.001))
+    n, m = ref_sorted.size, cur_sorted.size
+    return w, float(kolmogorov(math.sqrt(n * m / (n + m)) * float(gap.max())))
 
 
 def distance_and_p(wasserstein: Callable[[np.ndarray, np.ndarray], float], ref_sorted: np.ndarray,
                    cur_sorted: np.ndarray) -> tuple[float, float]:
-    """The drift score of `wasserstein` (see `drift_scorer`) and the two-sample KS p-value."""
+    """The drift score of `wasserstein` (see `drift_scorer`) and the two-sample KS p-value; fused for the
+    default method (see `_wasserstein_and_ks`)."""
+    if wasserstein is _normed_wasserstein:
+        return _wasserstein_and_ks(ref_sorted, cur_sorted)
     return wasserstein(ref_sorted, cur_sorted), ks_p(ref_sorted, cur_sorted)
 
 
