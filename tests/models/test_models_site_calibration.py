@@ -93,3 +93,29 @@ def test_the_bundles_site_layer_applies_to_its_site_only_and_survives_save_load(
     (tmp_path / "b" / "bundle.json").write_text(raw)
     with pytest.raises(BundleError, match="site_calibration"):
         ModelBundle.load(tmp_path / "b")
+
+
+def test_promotion_scores_the_site_layer_and_refuses_a_harmful_one(fitted, spec, task, data):
+    """Promotion scores candidate and champion on the same rows through predict_risk: the layer counts."""
+    from models_support import make_data, true_logit
+
+    from chronorisk.models.site_calibration import SiteRecalibration
+    from chronorisk.training.config import PromoteConfig
+    from chronorisk.training.promote import decide, score
+
+    champion = ModelBundle.from_model(fitted, spec, task, TierThresholds(medium=0.1, high=0.25), version=1)
+    X, _, _ = make_data(6000, 21)
+    rng = np.random.default_rng(22)
+    y = rng.random(X.shape[0]) < sigmoid(true_logit(X) + 1.0)  # a site with more outcomes than the model says
+    rows = frame(X).with_columns(pl.Series("site", ["chc_new"] * X.shape[0]), pl.Series("boolean_value", y))
+    local, held = rows[:3000], rows[3000:]
+    recal = fit_site_recalibration("chc_new", champion.predict_risk(local.drop("site")),
+                                   local["boolean_value"].cast(pl.Float64).to_numpy())
+    good = champion.with_site_layer(SiteLayer().with_site(recal), version=2)
+    bad = champion.with_site_layer(SiteLayer().with_site(SiteRecalibration("chc_new", -1.5, 1.0, 1, 1, 0)), version=3)
+    tol = PromoteConfig()
+    base = score(1, champion, held)
+    assert decide("t", score(2, good, held), base, tol).accepted
+    assert score(2, good, held).ece < base.ece - 0.02
+    refused = decide("t", score(3, bad, held), base, tol)
+    assert not refused.accepted and any("ECE" in r for r in refused.reasons)
