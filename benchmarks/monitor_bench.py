@@ -15,6 +15,10 @@ Timed, each in a fresh process (imports included: Evidently alone takes
   windows, summary.json, metrics.prom;
 - `rerun`: the same command again (idempotent: nothing changed, nothing recomputed).
 
+Every window also gets its label-free performance estimate (expected AUROC, prevalence, sensitivity
+and PPV at the two tier thresholds, 200 outcome draws: serving/monitoring/estimate.py), and the
+statistics come from scipy.stats (KS, Wasserstein, binomial, normal, chi-square), so the timing covers both.
+
     .venv/bin/python benchmarks/monitor_bench.py [--quick] [--rows N] [--features F] [--work DIR]
 """
 
@@ -113,7 +117,8 @@ def build(work: Path, rows: int, n_features: int) -> dict:
                                               pl.Series("boolean_value", rng.uniform(size=25000) < 0.07))
     reference = M.reference_from_frame(table.drop("risk"), table["risk"].to_numpy(), task="onset_2y",
                                        model_version="1", feature_names=names,
-                                       importance={n: float(len(names) - i) for i, n in enumerate(names)})
+                                       importance={n: float(len(names) - i) for i, n in enumerate(names)},
+                                       tiers={"medium": 0.10, "high": 0.25})
     reference.save(work / "bench-reference")
     size = sum(p.stat().st_size for p in (work / "monitoring" / "log").rglob("*.parquet"))
     return {"rows": written, "features": len(names), "log_mb": round(size / 2**20, 1),

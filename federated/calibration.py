@@ -4,16 +4,20 @@ Every site scores its own rows with the global model and reports, on a grid
 of the model's raw score (log-odds) that all parties know in advance, how
 many rows fall in each bin, how many of them are positive, and the sum of
 their raw scores. Those counts are sums over rows, so the server adds the
-sites' tables and fits on the total exactly as it would on pooled bins:
+sites' tables and fits on the total exactly as it would on pooled bins.
 
-- Platt scaling: p = sigmoid(a * s + b), weighted logistic regression on the
-  bin means (Newton steps);
-- isotonic regression: pool-adjacent-violators over the bins, interpolated
-  linearly between bin means;
-- the method is chosen like the centralized model chooses it: each site
-  splits its tuning rows into two halves by subject, each method is fitted
-  on one half and scored (log-loss) on the other, both ways; the winner is
-  refitted on both halves.
+No cell reveals a handful of patients' outcomes: before a table leaves a
+site, cells with fewer than `min_cell_rows` rows (params.yaml
+`federated.min_cell_rows`, default 5) are pooled with their neighbours in
+score order (counts, positives and score sums added, filed under the bin of
+the pooled mean score); a site with fewer rows than that sends nothing.
+
+The calibrator itself is fitted by the models package's one calibration
+core (`chronorisk.models.calibration.fit_calibrator_from_folds`): each bin
+becomes weighted rows at its mean score, the sites' two tuning halves are
+the folds of its `auto` rule (isotonic only when it beats Platt by more than
+two standard errors), and its guarantees (pooled end blocks, never a risk of
+exactly 0 or 1) hold here as they do centrally.
 
 Evaluation uses the same tables of held-out rows, per site: every bin
 becomes two weighted rows (its positives and its negatives at the bin's
@@ -25,8 +29,13 @@ any score difference that matters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from chronorisk.models.calibration import Calibrator, WeightedOutcomes
+    from chronorisk.models.site_calibration import SiteLayer, SiteRecalibration
 
 # Raw-score grid shared by every site: 0.02 log-odds wide bins, plus one
 # overflow bin at each end (LightGBM binary margins stay well inside).
@@ -34,7 +43,7 @@ GRID_LOW = -15.0
 GRID_HIGH = 15.0
 GRID_WIDTH = 0.02
 N_BINS = round((GRID_HIGH - GRID_LOW) / GRID_WIDTH) + 2
-_EPS = 1e-12
+MIN_CELL_ROWS = 5  # default of params.yaml federated.min_cell_rows
 
 
 def bin_index(raw_scores: np.ndarray) -> np.ndarray:
@@ -85,10 +94,56 @@ class BinnedScores:
     def positives(self) -> float:
         return float(self.pos.sum())
 
+    def as_outcomes(self) -> WeightedOutcomes:
+        """The table as weighted rows for the calibration core: positives and negatives at each bin's mean score."""
+        from chronorisk.models.calibration import WeightedOutcomes
+
+        return WeightedOutcomes.from_cells(*self.occupied())
+
+    def with_small_cells_pooled(self, min_rows: int = MIN_CELL_ROWS) -> BinnedScores:
+        """Cells of fewer than `min_rows` rows pooled with their neighbours; nothing at all below `min_rows` rows.
+
+        Occupied bins are taken in score order and gathered into groups of at
+        least `min_rows` rows (a short last group joins the one before); each
+        group's sums are filed under the bin of its mean score, which lies in
+        the group's own span, so groups never collide and sums over sites
+        stay sums of rows.
+        """
+        if min_rows <= 1:
+            return self
+        out = BinnedScores()
+        if self.total < min_rows:
+            return out
+        keep = self.n > 0
+        groups = _groups_of_at_least(self.n[keep], min_rows)
+        n = np.bincount(groups, weights=self.n[keep])
+        pos = np.bincount(groups, weights=self.pos[keep])
+        score_sum = np.bincount(groups, weights=self.score_sum[keep])
+        target = bin_index(score_sum / n)
+        np.add.at(out.n, target, n)
+        np.add.at(out.pos, target, pos)
+        np.add.at(out.score_sum, target, score_sum)
+        return out
+
     def occupied(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean raw score, count, positives) of the non-empty bins, in score order."""
         keep = self.n > 0
         return self.score_sum[keep] / self.n[keep], self.n[keep], self.pos[keep]
+
+
+def _groups_of_at_least(n: np.ndarray, min_rows: int) -> np.ndarray:
+    """Group number of every bin count (in bin order): consecutive runs holding at least `min_rows` rows."""
+    counts = n
+    groups = np.empty(counts.size, dtype=np.int64)
+    group, held = 0, 0.0
+    for i, c in enumerate(counts):
+        groups[i] = group
+        held += c
+        if held >= min_rows:
+            group, held = group + 1, 0.0
+    if held > 0 and group > 0:  # a short last run joins the group before it
+        groups[groups == group] = group - 1
+    return groups
 
 
 def sum_binned(tables: list[BinnedScores]) -> BinnedScores:
@@ -98,122 +153,40 @@ def sum_binned(tables: list[BinnedScores]) -> BinnedScores:
     return total
 
 
-# ---- calibrators -----------------------------------------------------------------------
+# ---- calibration ----------------------------------------------------------------------
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -35, 35)))
+def fit_from_tables(folds: list[BinnedScores], method: str = "auto") -> tuple[Calibrator, dict]:
+    """The models package's calibrator, fitted on the summed tables of each fold (the tuning halves)."""
+    from chronorisk.models.calibration import fit_calibrator_from_folds
+
+    cal = fit_calibrator_from_folds([t.as_outcomes() for t in folds], method)
+    cal.info["federated"] = True
+    return cal, cal.info
 
 
-@dataclass(frozen=True)
-class Calibrator:
-    """A fitted map from raw score (log-odds) to calibrated risk."""
+def site_layer_from_tables(cal: Calibrator, tables: dict[str, BinnedScores],
+                           prior_cases: float | None = None) -> SiteLayer:
+    """Each site's recalibration on the global calibrated log-odds, from its binned (tuning) table.
 
-    method: str  # "platt" or "isotonic"
-    a: float = 1.0
-    b: float = 0.0
-    x: tuple[float, ...] = ()
-    y: tuple[float, ...] = ()
+    Sites with too few cases (or non-cases) for a recalibration keep the global calibration.
+    """
+    from chronorisk.models.calibration import WeightedOutcomes, logit
+    from chronorisk.models.site_calibration import PRIOR_CASES, SiteLayer, fit_site_recalibration_from_cells
 
-    def __call__(self, raw_scores: np.ndarray) -> np.ndarray:
-        s = np.asarray(raw_scores, dtype=np.float64)
-        if self.method == "platt":
-            return _sigmoid(self.a * s + self.b)
-        return np.interp(s, np.asarray(self.x), np.asarray(self.y))
-
-    def to_dict(self) -> dict:
-        if self.method == "platt":
-            return {"method": "platt", "a": self.a, "b": self.b}
-        return {"method": "isotonic", "x": list(self.x), "y": list(self.y)}
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> Calibrator:
-        if raw.get("method") == "platt":
-            return cls("platt", a=float(raw["a"]), b=float(raw["b"]))
-        if raw.get("method") == "isotonic":
-            return cls("isotonic", x=tuple(map(float, raw["x"])), y=tuple(map(float, raw["y"])))
-        raise ValueError(f"calibrator method {raw.get('method')!r} is not one of platt, isotonic")
-
-
-def fit_platt(table: BinnedScores, iterations: int = 50) -> Calibrator:
-    """Weighted logistic regression of the label on the raw score, over bins (Newton-Raphson)."""
-    s, n, k = table.occupied()
-    if n.sum() == 0:
-        raise ValueError("no rows to calibrate on")
-    a, b = 1.0, 0.0
-    ridge = 1e-6
-    for _ in range(iterations):
-        p = _sigmoid(a * s + b)
-        w = n * p * (1 - p)
-        g = np.array([np.sum((n * p - k) * s), np.sum(n * p - k)])
-        h = np.array([[np.sum(w * s * s) + ridge, np.sum(w * s)], [np.sum(w * s), np.sum(w) + ridge]])
+    layer = SiteLayer()
+    for site, table in sorted(tables.items()):
+        s, n, k = table.occupied()
+        if s.size == 0:
+            continue
+        cells = WeightedOutcomes.from_cells(logit(cal.predict(s)), n, k)
         try:
-            step = np.linalg.solve(h, g)
-        except np.linalg.LinAlgError:
-            break
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
-            break
-    return Calibrator("platt", a=float(a), b=float(b))
-
-
-def fit_isotonic(table: BinnedScores) -> Calibrator:
-    """Pool-adjacent-violators over the bins (weights = counts), non-decreasing in the raw score."""
-    s, n, k = table.occupied()
-    if n.sum() == 0:
-        raise ValueError("no rows to calibrate on")
-    # blocks: [weight, positives, first score, last score]
-    weights: list[float] = []
-    positives: list[float] = []
-    lo: list[float] = []
-    hi: list[float] = []
-    for si, ni, ki in zip(s, n, k, strict=True):
-        weights.append(ni)
-        positives.append(ki)
-        lo.append(si)
-        hi.append(si)
-        while len(weights) > 1 and positives[-2] / weights[-2] >= positives[-1] / weights[-1]:
-            w, p, h = weights.pop(), positives.pop(), hi.pop()
-            lo.pop()
-            weights[-1] += w
-            positives[-1] += p
-            hi[-1] = h
-    xs: list[float] = []
-    ys: list[float] = []
-    for w, p, a, b in zip(weights, positives, lo, hi, strict=True):
-        rate = p / w
-        xs.append(a)
-        ys.append(rate)
-        if b > a:
-            xs.append(b)
-            ys.append(rate)
-    return Calibrator("isotonic", x=tuple(xs), y=tuple(ys))
-
-
-def log_loss(cal: Calibrator, table: BinnedScores) -> float:
-    s, n, k = table.occupied()
-    p = np.clip(cal(s), 1e-6, 1 - 1e-6)
-    return float(-(k * np.log(p) + (n - k) * np.log(1 - p)).sum() / max(n.sum(), _EPS))
-
-
-def choose_calibrator(half_a: BinnedScores, half_b: BinnedScores, method: str = "auto") -> tuple[Calibrator, dict]:
-    """Fit the calibrator on pooled tuning bins; `auto` picks by two-fold log-loss between halves."""
-    both = half_a + half_b
-    fitters = {"platt": fit_platt, "isotonic": fit_isotonic}
-    if method in fitters:
-        return fitters[method](both), {"method": method}
-    if method != "auto":
-        raise ValueError(f"calibration method {method!r} is not one of auto, platt, isotonic")
-    scores = {}
-    for name, fit in fitters.items():
-        losses = []
-        for train, test in ((half_a, half_b), (half_b, half_a)):
-            if train.total == 0 or test.total == 0:
-                continue
-            losses.append(log_loss(fit(train), test))
-        scores[name] = float(np.mean(losses)) if losses else float("inf")
-    best = min(scores, key=lambda m: (scores[m], m != "platt"))
-    return fitters[best](both), {"method": best, **{f"cv_logloss_{m}": v for m, v in scores.items()}}
+            recal = fit_site_recalibration_from_cells(site, cells, prior_cases=PRIOR_CASES
+                                                      if prior_cases is None else prior_cases)
+        except ValueError:
+            continue
+        layer = layer.with_site(recal)
+    return layer
 
 
 # ---- evaluation from bins ---------------------------------------------------------------
@@ -230,14 +203,15 @@ def binned_auroc(table: BinnedScores) -> float:
     return float(np.sum(pos * (neg_below + 0.5 * neg)) / (n_pos * n_neg))
 
 
-def binned_metrics(table: BinnedScores, cal: Calibrator) -> dict[str, float]:
+def binned_metrics(table: BinnedScores, cal: Calibrator, recal: SiteRecalibration | None = None) -> dict[str, float]:
     """The centralized evaluation's metrics (training.metrics) on the bins, each bin as two weighted rows.
 
     A bin becomes a row of positives and a row of negatives at the bin's
     calibrated risk, weighted by their counts: AUROC (ties within a bin count
     one half), AUPRC, Brier score, equal-mass ECE, calibration slope and
     intercept are then computed by the very functions `chronorisk evaluate`
-    uses, so federated and centralized figures mean the same thing.
+    uses, so federated and centralized figures mean the same thing. `recal`: the site's own
+    recalibration on top of the global calibrator.
     """
     from chronorisk.training import metrics as m
 
@@ -245,7 +219,8 @@ def binned_metrics(table: BinnedScores, cal: Calibrator) -> dict[str, float]:
     if n_rows == 0:
         return {"n": 0.0}
     s, n, k = table.occupied()
-    p = np.clip(cal(s), 1e-6, 1 - 1e-6)
+    p = cal.predict(s) if recal is None else recal.apply(cal.predict(s))
+    p = np.clip(p, 1e-6, 1 - 1e-6)
     y = np.concatenate([np.ones_like(p), np.zeros_like(p)])
     pp = np.concatenate([p, p])
     w = np.concatenate([k, n - k])

@@ -36,6 +36,14 @@ class FederatedConfig(BaseModel):
     summary_min_count: int = Field(
         3, ge=1, description="sites withhold code counts and sketches of codes seen in fewer subjects"
     )
+    min_cell_rows: int = Field(
+        5, ge=1, description="sites pool binned calibration/evaluation cells of fewer rows with their neighbours, "
+        "so that no cell reveals a few patients' outcomes"
+    )
+    site_recalibration: bool = Field(
+        False, description="store each site's recalibration (from its tuning bins, shrunk towards the global "
+        "calibration) with the federated model: its scores at that site use it"
+    )
     seed: int = Field(0, description="seed of LightGBM's bagging at the sites (plus round and site)")
     site_threads: int = Field(1, ge=1, description="LightGBM threads per site (SuperNodes share the machine)")
     mlflow: bool = Field(True, description="log per-round metrics per site and the result to MLflow")

@@ -144,19 +144,6 @@ def train_federated(
     return trainer.run()
 
 
-def to_model_calibrator(result: TaskResult):
-    """The federated calibrator as the models package's calibrator class."""
-    from chronorisk.models.calibration import IsotonicCalibrator, PlattCalibrator
-
-    cal = result.calibrator
-    info = {**result.calibration_info, "federated": True}
-    if cal.method == "platt":
-        return PlattCalibrator(intercept=cal.b, slope=cal.a, info=info)
-    return IsotonicCalibrator(
-        x_thresholds=np.asarray(cal.x, dtype=float), y_thresholds=np.asarray(cal.y, dtype=float), info=info
-    )
-
-
 def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: str = "0"):
     """A `ModelBundle` of one task's federated model, like the centrally trained ones."""
     import lightgbm as lgb
@@ -169,10 +156,11 @@ def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: 
     spec = FeatureSpec.from_json(result.spec_json)
     task_def = load_task(result.task)
     booster = lgb.Booster(model_str=result.model_text)
-    model = RiskModel.from_parts(booster, to_model_calibrator(result), spec.feature_names, params.model)
+    model = RiskModel.from_parts(booster, result.calibrator, spec.feature_names, params.model)
     fingerprint = "federated:" + hashlib.sha256(
         json.dumps([result.spec_json, sorted(result.site_sizes.items())]).encode()
     ).hexdigest()[:32]
+    layer = result.site_layer if params.federated.site_recalibration and result.site_layer else None
     return ModelBundle.from_model(
         model,
         spec,
@@ -181,7 +169,8 @@ def build_bundle(result: TaskResult, params: Params, *, strategy: str, version: 
         version=version,
         data_fingerprint=fingerprint,
         metrics={"held_out": result.overall, "sites": result.site_metrics},
-        extra={"training": "federated", "strategy": strategy, "site_sizes": result.site_sizes},
+        extra={"training": "federated", "strategy": strategy, "site_sizes": result.site_sizes,
+               **({"site_calibration": layer.to_dict()} if layer else {})},
     )
 
 

@@ -33,15 +33,17 @@ from chronorisk.errors import ChronoriskError
 from chronorisk.federated import strategies
 from chronorisk.federated.calibration import (
     BinnedScores,
-    Calibrator,
     binned_metrics,
-    choose_calibrator,
+    fit_from_tables,
+    site_layer_from_tables,
     sum_binned,
 )
 from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN, Payload
 
 if TYPE_CHECKING:
     from chronorisk.federated.config import FederatedConfig
+    from chronorisk.models.calibration import Calibrator
+    from chronorisk.models.site_calibration import SiteLayer
 
 log = logging.getLogger("chronorisk.federated")
 
@@ -245,6 +247,8 @@ class TaskResult:
     times: list[str] = field(default_factory=list)
     early_stopping: dict = field(default_factory=dict)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    site_layer: SiteLayer | None = None  # each site's recalibration from its tuning bins (applied if configured)
+    site_metrics_recalibrated: dict[str, dict[str, float]] = field(default_factory=dict)  # held out, with it
 
     @property
     def num_trees(self) -> int:
@@ -275,6 +279,8 @@ class FederatedResult:
                     "site_sizes": r.site_sizes,
                     "times": r.times,
                     "early_stopping": r.early_stopping,
+                    "site_recalibration": r.site_layer.to_dict() if r.site_layer else {},
+                    "sites_recalibrated": r.site_metrics_recalibrated,
                 }
                 for name, r in self.tasks.items()
             },
@@ -576,7 +582,7 @@ class FederatedTrainer:
             tasks_cfg[task] = {"spec_hash": st.spec_hash, "times": st.times, "checkpoints": st.checkpoints}
             blobs[f"spec:{task}"] = st.spec_json.encode()
             blobs[f"model:{task}"] = st.model.to_text().encode()
-        request = Payload(config={"tasks": tasks_cfg}, blobs=blobs)
+        request = Payload(config={"tasks": tasks_cfg, "min_cell_rows": self.config.min_cell_rows}, blobs=blobs)
         nodes = self.transport.node_ids()
         return self._exchange(EVALUATE, round_index, {n: request for n in nodes}, self.config.min_sites)
 
@@ -595,12 +601,14 @@ class FederatedTrainer:
             }
             if not tables:
                 raise FederatedError(f"{task}: no site returned evaluation statistics")
-            cal, info = choose_calibrator(
-                sum_binned([t["tune_a"] for t in tables.values()]),
-                sum_binned([t["tune_b"] for t in tables.values()]),
+            cal, info = fit_from_tables(
+                [sum_binned([t[half] for t in tables.values()]) for half in ("tune_a", "tune_b")],
                 self.calibration,
             )
             per_site = {site: binned_metrics(t["held_out"], cal) for site, t in sorted(tables.items())}
+            site_layer = site_layer_from_tables(cal, {site: t["tune_a"] + t["tune_b"] for site, t in tables.items()})
+            recalibrated = {site: binned_metrics(tables[site]["held_out"], cal, recal)
+                            for site, recal in site_layer.sites.items()}
             overall = binned_metrics(sum_binned([t["held_out"] for t in tables.values()]), cal)
             results[task] = TaskResult(
                 task=task,
@@ -614,6 +622,8 @@ class FederatedTrainer:
                 times=list(st.times),
                 early_stopping=st.stop_info or {"trees": st.model.num_trees, "at": "not stopped"},
                 loss_curve=st.loss_curve,
+                site_layer=site_layer,
+                site_metrics_recalibrated=recalibrated,
             )
             log.info("%s: overall held-out AUROC %.4f over %d site(s)",
                      task, overall.get("auroc", float("nan")), len(per_site))

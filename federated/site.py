@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from chronorisk.errors import InputError
-from chronorisk.federated.calibration import BinnedScores
+from chronorisk.federated.calibration import MIN_CELL_ROWS, BinnedScores
 from chronorisk.federated.protocol import EVALUATE, SUMMARY, TRAIN, Payload, ProtocolError
 
 log = logging.getLogger("chronorisk.federated.site")
@@ -533,7 +533,8 @@ def evaluate_task(out: Payload, task: str, table: SiteTable, request: Payload, *
     if tcfg.get("only_checkpoints"):
         arrays, info, metrics = {}, {}, {}
     else:
-        arrays, info, metrics = evaluate_table(table, model, threads=threads)
+        min_cell_rows = max(int(request.config.get("min_cell_rows", MIN_CELL_ROWS)), 1)
+        arrays, info, metrics = evaluate_table(table, model, threads=threads, min_cell_rows=min_cell_rows)
     if ckpt is not None:
         arrays["ckpt_loss"], info["ckpt_rows"] = ckpt
     out.arrays.update({f"{task}:{k}": v for k, v in arrays.items()})
@@ -569,9 +570,9 @@ def checkpoint_losses(table: SiteTable, model_text: str, checkpoints: list[int],
     return sums, int(y.size)
 
 
-def evaluate_table(table: SiteTable, model_text: str, *,
-                   threads: int = 1) -> tuple[dict[str, np.ndarray], dict, dict[str, float]]:
-    """Binned statistics of `tune_a`, `tune_b` (the tuning split's two halves) and `held_out`."""
+def evaluate_table(table: SiteTable, model_text: str, *, threads: int = 1,
+                   min_cell_rows: int = MIN_CELL_ROWS) -> tuple[dict[str, np.ndarray], dict, dict[str, float]]:
+    """Binned statistics of `tune_a`, `tune_b` (the tuning split's two halves) and `held_out`, small cells pooled."""
     raw = model_raw(table, model_text, threads=threads) if table.y.size else np.zeros(0)
     parts = {
         "tune_a": table.rows(TUNING_SPLIT, 0),
@@ -580,7 +581,7 @@ def evaluate_table(table: SiteTable, model_text: str, *,
     }
     arrays = {}
     for part, mask in parts.items():
-        binned = BinnedScores.from_rows(raw[mask], table.y[mask])
+        binned = BinnedScores.from_rows(raw[mask], table.y[mask]).with_small_cells_pooled(min_cell_rows)
         arrays[f"{part}:n"] = binned.n
         arrays[f"{part}:pos"] = binned.pos
         arrays[f"{part}:sum"] = binned.score_sum

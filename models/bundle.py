@@ -42,6 +42,7 @@ from chronorisk.errors import ChronoriskError, InputError
 from chronorisk.models.calibration import Calibrator, as_calibrator, calibrator_from_dict
 from chronorisk.models.config import TierThresholds
 from chronorisk.models.explain import Explainer
+from chronorisk.models.site_calibration import SiteLayer, site_column
 from chronorisk.models.tiers import tier_of
 
 if TYPE_CHECKING:
@@ -208,9 +209,30 @@ class ModelBundle:
             return self.booster.predict(M, raw_score=True, num_threads=1)
         return self.booster.predict(M, raw_score=True)
 
-    def predict_risk(self, features: object) -> np.ndarray:
-        """Calibrated risk of every row."""
-        return self.calibrator.predict(self.predict_raw(features))
+    def predict_risk(self, features: object, site: object = None) -> np.ndarray:
+        """Calibrated risk of every row, recalibrated for its site when the bundle has a site layer.
+
+        `site`: one site for every row, or one per row; by default the table's own `site` column (none:
+        the global calibration). See `models/site_calibration.py`.
+        """
+        risk = self.calibrator.predict(self.predict_raw(features))
+        layer = self.site_layer
+        if not layer.sites:
+            return risk
+        return layer.apply(risk, site if site is not None else site_column(features))
+
+    @property
+    def site_layer(self) -> SiteLayer:
+        """The per-site recalibrations stored with the model (metadata `site_calibration`), read once."""
+        raw = self.metadata.get("site_calibration")
+        if getattr(self, "_site_layer_of", self) is not raw:  # the bundle itself: never read yet
+            self._site_layer, self._site_layer_of = SiteLayer.from_dict(raw), raw
+        return self._site_layer
+
+    def with_site_layer(self, layer: SiteLayer, *, version: str | int) -> ModelBundle:
+        """The same model with `layer` as its per-site recalibration: a new version, to promote like any."""
+        metadata = {**self.metadata, "site_calibration": layer.to_dict(), "version": str(version)}
+        return ModelBundle(self.booster, self.calibrator, self.spec, self.task, self.tiers, metadata)
 
     def tier(self, risk: object) -> np.ndarray:
         """'low' / 'medium' / 'high' for each risk, from the bundle's thresholds."""
@@ -341,6 +363,10 @@ class ModelBundle:
             raise BundleError(f"model bundle {folder}: {METADATA_FILE} tiers: {exc}") from None
         if list(metadata.get("feature_names") or []) != list(spec.feature_names):
             raise BundleError(f"model bundle {folder}: feature names in {METADATA_FILE} differ from spec.json")
+        try:
+            SiteLayer.from_dict(metadata.get("site_calibration"))
+        except ValueError as exc:
+            raise BundleError(f"model bundle {folder}: {METADATA_FILE} site_calibration: {exc}") from None
         return cls(booster, calibrator, spec, task, tiers, metadata)
 
 

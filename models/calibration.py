@@ -24,12 +24,22 @@ event-poor sets, where isotonic's steps overfit. (On a generated cohort a
 bare "lower log loss" rule picked isotonic by 0.0017 nats and lost by 0.0033
 on held-out rows, with a calibration slope of 0.70 instead of 0.89.)
 
+The same fits run on weighted rows (`WeightedOutcomes`): a row of raw data
+has weight 1, and a cell of a binned table (federated calibration: counts
+and positives per margin bin, summed over sites) becomes two rows at the
+cell's mean margin, its positives with outcome 1 and its other rows with
+outcome 0. `fit_calibrator_from_folds` is the one fit behind both: given the
+rows split in folds, it applies the `auto` rule above and the end-block
+guarantees, so a federated calibrator on tables binned at full resolution is
+the centralized calibrator of the same rows and folds.
+
 Both calibrators serialize to small JSON dicts (`to_dict` / `calibrator_from_dict`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +60,44 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 def logit(p: np.ndarray, eps: float = _EPS) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=float), eps, 1 - eps)
     return np.log(p) - np.log1p(-p)
+
+
+@dataclass(frozen=True)
+class WeightedOutcomes:
+    """Margins, 0/1 outcomes and row weights: raw rows (weight 1) or the cells of a binned table."""
+
+    margin: np.ndarray
+    y: np.ndarray
+    weight: np.ndarray
+
+    @classmethod
+    def from_rows(cls, margin: object, y: object) -> WeightedOutcomes:
+        m = np.asarray(margin, dtype=float)
+        yy = np.asarray(y).astype(float)
+        return cls(m, yy, np.ones_like(m))
+
+    @classmethod
+    def from_cells(cls, mean_margin: object, n: object, positives: object) -> WeightedOutcomes:
+        """Each cell as its positives (outcome 1) and its other rows (outcome 0) at the cell's mean margin."""
+        m = np.asarray(mean_margin, dtype=float)
+        k = np.asarray(positives, dtype=float)
+        n = np.asarray(n, dtype=float)
+        margin, y, w = np.r_[m, m], np.r_[np.ones_like(m), np.zeros_like(m)], np.r_[k, n - k]
+        keep = w > 0
+        order = np.argsort(margin[keep], kind="stable")
+        return cls(margin[keep][order], y[keep][order], w[keep][order])
+
+    @classmethod
+    def concat(cls, parts: Sequence[WeightedOutcomes]) -> WeightedOutcomes:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("margin", "y", "weight")))
+
+    @property
+    def total(self) -> float:
+        return float(self.weight.sum())
+
+    @property
+    def positives(self) -> float:
+        return float(self.weight @ self.y)
 
 
 def fit_logistic_1d(
@@ -163,9 +211,9 @@ class PlattCalibrator(Calibrator):
     method: str = "platt"
 
     @classmethod
-    def fit(cls, margin: np.ndarray, y: np.ndarray) -> PlattCalibrator:
+    def fit(cls, margin: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> PlattCalibrator:
         _check_xy(margin, y)
-        a, b = fit_logistic_1d(margin, y)
+        a, b = fit_logistic_1d(margin, y, weights)
         if not (math.isfinite(float(a)) and math.isfinite(float(b))):
             raise ValueError("Platt calibration did not converge (non-finite coefficients)")
         return cls(intercept=float(a), slope=float(b))
@@ -187,17 +235,18 @@ class IsotonicCalibrator(Calibrator):
     method: str = "isotonic"
 
     @classmethod
-    def fit(cls, margin: np.ndarray, y: np.ndarray) -> IsotonicCalibrator:
+    def fit(cls, margin: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> IsotonicCalibrator:
         from sklearn.isotonic import IsotonicRegression
 
         _check_xy(margin, y)
         m = np.asarray(margin, dtype=float)
+        w = np.ones_like(m) if weights is None else np.asarray(weights, dtype=float)
         iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
         yy = np.asarray(y, dtype=float)
-        iso.fit(m, yy)
+        iso.fit(m, yy, sample_weight=w)
         xs = np.asarray(iso.X_thresholds_, dtype=float)
-        ys = _pooled_end_blocks(np.asarray(iso.y_thresholds_, dtype=float), iso.predict(m), yy)
-        ys = _bounded_end_blocks(xs, ys, m)
+        ys = _pooled_end_blocks(np.asarray(iso.y_thresholds_, dtype=float), iso.predict(m), yy, w)
+        ys = _bounded_end_blocks(xs, ys, m, w)
         return cls(x_thresholds=xs, y_thresholds=ys)
 
     def predict(self, margin: np.ndarray) -> np.ndarray:
@@ -215,7 +264,7 @@ class IsotonicCalibrator(Calibrator):
         }
 
 
-def _pooled_end_blocks(ys: np.ndarray, fitted: np.ndarray, y: np.ndarray,
+def _pooled_end_blocks(ys: np.ndarray, fitted: np.ndarray, y: np.ndarray, w: np.ndarray,
                        min_cases: int = ISOTONIC_MIN_END_CASES) -> np.ndarray:
     """End blocks pooled with their neighbours until the lowest holds `min_cases` cases, the highest as many non-cases.
 
@@ -229,8 +278,8 @@ def _pooled_end_blocks(ys: np.ndarray, fitted: np.ndarray, y: np.ndarray,
     """
     ys = ys.copy()
     levels, rows = np.unique(fitted, return_inverse=True)  # PAV blocks by their fitted rate, ascending
-    n_rows = np.bincount(rows, minlength=levels.size).astype(float)
-    n_cases = np.bincount(rows, weights=y, minlength=levels.size)
+    n_rows = np.bincount(rows, weights=w, minlength=levels.size)
+    n_cases = np.bincount(rows, weights=w * y, minlength=levels.size)
     new = levels.copy()
     for counts, order in ((n_cases, np.arange(levels.size)), (n_rows - n_cases, np.arange(levels.size)[::-1])):
         cum = np.cumsum(counts[order])
@@ -243,7 +292,7 @@ def _pooled_end_blocks(ys: np.ndarray, fitted: np.ndarray, y: np.ndarray,
     return np.interp(ys, levels, new) if levels.size > 1 else np.full_like(ys, new[0])
 
 
-def _bounded_end_blocks(xs: np.ndarray, ys: np.ndarray, margin: np.ndarray) -> np.ndarray:
+def _bounded_end_blocks(xs: np.ndarray, ys: np.ndarray, margin: np.ndarray, w: np.ndarray) -> np.ndarray:
     """No risk of exactly 0 or 1: an end block without cases (or without non-cases) gets 0.5 / (n + 1).
 
     Pool-adjacent-violators gives the lowest block its observed rate, which
@@ -258,14 +307,14 @@ def _bounded_end_blocks(xs: np.ndarray, ys: np.ndarray, margin: np.ndarray) -> n
         return ys
     if ys[0] <= 0.0:
         run_end = int(np.flatnonzero(ys <= 0.0)[-1])
-        n = int((margin <= xs[run_end]).sum())
+        n = float(w[margin <= xs[run_end]].sum())
         value = 0.5 / (n + 1)
         if run_end + 1 < ys.size:
             value = min(value, float(ys[run_end + 1]))
         ys[: run_end + 1] = value
     if ys[-1] >= 1.0:
         run_start = int(np.flatnonzero(ys < 1.0)[-1]) + 1 if (ys < 1.0).any() else 0
-        n = int((margin >= xs[run_start]).sum())
+        n = float(w[margin >= xs[run_start]].sum())
         value = 1.0 - 0.5 / (n + 1)
         if run_start > 0:
             value = max(value, float(ys[run_start - 1]))
@@ -305,7 +354,7 @@ def calibrator_from_dict(raw: object) -> Calibrator:
 
 
 def _accept_federated_keys(raw: dict) -> dict:
-    """The federated calibrators' dicts ({platt: a=slope, b=intercept}, {isotonic: x, y}) in this module's keys."""
+    """Dicts of federated bundles saved before the one calibration core ({platt: a, b}, {isotonic: x, y})."""
     raw = dict(raw)
     if raw.get("method") == "platt" and "slope" not in raw and {"a", "b"} <= raw.keys():
         raw["slope"], raw["intercept"] = raw["a"], raw["b"]
@@ -330,51 +379,80 @@ def fit_calibrator(
 ) -> Calibrator:
     """Fit the chosen calibrator (or choose one, for `auto`) on held-out margins and outcomes.
 
-    The returned calibrator's `info` records the choice: method, rows, and
-    for `auto` the out-of-fold log loss and ECE of both candidates.
+    The rows are dealt into `folds` stratified, seeded folds and handed to
+    `fit_calibrator_from_folds`. The returned calibrator's `info` records the
+    choice: method, rows, and for `auto` the out-of-fold log loss and ECE of
+    both candidates.
     """
-    if method not in CALIBRATION_METHODS:
-        raise ValueError(f"calibration method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
+    _check_method(method)
     margin = np.asarray(margin, dtype=float)
     y = np.asarray(y).astype(float)
     _check_xy(margin, y)
-    info: dict = {"n": int(y.size), "n_positive": int(y.sum()), "requested": method}
+    fold_of = stratified_folds(y, folds, seed)
+    parts = [WeightedOutcomes.from_rows(margin[fold_of == k], y[fold_of == k]) for k in range(folds)]
+    return fit_calibrator_from_folds(parts, method)
+
+
+def fit_calibrator_from_folds(parts: Sequence[WeightedOutcomes], method: str = "auto") -> Calibrator:
+    """The one calibration fit: rows (or binned cells) given in folds, `auto` choosing by cross-fitting.
+
+    Federated calibration hands its sites' summed fold tables here, centralized
+    calibration its row folds; both get the same rule and the same guarantees.
+    """
+    _check_method(method)
+    parts = [p for p in parts if p.total > 0]
+    every = WeightedOutcomes.concat(parts) if parts else WeightedOutcomes.from_rows([], [])
+    _check_xy(every.margin, every.y)
+    info: dict = {"n": _count(every.total), "n_positive": _count(every.positives), "requested": method}
     if method == "auto":
-        scores = cross_fitted_scores(margin, y, folds=folds, seed=seed)
+        scores = cross_fitted_scores(parts)
         info["cross_fitted"] = scores
-        info["folds"] = folds
+        info["folds"] = len(parts)
         clearly_better = scores["isotonic_gain"] > ISOTONIC_MARGIN_SE * scores["isotonic_gain_se"]
         method = "isotonic" if clearly_better else "platt"
-    cal = IsotonicCalibrator.fit(margin, y) if method == "isotonic" else PlattCalibrator.fit(margin, y)
+    cls = IsotonicCalibrator if method == "isotonic" else PlattCalibrator
+    cal = cls.fit(every.margin, every.y, every.weight)
     info["method"] = method
     cal.info = info
     return cal
 
 
-def cross_fitted_scores(margin: np.ndarray, y: np.ndarray, *, folds: int = 5, seed: int = 0) -> dict:
-    """Out-of-fold log loss and ECE of Platt and isotonic on stratified, seeded folds.
+def cross_fitted_scores(parts: Sequence[WeightedOutcomes]) -> dict:
+    """Out-of-fold log loss and ECE of Platt and isotonic, each fold predicted by a fit on the others.
 
     Also the mean per-row log-loss gain of isotonic over Platt and its
     standard error (`isotonic_gain`, `isotonic_gain_se`): the two sets of
-    out-of-fold predictions are paired row by row.
+    out-of-fold predictions are paired row by row (weights count rows).
     """
-    fold_of = stratified_folds(y, folds, seed)
-    oof = {"platt": np.empty_like(margin), "isotonic": np.empty_like(margin)}
-    for k in range(folds):
-        test = fold_of == k
-        train = ~test
-        if not test.any():
-            continue
+    oof: dict[str, list[np.ndarray]] = {"platt": [], "isotonic": []}
+    for k, test in enumerate(parts):
+        train = WeightedOutcomes.concat([p for j, p in enumerate(parts) if j != k])
+        two_outcomes = 0 < train.positives < train.total
         for name, cls in (("platt", PlattCalibrator), ("isotonic", IsotonicCalibrator)):
-            if np.unique(y[train]).size < 2:
-                oof[name][test] = y[train].mean()
+            if not two_outcomes:
+                oof[name].append(np.full(test.margin.size, train.positives / max(train.total, 1.0)))
             else:
-                oof[name][test] = cls.fit(margin[train], y[train]).predict(margin[test])
-    out: dict = {name: {"log_loss": _log_loss(y, p), "ece": _ece(y, p)} for name, p in oof.items()}
-    gain = _row_log_loss(y, oof["platt"]) - _row_log_loss(y, oof["isotonic"])
-    out["isotonic_gain"] = float(gain.mean())
-    out["isotonic_gain_se"] = float(gain.std(ddof=1) / np.sqrt(gain.size)) if gain.size > 1 else float("inf")
+                oof[name].append(cls.fit(train.margin, train.y, train.weight).predict(test.margin))
+    every = WeightedOutcomes.concat(parts)
+    y, w = every.y, every.weight
+    pred = {name: np.concatenate(p) for name, p in oof.items()}
+    out: dict = {name: {"log_loss": _log_loss(y, p, w), "ece": _ece(y, p, w)} for name, p in pred.items()}
+    gain = _row_log_loss(y, pred["platt"]) - _row_log_loss(y, pred["isotonic"])
+    n = w.sum()
+    mean = float(w @ gain / n)
+    out["isotonic_gain"] = mean
+    out["isotonic_gain_se"] = float(np.sqrt(w @ (gain - mean) ** 2 / (n - 1) / n)) if n > 1 else float("inf")
     return out
+
+
+def _count(value: float) -> int | float:
+    """Row counts as integers when they are whole (they are, but for fractional weights)."""
+    return round(value) if abs(value - round(value)) < 1e-9 else float(value)
+
+
+def _check_method(method: str) -> None:
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
 
 
 def stratified_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -393,20 +471,22 @@ def _row_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     return -(y * np.log(p) + (1 - y) * np.log1p(-p))
 
 
-def _log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    return float(np.mean(_row_log_loss(y, p)))
+def _log_loss(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None) -> float:
+    return float(np.average(_row_log_loss(y, p), weights=w))
 
 
-def _ece(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
-    """Equal-mass ECE, ties sharing a bin (the definition of `chronorisk.training.metrics.ece`)."""
+def _ece(y: np.ndarray, p: np.ndarray, w: np.ndarray | None = None, n_bins: int = 10) -> float:
+    """Equal-mass ECE, ties sharing a bin (the definition of `chronorisk.training.metrics.ece`); weights count rows."""
+    w = np.ones_like(p) if w is None else np.asarray(w, dtype=float)
     order = np.argsort(p, kind="stable")
     ps = p[order]
     starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
-    sizes = np.diff(np.r_[starts, p.size])
+    sizes = np.add.reduceat(w[order], starts)
+    total = sizes.sum()
     mid = np.cumsum(sizes) - 0.5 * sizes
-    group_bin = np.minimum(np.floor(mid / p.size * n_bins), n_bins - 1).astype(np.int64)
-    resid = np.add.reduceat((y - p)[order], starts)
-    return float(np.abs(np.bincount(group_bin, weights=resid, minlength=n_bins)).sum() / p.size)
+    group_bin = np.minimum(np.floor(mid / total * n_bins), n_bins - 1).astype(np.int64)
+    resid = np.add.reduceat((w * (y - p))[order], starts)
+    return float(np.abs(np.bincount(group_bin, weights=resid, minlength=n_bins)).sum() / total)
 
 
 def _check_xy(margin: np.ndarray, y: np.ndarray) -> None:

@@ -402,7 +402,7 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
 
     results = scoring.score_one(
         state.models, tasks, events=events, features=body.features, prediction_time=when,
-        explain=body.explain, top_k=body.top_k, on_scored=log_for_monitoring,
+        explain=body.explain, top_k=body.top_k, on_scored=log_for_monitoring, site=site,
     )
     for r in results:
         METRICS.scored(r.task, r.tier)

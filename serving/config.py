@@ -46,7 +46,7 @@ def resolve_store_url(params, work, override: str | None = None) -> str:
 
 
 class MonitorConfig(BaseModel):
-    """Drift and performance monitoring (`monitor:` in params.yaml); see serving/monitoring.py for the tests."""
+    """Drift and performance monitoring (`monitor:` in params.yaml); see docs/monitoring.md."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +118,15 @@ class MonitorConfig(BaseModel):
     calibration_slope_range: tuple[float, float] = Field((0.7, 1.4), description="calibration slope outside: warning")
     performance_significance: float = Field(
         0.001, gt=0, lt=1, description="p-value a performance finding must reach (AUROC drop, ECE, slope)"
+    )
+
+    # performance estimated without labels (confidence-based, serving/monitoring/estimate.py)
+    estimate_min_rows: int = Field(100, ge=10, description="rows a window needs for a label-free estimate")
+    estimate_draws: int = Field(
+        200, ge=20, le=5000, description="outcome draws from the risks for the estimate's spread (seeded)"
+    )
+    estimated_auroc_floor: float | None = Field(
+        None, ge=0.5, le=1, description="label-free AUROC estimate below this: warning, below beyond chance: alert"
     )
 
     @model_validator(mode="after")

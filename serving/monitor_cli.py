@@ -131,6 +131,11 @@ def _print_section(task: str, section: dict) -> None:
     for site, s in sorted(sites.items()):
         share = s.get("drift_share")
         share_text = f"drift share {share:.2f}" if share is not None else "not tested (too few rows)"
+        est = s.get("estimated_performance") or {}
+        if est.get("auroc") is not None:
+            share_text += f", estimated AUROC {est['auroc']:.3f} without labels"
+            if est.get("realized_auroc") is not None:
+                share_text += f" (realized {est['realized_auroc']:.3f})"
         print(f"  {site:<16} {s['status']:<8} {s['window']:<10} rows {s['n_rows']:>7,}  {share_text}")
         if s["status"] != "ok" or not s.get("tested", True):
             for reason in s["reasons"][:3]:

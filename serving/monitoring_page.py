@@ -125,7 +125,8 @@ def _task_section(task: str, kind: str, section: dict, report_url: str, max_hist
            "<table><thead><tr><th>Site</th><th>Status</th><th>Latest window</th><th>Last not ok</th>"
            "<th class='num'>Scores</th>"
            "<th class='num'>Drift share</th><th>Drifted features</th><th class='num'>Prediction drift</th>"
-           "<th class='num'>Realized AUROC (reference)</th><th>Report</th></tr></thead><tbody>"]
+           "<th class='num'>Realized AUROC (reference)</th><th class='num'>Estimated AUROC, no labels (95%)</th>"
+           "<th>Estimated sensitivity / PPV by tier</th><th>Report</th></tr></thead><tbody>"]
     for site, s in sorted(sites.items()):
         perf = s.get("performance_to_date") or {}
         drifted = s.get("drifted_features") or []
@@ -140,6 +141,7 @@ def _task_section(task: str, kind: str, section: dict, report_url: str, max_hist
             f"<td class='num'>{s['n_rows']:,}</td><td class='num'>{_share_cell(s)}</td>"
             f"<td>{escape(', '.join(drifted[:6]))}{' ...' if len(drifted) > 6 else ''}</td>"
             f"<td class='num'>{_num(s.get('prediction_drift'))}</td><td class='num'>{escape(auroc)}</td>"
+            f"{_estimate_cells(s.get('estimated_performance'))}"
             f"<td>{_link(report_url, s.get('report_html'), 'Evidently report')} "
             f"{_link(report_url, s.get('report_json'), 'JSON')}</td></tr>"
         )
@@ -147,6 +149,20 @@ def _task_section(task: str, kind: str, section: dict, report_url: str, max_hist
     for site, s in sorted(sites.items()):
         out.append(_site_details(site, s, report_url, max_history))
     return "".join(out)
+
+
+def _estimate_cells(est: dict | None) -> str:
+    """The label-free estimate of the latest window: AUROC with its 95% range, sensitivity / PPV per tier."""
+    if not est or est.get("auroc") is None:
+        return "<td class='num'></td><td></td>"
+    auroc = f"{est['auroc']:.3f}"
+    if est.get("auroc_low") is not None:
+        auroc += f" ({est['auroc_low']:.3f}-{est['auroc_high']:.3f})"
+    if est.get("below_floor"):
+        auroc += f" below floor {est['floor']:.2f}"
+    tiers = "; ".join(f"{t['tier']} >= {t['threshold']:g}: {_num(t.get('sensitivity'))} / {_num(t.get('ppv'))}"
+                      for t in est.get("thresholds", []))
+    return f"<td class='num'>{escape(auroc)}</td><td>{escape(tiers)}</td>"
 
 
 def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
@@ -163,7 +179,8 @@ def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
     out.append('<table class="history"><thead><tr><th>Window</th><th>Status</th><th class="num">Scores</th>'
                '<th class="num">Drift share</th><th class="num">vs training</th><th class="num">vs recent</th>'
                '<th>Drifted</th><th class="num">Pred. drift</th>'
-               '<th class="num">Outcomes</th><th class="num">AUROC</th><th class="num">ECE</th>'
+               '<th class="num">Outcomes</th><th class="num">AUROC</th><th class="num">Estimated AUROC</th>'
+               '<th class="num">ECE</th>'
                '<th class="num">Cal. slope</th><th>Report</th></tr></thead><tbody>')
     for h in reversed(history):
         drifted = h.get("drifted_features") or []
@@ -174,7 +191,9 @@ def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
             f"<td class='num'>{_num(h.get('change_share'))}</td>"
             f"<td>{escape(', '.join(drifted[:4]))}{' ...' if len(drifted) > 4 else ''}</td>"
             f"<td class='num'>{_num(h.get('prediction_drift'))}</td><td class='num'>{h.get('n_outcomes') or 0:,}</td>"
-            f"<td class='num'>{_num(h.get('auroc'), '{:.3f}')}</td><td class='num'>{_num(h.get('ece'), '{:.3f}')}</td>"
+            f"<td class='num'>{_num(h.get('auroc'), '{:.3f}')}</td>"
+            f"<td class='num'>{_num(h.get('estimated_auroc'), '{:.3f}')}</td>"
+            f"<td class='num'>{_num(h.get('ece'), '{:.3f}')}</td>"
             f"<td class='num'>{_num(h.get('calibration_slope'))}</td>"
             f"<td>{_link(report_url, h.get('html'), 'HTML')} {_link(report_url, h.get('json'), 'JSON')}</td></tr>"
         )

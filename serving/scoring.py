@@ -370,10 +370,11 @@ def impossible_feature_value(name: str, value: float, info) -> str | None:
     return f"{value:g}{unit} is impossible for {what} (accepted {lo:g}-{hi:g}{unit})"
 
 
-def predict(model: ServedModel, feats, *, explain: bool, top_k: int, prediction_time: datetime | None = None):
+def predict(model: ServedModel, feats, *, explain: bool, top_k: int, prediction_time: datetime | None = None,
+            site: str | None = None):
     """Risks, tiers and (if asked) factors of every row of `feats` (a frame, or an ordered float row
-    matrix whose factors are dated from `prediction_time`)."""
-    risk = np.asarray(model.bundle.predict_risk(feats), dtype=float)
+    matrix whose factors are dated from `prediction_time`); `site` picks the model's site recalibration."""
+    risk = np.asarray(model.bundle.predict_risk(feats, site=site), dtype=float)
     tiers = [str(t) for t in model.bundle.tier(risk)]
     factors = None
     if explain:
@@ -392,6 +393,7 @@ def score_one(
     explain: bool = True,
     top_k: int = 5,
     on_scored: Callable | None = None,
+    site: str | None = None,
 ) -> list[TaskResult]:
     """Score one patient for each task (from events or from ready-made features).
 
@@ -413,7 +415,8 @@ def score_one(
         if feats is None:
             results.append(TaskResult(model.task, False, reason, model_name=model.name, model_version=model.version))
             continue
-        risk, tiers, factors = predict(model, feats, explain=explain, top_k=top_k, prediction_time=prediction_time)
+        risk, tiers, factors = predict(model, feats, explain=explain, top_k=top_k, prediction_time=prediction_time,
+                                       site=site)
         if on_scored is not None:
             on_scored(model, feats, risk, tiers)
         results.append(
@@ -658,7 +661,7 @@ def score_chunk(
         if index.height:
             mine = events.join(index.lazy().select("subject_id"), on="subject_id", how="semi")
             feats = transform(model.spec, mine, index.lazy()).collect()
-            risk, tiers, _ = predict(model, feats, explain=False, top_k=top_k)
+            risk, tiers, _ = predict(model, feats, explain=False, top_k=top_k, site=site)
             factors, explained = stored_factors(model, feats, tiers, explain_tiers, top_k)
             n_explained += explained
             facts.append(facts_from_features(model, feats, prediction_time))

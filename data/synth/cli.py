@@ -18,6 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "ICD-9 at one site, an unmapped lab carrying risk (data/synth/messy.py)")
     parser.add_argument("--drift", action="append", default=None, metavar="SPEC",
                         help="site=<id>,from=YYYY-MM-DD,kind=units|population|lab_bias (repeatable)")
+    parser.add_argument("--new-site", action="store_true", default=False,
+                        help="add a new region's site unlike the others, joining late (data/synth/new_site.py)")
     parser.add_argument("--chunk-size", type=int, default=None, help="patients per chunk (default: params.yaml)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: params.yaml)")
 
@@ -36,6 +38,10 @@ def resolve_config(args: argparse.Namespace, base):
                      ("chunk_size", "chunk_size"), ("workers", "workers")):
         if getattr(args, arg) is not None:
             values[key] = getattr(args, arg)
+    if getattr(args, "new_site", False):
+        from chronorisk.data.synth.new_site import with_new_site
+
+        values["sites"] = with_new_site(values["sites"])
     if args.drift:
         site_ids = [s["site_id"] for s in values["sites"]]
         drift = [parse_drift(text) for text in args.drift]

@@ -49,9 +49,10 @@ def test_bagging_matches_pooled_training_and_helps_the_small_site(sites, bagging
     assert auroc(small.y[ho], fed.predict(small.X[ho], raw_score=True)) > auroc(
         small.y[ho], local.predict(small.X[ho], raw_score=True)
     )
-    # the per-site table from binned statistics agrees with exact AUROC on the rows
+    # the per-site table from binned statistics agrees with exact AUROC on the rows (cells pooled to >= 5 rows
+    # before they leave the site tie a few more pairs: a few thousandths on this small site's held-out rows)
     site_auc = result.tasks["t"].site_metrics["small"]["auroc"]
-    assert site_auc == pytest.approx(auroc(small.y[ho], fed.predict(small.X[ho], raw_score=True)), abs=0.003)
+    assert site_auc == pytest.approx(auroc(small.y[ho], fed.predict(small.X[ho], raw_score=True)), abs=0.006)
     assert result.tasks["t"].num_trees == 4 * 25 * 4  # rounds x trees x sites
     assert set(result.tasks["t"].site_sizes) == set(sites)
 

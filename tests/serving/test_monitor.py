@@ -17,12 +17,15 @@ import pytest
 from chronorisk.serving import monitoring as M
 from chronorisk.serving import monitoring_page as page
 from chronorisk.serving.config import MonitorConfig
+from chronorisk.serving.monitoring import judging as J
+from chronorisk.serving.monitoring import run as R
+from chronorisk.serving.monitoring import statistics as S
 from chronorisk.serving.prediction_log import PredictionLog
 
 FEATURES = ["age", "sex_female", "glucose_last_90d", "glucose_min_90d", "hba1c_last_365d", "sbp_mean_365d",
             "bmi_last_365d", "encounters_365d"]
 INFOS = {
-    "age": {"display": "Age", "unit": "years"},
+    "age": {"display": "Age", "unit": "years", "kind": "age", "grows_with_clock": True},
     "glucose_last_90d": {"display": "Fasting glucose, last value (90 days)", "unit": "mg/dL"},
     "glucose_min_90d": {"display": "Fasting glucose, lowest value (90 days)", "unit": "mg/dL"},
 }
@@ -167,8 +170,14 @@ def test_ks_p_value_matches_scipy():
     rng = np.random.default_rng(7)
     a, b = np.sort(rng.normal(0, 1, 3000)), np.sort(rng.normal(0.08, 1, 1200))
     # scipy's "asymp" uses the finite-n Kolmogorov distribution at round(n*m/(n+m)): same to within 10%
-    assert np.isclose(M._ks_p(a, b), ks_2samp(a, b, method="asymp").pvalue, rtol=0.1)
-    assert np.isclose(M._ks_p(a, a), 1.0)
+    assert np.isclose(S.ks_p(a, b), ks_2samp(a, b, method="asymp").pvalue, rtol=0.1)
+    assert np.isclose(S.ks_p(a, a), 1.0)
+    # the fused pass of the default method (hand-written for speed) gives scipy's figures
+    from scipy.stats import wasserstein_distance
+
+    w, p = S.distance_and_p(M.drift_scorer("wasserstein"), a, b)
+    assert w == pytest.approx(wasserstein_distance(a, b) / np.std(a), rel=1e-9)
+    assert np.isclose(p, ks_2samp(a, b, method="asymp").pvalue, rtol=0.1)
 
 
 def test_a_large_shift_in_a_tiny_sample_is_not_drift():
@@ -187,9 +196,9 @@ def test_a_part_of_values_in_another_unit_is_out_of_range_with_a_unit_hint():
     ref = M.Reference("t", "1", ["glucose_last_90d"], {}, INFOS, pl.DataFrame(), pl.DataFrame())
     v = _judge(current, base, "glucose_last_90d")
     assert "out_of_range" in v["kinds"] and v["out_of_range_share"] > 0.07
-    hint = M._unit_hint("glucose_last_90d", v, ref)
+    hint = J.unit_hint("glucose_last_90d", v, ref)
     assert hint and "mmol/L instead of mg/dL" in hint
-    assert M._unit_hint("age", {**v, "feature": "age"}, ref) is None  # age has no unit factor
+    assert J.unit_hint("age", {**v, "feature": "age"}, ref) is None  # age has no unit factor
 
 
 def test_missing_share_change_is_drift():
@@ -204,15 +213,15 @@ def test_performance_figures_known_answers():
     rng = np.random.default_rng(6)
     p = rng.uniform(0.01, 0.6, 20000)
     y = (rng.uniform(size=p.size) < p).astype(float)
-    perf = M._performance(y, p, MonitorConfig())
+    perf = S.realized_performance(y, p, MonitorConfig())
     assert abs(perf["calibration_slope"] - 1) < 0.1 and abs(perf["calibration_intercept"]) < 0.1
     assert perf["ece"] < 0.015 and perf["ece_null_p"] > 0.01
     logit = np.log(p / (1 - p))
     over = 1 / (1 + np.exp(-2 * logit))  # overconfident: slope 0.5
-    assert abs(M._performance(y, over, MonitorConfig())["calibration_slope"] - 0.5) < 0.06
+    assert abs(S.realized_performance(y, over, MonitorConfig())["calibration_slope"] - 0.5) < 0.06
     # Hanley-McNeil: AUROC 0.5 with 100 positives and 100 negatives has SE ~0.041
-    assert abs(M._auroc_se(0.5, 100, 100) - 0.0408) < 0.001
-    assert M._performance(y[:50], p[:50], MonitorConfig()) is None  # too few outcomes
+    assert abs(S.auroc_se(0.5, 100, 100) - 0.0408) < 0.001
+    assert S.realized_performance(y[:50], p[:50], MonitorConfig()) is None  # too few outcomes
 
 
 # ------------------------------------------------------------------------ the scenario
@@ -466,12 +475,22 @@ def test_a_sudden_change_against_recent_windows_alerts_and_is_named(tmp_path):
     assert "age" in last["change"]["drifted_features"]
 
 
-def test_elapsed_and_accumulating_features_are_recognized():
-    assert M._elapsed_days("cond_ckd_years_since_first", {"unit": "years"}) == 365.25
-    assert M._elapsed_days("demo_age_years", {"unit": "years"}) == 365.25
-    assert M._elapsed_days("enc_amb_days_since_last", {"unit": "days"}) is None  # a visit resets it
-    assert M._accumulates("miss_glucose_count", {"display": "Fasting glucose: measurements on record"})
-    assert not M._accumulates("meas_glucose_last", {"display": "Fasting glucose, last value"})
+def test_clock_driven_features_come_from_the_feature_spec():
+    """Read from the spec's meaning (grows_with_clock, aggregate, kind), never from feature names."""
+    from chronorisk.features.config import FeatureConfig
+    from chronorisk.features.pipeline import fit_spec
+    from chronorisk.serving.monitoring.reference import feature_infos
+
+    spec = fit_spec(pl.DataFrame({"code": ["LOCAL//X1"], "n_subjects": [30]}), FeatureConfig(min_code_subjects=20))
+    clock = M.clock_driven(feature_infos(spec))
+    assert clock.elapsed["demo_age_years"] == 365.25
+    first = [f for f in spec.clock_features() if spec.info(f).aggregate != "days_since_last"]
+    assert first and all(f in clock.elapsed for f in first)  # ages and times since a first event
+    assert not any(spec.info(f).aggregate == "days_since_last" for f in clock.elapsed)  # a visit resets those
+    assert "miss_glucose_count" in clock.accumulating and "miss_glucose_count" not in clock.elapsed
+    assert "meas_sbp_mean_365d" not in clock.accumulating
+    renamed = {"x1": feature_infos(spec)["demo_age_years"], "age_like_name": {"display": "Age", "unit": "years"}}
+    assert set(M.clock_driven(renamed).elapsed) == {"x1"}  # the meaning decides, not the name
 
 
 def test_monitor_cli_refuses_clearly_without_logged_scores(tmp_path):
@@ -500,8 +519,8 @@ def test_a_rescored_patient_counts_once_with_the_latest_score():
         "join_key": ["k1", "k1", "k2", "k1"], "risk": [0.1, 0.2, 0.3, 0.4],
         "scored_at": [t, t + timedelta(hours=1), t, t],
     })
-    deduped = M._dedupe(rows)
+    deduped = R.dedupe(rows)
     assert deduped.height == 3
     assert deduped.filter((pl.col("join_key") == "k1") & (pl.col("model_version") == "4"))["risk"].to_list() == [0.2]
     unique = rows.filter(pl.col("risk") != 0.1)
-    assert M._dedupe(unique).equals(unique)  # nothing re-scored: the rows as logged
+    assert R.dedupe(unique).equals(unique)  # nothing re-scored: the rows as logged

@@ -1,0 +1,121 @@
+"""Site recalibration: few cases move a miscalibrated site towards slope 1, shrinkage, the bundle's site layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from models_support import frame
+
+from chronorisk.federated.calibration import BinnedScores
+from chronorisk.models.bundle import BundleError, ModelBundle
+from chronorisk.models.calibration import WeightedOutcomes, logit, sigmoid
+from chronorisk.models.config import TierThresholds
+from chronorisk.models.site_calibration import (
+    SiteLayer,
+    fit_site_recalibration,
+    fit_site_recalibration_from_cells,
+)
+from chronorisk.training import metrics as tm
+
+
+def _site(n: int, seed: int, *, slope: float = 0.5, shift: float = -0.4):
+    """A site where the global risks are too extreme (true slope 0.5): outcome ~ sigmoid(shift + slope * logit)."""
+    rng = np.random.default_rng(seed)
+    global_risk = sigmoid(rng.normal(-2.0, 1.5, n))
+    y = (rng.random(n) < sigmoid(shift + slope * logit(global_risk))).astype(float)
+    return global_risk, y
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_few_cases_move_a_miscalibrated_sites_slope_towards_1(seed):
+    risk, y = _site(100_000, 100 + seed)  # the site's future patients, where the slope is measured
+    before = float(tm.calibration_slope(y, risk))
+    assert before == pytest.approx(0.5, abs=0.03)
+    local_risk, local_y = _site(200, seed)  # about 40 local cases
+    recal = fit_site_recalibration("chc_new", local_risk, local_y)
+    assert 25 <= recal.cases <= 60
+    after = float(tm.calibration_slope(y, recal.apply(risk)))
+    assert abs(after - 1) < abs(before - 1) - 0.15  # from 0.5 to about 0.8 with 40 cases
+    assert float(tm.ece(y, recal.apply(risk))) < float(tm.ece(y, risk))
+
+
+def test_shrinkage_keeps_a_site_with_very_few_cases_near_the_global_calibration():
+    local_risk, local_y = _site(80, 3)
+    recal = fit_site_recalibration("chc_new", local_risk, local_y)
+    unshrunk = recal.info["unshrunk_slope"]
+    assert abs(recal.slope - 1) < abs(unshrunk - 1)  # between the site's own fit and the global map
+    none = fit_site_recalibration("chc_new", local_risk, local_y, prior_cases=0)
+    assert none.slope == pytest.approx(unshrunk, abs=1e-4)
+    calibrated = sigmoid(np.random.default_rng(4).normal(-2, 1.5, 3000))
+    y = (np.random.default_rng(5).random(calibrated.size) < calibrated).astype(float)
+    keep = fit_site_recalibration("hosp", calibrated, y)  # a calibrated site stays about as it is
+    assert keep.slope == pytest.approx(1, abs=0.15) and keep.intercept == pytest.approx(0, abs=0.2)
+
+
+def test_fit_from_a_sites_binned_table_equals_the_fit_from_its_rows():
+    """Federated: the site sends counts per cell of logit(global risk); cells of distinct values lose nothing."""
+    rng = np.random.default_rng(6)
+    x = np.round(rng.normal(-2.0, 1.2, 4000) / 0.02) * 0.02 + 0.01  # on the shared grid's bin centres
+    y = (rng.random(x.size) < sigmoid(-0.3 + 0.6 * x)).astype(float)
+    rows = fit_site_recalibration("s", sigmoid(x), y)
+    table = BinnedScores.from_rows(x, y)
+    cells = fit_site_recalibration_from_cells("s", table.as_outcomes())
+    assert (cells.intercept, cells.slope) == pytest.approx((rows.intercept, rows.slope), rel=1e-6)
+
+
+def test_too_few_cases_are_refused_by_name():
+    with pytest.raises(ValueError, match="site chc_new: 2 cases"):
+        fit_site_recalibration("chc_new", np.full(50, 0.1), np.r_[np.ones(2), np.zeros(48)])
+    with pytest.raises(ValueError, match="0/1"):
+        fit_site_recalibration("s", np.full(3, 0.1), np.array([0.0, 0.5, 1.0]))
+    with pytest.raises(ValueError, match="positive slope"):
+        SiteLayer.from_dict({"s": {"site": "s", "intercept": 0, "slope": -1, "n": 1, "cases": 1, "prior_cases": 1}})
+    assert WeightedOutcomes.from_rows([0.0], [1.0]).total == 1
+
+
+def test_the_bundles_site_layer_applies_to_its_site_only_and_survives_save_load(fitted, spec, task, data, tmp_path):
+    bundle = ModelBundle.from_model(fitted, spec, task, TierThresholds(medium=0.1, high=0.25), version=1)
+    X, _, _ = data["test"]
+    rows = frame(X[:200]).with_columns(pl.Series("site", ["chc_new", "hosp"] * 100))
+    global_risk = bundle.predict_risk(rows.drop("site"))
+    recal = fit_site_recalibration("chc_new", *_site(3000, 9))
+    layered = bundle.with_site_layer(SiteLayer().with_site(recal), version=2)
+    back = ModelBundle.load(layered.save(tmp_path / "b"))
+    assert back.version == "2"
+    risk = back.predict_risk(rows)  # each row at its own site (the table's site column)
+    new = np.arange(200) % 2 == 0
+    np.testing.assert_allclose(risk[new], recal.apply(global_risk[new]))
+    np.testing.assert_allclose(risk[~new], global_risk[~new])
+    np.testing.assert_allclose(back.predict_risk(rows.drop("site"), site="chc_new"), recal.apply(global_risk))
+    np.testing.assert_allclose(back.predict_risk(rows.drop("site")), global_risk)  # no site: global calibration
+    raw = (tmp_path / "b" / "bundle.json").read_text().replace('"slope": ', '"slope": -')
+    (tmp_path / "b" / "bundle.json").write_text(raw)
+    with pytest.raises(BundleError, match="site_calibration"):
+        ModelBundle.load(tmp_path / "b")
+
+
+def test_promotion_scores_the_site_layer_and_refuses_a_harmful_one(fitted, spec, task, data):
+    """Promotion scores candidate and champion on the same rows through predict_risk: the layer counts."""
+    from models_support import make_data, true_logit
+
+    from chronorisk.models.site_calibration import SiteRecalibration
+    from chronorisk.training.config import PromoteConfig
+    from chronorisk.training.promote import decide, score
+
+    champion = ModelBundle.from_model(fitted, spec, task, TierThresholds(medium=0.1, high=0.25), version=1)
+    X, _, _ = make_data(6000, 21)
+    rng = np.random.default_rng(22)
+    y = rng.random(X.shape[0]) < sigmoid(true_logit(X) + 1.0)  # a site with more outcomes than the model says
+    rows = frame(X).with_columns(pl.Series("site", ["chc_new"] * X.shape[0]), pl.Series("boolean_value", y))
+    local, held = rows[:3000], rows[3000:]
+    recal = fit_site_recalibration("chc_new", champion.predict_risk(local.drop("site")),
+                                   local["boolean_value"].cast(pl.Float64).to_numpy())
+    good = champion.with_site_layer(SiteLayer().with_site(recal), version=2)
+    bad = champion.with_site_layer(SiteLayer().with_site(SiteRecalibration("chc_new", -1.5, 1.0, 1, 1, 0)), version=3)
+    tol = PromoteConfig()
+    base = score(1, champion, held)
+    assert decide("t", score(2, good, held), base, tol).accepted
+    assert score(2, good, held).ece < base.ece - 0.02
+    refused = decide("t", score(3, bad, held), base, tol)
+    assert not refused.accepted and any("ECE" in r for r in refused.reasons)
