@@ -39,6 +39,13 @@ async def score(
 
 def score_response(body: S.ScoreRequest, principal: Principal, state: ServingState) -> Response:
     """The /score answer: validate the request against the served models, score, log for monitoring."""
+    when, site, results = score_results(body, principal, state)
+    return FastJSON({"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]})
+
+
+def score_results(body: S.ScoreRequest, principal: Principal, state: ServingState, events=None) -> tuple:
+    """(prediction time, site, TaskResults) of one scoring request, logged for monitoring; `events`
+    already converted (FHIR `$score`, CDS Hooks) replace the body's events or bundle."""
     from chronorisk.serving import scoring
 
     tasks = _served_tasks(state, body.tasks)
@@ -48,9 +55,10 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     when = body.prediction_time or utcnow()
     if body.events is not None and len(body.events) > state.config.max_events:
         raise InputError("events", f"at most {state.config.max_events} events per request (serve.max_events)")
-    events = None
     subject = None
-    if body.events is not None:
+    if events is not None:
+        pass
+    elif body.events is not None:
         subject = next((e.subject_id for e in body.events if e.subject_id is not None), None)
         events = scoring.events_frame([e.__dict__ for e in body.events], subject or 0)
     elif body.fhir is not None:
@@ -69,7 +77,7 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     )
     for r in results:
         METRICS.scored(r.task, r.tier)
-    return FastJSON({"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]})
+    return when, site, results
 
 
 def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:
