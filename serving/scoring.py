@@ -322,20 +322,13 @@ def feature_bounds(models: Sequence[ServedModel]) -> FeatureBounds:
 
 
 def feature_range(name: str, info) -> tuple[float, float, bool]:
-    """(lowest, highest, yes/no only) accepted value of a feature: the rules of `impossible_feature_value`."""
-    match = _MEAS_VALUE.match(name)
-    if match and match["m"] in vocab.MEASUREMENTS:
-        lo, hi = vocab.MEASUREMENTS[match["m"]].plausible
-        return float(lo), float(hi), False
-    lo, hi = -np.inf, np.inf
-    if name == "demo_age_years":
-        lo, hi = 0.0, 130.0
-    unit = getattr(info, "unit", "") or ""
-    if unit in _NON_NEGATIVE_UNITS or "_std_" in name:
-        lo = max(lo, 0.0)
-    if unit == "fraction":
-        lo, hi = max(lo, 0.0), min(hi, 1.0)
-    return lo, hi, unit.startswith("1 = ")
+    """(lowest, highest, yes/no only) accepted value of a feature, from its spec entry (bounds, kind):
+    the rules of `impossible_feature_value`."""
+    lo, hi = info.bounds if info.bounds is not None else (-np.inf, np.inf)
+    return float(lo), float(hi), info.kind in _YES_NO_KINDS
+
+
+_YES_NO_KINDS = frozenset({"binary", "category"})
 
 
 def _first_feature_problem(models: Sequence[ServedModel], values: dict[str, float | None]) -> None:
@@ -353,31 +346,21 @@ def _first_feature_problem(models: Sequence[ServedModel], values: dict[str, floa
                 raise InputError(f"features.{name}", problem)
 
 
-_MEAS_VALUE = re.compile(r"^meas_(?P<m>[a-z0-9_]+?)_(last|mean_\d+d|min_\d+d|max_\d+d)$")
-_NON_NEGATIVE_UNITS = {"days", "years", "measurements", "encounters", "prescriptions", "records"}
-
-
 def impossible_feature_value(name: str, value: float, info) -> str | None:
-    """Why a ready-made feature value cannot be true (None when it can): ranges from data/codes.py."""
-    match = _MEAS_VALUE.match(name)
-    if match and match["m"] in vocab.MEASUREMENTS:
-        m = vocab.MEASUREMENTS[match["m"]]
-        lo, hi = m.plausible
-        if not lo <= value <= hi:
-            return f"{value:g} {m.unit} is impossible for {m.display} (accepted {lo:g}-{hi:g} {m.unit})"
-        return None
-    if name == "demo_age_years" and not 0 <= value <= 130:
-        return f"age {value:g} years is impossible (accepted 0-130)"
-    unit = getattr(info, "unit", "") or ""
-    if unit in _NON_NEGATIVE_UNITS and value < 0:
-        return f"{value:g} {unit} is impossible (a {unit} value is never negative)"
-    if unit == "fraction" and not 0 <= value <= 1:
-        return f"{value:g} is impossible for a fraction (accepted 0-1)"
-    if unit.startswith("1 = ") and value not in (0.0, 1.0):
+    """Why a ready-made feature value cannot be true (None when it can), from the feature's spec entry:
+    its bounds (measurement ranges come from data/codes.py) and its kind."""
+    lo, hi, yes_no = feature_range(name, info)
+    if yes_no and value not in (0.0, 1.0):
         return f"{value:g} is impossible for a yes/no feature (accepted 0 or 1)"
-    if "_std_" in name and value < 0:
-        return "a standard deviation is never negative"
-    return None
+    if lo <= value <= hi:
+        return None
+    what = info.concept_display or info.display
+    unit = f" {info.unit}" if info.unit and not info.unit.startswith("1 = ") else ""
+    if info.kind == "age":
+        return f"age {value:g} years is impossible (accepted {lo:g}-{hi:g})"
+    if lo == 0 and value < 0:
+        return f"{value:g}{unit} is impossible for {what} (never negative)"
+    return f"{value:g}{unit} is impossible for {what} (accepted {lo:g}-{hi:g}{unit})"
 
 
 def predict(model: ServedModel, feats, *, explain: bool, top_k: int, prediction_time: datetime | None = None):
@@ -757,11 +740,16 @@ def eligibility_events(events: pl.LazyFrame) -> pl.LazyFrame:
 
 def facts_from_features(model: ServedModel, feats: pl.DataFrame, prediction_time: datetime) -> pl.DataFrame:
     """Per scored subject: sex, birth year, age band and recorded conditions, read off the feature
-    table (demographics and condition-present features), so no second pass over the events."""
-    names = sorted(c.name for c in model.spec.conditions if f"cond_{c.name}_present" in feats.columns)
-    flags = [pl.when(pl.col(f"cond_{n}_present") == 1).then(pl.lit(f"{n},")).otherwise(pl.lit("")) for n in names]
-    age = pl.col("demo_age_years") if "demo_age_years" in feats.columns else pl.lit(None, dtype=pl.Float32)
-    female = pl.col("demo_sex_female") if "demo_sex_female" in feats.columns else pl.lit(None, dtype=pl.Float32)
+    table (the spec's age, sex and condition-present features), so no second pass over the events."""
+    spec = model.spec
+    present = set(feats.columns)
+    conditions = sorted(
+        (spec.features[n].concept, n) for n in spec.features_where(family="conditions", aggregate="present")
+        if n in present
+    )
+    flags = [pl.when(pl.col(n) == 1).then(pl.lit(f"{c},")).otherwise(pl.lit("")) for c, n in conditions]
+    age = _fact_column(spec.features_where(kind="age"), present)
+    female = _fact_column(spec.features_where(concept="sex", kind="binary"), present)
     born = pl.lit(prediction_time).cast(_US) - pl.duration(microseconds=(age.cast(pl.Float64) * 365.25 * 86_400e6)
                                                             .cast(pl.Int64))
     band = pl.when(age < 0).then(None)
@@ -776,6 +764,12 @@ def facts_from_features(model: ServedModel, feats: pl.DataFrame, prediction_time
         band.alias("age_band"),
         pl.concat_str([pl.lit(","), *flags]).alias("conditions"),
     )
+
+
+def _fact_column(names: tuple[str, ...], present: set[str]) -> pl.Expr:
+    """The first of `names` that the feature table holds, else a null column."""
+    found = [n for n in names if n in present]
+    return pl.col(found[0]) if found else pl.lit(None, dtype=pl.Float32)
 
 
 def monitoring_records(
