@@ -39,7 +39,7 @@ DISPLAY_UNITS = {
 }
 # what an aggregate is called in a line (None: the value alone)
 AGGREGATE_WORDS = {
-    "last": "last", "mean": "mean", "min": "lowest", "max": "highest", "trend": "trend per year",
+    "last": "latest", "mean": "mean", "min": "lowest", "max": "highest", "trend": "trend",
     "std": "variability", "count": "records", "present": None, "days_since_last": None, "pdc": "days covered",
     "years_since_first": "years since first recorded",
 }
@@ -48,10 +48,12 @@ SIZE_WORDS = ((0.1, "slightly"), (0.4, "moderately"), (math.inf, "strongly"))
 
 
 def display_unit(unit: str | None) -> str:
-    """The unit as a clinician writes it: 'mm[Hg]' -> 'mmHg'; unknown units as they are."""
+    """The unit as a clinician writes it: 'mm[Hg]' -> 'mmHg', 'mm[Hg] per year' -> 'mmHg per year';
+    unknown units as they are."""
     if not unit:
         return ""
-    return DISPLAY_UNITS.get(unit, unit)
+    head, sep, rest = unit.partition(" per ")
+    return DISPLAY_UNITS.get(head, head) + sep + rest
 
 
 def window_words(days: int | None) -> str:
@@ -91,6 +93,8 @@ class ConceptLine:
     parts: list[str] = field(default_factory=list)
     last_date: str | None = None
     features: list[str] = field(default_factory=list)
+    units_shown: set[str] = field(default_factory=set)
+    window_shown: int | None = None
 
     @property
     def direction(self) -> str:
@@ -130,7 +134,7 @@ def group_factors(factors: Sequence[dict] | None, infos: Mapping[str, object] | 
             line = lines[concept] = ConceptLine(concept, str(title or concept.replace("_", " ").capitalize()))
         line.contribution += float(f.get("contribution") or 0.0)
         line.features.append(f.get("feature", ""))
-        part = _part(f, info, first=not line.parts)
+        part = _part(f, info, line)
         if part:
             line.parts.append(part)
         when = f.get("date")
@@ -139,34 +143,62 @@ def group_factors(factors: Sequence[dict] | None, infos: Mapping[str, object] | 
     return list(lines.values())
 
 
-def _part(f: dict, info: object, *, first: bool) -> str:
+def _part(f: dict, info: object, line: ConceptLine) -> str:
     """One factor's words inside its concept's line: '3-year mean 145 mmHg', 'highest 157', 'recorded'."""
     value = f.get("value")
     unit = f.get("unit") or ""
     aggregate = _get(info, "aggregate")
-    kind = _get(info, "kind")
     if aggregate is None:  # no meaning fields: the factor's own words, as before
         if value is None:
             return "not recorded"
-        shown = f"{format_value(value)} {display_unit(unit)}".strip() if not is_flag_unit(unit) else (
-            "yes" if value >= 0.5 else "no")
-        return shown
+        return ("yes" if value >= 0.5 else "no") if is_flag_unit(unit) else _number(value, unit, line)
+    window = _get(info, "window_days")
     if aggregate == "days_since_last":
         return ""  # its date is the line's 'last'
     if value is None:
-        return "not recorded"
-    if kind == "binary" or is_flag_unit(unit):
-        return "recorded" if value >= 0.5 else "not recorded"
-    if kind == "proportion" or unit == "fraction":
-        number = f"{format_value(100 * value)} %"
-    else:
-        number = f"{format_value(value)} {display_unit(unit)}".strip() if first else format_value(value)
+        label = " ".join(w for w in (window_words(window), AGGREGATE_WORDS.get(str(aggregate))) if w)
+        return f"{label} not recorded".strip() if aggregate not in ("present", "never", "active") else "not recorded"
+    kind = _get(info, "kind")
+    if kind == "binary":
+        return _flag_words(aggregate, value, f.get("display") or "", _get(info, "concept_display"), unit)
+    if kind == "proportion":
+        return f"{format_value(100 * value)} % of days covered" + (f" in {window_phrase(window)}" if window else "")
+    if kind == "count":
+        return f"{format_value(value)} {display_unit(unit)}" + (f" in {window_phrase(window)}" if window else "")
+    if kind == "elapsed_days":
+        return f"first recorded {format_value(value)} years ago" if aggregate == "years_since_first" else ""
+    if kind == "age":
+        return _number(value, unit, line)
     words = AGGREGATE_WORDS.get(str(aggregate), str(aggregate).replace("_", " "))
-    window = window_words(_get(info, "window_days"))
-    label = " ".join(w for w in (window, words) if w)
-    if aggregate == "count":
-        return f"{format_value(value)} {words}" + (f" in {window_phrase(_get(info, 'window_days'))}" if window else "")
-    return f"{label} {number}".strip()
+    said = window_words(window) if window != line.window_shown else ""  # '3-year mean 145, highest 157'
+    line.window_shown = window
+    label = " ".join(w for w in (said, words) if w)
+    return f"{label} {_number(value, unit, line)}".strip()
+
+
+def _number(value: float, unit: str, line: ConceptLine) -> str:
+    """The value with its display unit the first time the line shows that unit, bare after that."""
+    shown = display_unit(unit)
+    if not shown or shown in line.units_shown:
+        return format_value(value)
+    line.units_shown.add(shown)
+    return f"{format_value(value)} {shown}"
+
+
+def _flag_words(aggregate: str, value: float, display: str, concept_display: str | None, unit: str) -> str:
+    """A yes/no feature in words: 'recorded', 'never measured', 'supply active', 'current smoker', 'female'."""
+    yes = value >= 0.5
+    if aggregate == "present":
+        return "recorded" if yes else "not recorded"
+    if aggregate == "never":
+        return "never measured" if yes else "measured"
+    if aggregate == "active":
+        return "supply active" if yes else "no active supply"
+    if unit.startswith("1 = ") and ", 0 = " in unit:  # '1 = female, 0 = male'
+        one, zero = unit[4:].split(", 0 = ", 1)
+        return one if yes else zero
+    state = display.split(": ", 1)[1] if concept_display and display.startswith(f"{concept_display}: ") else display
+    return state if yes else f"not {state}"
 
 
 def clinician_text(factors: Sequence[dict] | None, infos: Mapping[str, object] | None = None,
