@@ -15,7 +15,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from chronorisk.serving.middleware import CatchAll, MetricsMiddleware, PayloadLimit
-from chronorisk.serving.routes import cds_hooks, cohort, fhir, patients, score, system
+from chronorisk.serving.routes import cds_hooks, cohort, fhir, patients, score, system, whatif
 from chronorisk.serving.routes.errors import install_error_handlers
 
 
@@ -31,7 +31,7 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     for router in (system.router, score.router, patients.router, cohort.router, fhir.router,
-                   cds_hooks.router):
+                   cds_hooks.router, whatif.router):
         app.include_router(router)
     app.include_router(pages)
 
