@@ -28,7 +28,7 @@ from pathlib import Path
 
 from chronorisk.errors import InputError
 from chronorisk.serving.explanations import group_factors
-from chronorisk.serving.fhir_risk import outcome_concept
+from chronorisk.serving.fhir_risk import lower_first, outcome_concept
 
 SERVICE_ID = "chronorisk-risk"
 INDICATOR = {"low": "info", "medium": "warning", "high": "critical"}
@@ -147,12 +147,12 @@ def verify_token(authorization: str | None, clients: Mapping[str, Client], audie
 
 def task_title(task_def, condition_names: Mapping[str, str]) -> str:
     """'Risk of type 2 diabetes or hypertension within 2 years' (short enough for a summary)."""
-    names = [condition_names.get(c, c.replace("_", " ")) for c in task_def.outcome.concepts]
+    names = [lower_first(condition_names.get(c, c.replace("_", " "))) for c in task_def.outcome.concepts]
     what = " or ".join(names) if len(names) <= 2 else "a first complication"
     years = task_def.horizon_days / 365
     within = f"{years:g} year{'s' if years != 1 else ''}" if task_def.horizon_days % 365 == 0 else (
         f"{task_def.horizon_days} days")
-    return f"Risk of {what[0].lower() + what[1:] if not what[:2].isupper() else what} within {within}"
+    return f"Risk of {what} within {within}"
 
 
 def card(*, task_def, spec, risk: float, tier: str | None, factors: Sequence[dict] | None, model_name: str,
@@ -167,7 +167,7 @@ def card(*, task_def, spec, risk: float, tier: str | None, factors: Sequence[dic
     raises = [line for line in lines if line.direction == "raises"]
     lowers = [line for line in lines if line.direction == "lowers"]
     detail = [f"**{risk:.0%}** estimated risk ({tier or 'no'} tier) at {prediction_time:%Y-%m-%d}: "
-              f"{outcome_concept(task_def, names)['text'].lower()}.", ""]
+              f"{lower_first(outcome_concept(task_def, names)['text'])}.", ""]
     for heading, group in (("Raising the risk", raises), ("Lowering the risk", lowers)):
         if group:
             detail.append(f"**{heading}**")

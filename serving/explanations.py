@@ -153,8 +153,8 @@ def _part(f: dict, info: object, line: ConceptLine) -> str:
             return "not recorded"
         return ("yes" if value >= 0.5 else "no") if is_flag_unit(unit) else _number(value, unit, line)
     window = _get(info, "window_days")
-    if aggregate == "days_since_last":
-        return ""  # its date is the line's 'last'
+    if aggregate == "days_since_last":  # its date is the line's 'last'; without one, the days in words
+        return "" if f.get("date") or value is None else f"last recorded {format_value(value)} days before"
     if value is None:
         label = " ".join(w for w in (window_words(window), AGGREGATE_WORDS.get(str(aggregate))) if w)
         return f"{label} not recorded".strip() if aggregate not in ("present", "never", "active") else "not recorded"

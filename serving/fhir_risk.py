@@ -43,13 +43,18 @@ def fhir_instant(value: datetime | date | str) -> str:
 
 def outcome_concept(task_def, condition_names: Mapping[str, str]) -> dict:
     """The task's outcome as a CodeableConcept: coded by task name, the outcome conditions in words."""
-    names = [condition_names.get(c, c.replace("_", " ")) for c in task_def.outcome.concepts]
+    names = [lower_first(condition_names.get(c, c.replace("_", " "))) for c in task_def.outcome.concepts]
     years = task_def.horizon_days / 365
     horizon = f"{years:g} year{'s' if years != 1 else ''}" if task_def.horizon_days % 365 == 0 else (
         f"{task_def.horizon_days} days")
     text = f"First recorded {', '.join(names[:-1]) + ' or ' + names[-1] if len(names) > 1 else names[0]} " \
            f"within {horizon}"
     return {"coding": [{"system": TASK_SYSTEM, "code": task_def.name, "display": text}], "text": text}
+
+
+def lower_first(name: str) -> str:
+    """'Heart failure' -> 'heart failure' inside a sentence; acronyms ('CKD stage 3') stay."""
+    return name if name[1:2].isupper() else name[:1].lower() + name[1:]
 
 
 def condition_names(spec) -> dict[str, str]:
