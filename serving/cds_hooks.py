@@ -142,6 +142,47 @@ def verify_token(authorization: str | None, clients: Mapping[str, Client], audie
     return client
 
 
+# -- scores of records seen today ----------------------------------------------------------------
+
+
+def record_key(bundle: dict, day, site: str | None, models: list[tuple[str, str]]) -> str:
+    """A digest of everything a prefetch's scores depend on: the record, the day, the site, the models."""
+    import hashlib
+
+    import orjson
+
+    digest = hashlib.sha256(orjson.dumps(bundle, option=orjson.OPT_SORT_KEYS))
+    digest.update(f"|{day:%Y-%m-%d}|{site}|{sorted(models)}".encode())
+    return digest.hexdigest()
+
+
+class RecentResults:
+    """The last `size` records' scores (an EHR fires patient-view at every opening of a chart): least
+    recently used out first; 0 keeps nothing."""
+
+    def __init__(self, size: int):
+        from collections import OrderedDict
+
+        self.size = size
+        self._items: OrderedDict[str, list] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> list | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: str, value: list) -> list:
+        if self.size:
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        return value
+
+
 # -- cards ------------------------------------------------------------------------------------
 
 

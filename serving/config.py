@@ -62,6 +62,9 @@ class ServeConfig(BaseModel):
         "CHRONORISK_PSEUDONYM_KEY", description="env var of the ingestion's pseudonymization key (CDS Hooks ids)"
     )
     cds_clients: list[CdsClient] = Field(default_factory=list, description="EHRs allowed to call the CDS Hooks service")
+    cds_cache_records: int = Field(
+        2000, ge=0, description="prefetched records whose scores a worker keeps for the day (0: score every call)"
+    )
 
 
 def resolve_store_url(params, work, override: str | None = None) -> str:

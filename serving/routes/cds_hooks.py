@@ -34,6 +34,7 @@ class CdsState:
 
         self.clients = cds_hooks.load_clients(state.config.cds_clients)
         self.seen = cds_hooks.SeenTokens()
+        self.results = cds_hooks.RecentResults(state.config.cds_cache_records)
         try:
             key, _ = load_key(secret_file=None, env_var=state.config.pseudonym_key_env, demo=is_demo(False),
                               secrets_dir=state.work / "secrets")
@@ -143,20 +144,28 @@ def cards_for(body: S.CdsRequest, principal: Principal, state: ServingState, bas
 
 
 def prefetch_cards(bundle: dict, principal: Principal, state: ServingState, page: str) -> list[dict]:
+    """Cards scored from the prefetch at today's date; the same record seen again today (the chart opened
+    again) reuses its scores, with new card ids."""
     from chronorisk.serving import scoring
     from chronorisk.serving.routes.score import score_results
+    from chronorisk.serving.store import utcnow
 
-    record = scoring.fhir_record(bundle, "prefetch")
-    request = S.ScoreRequest.model_construct(tasks=None, prediction_time=None, site=None, explain=True,
-                                             top_k=state.top_k, events=None, fhir=None, features=None)
-    when, _, results = score_results(request, principal, state, events=record.events)
+    when = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+    cds = cds_state(state)
+    key = cds_hooks.record_key(bundle, when, principal.site, [(m.task, m.version) for m in state.models.values()])
+    results = cds.results.get(key)
+    if results is None:
+        record = scoring.fhir_record(bundle, "prefetch")
+        request = S.ScoreRequest.model_construct(tasks=None, prediction_time=when, site=None, explain=True,
+                                                 top_k=state.top_k, events=None, fhir=None, features=None)
+        _, _, scored = score_results(request, principal, state, events=record.events)
+        results = cds.results.put(key, [r for r in scored if r.eligible])
     cards = []
     for r in results:
-        if r.eligible:
-            model = state.models[r.task]
-            cards.append(cds_hooks.card(task_def=model.task_def, spec=model.spec, risk=r.risk, tier=r.tier,
-                                        factors=r.factors, model_name=r.model_name, model_version=r.model_version,
-                                        prediction_time=when, page_url=page))
+        model = state.models[r.task]
+        cards.append(cds_hooks.card(task_def=model.task_def, spec=model.spec, risk=r.risk, tier=r.tier,
+                                    factors=r.factors, model_name=r.model_name, model_version=r.model_version,
+                                    prediction_time=when, page_url=page))
     return cards
 
 
