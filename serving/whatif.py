@@ -24,6 +24,7 @@ import polars as pl
 from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import EVENT_SCHEMA
 from chronorisk.errors import InputError
+from chronorisk.serving.explanations import display_unit
 
 MEASURED = ("hba1c", "sbp", "ldl", "bmi")
 DRUGS = {"statin": ("statin",),
@@ -83,7 +84,7 @@ def changed_events(events: pl.DataFrame, spec, prediction_time: datetime, change
         value = m.check(value)
         if name in MEASURED:
             added.append(_event(day_before, vocab.MEASUREMENTS[name].code, numeric=value))
-            described.append(f"{m.display} {value:g} {_unit(m.unit)} on {day_before:%Y-%m-%d}")
+            described.append(f"{m.display} {value:g} {display_unit(m.unit)} on {day_before:%Y-%m-%d}")
         elif name == "smoking":
             answer = vocab.SMOKING_CURRENT[0] if value else vocab.SMOKING_FORMER[0]
             added.append(_event(day_before, vocab.SMOKING_STATUS, text=answer))
@@ -110,12 +111,6 @@ def changed_events(events: pl.DataFrame, spec, prediction_time: datetime, change
 
 def _event(when: datetime, code: str, *, numeric: float | None = None, text: str | None = None) -> dict:
     return {"subject_id": 0, "time": when, "code": code, "numeric_value": numeric, "text_value": text}
-
-
-def _unit(unit: str) -> str:
-    from chronorisk.serving.explanations import display_unit
-
-    return display_unit(unit)
 
 
 def what_if(model, events: pl.DataFrame, prediction_time: datetime, changes: dict[str, float]) -> dict:
@@ -147,6 +142,6 @@ def recent_values(model, feats: pl.DataFrame, prediction_time: datetime, concept
         when = None
         if info.date_feature and info.date_feature in feats.columns and feats[info.date_feature][0] is not None:
             when = (prediction_time - timedelta(days=float(feats[info.date_feature][0]))).date().isoformat()
-        out.append({"concept": concept, "display": info.concept_display or concept, "unit": _unit(info.unit),
+        out.append({"concept": concept, "display": info.concept_display or concept, "unit": display_unit(info.unit),
                     "value": None if value is None else float(value), "date": when})
     return out

@@ -171,7 +171,7 @@ def prefetch_cards(bundle: dict, principal: Principal, state: ServingState, page
 
 def stored_cards(state: ServingState, principal: Principal, subject_id: int, page: str) -> list[dict]:
     """Cards of the latest stored score per task (audited as a patient read); none for an unknown patient."""
-    from chronorisk.serving.routes.fhir import _factors, task_meaning
+    from chronorisk.serving.routes.fhir import factors_of, task_meaning
     from chronorisk.serving.routes.patients import read_patient_audited
 
     try:
@@ -185,7 +185,7 @@ def stored_cards(state: ServingState, principal: Principal, subject_id: int, pag
         latest = task["latest"]
         task_def, spec = task_meaning(state, task["task"])
         cards.append(cds_hooks.card(task_def=task_def, spec=spec, risk=latest["risk"], tier=latest["tier"],
-                                    factors=_factors(latest["factors"]), model_name=latest["model_name"],
+                                    factors=factors_of(latest["factors"]), model_name=latest["model_name"],
                                     model_version=latest["model_version"],
                                     prediction_time=latest["prediction_time"], page_url=page))
     return cards

@@ -77,13 +77,13 @@ def searchset_of(state: ServingState, view: dict, subject_id: int, base_url: str
                 task_def=task_def, spec=spec, subject=f"Patient/{subject_id}",
                 prediction_time=score["prediction_time"], risk=score["risk"], tier=score["tier"],
                 model_name=score["model_name"], model_version=score["model_version"],
-                factors=_factors(score["factors"]),
+                factors=factors_of(score["factors"]),
                 resource_id=stored_resource_id(subject_id, task["task"], score["prediction_time"]),
             ))
     return fhir_risk.searchset(resources, base_url)
 
 
-def _factors(stored) -> list[dict] | None:
+def factors_of(stored) -> list[dict] | None:
     if stored is None or isinstance(stored, list):
         return stored
     import json

@@ -266,6 +266,7 @@ def _patient_section(state: ServingState, t: dict, on_demand: dict) -> dict:
 def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site: str, section: dict, q) -> int:
     """The recent values and the what-if form of a section (and its answer when asked); the page's status."""
     from chronorisk.serving import scoring, whatif
+    from chronorisk.serving.explanations import display_unit
     from chronorisk.serving.routes.whatif import patient_record_events, whatif_for
 
     try:
@@ -277,7 +278,7 @@ def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site
     if feats is not None:
         section["recent"] = whatif.recent_values(model, feats, when, [*section["concepts"], *whatif.MEASURED])
     recent = {r["concept"]: r["value"] for r in section["recent"]}
-    section["modifiable"] = [{"name": m.name, "display": m.display, "unit": whatif._unit(m.unit), "low": m.low,
+    section["modifiable"] = [{"name": m.name, "display": m.display, "unit": display_unit(m.unit), "low": m.low,
                               "high": m.high, "flag": m.unit == "1 = yes", "value": q.get(m.name) or
                               ("" if recent.get(m.name) is None else f"{recent[m.name]:g}")}
                              for m in allowed.values()]
