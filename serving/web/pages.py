@@ -94,7 +94,7 @@ def page_user(permission: str | None = None):
     """Dependency: the signed-in user (redirect to sign-in when there is none)."""
 
     def dependency(request: Request) -> Principal:
-        from chronorisk.serving.api import authenticate
+        from chronorisk.serving.routes.common import authenticate
 
         state = _state(request)
         principal = authenticate(request, state)
@@ -175,7 +175,7 @@ def home(principal: Annotated[Principal, Depends(page_user())]) -> Response:
 
 @pages.get("/worklist")
 def worklist_page(request: Request, principal: Annotated[Principal, Depends(page_user("worklist"))]) -> Response:
-    from chronorisk.serving.api import _worklist_row, worklist_site
+    from chronorisk.serving.routes.patients import _worklist_row, worklist_site
 
     state = _state(request)
     q = request.query_params
@@ -220,7 +220,7 @@ def _percent(text: str | None) -> float | None:
 def patient_page(
     request: Request, subject_id: int, principal: Annotated[Principal, Depends(page_user("patient_read"))]
 ) -> Response:
-    from chronorisk.serving.api import explain_on_demand, read_patient_audited
+    from chronorisk.serving.routes.patients import explain_on_demand, read_patient_audited
 
     state = _state(request)
     if not 0 <= subject_id <= S.INT64_MAX:
@@ -352,7 +352,7 @@ def _site_tier_table(result: dict) -> list[dict]:
 async def cohort_export_page(
     request: Request, principal: Annotated[Principal, Depends(page_user("export"))]
 ) -> Response:
-    from chronorisk.serving.api import export_response
+    from chronorisk.serving.routes.cohort import export_response
 
     state = _state(request)
     form = await form_data(request)

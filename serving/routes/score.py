@@ -1,0 +1,86 @@
+"""POST /score: risk, tier and top factors per task for one patient."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from chronorisk.errors import InputError
+from chronorisk.serving import schemas as S
+from chronorisk.serving.access import Principal
+from chronorisk.serving.middleware import METRICS
+from chronorisk.serving.routes.common import FastJSON, StateDep, require
+from chronorisk.serving.state import ServingState
+from chronorisk.serving.store import utcnow
+
+router = APIRouter()
+
+
+@router.post(
+    "/score", response_model=S.ScoreResponse, tags=["scoring"],
+    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
+               413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}, 503: {"model": S.ErrorResponse}},
+)
+async def score(
+    body: S.ScoreRequest,
+    principal: Annotated[Principal, Depends(require("score"))],
+    state: StateDep,
+) -> Response:
+    """Risk, tier and top factors per task for one patient (events, FHIR bundle or features)."""
+    if body.features is not None:
+        # about a millisecond of numpy and LightGBM: cheaper on the event loop than a thread hop
+        return score_response(body, principal, state)
+    # events: polars releases the GIL while it builds the features, so other requests go on meanwhile
+    return await run_in_threadpool(score_response, body, principal, state)
+
+
+def score_response(body: S.ScoreRequest, principal: Principal, state: ServingState) -> Response:
+    """The /score answer: validate the request against the served models, score, log for monitoring."""
+    from chronorisk.serving import scoring
+
+    tasks = _served_tasks(state, body.tasks)
+    if principal.role == "gp" and body.site and body.site != principal.site:
+        raise HTTPException(403, "a GP scores for their own site only")
+    site = body.site or principal.site
+    when = body.prediction_time or utcnow()
+    if body.events is not None and len(body.events) > state.config.max_events:
+        raise InputError("events", f"at most {state.config.max_events} events per request (serve.max_events)")
+    events = None
+    subject = None
+    if body.events is not None:
+        subject = next((e.subject_id for e in body.events if e.subject_id is not None), None)
+        events = scoring.events_frame([e.__dict__ for e in body.events], subject or 0)
+    elif body.fhir is not None:
+        events = scoring.fhir_events(body.fhir.model_dump(exclude_none=True))
+
+    def log_for_monitoring(model, feats, risk, tiers) -> None:
+        if state.monitor is not None:
+            known = feats
+            if subject is None and hasattr(feats, "drop"):  # no id given: no join key either
+                known = feats.drop("subject_id", strict=False)
+            state.monitor.live(model, known, risk, tiers, site, when)
+
+    results = scoring.score_one(
+        state.models, tasks, events=events, features=body.features, prediction_time=when,
+        explain=body.explain, top_k=body.top_k, on_scored=log_for_monitoring,
+    )
+    for r in results:
+        METRICS.scored(r.task, r.tier)
+    return FastJSON({"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]})
+
+
+def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:
+    if not asked:
+        if not state.models:
+            raise HTTPException(503, "no model is loaded: train and promote a champion first")
+        return list(state.models)
+    for i, task in enumerate(asked):
+        if task not in state.config.tasks:
+            raise InputError(f"tasks[{i}]", f"unknown task {task!r}; served: {', '.join(state.config.tasks)}")
+        if task not in state.models:
+            raise HTTPException(503, f"no model is loaded for task {task}")
+    return list(dict.fromkeys(asked))
+
