@@ -16,8 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -37,8 +39,9 @@ Tier = Literal["low", "medium", "high"]
 AgeBand = Literal[AGE_BANDS]  # type: ignore[valid-type]
 Sex = Literal["F", "M"]
 
-_SITE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_TASK_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_SITE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: no trailing newline or space
+_TASK_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PLAIN_INT_RE = re.compile(r"[0-9]{1,19}")
 # VOCAB -> accepted shape of the value part; a code outside these is "unknown"
 CODE_PATTERNS: dict[str, re.Pattern[str]] = {
     "LOINC": re.compile(r"^\d{1,7}-\d$"),
@@ -91,21 +94,65 @@ def check_code(code: str) -> str:
 
 
 def check_site(value: str | None) -> str | None:
-    if value is not None and not _SITE_RE.match(value):
+    if value is not None and not _SITE_RE.fullmatch(value):
         raise ValueError("a site id is 1-64 letters, digits, '_', '-' or '.'")
     return value
 
 
 def check_task(value: str) -> str:
-    if not _TASK_RE.match(value):
+    if not _TASK_RE.fullmatch(value):
         raise ValueError("a task name is 1-64 letters, digits, '_', '-' or '.'")
     return value
 
 
-PastDatetime = Annotated[datetime, AfterValidator(check_past)]
+def iso_time(value: Any) -> Any:
+    """Times are ISO 8601 text only ('2024-03-01', '2024-03-01T09:00', '2024-03-01T09:00:00+02:00'): never a
+    number read as a Unix time. The zone rule: a time with an offset is converted to UTC; a time without one
+    is read as UTC (MEDS times are naive UTC)."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("a time is ISO 8601 text such as 2024-03-01T09:00:00Z (numbers are not accepted)")
+    text = value.strip()
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ][0-9:.]+(Z|[+-]\d{2}:?\d{2})?)?", text):
+        raise ValueError(f"{value[:40]!r} is not an ISO 8601 time (e.g. 2024-03-01T09:00:00Z)")
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value[:40]!r} is not a valid date or time") from None
+
+
+def plain_int(value: Any) -> Any:
+    """Ids are plain decimal integers: '1_000', '+5', ' 7', '1e3' and floats are refused."""
+    if isinstance(value, bool):
+        raise ValueError("an id is a plain integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _PLAIN_INT_RE.fullmatch(value):
+        return int(value)
+    raise ValueError("an id is a plain decimal integer (digits only)")
+
+
+def utc_text(value: datetime) -> str:
+    """Answers carry times as RFC 3339 with the zone: naive store times are UTC."""
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat().replace("+00:00", "Z")
+
+
+def iso_date(value: Any) -> Any:
+    """Dates are ISO 8601 text 'YYYY-MM-DD' only (never a number)."""
+    if isinstance(value, date):
+        return value
+    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("a date is ISO 8601 text YYYY-MM-DD")
+    return value
+
+
+IsoDate = Annotated[date, BeforeValidator(iso_date)]
+UtcDatetime = Annotated[datetime, PlainSerializer(utc_text, return_type=str, when_used="json")]
+PastDatetime = Annotated[datetime, BeforeValidator(iso_time), AfterValidator(check_past)]
 SiteId = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_site)]
 TaskName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_task)]
-SubjectId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+SubjectId = Annotated[int, BeforeValidator(plain_int), Field(ge=0, le=INT64_MAX)]
 
 
 class _Strict(BaseModel):
@@ -254,7 +301,7 @@ class TaskScore(BaseModel):
 
 
 class ScoreResponse(BaseModel):
-    prediction_time: datetime
+    prediction_time: UtcDatetime
     site: str | None
     results: list[TaskScore]
 
@@ -264,12 +311,12 @@ class ScoreResponse(BaseModel):
 
 class StoredScore(BaseModel):
     task: str
-    prediction_time: datetime
+    prediction_time: UtcDatetime
     risk: float
     tier: Tier
     model_name: str
     model_version: str
-    scored_at: datetime
+    scored_at: UtcDatetime
     factors: list[Factor] | None = None
 
 
@@ -286,13 +333,14 @@ class PatientResponse(BaseModel):
     age: int | None = None
     age_band: str | None = None
     conditions: list[str] = Field(default_factory=list)
+    consent_withdrawn_at: UtcDatetime | None = None
     tasks: list[PatientTask]
 
 
 class WorklistRow(BaseModel):
     subject_id: int
     task: str
-    prediction_time: datetime
+    prediction_time: UtcDatetime
     risk: float
     tier: Tier
     age_band: str | None = None
@@ -314,7 +362,7 @@ class CohortQuery(_Strict):
 
     task: TaskName
     sites: list[SiteId] | None = Field(None, max_length=500)
-    prediction_time: date | None = Field(None, description="scores of this date; default the latest")
+    prediction_time: IsoDate | None = Field(None, description="scores of this date; default the latest")
     tiers: list[Tier] | None = Field(None, max_length=3)
     min_risk: float | None = Field(None, ge=0, le=1)
     age_bands: list[AgeBand] | None = Field(None, max_length=len(AGE_BANDS))
@@ -351,41 +399,60 @@ class ExportQuery(CohortQuery):
 
 
 class CohortRow(BaseModel):
-    subject_id: int
-    site: str
+    record_id: str = Field(description="random for this release only; never the store's subject id")
+    site: str = Field(description="'*' when withheld for k-anonymity")
     task: str
-    prediction_time: datetime
-    risk: float
+    prediction_time: date
+    risk: float = Field(description="rounded to 0.01")
     tier: str
     age_band: str | None = None
     sex: str | None = None
-    conditions: list[str] = Field(default_factory=list)
+    conditions: str = Field(description="';'-joined condition names, '*' when withheld")
     model_name: str
     model_version: str
 
 
+class Deidentification(BaseModel):
+    k: int
+    quasi_identifiers: list[str]
+    generalized: list[str] = Field(description="generalizations applied, least first")
+    suppressed_rows: str = Field(description="rows left out (in groups under k); '1-(k-1)' when few")
+    record_id: str
+
+
 class CohortResponse(BaseModel):
     query: dict[str, Any]
-    prediction_time: datetime | None
+    prediction_time: UtcDatetime | None
     n: int
     truncated: bool
     model_versions: list[str]
     rows: list[CohortRow]
+    deidentification: Deidentification
 
 
 class AggregateCell(BaseModel):
     group: dict[str, str | None]
-    count: int | None = Field(description="null when suppressed (a count under the small-cell limit)")
+    count: int | None = Field(description="noisy count; null when suppressed (under the small-cell limit)")
     suppressed: bool
+
+
+class PrivacyRelease(BaseModel):
+    mechanism: str
+    epsilon: float = Field(description="privacy cost of this release")
+    noise_scale: float = Field(description="scale of the discrete Laplace noise on every count (1 / epsilon)")
+    budget: float
+    budget_days: int
+    budget_left: float = Field(description="epsilon the caller may still spend in the period")
 
 
 class AggregateResponse(BaseModel):
     query: dict[str, Any]
-    prediction_time: datetime | None
+    prediction_time: UtcDatetime | None
     small_cell: int
-    total: int | None
+    total: int | None = Field(description="sum of the noisy counts of every cell")
     cells: list[AggregateCell]
     model_versions: list[str]
+    privacy: PrivacyRelease
 
 
 # -- /consent -------------------------------------------------------------------------------
@@ -397,7 +464,12 @@ class ConsentWithdrawal(_Strict):
 
 
 class ConsentResponse(BaseModel):
-    withdrawn_at: datetime
+    withdrawn_at: UtcDatetime
+    site: str | None
+
+
+class ConsentRenewalResponse(BaseModel):
+    renewed_at: UtcDatetime
     site: str | None
 
 

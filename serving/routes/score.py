@@ -22,7 +22,8 @@ router = APIRouter()
 @router.post(
     "/score", response_model=S.ScoreResponse, tags=["scoring"],
     responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-               413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}, 503: {"model": S.ErrorResponse}},
+               409: {"model": S.ErrorResponse}, 413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse},
+               503: {"model": S.ErrorResponse}},
 )
 async def score(
     body: S.ScoreRequest,
@@ -52,9 +53,13 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     subject = None
     if body.events is not None:
         subject = next((e.subject_id for e in body.events if e.subject_id is not None), None)
+        if subject is not None and state.store.patient_consent(subject).withdrawn_at(site) is not None:
+            # neither scored nor logged for monitoring
+            raise HTTPException(409, "this patient withdrew consent: they are not scored")
         events = scoring.events_frame([e.__dict__ for e in body.events], subject or 0)
     elif body.fhir is not None:
         events = scoring.fhir_events(body.fhir.model_dump(exclude_none=True))
+        check_event_dates(events)
 
     def log_for_monitoring(model, feats, risk, tiers) -> None:
         if state.monitor is not None:
@@ -69,6 +74,9 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     )
     for r in results:
         METRICS.scored(r.task, r.tier)
+    state.audit.append(actor=principal.actor, role=principal.role, site=site, action="score", subject_id=subject,
+                       detail={"tasks": tasks, "source": "events" if body.events is not None else
+                               "fhir" if body.fhir is not None else "features"})
     return FastJSON({"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]})
 
 
@@ -84,3 +92,19 @@ def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:
             raise HTTPException(503, f"no model is loaded for task {task}")
     return list(dict.fromkeys(asked))
 
+
+
+def check_event_dates(events) -> None:
+    """The bounds of `schemas.check_past` (1900 to now plus a day of clock skew) on converted FHIR events,
+    as on the events path: one rule for every path."""
+    if events is None or events.height == 0 or "time" not in events.columns:
+        return
+    times = events.get_column("time").drop_nulls()
+    if times.len() == 0:
+        return
+    for value in (times.min(), times.max()):
+        try:
+            S.check_past(value)
+        except ValueError as exc:
+            raise InputError("fhir", f"a resource is dated {value:%Y-%m-%d}, which {exc}; accepted 1900 to now") \
+                from None

@@ -16,7 +16,14 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
+    """Prometheus metrics: an mlops or admin key unless `serve.metrics_access: open` (private bind only)."""
     state = getattr(request.app.state, "serving", None)
+    if state is not None and state.config.metrics_access == "key":
+        principal = authenticate(request, state)
+        if principal is None:
+            raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+        if not principal.can("ops"):
+            raise HTTPException(403, f"role {principal.role} may not read metrics")
     body, content_type = metrics_text(state.work / "monitoring" if state is not None else None)
     return Response(body, media_type=content_type)
 

@@ -149,10 +149,15 @@ class Server:
 
 
 def make_keys(store: ScoreStore) -> dict[str, str]:
+    """One key per role and a second site's GP, created through the audit log (as `chronorisk access` does)."""
+    from chronorisk.serving.audit import AuditLog
+
+    audit = AuditLog(store.engine, SECRET.encode())
     keys = {}
     for role in access.ROLES:
-        _, keys[role] = access.create_key(store.engine, role, "chc_a" if role == "gp" else None, label="test")
-    _, keys["gp_b"] = access.create_key(store.engine, "gp", "chc_b", label="test")
+        _, keys[role] = access.create_key(store.engine, role, "chc_a" if role == "gp" else None, label="test",
+                                          audit=audit, actor="test")
+    _, keys["gp_b"] = access.create_key(store.engine, "gp", "chc_b", label="test", audit=audit, actor="test")
     return keys
 
 
