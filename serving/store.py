@@ -403,7 +403,7 @@ class ScoreStore:
     @classmethod
     def open(cls, url: str, *, create: bool = True) -> ScoreStore:
         """Connect to `url` and create missing tables (the audit tables included)."""
-        from chronorisk.serving import access, audit  # noqa: F401  (register the audit and session tables)
+        from chronorisk.serving import access, audit, privacy  # noqa: F401  (register their tables)
 
         engine = make_engine(url)
         store = cls(engine)
