@@ -42,7 +42,6 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     """The /score answer: validate the request against the served models, score, log for monitoring."""
     from chronorisk.serving import scoring
 
-    tasks = _served_tasks(state, body.tasks)
     if principal.role == "gp" and body.site and body.site != principal.site:
         raise HTTPException(403, "a GP scores for their own site only")
     site = body.site or principal.site
@@ -60,6 +59,7 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     elif body.fhir is not None:
         events = scoring.fhir_events(body.fhir.model_dump(exclude_none=True))
         check_event_dates(events)
+    tasks = _served_tasks(state, body.tasks)
 
     def log_for_monitoring(model, feats, risk, tiers) -> None:
         if state.monitor is not None:

@@ -131,14 +131,20 @@ def test_cli_errors_are_one_line(seeded, tmp_path, inproc, capsys):
 
 
 def test_demo_mode_creates_the_secret_and_one_key_per_role(tmp_path):
+    from chronorisk.serving.access import load_secret
+    from chronorisk.serving.audit import AuditLog
     from chronorisk.serving.cli_common import ensure_demo_keys
 
     store = ScoreStore.open(f"sqlite:///{tmp_path / 'store.db'}")
-    keys = ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"])
+    audit = AuditLog(store.engine, load_secret("NO_SUCH_VARIABLE", None, tmp_path / "w", demo=True),
+                     [tmp_path / "w" / "audit" / "checkpoints.jsonl"])
+    path = ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"], audit)
+    keys = json.loads(path.read_text())
     assert set(keys) == {"gp", "public_health", "data_scientist", "mlops", "admin"}
     assert keys["gp"]["site"] == "chc_a"
-    assert (tmp_path / "secrets" / "demo-keys.json").stat().st_mode & 0o077 == 0
-    assert ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"]) == keys  # created once
+    assert path.stat().st_mode & 0o077 == 0
+    ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"], audit)
+    assert json.loads(path.read_text()) == keys  # created once
     store.dispose()
     out = cli(tmp_path / "w", "audit", "--demo", "--store", f"sqlite:///{tmp_path / 'store.db'}", "verify",
               secret=False)
