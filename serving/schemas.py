@@ -473,6 +473,21 @@ class ConsentRenewalResponse(BaseModel):
     site: str | None
 
 
+class FactorsResponse(BaseModel):
+    task: str
+    prediction_time: UtcDatetime
+    factors: list[Factor]
+    model_version: str
+    computed: Literal["stored", "on demand"]
+    scored_by: str | None = None
+
+
+class WhoAmI(BaseModel):
+    key_id: str
+    role: str
+    site: str | None
+
+
 class ErrorItem(BaseModel):
     field: str
     problem: str
@@ -481,6 +496,26 @@ class ErrorItem(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     fields: list[ErrorItem] = Field(default_factory=list)
+
+
+ERROR_MEANINGS = {
+    400: "the request cannot be handled as sent (e.g. a Content-Length that is not a number)",
+    401: "no valid API key or session",
+    403: "the caller's role may not do this",
+    404: "no such patient (also for another site's patient) or score",
+    409: "conflicts with the patient's state (consent withdrawn, cannot explain)",
+    410: "the patient withdrew consent: no risk or factors are shown",
+    413: "the body is larger than serve.max_payload_mb",
+    422: "invalid input: `fields` names each bad field and the problem",
+    429: "too many failed keys from this address, a locked key, or a spent privacy budget (Retry-After)",
+    503: "the service is starting, or no model is loaded for the task",
+}
+
+
+def error_responses(*extra: int) -> dict[int, dict]:
+    """The OpenAPI `responses` of a keyed route: every error is an ErrorResponse body."""
+    codes = sorted({400, 401, 403, 422, 429, *extra})
+    return {code: {"model": ErrorResponse, "description": ERROR_MEANINGS[code]} for code in codes}
 
 
 def field_path(loc: tuple | list) -> str:

@@ -16,9 +16,7 @@ from chronorisk.serving.store import utcnow
 router = APIRouter()
 
 
-@router.post("/cohort", response_model=S.CohortResponse, tags=["cohorts"],
-          responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     422: {"model": S.ErrorResponse}})
+@router.post("/cohort", response_model=S.CohortResponse, tags=["cohorts"], responses=S.error_responses(413))
 def cohort_rows(
     body: S.CohortQuery,
     principal: Annotated[Principal, Depends(require("cohort"))],
@@ -63,8 +61,7 @@ def private_aggregate(state: ServingState, principal: Principal, body: S.Aggrega
 
 
 @router.post("/cohort/aggregate", response_model=S.AggregateResponse, tags=["cohorts"],
-          responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     422: {"model": S.ErrorResponse}, 429: {"model": S.ErrorResponse}})
+             responses=S.error_responses(413))
 def cohort_aggregate(
     body: S.AggregateQuery,
     principal: Annotated[Principal, Depends(require("cohort"))],
@@ -80,9 +77,10 @@ def cohort_aggregate(
 
 
 @router.post("/cohort/export", tags=["cohorts"],
-          responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}},
-                     401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     422: {"model": S.ErrorResponse}})
+             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}},
+                                          "application/vnd.apache.parquet": {"schema": {"type": "string",
+                                                                                        "format": "binary"}}}},
+                        **S.error_responses(413)})
 def cohort_export(
     body: S.ExportQuery,
     principal: Annotated[Principal, Depends(require("export"))],
@@ -118,8 +116,7 @@ def export_response(state: ServingState, principal: Principal, body: S.ExportQue
 
 
 @router.post("/consent/withdraw", response_model=S.ConsentResponse, tags=["consent"],
-          responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     404: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}})
+             responses=S.error_responses(404, 413))
 def withdraw_consent(
     body: S.ConsentWithdrawal,
     principal: Annotated[Principal, Depends(require("consent"))],
@@ -145,8 +142,7 @@ def withdraw_consent(
 
 
 @router.post("/consent/renew", response_model=S.ConsentRenewalResponse, tags=["consent"],
-          responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     404: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}})
+             responses=S.error_responses(404, 413))
 def renew_consent(
     body: S.ConsentWithdrawal,
     principal: Annotated[Principal, Depends(require("admin"))],

@@ -93,7 +93,7 @@ def _stored(r: dict) -> dict:
 
 @router.get(
     "/patients/{subject_id}", response_model=S.PatientResponse, tags=["patients"],
-    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse}},
+    responses=S.error_responses(404),
 )
 async def get_patient(  # async on purpose: a few indexed queries, cheaper than a thread hop
     subject_id: SubjectPath,
@@ -107,8 +107,7 @@ async def get_patient(  # async on purpose: a few indexed queries, cheaper than 
 
 @router.get(
     "/patients/{subject_id}/factors", tags=["patients"],
-    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse},
-               410: {"model": S.ErrorResponse}},
+    response_model=S.FactorsResponse, responses=S.error_responses(404, 409, 410, 503),
 )
 def patient_factors(
     request: Request,
@@ -154,8 +153,7 @@ def explain_on_demand(state: ServingState, subject_id: int, site: str, task: str
             "scored_by": latest["model_version"], "computed": "on demand"}
 
 
-@router.get("/worklist", response_model=S.WorklistResponse, tags=["patients"],
-         responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}})
+@router.get("/worklist", response_model=S.WorklistResponse, tags=["patients"], responses=S.error_responses())
 def worklist(
     principal: Annotated[Principal, Depends(require("worklist"))],
     state: StateDep,

@@ -20,10 +20,7 @@ router = APIRouter()
 
 
 @router.post(
-    "/score", response_model=S.ScoreResponse, tags=["scoring"],
-    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-               409: {"model": S.ErrorResponse}, 413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse},
-               503: {"model": S.ErrorResponse}},
+    "/score", response_model=S.ScoreResponse, tags=["scoring"], responses=S.error_responses(409, 413, 503),
 )
 async def score(
     body: S.ScoreRequest,

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials
 
+from chronorisk.serving import schemas as S
 from chronorisk.serving.middleware import metrics_text
 from chronorisk.serving.routes.common import StateDep, authenticate, bearer
 
@@ -28,7 +29,8 @@ def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/whoami", tags=["access"], summary="the caller's role and site")
+@router.get("/whoami", tags=["access"], summary="the caller's role and site", response_model=S.WhoAmI,
+            responses=S.error_responses())
 async def whoami_route(request: Request, state: StateDep,
                  _c: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> dict:
     principal = authenticate(request, state)
