@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    Strict,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -29,6 +30,7 @@ from chronorisk.data import codes as vocab
 from chronorisk.serving.store import AGE_BANDS
 
 INT64_MAX = 2**63 - 1
+ID_MAX = INT64_MAX  # subject ids are positive int64 (data/pseudonym.py)
 EARLIEST = datetime(1900, 1, 1)
 CLOCK_SKEW = timedelta(days=1)  # sites' clocks and time zones: "in the future" means beyond a day
 MAX_EVENTS = 200_000
@@ -54,6 +56,10 @@ CODE_PATTERNS: dict[str, re.Pattern[str]] = {
     "LOCAL": re.compile(r"^[A-Za-z0-9_.-]{1,64}$"),
 }
 SPECIAL_CODES = (vocab.BIRTH, vocab.DEATH)
+# the same rule as `check_code`, for the OpenAPI document (check_code gives the friendlier error)
+CODE_PATTERN = "^(" + "|".join(
+    [*SPECIAL_CODES, *(f"{v}//(?:{p.pattern[1:-1]})" for v, p in CODE_PATTERNS.items())]
+) + ")$"
 
 
 def utcnow_naive() -> datetime:
@@ -150,9 +156,11 @@ def iso_date(value: Any) -> Any:
 IsoDate = Annotated[date, BeforeValidator(iso_date)]
 UtcDatetime = Annotated[datetime, PlainSerializer(utc_text, return_type=str, when_used="json")]
 PastDatetime = Annotated[datetime, BeforeValidator(iso_time), AfterValidator(check_past)]
-SiteId = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_site)]
-TaskName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(check_task)]
-SubjectId = Annotated[int, BeforeValidator(plain_int), Field(ge=0, le=INT64_MAX)]
+_NAME_PATTERN = "^[A-Za-z0-9_.-]{1,64}$"  # the rule of _SITE_RE / _TASK_RE, in the OpenAPI document too
+SiteId = Annotated[str, Field(min_length=1, max_length=64, pattern=_NAME_PATTERN), AfterValidator(check_site)]
+TaskName = Annotated[str, Field(min_length=1, max_length=64, pattern=_NAME_PATTERN), AfterValidator(check_task)]
+SubjectId = Annotated[int, Strict(), Field(ge=0, le=ID_MAX)]  # a JSON integer (paths: `plain_int`)
+Number = Annotated[float, Strict()]  # JSON numbers only: true, false and "3" are refused
 
 
 class _Strict(BaseModel):
@@ -167,8 +175,9 @@ class MedsEvent(_Strict):
 
     subject_id: SubjectId | None = Field(None, description="optional; a request carries one patient")
     time: PastDatetime | None = None
-    code: str = Field(min_length=3, max_length=128, examples=["LOINC//4548-4"])
-    numeric_value: float | None = Field(None, description="in the canonical unit of the code (data/codes.py)")
+    code: str = Field(min_length=3, max_length=128, examples=["LOINC//4548-4"],
+                      json_schema_extra={"pattern": CODE_PATTERN})
+    numeric_value: Number | None = Field(None, description="in the canonical unit of the code (data/codes.py)")
     text_value: str | None = Field(None, max_length=256)
 
     @field_validator("code")
@@ -238,16 +247,22 @@ class FhirBundle(BaseModel):
 class ScoreRequest(_Strict):
     """A patient to score: exactly one of `events` (MEDS rows), `fhir` (a bundle) or `features`."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": [given], "properties": {other: {"type": "null"} for other in ("events", "fhir", "features")
+                                             if other != given}}
+        for given in ("events", "fhir", "features")
+    ]})
+
     prediction_time: PastDatetime | None = Field(None, description="default: now")
     site: SiteId | None = Field(None, description="default: the caller's site")
     tasks: list[TaskName] | None = Field(None, max_length=16, description="default: every served task")
     events: list[MedsEvent] | None = Field(None, max_length=MAX_EVENTS)
     fhir: FhirBundle | None = None
-    features: dict[str, float | None] | None = Field(
+    features: dict[str, Number | None] | None = Field(
         None, description="ready-made features by name (missing ones are treated as not measured)"
     )
-    explain: bool = True
-    top_k: int = Field(5, ge=1, le=20)
+    explain: bool = Field(True, strict=True)
+    top_k: int = Field(5, ge=1, le=20, strict=True)
 
     @field_validator("features")
     @classmethod
@@ -357,6 +372,13 @@ class WorklistResponse(BaseModel):
 # -- /cohort --------------------------------------------------------------------------------
 
 
+def _known_conditions(schema: dict) -> None:
+    """The OpenAPI document lists the condition names a cohort accepts (cohort.check_conditions checks them)."""
+    from chronorisk.features.concepts import load_concepts
+
+    schema["enum"] = sorted(load_concepts().condition_names())
+
+
 class CohortQuery(_Strict):
     """Filters of a cohort; every given filter must hold (AND)."""
 
@@ -364,11 +386,12 @@ class CohortQuery(_Strict):
     sites: list[SiteId] | None = Field(None, max_length=500)
     prediction_time: IsoDate | None = Field(None, description="scores of this date; default the latest")
     tiers: list[Tier] | None = Field(None, max_length=3)
-    min_risk: float | None = Field(None, ge=0, le=1)
+    min_risk: Number | None = Field(None, ge=0, le=1)
     age_bands: list[AgeBand] | None = Field(None, max_length=len(AGE_BANDS))
     sex: Sex | None = None
-    conditions: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(None, max_length=20)
-    limit: int = Field(1000, ge=1, le=100_000)
+    conditions: list[Annotated[str, Field(min_length=1, max_length=64, json_schema_extra=_known_conditions)]] | None \
+        = Field(None, max_length=20, description="condition names of the concept map, all required")
+    limit: int = Field(1000, ge=1, le=100_000, strict=True)
 
     @field_validator("prediction_time")
     @classmethod
@@ -384,7 +407,8 @@ GroupDim = Literal["site", "tier", "age_band", "sex"]
 
 
 class AggregateQuery(CohortQuery):
-    group_by: list[GroupDim] = Field(default_factory=lambda: ["site", "tier"], min_length=1, max_length=4)
+    group_by: list[GroupDim] = Field(default_factory=lambda: ["site", "tier"], min_length=1, max_length=4,
+                                     json_schema_extra={"uniqueItems": True})
 
     @field_validator("group_by")
     @classmethod

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from annotated_types import Ge, Le
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, WithJsonSchema
 
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
@@ -88,8 +89,9 @@ class FastJSON(Response):
 
 
 StateDep = Annotated[ServingState, Depends(get_state)]
-SubjectPath = Annotated[int, BeforeValidator(S.plain_int),
-                        Path(ge=0, le=S.INT64_MAX, description="pseudonymous subject id (digits only)")]
+SubjectPath = Annotated[int, BeforeValidator(S.plain_int), Ge(0), Le(S.ID_MAX),
+                        WithJsonSchema({"type": "integer", "minimum": 0, "maximum": S.ID_MAX}),
+                        Path(description="pseudonymous subject id (digits only)")]
 
 
 class NotYours(HTTPException):

@@ -271,7 +271,7 @@ def patient_page(
         subject_id = S.plain_int(subject_id)
     except ValueError:
         raise HTTPException(404, "no such patient") from None
-    if not 0 <= subject_id <= S.INT64_MAX:
+    if not 0 <= subject_id <= S.ID_MAX:
         raise HTTPException(404, "no such patient")
     explain_task = request.query_params.get("explain")
     view = read_patient_audited(state, principal, subject_id, None, "page", {"explained": explain_task or None})
