@@ -23,18 +23,21 @@ Two more guards close what a chain inside the database cannot:
   with a valid head) are caught.
 * **State replay.** Consent withdrawals and renewals and API keys (created,
   revoked) are recorded as entries carrying the whole row (`record_insert`,
-  `record_update`), in the transaction that writes the row. `verify` rebuilds
-  those tables from the log and compares them with the database: a deleted
-  consent row, an inserted or edited key is named.
+  `record_update`), and each batch-scored chunk as its row count and the sum
+  of its rows' SHA-256 (`record_scores`), in the transaction that writes the
+  rows. `verify` rebuilds those tables from the log and compares them with the
+  database: a deleted consent row, an inserted or edited key, a score edited,
+  deleted or added directly is named.
 
 What it does not protect against (README, security): someone holding the
 service secret AND write access to the database AND every checkpoint store
 can rewrite everything consistently; a change made and undone between two
-verifications leaves no trace in the tables; checkpoints are not fsynced (a
-machine crash can lose the last lines, which `verify` then reports as a
-checkpoint ahead of nothing only if the database lost them too); score rows
-and model promotions are not replayed (scores are re-derivable from the
-models and the MEDS data; promotions live in the MLflow registry).
+verifications leaves no trace in the tables; the entries after the latest
+checkpoint that survived are only as safe as the chain and head (checkpoint
+lines are not fsynced; one is written as its transaction commits, so a
+database failure at that instant shows as a checkpoint ahead of the log, a
+false alarm on the safe side); patient facts, device bindings and model
+promotions are not replayed (promotions live in the MLflow registry).
 """
 
 from __future__ import annotations
@@ -194,6 +197,15 @@ class AuditLog:
         return self.append_in(conn, actor=actor, role=role, action=action, site=site,
                               detail={"table": table.name, "key": key, "update": row_json(values)})
 
+    def record_scores(self, conn, score_rows, checkpoints) -> None:
+        """One entry per (site, task, prediction time) of a written chunk: its row count and the digest
+        of its rows (`scores_digest`), so that `verify` finds score rows edited, deleted or added later."""
+        for (site, task, when), (n, digest) in scores_digest(_score_tuples(score_rows)).items():
+            chunk = next((c["chunk"] for c in checkpoints if c.get("task") == task), None) or f"direct:{digest[:16]}"
+            self.append_in(conn, actor="batch", role="system", action="scores_write", site=site,
+                           detail={"table": "scores", "task": task, "prediction_time": when, "chunk": chunk,
+                                   "rows": n, "digest": digest})
+
     def write_checkpoint(self, seq: int, digest: str) -> None:
         """Append one signed line to every checkpoint file (O_APPEND: whole lines from any worker)."""
         line = json.dumps({"seq": seq, "hash": digest, "at": utcnow().isoformat(timespec="seconds"),
@@ -312,11 +324,36 @@ class AuditLog:
             result.problems.append(f"entry {seq}: differs from the signed checkpoint (the log was rewritten)")
 
 
+SCORE_FIELDS = ("site", "subject_id", "task", "prediction_time", "risk", "tier", "model_version")
+_MOD = 2**256
+
+
+def _score_tuples(rows):
+    """(site, subject, task, time, risk, tier, version) of score rows: dicts or a polars frame."""
+    if type(rows).__module__.startswith("polars"):
+        return zip(*(rows.get_column(c).to_list() for c in SCORE_FIELDS), strict=True)
+    return (tuple(r[c] for c in SCORE_FIELDS) for r in rows)
+
+
+def scores_digest(tuples) -> dict[tuple[str, str, str], tuple[int, str]]:
+    """Per (site, task, prediction time): the row count and the sum of the rows' SHA-256 (mod 2**256).
+    A sum, so that chunks written separately add up to what the table holds."""
+    sums: dict[tuple[str, str, str], list[int]] = {}
+    for site, sid, task, when, risk, tier, version in tuples:
+        key = (site, task, when.isoformat() if isinstance(when, datetime) else str(when))
+        line = f"{site}|{int(sid)}|{task}|{key[2]}|{float(risk)!r}|{tier}|{version}".encode()
+        acc = sums.setdefault(key, [0, 0])
+        acc[0] += 1
+        acc[1] = (acc[1] + int.from_bytes(hashlib.sha256(line).digest(), "big")) % _MOD
+    return {k: (n, f"{d:064x}") for k, (n, d) in sums.items()}
+
+
 class StateReplay:
-    """The consent and key tables as the audit log says they are, compared with the database."""
+    """The consent, key and score tables as the audit log says they are, compared with the database."""
 
     def __init__(self):
         self.rows: dict[str, dict[str, tuple[int, dict]]] = {name: {} for name in REPLAYED}
+        self.score_chunks: dict[tuple[str, str, str, str], tuple[int, int, str]] = {}
 
     def apply(self, entry: dict) -> None:
         if '"table"' not in entry["detail"]:
@@ -326,6 +363,10 @@ class StateReplay:
         except ValueError:
             return
         name = detail.get("table")
+        if name == "scores":
+            key = (entry["site"], detail.get("task"), detail.get("prediction_time"), detail.get("chunk"))
+            self.score_chunks[key] = (entry["seq"], int(detail.get("rows", 0)), str(detail.get("digest")))
+            return
         if name not in self.rows:
             return
         key_col = REPLAYED[name][1]
@@ -354,6 +395,29 @@ class StateReplay:
             for key, (seq, _row) in expected.items():
                 if key not in actual:
                     problems.append(f"{name} row {key_col}={key}: recorded by audit entry {seq} but missing (deleted)")
+        return problems + self.compare_scores(conn)
+
+    def compare_scores(self, conn) -> list[str]:
+        from chronorisk.serving.store import scores
+
+        expected: dict[tuple[str, str, str], list[int]] = {}
+        for (site, task, when, _chunk), (_seq, n, digest) in self.score_chunks.items():
+            acc = expected.setdefault((site, task, when), [0, 0])
+            acc[0] += n
+            acc[1] = (acc[1] + int(digest, 16)) % _MOD
+        rows = conn.execute(select(*(scores.c[c] for c in SCORE_FIELDS))).all()
+        actual = scores_digest(tuple(r) for r in rows)
+        problems = []
+        for key in sorted(set(expected) | set(actual)):
+            what = f"scores of {key[0]} {key[1]} at {key[2][:10]}"
+            if key not in expected:
+                problems.append(f"{what}: {actual[key][0]} rows not recorded in the audit log (written directly)")
+            elif key not in actual:
+                problems.append(f"{what}: recorded in the audit log but missing (deleted)")
+            elif actual[key][0] != expected[key][0]:
+                problems.append(f"{what}: {actual[key][0]} rows, the audit log recorded {expected[key][0]}")
+            elif int(actual[key][1], 16) != expected[key][1]:
+                problems.append(f"{what}: rows differ from those recorded (edited)")
         return problems
 
 

@@ -45,6 +45,21 @@ def audit_log(args, ctx, store):
     return AuditLog(store.engine, service_secret(args, ctx), checkpoint_files(ctx.paths.root, ctx.params.serve))
 
 
+def audit_if_possible(args, ctx, store):
+    """The audit log when the service secret is at hand, else None with a warning (writes go unrecorded
+    and `audit verify` will name them)."""
+    import sys
+
+    from chronorisk.errors import ChronoriskError
+
+    try:
+        return audit_log(args, ctx, store)
+    except ChronoriskError:
+        print("warning: no service secret: these score writes are not recorded in the audit log "
+              "(set CHRONORISK_SERVE_SECRET or serve.secret_file, or use --demo)", file=sys.stderr)
+        return None
+
+
 def cli_actor() -> str:
     """The audit identity of an admin command: the operating-system user."""
     try:

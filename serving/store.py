@@ -399,6 +399,7 @@ class ScoreStore:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.audit = None  # an AuditLog: score writes are then recorded (`audit verify` replays them)
 
     @classmethod
     def open(cls, url: str, *, create: bool = True) -> ScoreStore:
@@ -456,6 +457,8 @@ class ScoreStore:
                 bulk_upsert(conn, patients, patient_rows, ("site", "subject_id"))
                 bulk_upsert(conn, scores, score_rows, ("site", "subject_id", "task", "prediction_time"))
                 upsert(conn, score_runs, list(checkpoints), ("prediction_time", "site", "chunk", "task"))
+                if self.audit is not None:
+                    self.audit.record_scores(conn, score_rows, checkpoints)
 
     def done_chunks(self, prediction_time: datetime) -> dict[tuple[str, str, str], str]:
         """(site, chunk, task) -> model version of the chunks already scored at this time."""

@@ -46,7 +46,11 @@ def factor(value: float, when: str) -> dict:
 
 
 def seed_store(store: ScoreStore, n_per_site: int = 30) -> dict:
-    """Scores at two dates for two tasks at three sites, patient facts; returns what was written."""
+    """Scores at two dates for two tasks at three sites, patient facts; returns what was written.
+    The writes are recorded in the audit log (as batch scoring with the service secret does)."""
+    from chronorisk.serving.audit import AuditLog
+
+    store.audit = AuditLog(store.engine, SECRET.encode())
     written = {"subjects": {}, "n_scores": 0}
     for s_idx, site in enumerate(SITES):
         patients, scores = [], []
@@ -76,6 +80,7 @@ def seed_store(store: ScoreStore, n_per_site: int = 30) -> dict:
                     })
         store.write_chunk(scores, patients, [])
         written["n_scores"] += len(scores)
+    store.audit = None
     return written
 
 

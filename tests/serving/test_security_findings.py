@@ -144,6 +144,8 @@ def verify(world, work, url):
     ("DELETE FROM consent", "consent row"),
     ("INSERT INTO api_keys VALUES ('feedbeef0000', 'x', 'admin', NULL, NULL, '2024-01-01 00:00:00', NULL)",
      "api_keys row key_id=feedbeef0000"),
+    ("UPDATE scores SET risk = 0.01, tier = 'low' WHERE site = 'chc_a' AND risk > 0.39", "(edited)"),
+    ("DELETE FROM scores WHERE site = 'hosp_c'", "scores of hosp_c"),
 ])
 def test_audit_verify_catches_wipes_rollbacks_and_state_edits(world, tmp_path, tamper, words):
     from chronorisk.serving.audit import head_mac
