@@ -335,3 +335,30 @@ def test_failed_keys_are_rate_limited_and_audited(world):
     actions = Counter(e["action"] for e in AuditLog(store.engine, SECRET.encode()).entries())
     store.dispose()
     assert actions["auth_failed"] >= 3 and actions["auth_locked"] >= 1
+
+
+# -- 3 again: batch scores written by `chronorisk score` are replayed -------------------------------
+
+
+def test_batch_scores_are_replayed_by_audit_verify(scored_server, tmp_path):
+    """The real batch run (scored_server) recorded its chunks: verify passes, then an edited risk is named."""
+    def verify_cmd(url, work):
+        return subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(work), "--params",
+                               str(scored_server.params), "audit", "--store", url, "verify"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "CHRONORISK_SERVE_SECRET": SECRET})
+
+    work = tmp_path / "w"
+    shutil.copytree(scored_server.server.work / "audit", work / "audit")
+    src = sqlite3.connect(scored_server.url.removeprefix("sqlite:///"))
+    db = sqlite3.connect(tmp_path / "store.db")
+    src.backup(db)
+    src.close()
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    ok = verify_cmd(url, work)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    db.execute("UPDATE scores SET risk = risk / 2 WHERE rowid = (SELECT min(rowid) FROM scores)")
+    db.commit()
+    db.close()
+    edited = verify_cmd(url, work)
+    assert edited.returncode == 1 and "(edited)" in edited.stdout, edited.stdout
