@@ -61,9 +61,9 @@ def synthetic_bundle(X, y, names, max_depth: int):
     for i, n in enumerate(names):
         if i < third:
             infos[n] = FeatureInfo(display=f"Measurement {i}", unit="mmol/L", family="measurements",
-                                   date_feature=days_cols[i % len(days_cols)])
+                                   date_feature=days_cols[i % len(days_cols)], kind="value")
         else:
-            infos[n] = FeatureInfo(display=f"Feature {i}", unit="", family="codes")
+            infos[n] = FeatureInfo(display=f"Feature {i}", unit="", family="codes", kind="count")
     spec = FeatureSpec(windows_days=(90, 365, 1095), conditions=(), measurements=(), drug_classes=(),
                        encounter_classes=(), feature_names=tuple(names), features=infos)
     task = load_task("complication_1y")

@@ -51,10 +51,31 @@ def feature_safe(text: str) -> str:
 
 
 # ---- declarations -------------------------------------------------------------------------
+# Bounds of what a feature can hold (serving refuses values outside them). Elapsed times end at
+# the longest human life; a count has no natural ceiling, so COUNT_MAX only refuses the absurd.
+YEARS_MAX = 130.0
+DAYS_MAX = YEARS_MAX * DAYS_PER_YEAR
+COUNT_MAX = 1e6
+FLAG = (0.0, 1.0)
+
+
+def _elapsed(display: str, family: str, concept: str | None, concept_display: str | None,
+             aggregate: str = "days_since_last", **extra) -> FeatureInfo:
+    years = aggregate.startswith("years")
+    return FeatureInfo(
+        display=display, unit="years" if years else "days", family=family, kind="elapsed_days",
+        concept=concept, concept_display=concept_display, aggregate=aggregate,
+        bounds=(0.0, YEARS_MAX if years else DAYS_MAX), grows_with_clock=True, **extra,
+    )
+
+
 def declare_demographics() -> Declared:
     return {
-        "demo_age_years": FeatureInfo(display="Age", unit="years", family="demographics"),
-        "demo_sex_female": FeatureInfo(display="Female sex", unit="1 = female, 0 = male", family="demographics"),
+        "demo_age_years": FeatureInfo(display="Age", unit="years", family="demographics", kind="age",
+                                      concept="age", concept_display="Age", bounds=(0.0, YEARS_MAX),
+                                      grows_with_clock=True),
+        "demo_sex_female": FeatureInfo(display="Female sex", unit="1 = female, 0 = male", family="demographics",
+                                       kind="binary", concept="sex", concept_display="Sex", bounds=FLAG),
     }
 
 
@@ -62,38 +83,55 @@ def declare_conditions(conditions: tuple[ConditionSpec, ...]) -> Declared:
     out: Declared = {}
     for c in conditions:
         last = f"cond_{c.name}_days_since_last"
+        about = {"concept": c.name, "concept_display": c.display}
         out[f"cond_{c.name}_present"] = FeatureInfo(
-            display=f"{c.display} recorded", unit="1 = yes", family="conditions", date_feature=last
+            display=f"{c.display} recorded", unit="1 = yes", family="conditions", date_feature=last,
+            kind="binary", aggregate="present", bounds=FLAG, **about,
         )
-        out[f"cond_{c.name}_years_since_first"] = FeatureInfo(
-            display=f"{c.display}: years since first recorded", unit="years", family="conditions"
+        out[f"cond_{c.name}_years_since_first"] = _elapsed(
+            f"{c.display}: years since first recorded", "conditions", aggregate="years_since_first", **about
         )
-        out[last] = FeatureInfo(
-            display=f"{c.display}: days since last recorded", unit="days", family="conditions"
-        )
+        out[last] = _elapsed(f"{c.display}: days since last recorded", "conditions", **about)
     return out
+
+
+STAT_WORDS = {"mean": "mean", "min": "lowest", "max": "highest", "std": "standard deviation",
+              "count": "number of measurements", "slope": "trend"}
+STAT_AGGREGATE = {"slope": "trend"}  # aggregate names of FeatureInfo where they differ from the column's
+
+
+def value_info(display: str, unit: str, stat: str, bounds: tuple[float, float] | None, *, family: str,
+               concept: str, concept_display: str, window: int | None, date_feature: str,
+               code: str | None = None) -> FeatureInfo:
+    """One value aggregate (last/mean/min/max/std/count/slope) of a measured quantity."""
+    kind, unit_of, bounds_of = "value", unit, bounds
+    if stat == "count":
+        kind, unit_of, bounds_of = "count", "measurements", (0.0, COUNT_MAX)
+    elif stat == "slope":
+        unit_of, bounds_of = f"{unit} per year".strip(), None
+    elif stat == "std":
+        bounds_of = None if bounds is None else (0.0, bounds[1] - bounds[0])
+    words = "last value" if stat == "last" else (
+        f"{STAT_WORDS[stat]} over {window} days" if window else STAT_WORDS[stat])
+    return FeatureInfo(
+        display=f"{display}, {words}", unit=unit_of, family=family, date_feature=date_feature, kind=kind,
+        concept=concept, code=code, aggregate=STAT_AGGREGATE.get(stat, stat), window_days=window,
+        bounds=bounds_of, concept_display=concept_display,
+    )
 
 
 def declare_measurements(measurements: tuple[MeasurementSpec, ...], windows: tuple[int, ...]) -> Declared:
     out: Declared = {}
     for m in measurements:
         last = f"meas_{m.name}_days_since_last"
-        out[f"meas_{m.name}_last"] = FeatureInfo(
-            display=f"{m.display}, last value", unit=m.unit, family="measurements", date_feature=last
-        )
-        out[last] = FeatureInfo(display=f"{m.display}: days since last measured", unit="days",
-                                family="measurements")
+        plausible = vocab.MEASUREMENTS[m.name].plausible if m.name in vocab.MEASUREMENTS else None
+        bounds = None if plausible is None else (float(plausible[0]), float(plausible[1]))
+        about = {"family": "measurements", "concept": m.name, "concept_display": m.display, "date_feature": last}
+        out[f"meas_{m.name}_last"] = value_info(m.display, m.unit, "last", bounds, window=None, **about)
+        out[last] = _elapsed(f"{m.display}: days since last measured", "measurements", m.name, m.display)
         for w in windows:
-            units = {"count": "measurements", "slope": f"{m.unit} per year"}
-            labels = {"mean": "mean", "min": "lowest", "max": "highest", "std": "standard deviation",
-                      "count": "number of measurements", "slope": "trend"}
             for stat in WINDOW_STATS:
-                out[f"meas_{m.name}_{stat}_{w}d"] = FeatureInfo(
-                    display=f"{m.display}, {labels[stat]} over {w} days",
-                    unit=units.get(stat, m.unit),
-                    family="measurements",
-                    date_feature=last,
-                )
+                out[f"meas_{m.name}_{stat}_{w}d"] = value_info(m.display, m.unit, stat, bounds, window=w, **about)
     return out
 
 
@@ -101,12 +139,14 @@ def declare_missingness(measurements: tuple[MeasurementSpec, ...]) -> Declared:
     out: Declared = {}
     for m in measurements:
         last = f"meas_{m.name}_days_since_last"
+        about = {"concept": m.name, "concept_display": m.display}
         out[f"miss_{m.name}_never"] = FeatureInfo(
-            display=f"{m.display} never measured", unit="1 = never", family="missingness"
+            display=f"{m.display} never measured", unit="1 = never", family="missingness", kind="binary",
+            aggregate="never", bounds=FLAG, **about,
         )
         out[f"miss_{m.name}_count"] = FeatureInfo(
             display=f"{m.display}: measurements on record", unit="measurements", family="missingness",
-            date_feature=last,
+            date_feature=last, kind="count", aggregate="count", bounds=(0.0, COUNT_MAX), **about,
         )
     return out
 
@@ -115,18 +155,19 @@ def declare_medications(classes: tuple[DrugClassSpec, ...], pdc_days: int) -> De
     out: Declared = {}
     for k in classes:
         last = f"med_{k.name}_days_since_last"
+        about = {"family": "medications", "concept": k.name, "concept_display": k.display}
         out[f"med_{k.name}_active"] = FeatureInfo(
-            display=f"{k.display}: supply active", unit="1 = yes", family="medications", date_feature=last
+            display=f"{k.display}: supply active", unit="1 = yes", date_feature=last, kind="binary",
+            aggregate="active", bounds=FLAG, **about,
         )
         out[f"med_{k.name}_count_{pdc_days}d"] = FeatureInfo(
-            display=f"{k.display}: prescriptions in {pdc_days} days", unit="prescriptions",
-            family="medications", date_feature=last,
+            display=f"{k.display}: prescriptions in {pdc_days} days", unit="prescriptions", date_feature=last,
+            kind="count", aggregate="count", window_days=pdc_days, bounds=(0.0, COUNT_MAX), **about,
         )
-        out[last] = FeatureInfo(display=f"{k.display}: days since last prescription", unit="days",
-                                family="medications")
+        out[last] = _elapsed(f"{k.display}: days since last prescription", "medications", k.name, k.display)
         out[f"med_{k.name}_pdc_{pdc_days}d"] = FeatureInfo(
             display=f"{k.display}: proportion of days covered, {pdc_days} days", unit="fraction",
-            family="medications", date_feature=last,
+            date_feature=last, kind="proportion", aggregate="pdc", window_days=pdc_days, bounds=FLAG, **about,
         )
     return out
 
@@ -136,23 +177,26 @@ def declare_encounters(classes: tuple[str, ...], windows: tuple[int, ...]) -> De
     for e in classes:
         name = ENCOUNTER_DISPLAY.get(e, e.title())
         last = f"enc_{feature_safe(e).lower()}_days_since_last"
+        about = {"family": "encounters", "concept": f"encounter_{feature_safe(e).lower()}",
+                 "code": f"{vocab.ENCOUNTER_PREFIX}{e}", "concept_display": f"{name} encounters"}
         for w in windows:
             out[f"enc_{feature_safe(e).lower()}_count_{w}d"] = FeatureInfo(
-                display=f"{name} encounters in {w} days", unit="encounters", family="encounters",
-                date_feature=last,
+                display=f"{name} encounters in {w} days", unit="encounters", date_feature=last, kind="count",
+                aggregate="count", window_days=w, bounds=(0.0, COUNT_MAX), **about,
             )
-        out[last] = FeatureInfo(display=f"{name} encounter: days since last", unit="days", family="encounters")
+        out[last] = _elapsed(f"{name} encounter: days since last", **about)
     return out
 
 
 def declare_smoking() -> Declared:
     last = "smoking_days_since_last"
+    about = {"family": "smoking", "concept": "smoking", "concept_display": "Smoking status"}
     out: Declared = {
-        f"smoking_{s}": FeatureInfo(display=f"Smoking status: {s} smoker", unit="1 = yes", family="smoking",
-                                    date_feature=last)
+        f"smoking_{s}": FeatureInfo(display=f"Smoking status: {s} smoker", unit="1 = yes", date_feature=last,
+                                    kind="binary", aggregate="last", bounds=FLAG, **about)
         for s in reversed(SMOKING_STATES)
     }
-    out[last] = FeatureInfo(display="Smoking status: days since recorded", unit="days", family="smoking")
+    out[last] = _elapsed("Smoking status: days since recorded", **about)
     return out
 
 
@@ -167,7 +211,9 @@ def declare_codes(vocabulary: tuple[str, ...]) -> tuple[Declared, list[str]]:
             i += 1
             name = f"{base}_{i}"
         display = vocab.display_for(code) or code
-        out[name] = FeatureInfo(display=f"{display}: records", unit="records", family="codes")
+        out[name] = FeatureInfo(display=f"{display}: records", unit="records", family="codes", kind="count",
+                                concept=code, code=code, aggregate="count", bounds=(0.0, COUNT_MAX),
+                                concept_display=display)
         names.append(name)
     return out, names
 
@@ -506,17 +552,12 @@ def kinds_of(families: set[str]) -> set[int]:
     return set().union(*(_KINDS[f] for f in families))
 
 
+ZERO_WHEN_ABSENT = frozenset({"present", "active", "pdc"})  # flags of something recorded: absent means 0
+
+
 def zero_filled(spec: FeatureSpec) -> list[str]:
     """Features whose absence means 0 (counts, flags of something recorded), not unknown."""
-    out = []
-    for name in spec.feature_names:
-        fam = spec.features[name].family
-        if (
-            fam == "codes"
-            or name.endswith("_present")
-            or "_count_" in name
-            or (fam == "missingness" and name.endswith("_count"))
-            or (fam == "medications" and (name.endswith("_active") or "_pdc_" in name))
-        ):
-            out.append(name)
-    return out
+    return [
+        name for name in spec.feature_names
+        if spec.features[name].kind == "count" or spec.features[name].aggregate in ZERO_WHEN_ABSENT
+    ]

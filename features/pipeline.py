@@ -450,7 +450,7 @@ def _final_plan(spec: FeatureSpec, names: tuple[str, ...]) -> _FinalPlan:
     if hit is not None:
         return hit
     zero = set(fam.zero_filled(spec))
-    never = [name.startswith("miss_") and name.endswith("_never") for name in names]
+    never = [spec.features[name].aggregate == "never" for name in names]
     source_of = [n.removesuffix("_never") + "_count" if nv else n for n, nv in zip(names, never, strict=True)]
     sources = tuple(dict.fromkeys(source_of))
     position = {s: i for i, s in enumerate(sources)}

@@ -17,19 +17,30 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from chronorisk.data.files import write_text_atomic
 from chronorisk.errors import InputError
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 Family = Literal[
     "demographics", "conditions", "measurements", "medications", "encounters",
     "missingness", "smoking", "codes",
 ]
+FeatureKind = Literal["binary", "count", "value", "elapsed_days", "age", "category", "proportion"]
 
 
 class FeatureInfo(BaseModel):
-    """How to show one feature: display name, unit, family, and which feature dates its value.
+    """What one feature means: how to show it, what kind of number it is, what it belongs to.
 
     `date_feature` names a days-since-last feature (days before the prediction
     time); the date of the value is prediction_time - that many days.
+    `kind` says what the number is (a yes/no flag, a count, a measured value, days
+    elapsed, an age, a text category flag, a proportion); `concept` the concept-map
+    name it belongs to ("sbp", "diabetes", "statin", "smoking") or, for the
+    data-driven vocabulary, the MEDS code itself (`code` is then that code too);
+    `aggregate` how the events were summarized ("last", "mean", "count", "present",
+    "days_since_last", "pdc", "text", ...) over `window_days` (None: all history).
+    `bounds` is the plausible range of the value in `unit` (serving refuses values
+    outside it); `grows_with_clock` marks features that change as time passes with no
+    new event (age, days since last); `concept_display` names the concept for clinicians.
+    Serving and monitoring read these fields: no code parses feature names.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -38,6 +49,20 @@ class FeatureInfo(BaseModel):
     unit: str = ""
     family: Family
     date_feature: str | None = None
+    kind: FeatureKind
+    concept: str | None = None
+    code: str | None = None
+    aggregate: str | None = None
+    window_days: int | None = None
+    bounds: tuple[float, float] | None = None
+    grows_with_clock: bool = False
+    concept_display: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> FeatureInfo:
+        if self.bounds is not None and not self.bounds[0] <= self.bounds[1]:
+            raise ValueError(f"bounds {self.bounds} are not (low, high)")
+        return self
 
 
 class MeasurementSpec(BaseModel):
@@ -105,6 +130,28 @@ class FeatureSpec(BaseModel):
     def family_of(self, name: str) -> str:
         return self.features[name].family
 
+    def info(self, name: str) -> FeatureInfo:
+        """The meaning of feature `name`; InputError naming it when the spec has no such feature."""
+        found = self.features.get(name)
+        if found is None:
+            raise InputError(f"features.{name[:80]}", "unknown feature for this feature spec")
+        return found
+
+    def clock_features(self) -> tuple[str, ...]:
+        """Features that change as time passes with no new event (age, days since last), in column order."""
+        return tuple(n for n in self.feature_names if self.features[n].grows_with_clock)
+
+    def features_of_concept(self, concept: str) -> tuple[str, ...]:
+        """Every feature of one concept (or data-driven code), in column order."""
+        return tuple(n for n in self.feature_names if self.features[n].concept == concept)
+
+    def features_where(self, **fields) -> tuple[str, ...]:
+        """Features whose FeatureInfo has all these field values, e.g. `features_where(kind="age")`."""
+        return tuple(
+            n for n in self.feature_names
+            if all(getattr(self.features[n], k) == v for k, v in fields.items())
+        )
+
     # ---- serialization -------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=False)
@@ -118,7 +165,8 @@ class FeatureSpec(BaseModel):
         if not isinstance(raw, dict):
             raise InputError(source, "a feature spec must be a JSON object")
         if raw.get("version") != SPEC_VERSION:
-            raise InputError(source, f"spec version {raw.get('version')!r} is not supported (expected {SPEC_VERSION})")
+            raise InputError(source, f"spec version {raw.get('version')!r} is not supported (expected {SPEC_VERSION}; "
+                                     "refit the features with this version of chronorisk)")
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:

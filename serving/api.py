@@ -15,7 +15,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from chronorisk.serving.middleware import CatchAll, MetricsMiddleware, PayloadLimit
-from chronorisk.serving.routes import cohort, patients, score, system
+from chronorisk.serving.routes import cds_hooks, cohort, fhir, patients, score, system, whatif
 from chronorisk.serving.routes.errors import install_error_handlers
 
 
@@ -30,7 +30,8 @@ def create_app() -> FastAPI:
         docs_url=None, redoc_url=None, openapi_url=None,
     )
     install_error_handlers(app)
-    for router in (system.router, score.router, patients.router, cohort.router):
+    for router in (system.router, score.router, patients.router, cohort.router, fhir.router,
+                   cds_hooks.router, whatif.router):
         app.include_router(router)
     app.include_router(pages)
 

@@ -553,3 +553,59 @@ def field_path(loc: tuple | list) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out or "body"
+
+
+# -- CDS Hooks 2.0 --------------------------------------------------------------------------
+
+
+class CdsContext(BaseModel):
+    """The `patient-view` hook's context (other fields a client sends are kept, not read)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    userId: str = Field(min_length=1, max_length=256, description="PractitionerRole/123 or Practitioner/abc")
+    patientId: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-.]{1,64}$",
+                           description="the FHIR id of the patient in view")
+    encounterId: str | None = Field(None, max_length=64)
+
+
+class CdsRequest(BaseModel):
+    """A CDS Hooks call: the hook, its instance, context and (optionally) prefetched FHIR resources."""
+
+    model_config = ConfigDict(extra="allow")
+
+    hook: Literal["patient-view"]
+    hookInstance: str = Field(min_length=1, max_length=128)
+    fhirServer: str | None = Field(None, max_length=2048)
+    context: CdsContext
+    prefetch: dict[str, dict[str, Any] | None] | None = None
+
+
+class CdsFeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    card: str = Field(min_length=1, max_length=128, description="the card's uuid")
+    outcome: Literal["accepted", "overridden"]
+    outcomeTimestamp: datetime
+    overrideReason: dict[str, Any] | None = None
+
+
+class CdsFeedback(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    feedback: list[CdsFeedbackItem] = Field(min_length=1, max_length=100)
+
+
+# -- what-if --------------------------------------------------------------------------------
+
+
+WhatIfName = Literal["hba1c", "sbp", "ldl", "bmi", "smoking", "statin", "antihypertensive"]
+
+
+class WhatIfRequest(_Strict):
+    """Recent values to change for the model's estimate (numbers in the measurement's unit; smoking and
+    the two drug classes 1 = yes / 0 = no)."""
+
+    task: TaskName
+    changes: dict[WhatIfName, float] = Field(min_length=1, max_length=7)
+    site: SiteId | None = None

@@ -174,17 +174,43 @@ def events_frame(rows: Sequence[dict], subject_id: int = 0) -> pl.DataFrame:
 
 def fhir_events(bundle: dict) -> pl.DataFrame:
     """A FHIR R4 bundle of one patient -> MEDS events, or InputError naming the first bad entry."""
-    from chronorisk.data.fhir import convert
+    return fhir_record(bundle).events
+
+
+@dataclass(frozen=True)
+class FhirRecord:
+    """One patient's FHIR bundle as MEDS events, and which entry (type, logical id) gave each code."""
+
+    events: pl.DataFrame
+    sources: dict[str, list[tuple[str, str]]]  # MEDS code -> [(resource type, id)] of entries with ids
+    patient_id: str | None  # the Patient's logical id, when the bundle has one
+
+
+def fhir_record(bundle: dict, field: str = "fhir") -> FhirRecord:
+    """Convert a bundle with the ingestion's converter (`data/fhir/bundle.py`): InputError naming the
+    first entry it cannot convert, or a bundle of several (or no) patients."""
+    from chronorisk.data.fhir.bundle import EntryRejected, bundle_rows
+    from chronorisk.data.fhir.convert import BundleContext
     from chronorisk.data.pseudonym import Pseudonymizer
 
     # a throwaway key: the subject id of an on-demand score is never stored or shown
-    ctx = convert.BundleContext(Pseudonymizer(secrets.token_bytes(32)), {}, {})
-    rows = bundle_rows(bundle, ctx, convert)
-    subjects = {r[0] for r in rows}
-    if len(subjects) > 1:
-        raise InputError("fhir.entry", "one patient per request (the bundle references several patients)")
+    ctx = BundleContext(Pseudonymizer(secrets.token_bytes(32)), {}, {})
+    try:
+        converted = bundle_rows(bundle, ctx)
+    except EntryRejected as exc:
+        raise InputError(f"{field}.entry[{exc.index}].resource", f"{exc.category}: {exc.detail}") from None
+    rows = [row for entry in converted for row in entry.rows]
+    if len({r[0] for r in rows}) > 1:
+        raise InputError(f"{field}.entry", "one patient per request (the bundle references several patients)")
     if not rows:
-        raise InputError("fhir.entry", "no convertible Patient, Encounter, Condition, Observation or MedicationRequest")
+        raise InputError(f"{field}.entry",
+                         "no convertible Patient, Encounter, Condition, Observation or MedicationRequest")
+    sources: dict[str, list[tuple[str, str]]] = {}
+    for entry in converted:
+        if entry.resource_id and entry.resource_type in ("Observation", "Condition", "MedicationRequest"):
+            for code in dict.fromkeys(r[2] for r in entry.rows):
+                sources.setdefault(code, []).append((entry.resource_type, entry.resource_id))
+    patient_id = next((e.resource_id for e in converted if e.resource_type == "Patient"), None)
     frame = pl.DataFrame(
         {
             "subject_id": [0] * len(rows),
@@ -196,40 +222,7 @@ def fhir_events(bundle: dict) -> pl.DataFrame:
         schema={"subject_id": pl.Int64, "time": pl.Int64, "code": pl.String, "numeric_value": pl.Float32,
                 "text_value": pl.String},
     )
-    return frame.with_columns(pl.col("time").cast(_US))
-
-
-def bundle_rows(bundle: dict, ctx, convert) -> list[tuple]:
-    """Rows of every convertible resource; a resource the converter rejects is a 4xx naming it."""
-    entries = bundle.get("entry") or []
-    ctx.reset_bundle()
-    # transaction bundles reference the patient and medications by entry fullUrl (the maps ingestion
-    # builds per bundle: data/fhir/worker.py `_index_bundle`)
-    for entry in entries:
-        res = entry.get("resource") or {}
-        url, rid = entry.get("fullUrl"), res.get("id")
-        if res.get("resourceType") == "Patient" and isinstance(url, str) and url:
-            ctx.patient_urls[url] = rid if isinstance(rid, str) and rid else url.rsplit(":", 1)[-1]
-        elif res.get("resourceType") == "Medication":
-            for key in (url, f"Medication/{rid}" if isinstance(rid, str) else None):
-                if isinstance(key, str):
-                    ctx.medications[key] = res.get("code")
-    rows: list[tuple] = []
-    for i, entry in enumerate(entries):
-        res = entry.get("resource") or {}
-        converter = convert.CONVERTERS.get(res.get("resourceType"))
-        if converter is None:
-            continue
-        try:
-            if res.get("resourceType") == "Patient":
-                rows.extend(convert.patient_rows(res, ctx, entry.get("fullUrl")))
-            else:
-                rows.extend(converter(res, ctx))
-        except convert.Rejected as exc:
-            raise InputError(f"fhir.entry[{i}].resource", f"{exc.category}: {exc.detail}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"fhir.entry[{i}].resource", f"cannot be read ({type(exc).__name__})") from None
-    return rows
+    return FhirRecord(frame.with_columns(pl.col("time").cast(_US)), sources, patient_id)
 
 
 def check_event_frame(events: pl.DataFrame, prediction_time: datetime) -> None:
@@ -329,20 +322,13 @@ def feature_bounds(models: Sequence[ServedModel]) -> FeatureBounds:
 
 
 def feature_range(name: str, info) -> tuple[float, float, bool]:
-    """(lowest, highest, yes/no only) accepted value of a feature: the rules of `impossible_feature_value`."""
-    match = _MEAS_VALUE.match(name)
-    if match and match["m"] in vocab.MEASUREMENTS:
-        lo, hi = vocab.MEASUREMENTS[match["m"]].plausible
-        return float(lo), float(hi), False
-    lo, hi = -np.inf, np.inf
-    if name == "demo_age_years":
-        lo, hi = 0.0, 130.0
-    unit = getattr(info, "unit", "") or ""
-    if unit in _NON_NEGATIVE_UNITS or "_std_" in name:
-        lo = max(lo, 0.0)
-    if unit == "fraction":
-        lo, hi = max(lo, 0.0), min(hi, 1.0)
-    return lo, hi, unit.startswith("1 = ")
+    """(lowest, highest, yes/no only) accepted value of a feature, from its spec entry (bounds, kind):
+    the rules of `impossible_feature_value`."""
+    lo, hi = info.bounds if info.bounds is not None else (-np.inf, np.inf)
+    return float(lo), float(hi), info.kind in _YES_NO_KINDS
+
+
+_YES_NO_KINDS = frozenset({"binary", "category"})
 
 
 def _first_feature_problem(models: Sequence[ServedModel], values: dict[str, float | None]) -> None:
@@ -360,31 +346,21 @@ def _first_feature_problem(models: Sequence[ServedModel], values: dict[str, floa
                 raise InputError(f"features.{name}", problem)
 
 
-_MEAS_VALUE = re.compile(r"^meas_(?P<m>[a-z0-9_]+?)_(last|mean_\d+d|min_\d+d|max_\d+d)$")
-_NON_NEGATIVE_UNITS = {"days", "years", "measurements", "encounters", "prescriptions", "records"}
-
-
 def impossible_feature_value(name: str, value: float, info) -> str | None:
-    """Why a ready-made feature value cannot be true (None when it can): ranges from data/codes.py."""
-    match = _MEAS_VALUE.match(name)
-    if match and match["m"] in vocab.MEASUREMENTS:
-        m = vocab.MEASUREMENTS[match["m"]]
-        lo, hi = m.plausible
-        if not lo <= value <= hi:
-            return f"{value:g} {m.unit} is impossible for {m.display} (accepted {lo:g}-{hi:g} {m.unit})"
-        return None
-    if name == "demo_age_years" and not 0 <= value <= 130:
-        return f"age {value:g} years is impossible (accepted 0-130)"
-    unit = getattr(info, "unit", "") or ""
-    if unit in _NON_NEGATIVE_UNITS and value < 0:
-        return f"{value:g} {unit} is impossible (a {unit} value is never negative)"
-    if unit == "fraction" and not 0 <= value <= 1:
-        return f"{value:g} is impossible for a fraction (accepted 0-1)"
-    if unit.startswith("1 = ") and value not in (0.0, 1.0):
+    """Why a ready-made feature value cannot be true (None when it can), from the feature's spec entry:
+    its bounds (measurement ranges come from data/codes.py) and its kind."""
+    lo, hi, yes_no = feature_range(name, info)
+    if yes_no and value not in (0.0, 1.0):
         return f"{value:g} is impossible for a yes/no feature (accepted 0 or 1)"
-    if "_std_" in name and value < 0:
-        return "a standard deviation is never negative"
-    return None
+    if lo <= value <= hi:
+        return None
+    what = info.concept_display or info.display
+    unit = f" {info.unit}" if info.unit and not info.unit.startswith("1 = ") else ""
+    if info.kind == "age":
+        return f"age {value:g} years is impossible (accepted {lo:g}-{hi:g})"
+    if lo == 0 and value < 0:
+        return f"{value:g}{unit} is impossible for {what} (never negative)"
+    return f"{value:g}{unit} is impossible for {what} (accepted {lo:g}-{hi:g}{unit})"
 
 
 def predict(model: ServedModel, feats, *, explain: bool, top_k: int, prediction_time: datetime | None = None):
@@ -764,11 +740,16 @@ def eligibility_events(events: pl.LazyFrame) -> pl.LazyFrame:
 
 def facts_from_features(model: ServedModel, feats: pl.DataFrame, prediction_time: datetime) -> pl.DataFrame:
     """Per scored subject: sex, birth year, age band and recorded conditions, read off the feature
-    table (demographics and condition-present features), so no second pass over the events."""
-    names = sorted(c.name for c in model.spec.conditions if f"cond_{c.name}_present" in feats.columns)
-    flags = [pl.when(pl.col(f"cond_{n}_present") == 1).then(pl.lit(f"{n},")).otherwise(pl.lit("")) for n in names]
-    age = pl.col("demo_age_years") if "demo_age_years" in feats.columns else pl.lit(None, dtype=pl.Float32)
-    female = pl.col("demo_sex_female") if "demo_sex_female" in feats.columns else pl.lit(None, dtype=pl.Float32)
+    table (the spec's age, sex and condition-present features), so no second pass over the events."""
+    spec = model.spec
+    present = set(feats.columns)
+    conditions = sorted(
+        (spec.features[n].concept, n) for n in spec.features_where(family="conditions", aggregate="present")
+        if n in present
+    )
+    flags = [pl.when(pl.col(n) == 1).then(pl.lit(f"{c},")).otherwise(pl.lit("")) for c, n in conditions]
+    age = _fact_column(spec.features_where(kind="age"), present)
+    female = _fact_column(spec.features_where(concept="sex", kind="binary"), present)
     born = pl.lit(prediction_time).cast(_US) - pl.duration(microseconds=(age.cast(pl.Float64) * 365.25 * 86_400e6)
                                                             .cast(pl.Int64))
     band = pl.when(age < 0).then(None)
@@ -783,6 +764,12 @@ def facts_from_features(model: ServedModel, feats: pl.DataFrame, prediction_time
         band.alias("age_band"),
         pl.concat_str([pl.lit(","), *flags]).alias("conditions"),
     )
+
+
+def _fact_column(names: tuple[str, ...], present: set[str]) -> pl.Expr:
+    """The first of `names` that the feature table holds, else a null column."""
+    found = [n for n in names if n in present]
+    return pl.col(found[0]) if found else pl.lit(None, dtype=pl.Float32)
 
 
 def monitoring_records(

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import orjson
 
+from chronorisk.data.fhir.bundle import convert_resource, index_bundle
 from chronorisk.data.fhir.convert import (
-    CONVERTERS,
     BundleContext,
     Rejected,
     Row,
     organization_site,
-    patient_rows,
     subject_if_any,
 )
 from chronorisk.data.fhir.quarantine import QuarantineWriter
@@ -166,23 +165,19 @@ class _Task:
             self.result.categories[("(none)", "no_resource_type")] += 1
             self.outcome("(none)", QUARANTINED, None)
             return
-        converter = CONVERTERS.get(rtype)
-        if converter is None:
-            if rtype == "Organization":
-                self._organization(resource, full_url)
-            self.outcome(rtype, SKIPPED, self._subject_quietly(resource))
-            return
         try:
-            if rtype == "Patient":
-                rows = patient_rows(resource, self.ctx, full_url if isinstance(full_url, str) else None)
-            else:
-                rows = converter(resource, self.ctx)
+            rows = convert_resource(resource, self.ctx, full_url)
         except Rejected as exc:
             self._reject(rtype, exc.category, exc.detail, resource, file, location)
             return
         except Exception as exc:  # malformed shapes a converter did not foresee: still one record
             self._reject(rtype, "malformed", f"{type(exc).__name__} while converting (unexpected structure)",
                          resource, file, location)
+            return
+        if rows is None:  # a type that is not converted
+            if rtype == "Organization":
+                self._organization(resource, full_url)
+            self.outcome(rtype, SKIPPED, self._subject_quietly(resource))
             return
         self.outcome(rtype, CONVERTED, rows[0][0])
         self.spill.add(rows)
@@ -206,38 +201,13 @@ class _Task:
             self.result.file_problems[problem.category] += 1
             return
         entries = doc.get("entry") or []
-        self.ctx.reset_bundle()
-        self._index_bundle(entries)
+        index_bundle(entries, self.ctx)
         for i, entry in enumerate(entries):
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(resource, dict):
                 self.ctx.note("Bundle: entry without a resource (skipped)")
                 continue
             self.resource(resource, entry.get("fullUrl"), source.name, f"entry {i}")
-
-    def _index_bundle(self, entries: list) -> None:
-        """fullUrl -> Patient id and Medication code maps of one bundle (references resolve within it),
-        and the bundle's Organization when there is exactly one."""
-        org_keys: set[str] = set()
-        for entry in entries:
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if not isinstance(resource, dict):
-                continue
-            rtype = resource.get("resourceType")
-            if rtype == "Patient":
-                url, rid = entry.get("fullUrl"), resource.get("id")
-                if isinstance(url, str) and url:
-                    self.ctx.patient_urls[url] = rid if isinstance(rid, str) and rid else url.rsplit(":", 1)[-1]
-            elif rtype == "Medication":
-                url, rid = entry.get("fullUrl"), resource.get("id")
-                for key in (url, f"Medication/{rid}" if isinstance(rid, str) else None):
-                    if isinstance(key, str):
-                        self.ctx.medications[key] = resource.get("code")
-            elif rtype == "Organization":
-                keys, _ = organization_site(resource, entry.get("fullUrl"))
-                if keys:
-                    org_keys.add(keys[0])
-        self.ctx.bundle_org = next(iter(org_keys)) if len(org_keys) == 1 else None
 
     def ndjson(self, source: Source) -> None:
         self.ctx.reset_bundle()

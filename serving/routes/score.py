@@ -37,6 +37,13 @@ async def score(
 
 def score_response(body: S.ScoreRequest, principal: Principal, state: ServingState) -> Response:
     """The /score answer: validate the request against the served models, score, log for monitoring."""
+    when, site, results = score_results(body, principal, state)
+    return FastJSON({"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]})
+
+
+def score_results(body: S.ScoreRequest, principal: Principal, state: ServingState, events=None) -> tuple:
+    """(prediction time, site, TaskResults) of one scoring request, logged for monitoring; `events`
+    already converted (FHIR `$score`, CDS Hooks) replace the body's events or bundle."""
     from chronorisk.serving import scoring
 
     if principal.role == "gp" and body.site and body.site != principal.site:
@@ -45,9 +52,11 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     when = body.prediction_time or utcnow()
     if body.events is not None and len(body.events) > state.config.max_events:
         raise InputError("events", f"at most {state.config.max_events} events per request (serve.max_events)")
-    events = None
     subject = None
-    if body.events is not None:
+    given = events
+    if events is not None:
+        pass
+    elif body.events is not None:
         subject = next((e.subject_id for e in body.events if e.subject_id is not None), None)
         if subject is not None and state.store.patient_consent(subject).withdrawn_at(site) is not None:
             # neither scored nor logged for monitoring
@@ -72,9 +81,9 @@ def score_response(body: S.ScoreRequest, principal: Principal, state: ServingSta
     for r in results:
         METRICS.scored(r.task, r.tier)
     state.audit.append(actor=principal.actor, role=principal.role, site=site, action="score", subject_id=subject,
-                       detail={"tasks": tasks, "source": "events" if body.events is not None else
-                               "fhir" if body.fhir is not None else "features"})
-    return FastJSON({"prediction_time": when, "site": site, "results": [r.as_dict() for r in results]})
+                       detail={"tasks": tasks, "source": "given events" if given is not None else "events"
+                               if body.events is not None else "fhir" if body.fhir is not None else "features"})
+    return when, site, results
 
 
 def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:

@@ -264,6 +264,8 @@ def _percent(text: str | None) -> float | None:
 def patient_page(
     request: Request, subject_id: str, principal: Annotated[Principal, Depends(page_user("patient_read"))]
 ) -> Response:
+    """Score history per task (prediction and scoring dates labelled), the factors grouped by concept,
+    the patient's recent values, and the what-if form (`?whatif=<task>&hba1c=...`)."""
     from chronorisk.serving.routes.patients import explain_on_demand, read_patient_audited
 
     state = _state(request)
@@ -273,32 +275,78 @@ def patient_page(
         raise HTTPException(404, "no such patient") from None
     if not 0 <= subject_id <= S.ID_MAX:
         raise HTTPException(404, "no such patient")
-    explain_task = request.query_params.get("explain")
+    q = request.query_params
+    explain_task = q.get("explain")
     view = read_patient_audited(state, principal, subject_id, None, "page", {"explained": explain_task or None})
     site = view["site"]
     on_demand = {}
     if explain_task and any(t["task"] == explain_task for t in view["tasks"]):
         on_demand[explain_task] = explain_on_demand(state, subject_id, site, explain_task)
-    sections = []
-    for t in view["tasks"]:
-        thresholds = _thresholds(state, t["task"])
-        points = [(s["prediction_time"], s["risk"]) for s in t["trend"]]
-        factors = t["latest"]["factors"]
-        computed = None
-        if factors is None and t["task"] in on_demand:
-            factors = on_demand[t["task"]]["factors"]
-            computed = on_demand[t["task"]]
-        sections.append(
-            {
-                "task": t["task"], "latest": t["latest"], "trend": t["trend"],
-                "svg": trend_svg(points, medium=thresholds[0], high=thresholds[1],
-                                 label=f"{task_title(t['task'])}: risk over time"),
-                "factors": [factor_sentence(f) for f in factors] if factors is not None else None,
-                "computed": computed,
-            }
-        )
-    return render("patient.html", principal=principal, csrf=csrf_token(state, request), view=view,
+    sections = [_patient_section(state, t, on_demand) for t in view["tasks"]]
+    status = 200
+    for section in sections:
+        status = max(status, _add_whatif(state, principal, subject_id, site, section, q))
+    return render("patient.html", status, principal=principal, csrf=csrf_token(state, request), view=view,
                   sections=sections)
+
+
+def _patient_section(state: ServingState, t: dict, on_demand: dict) -> dict:
+    from chronorisk.serving.explanations import group_factors, infos_of
+
+    thresholds = _thresholds(state, t["task"])
+    points = [(s["prediction_time"], s["risk"]) for s in t["trend"]]
+    factors = t["latest"]["factors"]
+    computed = None
+    if factors is None and t["task"] in on_demand:
+        factors = on_demand[t["task"]]["factors"]
+        computed = on_demand[t["task"]]
+    lines = group_factors(factors, infos_of(state.models, t["task"])) if factors is not None else None
+    return {
+        "task": t["task"], "latest": t["latest"], "trend": t["trend"],
+        "svg": trend_svg(points, medium=thresholds[0], high=thresholds[1],
+                         label=f"{task_title(t['task'])}: risk over time"),
+        "factors": [line.text for line in lines] if lines is not None else None,
+        "concepts": [line.concept for line in lines or []],
+        "computed": computed, "recent": [], "whatif": None, "whatif_error": None, "modifiable": [],
+    }
+
+
+def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site: str, section: dict, q) -> int:
+    """The recent values and the what-if form of a section (and its answer when asked); the page's status."""
+    from chronorisk.serving import scoring, whatif
+    from chronorisk.serving.routes.whatif import patient_record_events, whatif_for
+
+    try:
+        model, events, when = patient_record_events(state, subject_id, site, section["task"])
+    except HTTPException:
+        return 200  # no model or no records here: the page shows the stored scores only
+    feats, _ = scoring.features_from_events(model, events, when)
+    allowed = whatif.modifiables(model.spec)
+    if feats is not None:
+        section["recent"] = whatif.recent_values(model, feats, when, [*section["concepts"], *whatif.MEASURED])
+    recent = {r["concept"]: r["value"] for r in section["recent"]}
+    section["modifiable"] = [{"name": m.name, "display": m.display, "unit": whatif._unit(m.unit), "low": m.low,
+                              "high": m.high, "flag": m.unit == "1 = yes", "value": q.get(m.name) or
+                              ("" if recent.get(m.name) is None else f"{recent[m.name]:g}")}
+                             for m in allowed.values()]
+    if q.get("whatif") != section["task"]:
+        return 200
+    changes = {}
+    try:
+        for m in allowed.values():
+            text = (q.get(m.name) or "").strip()
+            if text and (m.unit == "1 = yes" or recent.get(m.name) is None or float(text) != recent[m.name]):
+                try:
+                    changes[m.name] = float(text)
+                except ValueError:
+                    raise InputError(f"changes.{m.name}", f"{text[:20]!r} is not a number") from None
+        if not changes:
+            raise InputError("changes", "change at least one value")
+        section["whatif"] = whatif_for(state, principal, subject_id, site, section["task"], changes, via="page")
+    except InputError as exc:
+        section["whatif_error"] = str(exc)
+        return 422
+    return 200
 
 
 def _thresholds(state: ServingState, task: str) -> tuple[float | None, float | None]:

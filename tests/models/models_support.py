@@ -11,17 +11,19 @@ from chronorisk.features.spec import FeatureInfo, FeatureSpec
 from chronorisk.models.config import ModelConfig
 
 FEATURES = {
-    "age": FeatureInfo(display="Age", unit="years", family="demographics"),
+    "age": FeatureInfo(display="Age", unit="years", family="demographics", kind="age", grows_with_clock=True),
     "hba1c_last": FeatureInfo(
-        display="HbA1c", unit="%", family="measurements", date_feature="hba1c_days_since_last"
+        display="HbA1c", unit="%", family="measurements", date_feature="hba1c_days_since_last", kind="value"
     ),
-    "hba1c_days_since_last": FeatureInfo(display="Days since last HbA1c", unit="days", family="measurements"),
+    "hba1c_days_since_last": FeatureInfo(display="Days since last HbA1c", unit="days", family="measurements",
+                                         kind="elapsed_days", grows_with_clock=True),
     "sbp_last": FeatureInfo(
-        display="Systolic BP", unit="mmHg", family="measurements", date_feature="sbp_days_since_last"
+        display="Systolic BP", unit="mmHg", family="measurements", date_feature="sbp_days_since_last", kind="value"
     ),
-    "sbp_days_since_last": FeatureInfo(display="Days since last systolic BP", unit="days", family="measurements"),
-    "noise_a": FeatureInfo(display="Noise A", unit="", family="codes"),
-    "noise_b": FeatureInfo(display="Noise B", unit="", family="codes"),
+    "sbp_days_since_last": FeatureInfo(display="Days since last systolic BP", unit="days", family="measurements",
+                                         kind="elapsed_days", grows_with_clock=True),
+    "noise_a": FeatureInfo(display="Noise A", unit="", family="codes", kind="count"),
+    "noise_b": FeatureInfo(display="Noise B", unit="", family="codes", kind="count"),
 }
 NAMES = tuple(FEATURES)
 PREDICTION_TIME = datetime(2026, 7, 1)

@@ -110,10 +110,10 @@ def test_factor_sentences(factor, words):
 def test_facts_from_features_known_answer():
     from types import SimpleNamespace
 
+    from chronorisk.features.pipeline import fit_spec
     from chronorisk.serving.scoring import facts_from_features
 
-    spec = SimpleNamespace(conditions=[SimpleNamespace(name="hypertension"), SimpleNamespace(name="diabetes")])
-    model = SimpleNamespace(spec=spec)
+    model = SimpleNamespace(spec=fit_spec(pl.DataFrame({"code": ["X//1"], "n_subjects": [1]})))
     feats = pl.DataFrame({
         "subject_id": [1, 2, 3],
         "demo_age_years": [45.5, 81.0, None],

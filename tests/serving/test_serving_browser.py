@@ -67,9 +67,13 @@ def test_gp_worklist_and_patient_page(served, browser):
     text = page.text()
     assert f"Patient {top}" in text
     assert "Complication within 1 year" in text and "New diabetes or hypertension within 2 years" in text
-    assert re.search(r"Risk \d+\.\d% HIGH on 2024-07-01", text), text[:800]
-    assert "HbA1c 9.1 %, last measured 2024-03-02, raises risk" in text
-    assert "Model chronorisk-complication_1y version 2, scored on 2024-07-01" in text
+    assert re.search(r"Risk \d+\.\d% HIGH · prediction date 2024-07-01 · scored on 2024-07-01", text), text[:800]
+    assert "HbA1c: 9.1 %, last 2024-03-02 - raises risk (moderately)" in text
+    assert "Model chronorisk-complication_1y version 2." in text
+    history = page.eval("[...document.querySelectorAll('#task-complication_1y .trend-table tr')]"
+                        ".map(tr => [...tr.cells].map(td => td.innerText))")
+    assert history[0][:2] == ["Prediction date", "Scored on"] and [r[0] for r in history[1:]] == [
+        "2024-07-01", "2024-01-01"]
     points = page.eval("document.querySelectorAll('#task-complication_1y svg.trend circle').length")
     assert points == 2
     assert page.eval("document.querySelector('#task-complication_1y svg.trend').getAttribute('aria-label')")
