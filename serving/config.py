@@ -65,6 +65,23 @@ class ServeConfig(BaseModel):
     cds_cache_records: int = Field(
         2000, ge=0, description="prefetched records whose scores a worker keeps for the day (0: score every call)"
     )
+    # security and privacy (README, security section)
+    cookie_secure: Literal["auto", "always", "never"] = Field(
+        "auto", description="Secure attribute of the session cookie: auto = when the request came over HTTPS")
+    metrics_access: Literal["key", "open"] = Field(
+        "key", description="/metrics needs an ops key (mlops, admin); open only behind a private bind or firewall")
+    auth_failures_per_minute: int = Field(10, ge=1, description="failed keys or sign-ins per client address")
+    key_lockout_failures: int = Field(5, ge=1, description="failures on one key id that lock it")
+    key_lockout_minutes: int = Field(15, ge=1, description="window of those failures, and lockout length")
+    rate_limit_storage: str = Field("memory://", description="`limits` storage URL (memory:// is per worker)")
+    audit_checkpoint_files: list[str] = Field(
+        default_factory=list, description="more append-only checkpoint files beside <work>/audit/checkpoints.jsonl")
+    k_anonymity: int = Field(10, ge=2, description="every quasi-identifier group of an export holds >= k rows")
+    export_max_suppressed_share: float = Field(
+        0.05, ge=0, le=1, description="generalize further while more rows than this would be suppressed")
+    dp_epsilon: float = Field(0.5, gt=0, le=10, description="epsilon of one aggregate release")
+    dp_budget: float = Field(5.0, gt=0, description="epsilon an analyst may spend per dp_budget_days")
+    dp_budget_days: int = Field(30, ge=1, description="period of the privacy budget")
 
 
 def resolve_store_url(params, work, override: str | None = None) -> str:

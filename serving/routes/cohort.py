@@ -16,47 +16,71 @@ from chronorisk.serving.store import utcnow
 router = APIRouter()
 
 
-@router.post("/cohort", response_model=S.CohortResponse, tags=["cohorts"],
-          responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     422: {"model": S.ErrorResponse}})
+@router.post("/cohort", response_model=S.CohortResponse, tags=["cohorts"], responses=S.error_responses(413))
 def cohort_rows(
     body: S.CohortQuery,
     principal: Annotated[Principal, Depends(require("cohort"))],
     state: StateDep,
 ) -> dict:
     """Pseudonymous rows of a cohort (highest risk first; `limit` rows, `n` counts all)."""
-    from chronorisk.serving import cohort
 
     limit = min(body.limit, state.config.cohort_row_limit)
-    result = cohort.cohort(state.store, body, limit=limit)
+    result = deidentified_cohort(state, body, limit)
     state.audit.append(actor=principal.actor, role=principal.role, action="cohort_read",
                        detail={"query": result.query, "n": result.n, "rows": len(result.rows),
-                               "model_versions": result.model_versions})
+                               "model_versions": result.model_versions, "deidentification": result.deidentification})
     return {"query": result.query, "prediction_time": result.prediction_time, "n": result.n,
-            "truncated": result.truncated, "model_versions": result.model_versions, "rows": result.rows}
+            "truncated": result.truncated, "model_versions": result.model_versions, "rows": result.rows,
+            "deidentification": result.deidentification}
+
+
+def deidentified_cohort(state: ServingState, body: S.CohortQuery, limit: int | None):
+    from chronorisk.serving import cohort
+
+    return cohort.cohort(state.store, body, k=state.config.k_anonymity, limit=limit,
+                         max_suppressed_share=state.config.export_max_suppressed_share)
+
+
+def privacy_budget(state: ServingState):
+    from chronorisk.serving.privacy import PrivacyBudget
+
+    cfg = state.config
+    return PrivacyBudget(cfg.dp_epsilon, cfg.dp_budget, cfg.dp_budget_days)
+
+
+def private_aggregate(state: ServingState, principal: Principal, body: S.AggregateQuery) -> dict:
+    """Noisy counts charged to the caller's privacy budget (429 when it is spent)."""
+    from chronorisk.serving import cohort
+    from chronorisk.serving.privacy import BudgetExhausted
+
+    try:
+        return cohort.aggregate(state.store, body, small_cell=state.config.small_cell,
+                                budget=privacy_budget(state), analyst=principal.actor)
+    except BudgetExhausted as exc:
+        raise HTTPException(429, str(exc)) from None
 
 
 @router.post("/cohort/aggregate", response_model=S.AggregateResponse, tags=["cohorts"],
-          responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     422: {"model": S.ErrorResponse}})
+             responses=S.error_responses(413))
 def cohort_aggregate(
     body: S.AggregateQuery,
     principal: Annotated[Principal, Depends(require("cohort"))],
     state: StateDep,
 ) -> dict:
-    """Counts by site / tier / age band / sex; counts under `serve.small_cell` suppressed."""
-    from chronorisk.serving import cohort
-
-    result = cohort.aggregate(state.store, body, small_cell=state.config.small_cell)
+    """Counts by site / tier / age band / sex with differentially private noise (`privacy` says the epsilon,
+    the noise scale and the budget left); noisy counts under `serve.small_cell` suppressed."""
+    result = private_aggregate(state, principal, body)
     state.audit.append(actor=principal.actor, role=principal.role, action="cohort_aggregate",
-                       detail={"query": result["query"], "model_versions": result["model_versions"]})
+                       detail={"query": result["query"], "model_versions": result["model_versions"],
+                               "epsilon": result["privacy"]["epsilon"]})
     return result
 
 
 @router.post("/cohort/export", tags=["cohorts"],
-          responses={200: {"content": {"text/csv": {}, "application/vnd.apache.parquet": {}}},
-                     401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     422: {"model": S.ErrorResponse}})
+             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}},
+                                          "application/vnd.apache.parquet": {"schema": {"type": "string",
+                                                                                        "format": "binary"}}}},
+                        **S.error_responses(413)})
 def cohort_export(
     body: S.ExportQuery,
     principal: Annotated[Principal, Depends(require("export"))],
@@ -71,7 +95,7 @@ def export_response(state: ServingState, principal: Principal, body: S.ExportQue
 
     from chronorisk.serving import cohort
 
-    result = cohort.cohort(state.store, body, limit=None)
+    result = deidentified_cohort(state, body, None)
     data = cohort.export_bytes(result, body.format)
     meta = cohort.export_metadata(result)
     seq = state.audit.append(actor=principal.actor, role=principal.role, action="export",
@@ -83,7 +107,8 @@ def export_response(state: ServingState, principal: Principal, body: S.ExportQue
         "Content-Disposition": f'attachment; filename="{name}"',
         "X-Chronorisk-Export": json.dumps(
             {"query": meta["query"], "prediction_time": meta["prediction_time"],
-             "model_versions": meta["model_versions"], "n_rows": meta["n_rows"], "audit_entry": seq},
+             "model_versions": meta["model_versions"], "n_rows": meta["n_rows"], "audit_entry": seq,
+             "deidentification": meta["deidentification"]},
             separators=(",", ":"),
         ),
     }
@@ -91,14 +116,16 @@ def export_response(state: ServingState, principal: Principal, body: S.ExportQue
 
 
 @router.post("/consent/withdraw", response_model=S.ConsentResponse, tags=["consent"],
-          responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-                     404: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}})
+             responses=S.error_responses(404, 413))
 def withdraw_consent(
     body: S.ConsentWithdrawal,
     principal: Annotated[Principal, Depends(require("consent"))],
     state: StateDep,
 ) -> dict:
-    """Record a withdrawal: from now on the patient is left out of exports, cohorts and worklists."""
+    """Record a withdrawal at the patient's site (exactly one of their sites; default every site, a GP's
+    own site): from now on no stored score, factor, worklist row, cohort, export or score of theirs."""
+    from chronorisk.serving.store import UnknownSubject
+
     site = body.site
     if principal.role == "gp":
         if site is not None and site != principal.site:
@@ -106,8 +133,29 @@ def withdraw_consent(
         site = principal.site
         if site not in state.store.patient_sites(body.subject_id):
             raise HTTPException(404, "no such patient at your site")
-    at = state.store.withdraw_consent(body.subject_id, site=site, by=principal.actor)
-    state.audit.append(actor=principal.actor, role=principal.role, site=site, action="consent_withdraw",
-                       subject_id=body.subject_id, detail={"withdrawn_at": at.isoformat()})
+    try:
+        at = state.store.withdraw_consent(body.subject_id, site=site, by=principal.actor, audit=state.audit,
+                                          role=principal.role)
+    except UnknownSubject:
+        raise HTTPException(404, "no such patient") from None
     return {"withdrawn_at": at, "site": site}
 
+
+@router.post("/consent/renew", response_model=S.ConsentRenewalResponse, tags=["consent"],
+             responses=S.error_responses(404, 413))
+def renew_consent(
+    body: S.ConsentWithdrawal,
+    principal: Annotated[Principal, Depends(require("admin"))],
+    state: StateDep,
+) -> dict:
+    """An admin records that a patient who withdrew consents again (at `site`, default every site)."""
+    from chronorisk.serving.store import UnknownSubject
+
+    if not state.store.patient_sites(body.subject_id):
+        raise HTTPException(404, "no such patient")
+    try:
+        at = state.store.renew_consent(body.subject_id, site=body.site, by=principal.actor, audit=state.audit,
+                                       role=principal.role)
+    except UnknownSubject:
+        raise HTTPException(404, "no such patient") from None
+    return {"renewed_at": at, "site": body.site}

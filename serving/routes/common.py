@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from annotated_types import Ge, Le
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BeforeValidator, WithJsonSchema
 
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
@@ -24,14 +26,23 @@ async def get_state(request: Request) -> ServingState:
 
 
 def authenticate(request: Request, state: ServingState) -> Principal | None:
-    """The caller from an API key header, else from the page session cookie."""
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
-        return state.keys.authenticate_key(value) if scheme.lower() == "bearer" else None
-    key = request.headers.get("x-api-key")
-    if key:
-        return state.keys.authenticate_key(key)
+    """The caller from an API key header, else from the page session cookie. Failed keys are counted per
+    client address and key id; over the limit the answer is 429 with Retry-After (access.AuthGuard)."""
+    from chronorisk.serving.access import TooManyAttempts
+
+    address = request.client.host if request.client else "unknown"
+    try:
+        auth = request.headers.get("authorization")
+        if auth:
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() != "bearer":
+                return None
+            return state.keys.authenticate_key(value, address)
+        key = request.headers.get("x-api-key")
+        if key:
+            return state.keys.authenticate_key(key, address)
+    except TooManyAttempts as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         return state.keys.authenticate_session(token)
@@ -39,7 +50,7 @@ def authenticate(request: Request, state: ServingState) -> Principal | None:
 
 
 def require(permission: str):
-    """Dependency: the authenticated caller, who must hold `permission` (401 / 403 otherwise)."""
+    """Dependency: the authenticated caller, who must hold `permission` (401 / 403 otherwise; 403s audited)."""
 
     async def dependency(  # async: a key look-up is a cache hit or one indexed query, no thread hop
         request: Request,
@@ -50,10 +61,18 @@ def require(permission: str):
         if principal is None:
             raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
         if not principal.can(permission):
+            audit_denied(state, principal, request.scope, f"role lacks {permission}")
             raise HTTPException(403, f"role {principal.role} may not {permission.replace('_', ' ')}")
         return principal
 
     return dependency
+
+
+def audit_denied(state: ServingState, principal: Principal, scope, reason: str, subject_id: int | None = None) -> None:
+    """Record a refused request (wrong role, another site's patient) in the audit log."""
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    state.audit.append(actor=principal.actor, role=principal.role, site=principal.site, action="access_denied",
+                       subject_id=subject_id, detail={"route": route, "reason": reason})
 
 
 class FastJSON(Response):
@@ -65,28 +84,46 @@ class FastJSON(Response):
     def render(self, content) -> bytes:
         import orjson
 
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        # naive store times are UTC: written with their zone (RFC 3339), as the OpenAPI document says
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z)
 
 
 StateDep = Annotated[ServingState, Depends(get_state)]
-SubjectPath = Annotated[int, Path(ge=0, le=S.INT64_MAX, description="pseudonymous subject id")]
+SubjectPath = Annotated[int, BeforeValidator(S.plain_int), Ge(0), Le(S.ID_MAX),
+                        WithJsonSchema({"type": "integer", "minimum": 0, "maximum": S.ID_MAX}),
+                        Path(description="pseudonymous subject id (digits only)")]
+
+
+class NotYours(HTTPException):
+    """Another site's patient: answered exactly like an unknown one (404), but audited as a denial."""
+
+    def __init__(self):
+        super().__init__(404, NO_SUCH_PATIENT)
+
+
+NO_SUCH_PATIENT = "no such patient"
 
 
 def choose_site(principal: Principal, sites: list[str], site: str | None) -> str:
-    """The site whose record the caller may read: 404 unknown patient, 403 another site's patient."""
+    """The site whose record the caller may read. The same 404 for an unknown patient and for another
+    site's patient (NotYours, which callers audit), so that a GP cannot learn which ids exist elsewhere."""
     if not sites or (site is not None and site not in sites):
-        raise HTTPException(404, "no such patient")
+        raise HTTPException(404, NO_SUCH_PATIENT)
     readable = [s for s in sites if principal.may_read_site(s)]
     if site is not None:
         readable = [s for s in readable if s == site]
     if not readable:
-        raise HTTPException(403, "a GP reads only the patients of their own site")
+        raise NotYours()
     return readable[0]
 
 
-def readable_site(state: ServingState, principal: Principal, subject_id: int, site: str | None) -> str:
-    return choose_site(principal, state.store.patient_sites(subject_id), site)
-
+def readable_site(state: ServingState, principal: Principal, subject_id: int, site: str | None,
+                  scope=None) -> str:
+    try:
+        return choose_site(principal, state.store.patient_sites(subject_id), site)
+    except NotYours:
+        audit_denied(state, principal, scope or {}, "another site's patient", subject_id)
+        raise
 
 
 def error_body(message: str, fields: list[dict] | None = None) -> dict:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 
 from chronorisk.errors import InputError
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
-from chronorisk.serving.routes.common import FastJSON, StateDep, SubjectPath, choose_site, readable_site, require
+from chronorisk.serving.routes.common import (
+    FastJSON,
+    NotYours,
+    StateDep,
+    SubjectPath,
+    audit_denied,
+    choose_site,
+    readable_site,
+    require,
+)
 from chronorisk.serving.state import ServingState
 from chronorisk.serving.store import utcnow
 
@@ -30,7 +39,8 @@ def view_of(record: dict, subject_id: int, site: str) -> dict:
 
     patient = record["patient"] or {}
     by_task: dict[str, list[dict]] = {}
-    for row in record["scores"]:
+    # consent withdrawn at this site: no stored risk, trend or factor is shown any more
+    for row in record["scores"] if record["consent_withdrawn_at"] is None else ():
         by_task.setdefault(row["task"], []).append(row)
     tasks = []
     for task, rows in by_task.items():
@@ -59,13 +69,21 @@ def read_patient_audited(state: ServingState, principal: Principal, subject_id: 
     """Read one patient and append the audit entry in ONE transaction: no read without its entry."""
     from chronorisk.serving.store import writer
 
-    with writer(state.store.engine) as conn, conn.begin():
-        data = state.store.read_patient(conn, subject_id)
-        chosen = choose_site(principal, data.sites, site)
-        view = view_of(data.at(chosen), subject_id, chosen)
-        state.audit.append_in(conn, actor=principal.actor, role=principal.role, site=chosen,
-                              action="patient_read", subject_id=subject_id, detail={"via": via, **(extra or {})})
+    try:
+        with writer(state.store.engine) as conn, conn.begin():
+            data = state.store.read_patient(conn, subject_id)
+            chosen = choose_site(principal, data.sites, site)
+            view = view_of(data.at(chosen), subject_id, chosen)
+            state.audit.append_in(conn, actor=principal.actor, role=principal.role, site=chosen,
+                                  action="patient_read", subject_id=subject_id, detail={"via": via, **(extra or {})})
+    except NotYours:
+        audit_denied(state, principal, {"route": _PatientRoute}, "another site's patient", subject_id)
+        raise
     return view
+
+
+class _PatientRoute:
+    path = "/patients/{subject_id}"
 
 
 def _stored(r: dict) -> dict:
@@ -75,7 +93,7 @@ def _stored(r: dict) -> dict:
 
 @router.get(
     "/patients/{subject_id}", response_model=S.PatientResponse, tags=["patients"],
-    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse}},
+    responses=S.error_responses(404),
 )
 async def get_patient(  # async on purpose: a few indexed queries, cheaper than a thread hop
     subject_id: SubjectPath,
@@ -89,9 +107,10 @@ async def get_patient(  # async on purpose: a few indexed queries, cheaper than 
 
 @router.get(
     "/patients/{subject_id}/factors", tags=["patients"],
-    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse}},
+    response_model=S.FactorsResponse, responses=S.error_responses(404, 409, 410, 503),
 )
 def patient_factors(
+    request: Request,
     subject_id: SubjectPath,
     task: Annotated[S.TaskName, Query()],
     principal: Annotated[Principal, Depends(require("patient_read"))],
@@ -99,7 +118,7 @@ def patient_factors(
     site: Annotated[S.SiteId | None, Query()] = None,
 ) -> dict:
     """Factors of the latest stored score, computed on demand when not stored (low tier)."""
-    chosen = readable_site(state, principal, subject_id, site)
+    chosen = readable_site(state, principal, subject_id, site, request.scope)
     result = explain_on_demand(state, subject_id, chosen, task)
     state.audit.append(actor=principal.actor, role=principal.role, site=chosen, action="patient_explain",
                        subject_id=subject_id, detail={"task": task, "via": "api"})
@@ -110,6 +129,8 @@ def explain_on_demand(state: ServingState, subject_id: int, site: str, task: str
     from chronorisk.serving import scoring
 
     record = state.store.patient_record(subject_id, [site])
+    if record["consent_withdrawn_at"] is not None:
+        raise HTTPException(410, "the patient withdrew consent at this site: no risk or factors are shown")
     rows = [r for r in record["scores"] if r["task"] == task]
     if not rows:
         raise HTTPException(404, f"no stored score for task {task}")
@@ -132,8 +153,7 @@ def explain_on_demand(state: ServingState, subject_id: int, site: str, task: str
             "scored_by": latest["model_version"], "computed": "on demand"}
 
 
-@router.get("/worklist", response_model=S.WorklistResponse, tags=["patients"],
-         responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}})
+@router.get("/worklist", response_model=S.WorklistResponse, tags=["patients"], responses=S.error_responses())
 def worklist(
     principal: Annotated[Principal, Depends(require("worklist"))],
     state: StateDep,
@@ -148,8 +168,14 @@ def worklist(
     chosen = worklist_site(principal, site)
     rows = state.store.worklist(chosen, task=task, tiers=tier, min_risk=min_risk, limit=limit, offset=offset)
     state.audit.append(actor=principal.actor, role=principal.role, site=chosen, action="worklist_read",
-                       detail={"task": task, "tier": tier, "min_risk": min_risk, "n_rows": len(rows), "via": "api"})
+                       detail=worklist_audit(task, tier, min_risk, rows, "api"))
     return {"site": chosen, "rows": [_worklist_row(r) for r in rows]}
+
+
+def worklist_audit(task, tier, min_risk, rows: list[dict], via: str) -> dict:
+    """The audit detail of a worklist: the filters and which patients were listed."""
+    return {"task": task, "tier": tier, "min_risk": min_risk, "n_rows": len(rows), "via": via,
+            "subjects": sorted({int(r["subject_id"]) for r in rows})}
 
 
 def worklist_site(principal: Principal, site: str | None) -> str:

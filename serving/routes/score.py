@@ -20,9 +20,7 @@ router = APIRouter()
 
 
 @router.post(
-    "/score", response_model=S.ScoreResponse, tags=["scoring"],
-    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse},
-               413: {"model": S.ErrorResponse}, 422: {"model": S.ErrorResponse}, 503: {"model": S.ErrorResponse}},
+    "/score", response_model=S.ScoreResponse, tags=["scoring"], responses=S.error_responses(409, 413, 503),
 )
 async def score(
     body: S.ScoreRequest,
@@ -48,7 +46,6 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
     already converted (FHIR `$score`, CDS Hooks) replace the body's events or bundle."""
     from chronorisk.serving import scoring
 
-    tasks = _served_tasks(state, body.tasks)
     if principal.role == "gp" and body.site and body.site != principal.site:
         raise HTTPException(403, "a GP scores for their own site only")
     site = body.site or principal.site
@@ -56,13 +53,19 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
     if body.events is not None and len(body.events) > state.config.max_events:
         raise InputError("events", f"at most {state.config.max_events} events per request (serve.max_events)")
     subject = None
+    given = events
     if events is not None:
         pass
     elif body.events is not None:
         subject = next((e.subject_id for e in body.events if e.subject_id is not None), None)
+        if subject is not None and state.store.patient_consent(subject).withdrawn_at(site) is not None:
+            # neither scored nor logged for monitoring
+            raise HTTPException(409, "this patient withdrew consent: they are not scored")
         events = scoring.events_frame([e.__dict__ for e in body.events], subject or 0)
     elif body.fhir is not None:
         events = scoring.fhir_events(body.fhir.model_dump(exclude_none=True))
+        check_event_dates(events)
+    tasks = _served_tasks(state, body.tasks)
 
     def log_for_monitoring(model, feats, risk, tiers) -> None:
         if state.monitor is not None:
@@ -77,6 +80,9 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
     )
     for r in results:
         METRICS.scored(r.task, r.tier)
+    state.audit.append(actor=principal.actor, role=principal.role, site=site, action="score", subject_id=subject,
+                       detail={"tasks": tasks, "source": "given events" if given is not None else "events"
+                               if body.events is not None else "fhir" if body.fhir is not None else "features"})
     return when, site, results
 
 
@@ -92,3 +98,19 @@ def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:
             raise HTTPException(503, f"no model is loaded for task {task}")
     return list(dict.fromkeys(asked))
 
+
+
+def check_event_dates(events) -> None:
+    """The bounds of `schemas.check_past` (1900 to now plus a day of clock skew) on converted FHIR events,
+    as on the events path: one rule for every path."""
+    if events is None or events.height == 0 or "time" not in events.columns:
+        return
+    times = events.get_column("time").drop_nulls()
+    if times.len() == 0:
+        return
+    for value in (times.min(), times.max()):
+        try:
+            S.check_past(value)
+        except ValueError as exc:
+            raise InputError("fhir", f"a resource is dated {value:%Y-%m-%d}, which {exc}; accepted 1900 to now") \
+                from None

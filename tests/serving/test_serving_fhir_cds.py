@@ -173,8 +173,8 @@ def test_search_gives_every_stored_score_as_a_searchset(cds_world):
         assert all(e.resource.subject.reference == f"Patient/{sid}" for e in bundle.entry)
         assert c.get("/fhir/RiskAssessment", params={"subject": "Observation/1"}).status_code == 422
         assert c.get("/fhir/RiskAssessment", params={"subject": "Patient/999"}).status_code == 404
-    with api(cds_world, cds_world.keys["gp_b"]) as c:  # another site's GP
-        assert c.get("/fhir/RiskAssessment", params={"subject": f"Patient/{sid}"}).status_code == 403
+    with api(cds_world, cds_world.keys["gp_b"]) as c:  # another site's GP: the same 404 as an unknown patient
+        assert c.get("/fhir/RiskAssessment", params={"subject": f"Patient/{sid}"}).status_code == 404
     with api(cds_world) as c:
         assert c.get("/fhir/RiskAssessment", params={"subject": f"Patient/{sid}"}).status_code == 401
     audit = AuditLog(ScoreStore.open(cds_world.url).engine, SECRET.encode())
