@@ -228,17 +228,19 @@ def card(*, task_def, spec, risk: float, tier: str | None, factors: Sequence[dic
     }
 
 
-def prefetch_bundle(prefetch: Mapping[str, dict | None]) -> dict | None:
+def prefetch_bundle(prefetch: Mapping[str, dict | None], patient_id: str) -> dict | None:
     """The prefetched resources as one collection Bundle (None without a prefetched Patient).
 
-    Each prefetch value is a resource or a searchset Bundle of them; InputError names a key holding
-    something else."""
+    Each prefetch value is a resource or a searchset Bundle of them, about the patient in view;
+    InputError names a key holding something else."""
     patient = prefetch.get("patient")
     if not patient:
         return None
     if patient.get("resourceType") != "Patient":
         got = str(patient.get("resourceType"))[:40]
         raise InputError("prefetch.patient", f"expected a Patient resource, got {got}")
+    if patient.get("id") != patient_id:
+        raise InputError("prefetch.patient.id", "is not the context's patientId (the patient in view)")
     entries = [{"resource": patient}]
     for key in ("observations", "conditions", "medications"):
         value = prefetch.get(key)

@@ -137,7 +137,7 @@ def cards_for(body: S.CdsRequest, principal: Principal, state: ServingState, bas
     if record is not None and record.get("consent_withdrawn_at") is not None:
         return []
     page = f"{base}/ui/patients/{subject_id}" + (f"?site={site}" if site else "")
-    bundle = cds_hooks.prefetch_bundle(body.prefetch or {})
+    bundle = cds_hooks.prefetch_bundle(body.prefetch or {}, body.context.patientId)
     if bundle is not None:
         return prefetch_cards(bundle, principal, state, page)
     return stored_cards(state, principal, subject_id, page)
