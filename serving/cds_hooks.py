@@ -197,14 +197,15 @@ def task_title(task_def, condition_names: Mapping[str, str]) -> str:
 
 
 def card(*, task_def, spec, risk: float, tier: str | None, factors: Sequence[dict] | None, model_name: str,
-         model_version: str, prediction_time, page_url: str, source_url: str | None = None) -> dict:
+         model_version: str, prediction_time, page_url: str, source_url: str | None = None,
+         units: Mapping | None = None) -> dict:
     """One CDS card of one task's score: summary, indicator by tier, grouped factors in Markdown."""
     names = {c.name: c.display for c in spec.conditions} if spec is not None else {}
     title = task_title(task_def, names)
     summary = f"{title}: {risk:.0%}" + (f" ({tier})" if tier else "")
     if len(summary) > MAX_SUMMARY:
         summary = summary[: MAX_SUMMARY - 1] + "…"
-    lines = group_factors(factors, spec.features if spec is not None else None)
+    lines = group_factors(factors, spec.features if spec is not None else None, units)
     raises = [line for line in lines if line.direction == "raises"]
     lowers = [line for line in lines if line.direction == "lowers"]
     detail = [f"**{risk:.0%}** estimated risk ({tier or 'no'} tier) at {prediction_time:%Y-%m-%d}: "

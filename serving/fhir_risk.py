@@ -74,6 +74,7 @@ def risk_assessment(
     factors: Sequence[dict] | None,
     basis: Sequence[str] = (),
     resource_id: str | None = None,
+    units: Mapping | None = None,
 ) -> dict:
     """One RiskAssessment (a plain dict in FHIR JSON) of one task's score."""
     start = prediction_time
@@ -87,7 +88,7 @@ def risk_assessment(
         code, display = QUALITATIVE[tier]
         prediction["qualitativeRisk"] = {"coding": [{"system": RISK_PROBABILITY, "code": code, "display": display}],
                                          "text": f"{tier} tier"}
-    lines = clinician_text(factors, spec.features if spec is not None else None)
+    lines = clinician_text(factors, spec.features if spec is not None else None, units=units)
     note = ESTIMATE_NOTE + (" Why: " + "; ".join(lines) + "." if lines else "")
     resource: dict = {
         "resourceType": "RiskAssessment",

@@ -129,8 +129,9 @@ def what_if(model, events: pl.DataFrame, prediction_time: datetime, changes: dic
             "changes": described, "label": LABEL, "model_name": model.name, "model_version": model.version}
 
 
-def recent_values(model, feats: pl.DataFrame, prediction_time: datetime, concepts) -> list[dict]:
-    """The patient's latest value (and its date) of each concept that has a 'last' feature."""
+def recent_values(model, feats: pl.DataFrame, prediction_time: datetime, concepts, units=None) -> list[dict]:
+    """The patient's latest value (and its date) of each concept that has a 'last' feature, in the
+    site's unit where `units` (`explanations.site_units`) names one."""
     spec = model.spec
     out = []
     for concept in dict.fromkeys(concepts):
@@ -142,6 +143,10 @@ def recent_values(model, feats: pl.DataFrame, prediction_time: datetime, concept
         when = None
         if info.date_feature and info.date_feature in feats.columns and feats[info.date_feature][0] is not None:
             when = (prediction_time - timedelta(days=float(feats[info.date_feature][0]))).date().isoformat()
-        out.append({"concept": concept, "display": info.concept_display or concept, "unit": display_unit(info.unit),
-                    "value": None if value is None else float(value), "date": when})
+        choice = (units or {}).get(concept)
+        shown = None if value is None else float(value)
+        if choice is not None and shown is not None:
+            shown = shown * choice.scale + choice.offset
+        out.append({"concept": concept, "display": info.concept_display or concept, "date": when, "value": shown,
+                    "unit": choice.unit if choice is not None else display_unit(info.unit)})
     return out

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from chronorisk.serving import cds_hooks
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
+from chronorisk.serving.explanations import units_of
 from chronorisk.serving.routes.common import FastJSON, StateDep
 from chronorisk.serving.state import ServingState
 
@@ -165,7 +166,8 @@ def prefetch_cards(bundle: dict, principal: Principal, state: ServingState, page
         model = state.models[r.task]
         cards.append(cds_hooks.card(task_def=model.task_def, spec=model.spec, risk=r.risk, tier=r.tier,
                                     factors=r.factors, model_name=r.model_name, model_version=r.model_version,
-                                    prediction_time=when, page_url=page))
+                                    prediction_time=when, page_url=page,
+                                    units=units_of(state.config)))
     return cards
 
 
@@ -187,5 +189,6 @@ def stored_cards(state: ServingState, principal: Principal, subject_id: int, pag
         cards.append(cds_hooks.card(task_def=task_def, spec=spec, risk=latest["risk"], tier=latest["tier"],
                                     factors=factors_of(latest["factors"]), model_name=latest["model_name"],
                                     model_version=latest["model_version"],
-                                    prediction_time=latest["prediction_time"], page_url=page))
+                                    prediction_time=latest["prediction_time"], page_url=page,
+                                    units=units_of(state.config)))
     return cards
