@@ -149,7 +149,8 @@ def assess_bundle(bundle: dict, principal: Principal, state: ServingState, tasks
             task_def=model.task_def, spec=model.spec, subject=subject or "Patient/unknown",
             prediction_time=when, risk=r.risk, tier=r.tier, model_name=r.model_name,
             model_version=r.model_version, factors=r.factors,
-            basis=fhir_risk.basis_references(r.factors, model.spec, record.sources), units=units_of(state.config),
+            basis=fhir_risk.basis_references(r.factors, model.spec, record.sources, when),
+            units=units_of(state.config),
         )
         if subject is None:
             resource["subject"] = {"display": "the patient of the submitted bundle"}
