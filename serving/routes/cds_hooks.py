@@ -114,12 +114,13 @@ async def cds_feedback(service_id: ServiceId, request: Request, state: StateDep)
 
 async def parsed(request: Request, model):
     """The body as `model`, after authentication (FastAPI would validate before the dependency ran)."""
+    import orjson
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 
     try:
-        raw = await request.json()
-    except ValueError:
+        raw = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
         raise RequestValidationError([{"loc": ("body",), "msg": "not JSON", "type": "json_invalid"}]) from None
     try:
         return model.model_validate(raw)
