@@ -355,7 +355,9 @@ def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site
 
 
 def _thresholds(state: ServingState, task: str) -> tuple[float | None, float | None]:
-    tiers = state.params.model.tiers.get(task)
+    """The tier thresholds of the served model (fitted by its rule), else the configured cut-offs."""
+    model = state.models.get(task)
+    tiers = model.bundle.tiers if model is not None else state.params.model.tiers.get(task)
     if tiers is None:
         return None, None
     return tiers.medium, tiers.high
