@@ -79,7 +79,7 @@ def known_service(service_id: str) -> str:
     return service_id
 
 
-ServiceId = Annotated[str, Path(max_length=128)]
+ServiceId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="a service id of the discovery")]
 
 
 @router.get("/cds-services", tags=["cds-hooks"])
