@@ -34,7 +34,7 @@ class CdsState:
         from chronorisk.serving.access import is_demo
 
         self.clients = cds_hooks.load_clients(state.config.cds_clients)
-        self.seen = cds_hooks.SeenTokens()
+        self.seen = cds_hooks.SeenTokens(state.store.engine)
         self.results = cds_hooks.RecentResults(state.config.cds_cache_records)
         try:
             key, _ = load_key(secret_file=None, env_var=state.config.pseudonym_key_env, demo=is_demo(False),

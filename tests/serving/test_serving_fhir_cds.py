@@ -311,3 +311,18 @@ def test_feedback_is_recorded_without_patient_data(cds_world):
     (entry,) = [e for e in audit.entries() if e["action"] == "cds_feedback"]
     assert json.loads(entry["detail"]) == {"card": card, "outcome": "overridden", "reason": "not-relevant"}
     assert entry["subject_id"] is None and entry["site"] == "chc_a"
+
+
+def test_a_token_id_is_used_once_across_workers(tmp_path):
+    """Two workers (two ledgers over one store): the second use of a jti is refused by either."""
+    from chronorisk.serving.cds_hooks import SeenTokens
+
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        one, two = SeenTokens(store.engine), SeenTokens(store.engine)
+        exp = time.time() + 300
+        assert one.first_use(EHR, "jti-1", exp)
+        assert not two.first_use(EHR, "jti-1", exp) and not one.first_use(EHR, "jti-1", exp)
+        assert two.first_use(EHR, "jti-2", exp) and two.first_use("https://other.test", "jti-1", exp)
+    finally:
+        store.dispose()
