@@ -91,6 +91,9 @@ _INSERT = text(
     "VALUES (:seq, :at, :actor, :role, :site, :action, :subject_id, :detail, :prev_hash, :hash)"
 )
 _HEAD_INSERT = text("INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, :seq, :hash, :mac)")
+_HEAD_GENESIS = text(
+    "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, 0, :hash, :mac) ON CONFLICT (id) DO NOTHING"
+)
 _HEAD_UPDATE = text("UPDATE audit_head SET seq = :seq, hash = :hash, mac = :mac WHERE id = 1")
 
 
@@ -160,8 +163,10 @@ class AuditLog:
         postgres = conn.dialect.name == "postgresql"
         head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
         if head is None and postgres:
-            # first entry ever: serialize the creation of the head row
-            conn.exec_driver_sql("LOCK TABLE audit_head IN EXCLUSIVE MODE")
+            # first entry ever: every starter inserts the genesis head (the losers wait for the winner's
+            # commit, then skip), then locks it. A LOCK TABLE here deadlocked: each starter already held
+            # the table's ROW SHARE lock from the SELECT ... FOR UPDATE above.
+            conn.execute(_HEAD_GENESIS, {"hash": GENESIS, "mac": head_mac(self.secret, 0, GENESIS)})
             head = conn.execute(_HEAD_FOR_UPDATE).first()
         prev_seq, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         entry = {
