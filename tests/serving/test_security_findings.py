@@ -362,3 +362,21 @@ def test_batch_scores_are_replayed_by_audit_verify(scored_server, tmp_path):
     db.close()
     edited = verify_cmd(url, work)
     assert edited.returncode == 1 and "(edited)" in edited.stdout, edited.stdout
+
+
+def test_score_requests_are_audited(scored_server):
+    """Finding 9: /score was not audited. A scored request now leaves an entry (who, where, which tasks)."""
+    from chronorisk.serving.audit import AuditLog
+
+    def scores_logged() -> int:
+        store = ScoreStore.open(scored_server.url)
+        n = sum(e["action"] == "score" for e in AuditLog(store.engine, SECRET.encode()).entries())
+        store.dispose()
+        return n
+
+    before = scores_logged()
+    with httpx.Client(base_url=scored_server.server.url, timeout=30,
+                      headers={"Authorization": f"Bearer {scored_server.keys['gp']}"}) as c:
+        r = c.post("/score", json={"features": {}, "tasks": ["complication_1y"]})
+    assert r.status_code == 200, r.text
+    assert scores_logged() == before + 1
