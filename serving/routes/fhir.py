@@ -23,9 +23,8 @@ from chronorisk.serving.state import ServingState
 router = APIRouter()
 
 FHIR_JSON = "application/fhir+json"
-_SUBJECT = re.compile(r"^(?:Patient/)?(\d{1,19})$")
-_ERRORS = {401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse},
-           422: {"model": S.ErrorResponse}}
+_SUBJECT = re.compile(r"^(?:Patient/)?(\d{1,19})\Z")  # \Z: no trailing newline
+_ERRORS = S.error_responses(404, 413, 503)
 
 
 class FhirJSON(Response):
