@@ -77,7 +77,7 @@ def known_service(service_id: str) -> str:
     return service_id
 
 
-ServiceId = Annotated[str, Path(max_length=128)]
+ServiceId = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # ids of the discovery document
 
 
 @router.get("/cds-services", tags=["cds-hooks"])

@@ -280,6 +280,9 @@ def test_ids_and_times_are_strict(world):
                           "valueQuantity": {"value": 7.0, "unit": "%"}}}]}
         r = c.post("/score", json={"fhir": bundle})
         assert r.status_code == 422 and "fhir" in r.json()["error"], r.text
+        r = c.post("/fhir/RiskAssessment/$score", json=bundle)  # the FHIR operation: the same bounds
+        assert r.status_code == 422 and "9999" in r.json()["error"], r.text
+        assert c.get("/fhir/RiskAssessment", params={"subject": f"Patient/{subject_id(0, 1)}\n"}).status_code == 422
 
 
 # -- 8: demo keys ------------------------------------------------------------------------------------
