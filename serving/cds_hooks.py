@@ -197,14 +197,15 @@ def task_title(task_def, condition_names: Mapping[str, str]) -> str:
 
 
 def card(*, task_def, spec, risk: float, tier: str | None, factors: Sequence[dict] | None, model_name: str,
-         model_version: str, prediction_time, page_url: str, source_url: str | None = None) -> dict:
+         model_version: str, prediction_time, page_url: str, source_url: str | None = None,
+         units: Mapping | None = None) -> dict:
     """One CDS card of one task's score: summary, indicator by tier, grouped factors in Markdown."""
     names = {c.name: c.display for c in spec.conditions} if spec is not None else {}
     title = task_title(task_def, names)
     summary = f"{title}: {risk:.0%}" + (f" ({tier})" if tier else "")
     if len(summary) > MAX_SUMMARY:
         summary = summary[: MAX_SUMMARY - 1] + "…"
-    lines = group_factors(factors, spec.features if spec is not None else None)
+    lines = group_factors(factors, spec.features if spec is not None else None, units)
     raises = [line for line in lines if line.direction == "raises"]
     lowers = [line for line in lines if line.direction == "lowers"]
     detail = [f"**{risk:.0%}** estimated risk ({tier or 'no'} tier) at {prediction_time:%Y-%m-%d}: "
@@ -228,17 +229,19 @@ def card(*, task_def, spec, risk: float, tier: str | None, factors: Sequence[dic
     }
 
 
-def prefetch_bundle(prefetch: Mapping[str, dict | None]) -> dict | None:
+def prefetch_bundle(prefetch: Mapping[str, dict | None], patient_id: str) -> dict | None:
     """The prefetched resources as one collection Bundle (None without a prefetched Patient).
 
-    Each prefetch value is a resource or a searchset Bundle of them; InputError names a key holding
-    something else."""
+    Each prefetch value is a resource or a searchset Bundle of them, about the patient in view;
+    InputError names a key holding something else."""
     patient = prefetch.get("patient")
     if not patient:
         return None
     if patient.get("resourceType") != "Patient":
         got = str(patient.get("resourceType"))[:40]
         raise InputError("prefetch.patient", f"expected a Patient resource, got {got}")
+    if patient.get("id") != patient_id:
+        raise InputError("prefetch.patient.id", "is not the context's patientId (the patient in view)")
     entries = [{"resource": patient}]
     for key in ("observations", "conditions", "medications"):
         value = prefetch.get(key)

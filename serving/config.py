@@ -62,9 +62,18 @@ class ServeConfig(BaseModel):
         "CHRONORISK_PSEUDONYM_KEY", description="env var of the ingestion's pseudonymization key (CDS Hooks ids)"
     )
     cds_clients: list[CdsClient] = Field(default_factory=list, description="EHRs allowed to call the CDS Hooks service")
+    display_units: dict[str, str] = Field(
+        default_factory=dict, description="measurements shown in the site's unit, e.g. {glucose: mmol/L, "
+        "hba1c: mmol/mol} (explanations, cards, RiskAssessment notes, recent values)"
+    )
     cds_cache_records: int = Field(
         2000, ge=0, description="prefetched records whose scores a worker keeps for the day (0: score every call)"
     )
+
+    @model_validator(mode="after")
+    def _units_shown(self) -> ServeConfig:
+        _check_display_units(self)
+        return self
     # security and privacy (README, security section)
     cookie_secure: Literal["auto", "always", "never"] = Field(
         "auto", description="Secure attribute of the session cookie: auto = when the request came over HTTPS")
@@ -82,6 +91,16 @@ class ServeConfig(BaseModel):
     dp_epsilon: float = Field(0.5, gt=0, le=10, description="epsilon of one aggregate release")
     dp_budget: float = Field(5.0, gt=0, description="epsilon an analyst may spend per dp_budget_days")
     dp_budget_days: int = Field(30, ge=1, description="period of the privacy budget")
+
+
+def _check_display_units(config: ServeConfig) -> None:
+    from chronorisk.errors import InputError
+    from chronorisk.serving.explanations import site_units
+
+    try:
+        site_units(config.display_units)
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def resolve_store_url(params, work, override: str | None = None) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from chronorisk.models.explain import format_value, is_flag_unit
 
@@ -45,6 +46,40 @@ AGGREGATE_WORDS = {
 }
 # log-odds size of a concept's summed contribution -> words (an odds ratio of ~1.1, ~1.5)
 SIZE_WORDS = ((0.1, "slightly"), (0.4, "moderately"), (math.inf, "strongly"))
+
+
+@dataclass(frozen=True)
+class SiteUnit:
+    """A measurement shown in the site's unit: site value = canonical value * scale + offset."""
+
+    unit: str
+    scale: float
+    offset: float
+
+
+def site_units(choices: Mapping[str, str]) -> dict[str, SiteUnit]:
+    """`serve.display_units` ({measurement: unit}) as conversions from the canonical unit, inverting the
+    ingestion's own (affine) conversions of `data/codes.py`; InputError naming a unit it cannot show."""
+    from chronorisk.data.codes import MEASUREMENTS
+    from chronorisk.errors import InputError
+
+    out: dict[str, SiteUnit] = {}
+    for name, unit in choices.items():
+        m = MEASUREMENTS.get(name)
+        if m is None:
+            raise InputError(f"serve.display_units.{name}", f"not a measurement; known: {', '.join(MEASUREMENTS)}")
+        if unit == m.unit:
+            continue
+        if unit not in m.conversions:
+            raise InputError(f"serve.display_units.{name}",
+                             f"{unit!r} cannot be shown; accepted: {', '.join(m.units())}")
+        to_canonical = m.conversions[unit]
+        at0, at1, at100 = (float(to_canonical(x)) for x in (0.0, 1.0, 100.0))
+        slope = at1 - at0
+        if slope == 0 or abs(at0 + 100 * slope - at100) > 1e-6 * max(1.0, abs(at100)):
+            raise InputError(f"serve.display_units.{name}", f"the conversion to {unit!r} is not linear")
+        out[name] = SiteUnit(unit, 1 / slope, -at0 / slope)
+    return out
 
 
 def display_unit(unit: str | None) -> str:
@@ -121,9 +156,11 @@ def _get(info: object, key: str) -> object:
     return getattr(info, key, None) if info is not None else None
 
 
-def group_factors(factors: Sequence[dict] | None, infos: Mapping[str, object] | None = None) -> list[ConceptLine]:
+def group_factors(factors: Sequence[dict] | None, infos: Mapping[str, object] | None = None,
+                  units: Mapping[str, SiteUnit] | None = None) -> list[ConceptLine]:
     """The factors grouped by concept, in the order of each concept's largest factor (the model's
-    ranking), each concept's contributions summed. `infos` is the spec's FeatureInfo by feature name."""
+    ranking), each concept's contributions summed. `infos` is the spec's FeatureInfo by feature name;
+    `units` the site's display units by measurement (`site_units`)."""
     lines: dict[str, ConceptLine] = {}
     for f in factors or []:
         info = _info(infos, f.get("feature", ""))
@@ -134,13 +171,24 @@ def group_factors(factors: Sequence[dict] | None, infos: Mapping[str, object] | 
             line = lines[concept] = ConceptLine(concept, str(title or concept.replace("_", " ").capitalize()))
         line.contribution += float(f.get("contribution") or 0.0)
         line.features.append(f.get("feature", ""))
-        part = _part(f, info, line)
+        part = _part(_in_site_unit(f, info, units), info, line)
         if part:
             line.parts.append(part)
         when = f.get("date")
         if when and (line.last_date is None or when > line.last_date):
             line.last_date = when
     return list(lines.values())
+
+
+def _in_site_unit(f: dict, info: object, units: Mapping[str, SiteUnit] | None) -> dict:
+    """The factor with its value in the site's unit for that measurement (differences: scale only)."""
+    choice = units.get(_get(info, "concept")) if units else None
+    if choice is None or _get(info, "kind") != "value" or f.get("value") is None:
+        return f
+    aggregate = _get(info, "aggregate")
+    difference = aggregate in ("trend", "std")
+    value = f["value"] * choice.scale + (0.0 if difference else choice.offset)
+    return {**f, "value": value, "unit": choice.unit + (" per year" if aggregate == "trend" else "")}
 
 
 def _part(f: dict, info: object, line: ConceptLine) -> str:
@@ -202,10 +250,20 @@ def _flag_words(aggregate: str, value: float, display: str, concept_display: str
 
 
 def clinician_text(factors: Sequence[dict] | None, infos: Mapping[str, object] | None = None,
-                   limit: int | None = None) -> list[str]:
+                   limit: int | None = None, units: Mapping[str, SiteUnit] | None = None) -> list[str]:
     """The grouped lines' texts, most important concept first."""
-    lines = group_factors(factors, infos)
+    lines = group_factors(factors, infos, units)
     return [line.text for line in lines[:limit]]
+
+
+@lru_cache(maxsize=8)
+def _site_units_cached(choices: tuple[tuple[str, str], ...]) -> dict[str, SiteUnit]:
+    return site_units(dict(choices))
+
+
+def units_of(config) -> dict[str, SiteUnit]:
+    """The service's display units (`serve.display_units`), converted once."""
+    return _site_units_cached(tuple(sorted(config.display_units.items())))
 
 
 def infos_of(models: Mapping[str, object], task: str) -> Mapping[str, object] | None:

@@ -74,6 +74,7 @@ def risk_assessment(
     factors: Sequence[dict] | None,
     basis: Sequence[str] = (),
     resource_id: str | None = None,
+    units: Mapping | None = None,
 ) -> dict:
     """One RiskAssessment (a plain dict in FHIR JSON) of one task's score."""
     start = prediction_time
@@ -87,7 +88,7 @@ def risk_assessment(
         code, display = QUALITATIVE[tier]
         prediction["qualitativeRisk"] = {"coding": [{"system": RISK_PROBABILITY, "code": code, "display": display}],
                                          "text": f"{tier} tier"}
-    lines = clinician_text(factors, spec.features if spec is not None else None)
+    lines = clinician_text(factors, spec.features if spec is not None else None, units=units)
     note = ESTIMATE_NOTE + (" Why: " + "; ".join(lines) + "." if lines else "")
     resource: dict = {
         "resourceType": "RiskAssessment",
@@ -107,18 +108,36 @@ def risk_assessment(
     return resource
 
 
-def basis_references(factors: Sequence[dict] | None, spec, sources: Mapping[str, list[tuple[str, str]]]) -> list[str]:
-    """'Observation/<id>' etc. of the input resources behind the factors' concepts, in factor order."""
+def basis_references(factors: Sequence[dict] | None, spec, sources: Mapping[str, list[tuple]],
+                     prediction_time: datetime | None = None) -> list[str]:
+    """'Observation/<id>' etc. of the input resources each factor was computed from, in factor order: the
+    latest one for a 'last' or 'days since last' value, those inside the factor's window otherwise (all
+    before the prediction time when it has none)."""
     if not factors or not sources:
         return []
+    end = _us(prediction_time) if prediction_time is not None else None
     refs: dict[str, None] = {}
     for f in factors:
-        for code in concept_codes(spec, f.get("feature", "")):
-            for source_code, found in sources.items():
-                if source_code == code or (code.endswith("*") and source_code.startswith(code[:-1])):
-                    for rtype, rid in found:
-                        refs[f"{rtype}/{rid}"] = None
+        info = spec.features.get(f.get("feature", "")) if spec is not None else None
+        found = [s for code in concept_codes(spec, f.get("feature", "")) for source_code, hits in sources.items()
+                 if source_code == code or (code.endswith("*") and source_code.startswith(code[:-1])) for s in hits]
+        found = [s for s in found if end is None or s[2] is None or s[2] < end]
+        window = getattr(info, "window_days", None)
+        if window and end is not None:
+            found = [s for s in found if s[2] is not None and s[2] >= end - window * 86_400_000_000]
+        if getattr(info, "aggregate", None) in ("last", "days_since_last") and found:
+            found = [max(found, key=lambda s: s[2] if s[2] is not None else -1)]
+        for rtype, rid, _ in found:
+            refs[f"{rtype}/{rid}"] = None
     return list(refs)
+
+
+def _us(when: datetime) -> int:
+    """Microseconds since 1970 of a naive-UTC (or aware) time, as the converter's rows hold them."""
+    from datetime import UTC
+
+    aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return int(aware.timestamp() * 1_000_000)
 
 
 def concept_codes(spec, feature: str) -> list[str]:
@@ -141,6 +160,10 @@ def concept_codes(spec, feature: str) -> list[str]:
     for d in spec.drug_classes:
         if d.name == concept:
             return list(d.codes)
+    if concept == "smoking":
+        from chronorisk.data.codes import SMOKING_STATUS
+
+        return [SMOKING_STATUS]
     return []
 
 

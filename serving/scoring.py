@@ -182,7 +182,7 @@ class FhirRecord:
     """One patient's FHIR bundle as MEDS events, and which entry (type, logical id) gave each code."""
 
     events: pl.DataFrame
-    sources: dict[str, list[tuple[str, str]]]  # MEDS code -> [(resource type, id)] of entries with ids
+    sources: dict[str, list[tuple[str, str, int | None]]]  # MEDS code -> [(type, id, time in µs)], ids only
     patient_id: str | None  # the Patient's logical id, when the bundle has one
 
 
@@ -205,11 +205,11 @@ def fhir_record(bundle: dict, field: str = "fhir") -> FhirRecord:
     if not rows:
         raise InputError(f"{field}.entry",
                          "no convertible Patient, Encounter, Condition, Observation or MedicationRequest")
-    sources: dict[str, list[tuple[str, str]]] = {}
+    sources: dict[str, list[tuple[str, str, int | None]]] = {}
     for entry in converted:
         if entry.resource_id and entry.resource_type in ("Observation", "Condition", "MedicationRequest"):
-            for code in dict.fromkeys(r[2] for r in entry.rows):
-                sources.setdefault(code, []).append((entry.resource_type, entry.resource_id))
+            for code, when in dict.fromkeys((r[2], r[1]) for r in entry.rows):
+                sources.setdefault(code, []).append((entry.resource_type, entry.resource_id, when))
     patient_id = next((e.resource_id for e in converted if e.resource_type == "Patient"), None)
     frame = pl.DataFrame(
         {

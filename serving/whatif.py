@@ -24,6 +24,7 @@ import polars as pl
 from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import EVENT_SCHEMA
 from chronorisk.errors import InputError
+from chronorisk.serving.explanations import display_unit
 
 MEASURED = ("hba1c", "sbp", "ldl", "bmi")
 DRUGS = {"statin": ("statin",),
@@ -83,7 +84,7 @@ def changed_events(events: pl.DataFrame, spec, prediction_time: datetime, change
         value = m.check(value)
         if name in MEASURED:
             added.append(_event(day_before, vocab.MEASUREMENTS[name].code, numeric=value))
-            described.append(f"{m.display} {value:g} {_unit(m.unit)} on {day_before:%Y-%m-%d}")
+            described.append(f"{m.display} {value:g} {display_unit(m.unit)} on {day_before:%Y-%m-%d}")
         elif name == "smoking":
             answer = vocab.SMOKING_CURRENT[0] if value else vocab.SMOKING_FORMER[0]
             added.append(_event(day_before, vocab.SMOKING_STATUS, text=answer))
@@ -112,12 +113,6 @@ def _event(when: datetime, code: str, *, numeric: float | None = None, text: str
     return {"subject_id": 0, "time": when, "code": code, "numeric_value": numeric, "text_value": text}
 
 
-def _unit(unit: str) -> str:
-    from chronorisk.serving.explanations import display_unit
-
-    return display_unit(unit)
-
-
 def what_if(model, events: pl.DataFrame, prediction_time: datetime, changes: dict[str, float]) -> dict:
     """Current and changed risk of one patient's record by one model, with the changes in words."""
     from chronorisk.serving import scoring
@@ -134,8 +129,9 @@ def what_if(model, events: pl.DataFrame, prediction_time: datetime, changes: dic
             "changes": described, "label": LABEL, "model_name": model.name, "model_version": model.version}
 
 
-def recent_values(model, feats: pl.DataFrame, prediction_time: datetime, concepts) -> list[dict]:
-    """The patient's latest value (and its date) of each concept that has a 'last' feature."""
+def recent_values(model, feats: pl.DataFrame, prediction_time: datetime, concepts, units=None) -> list[dict]:
+    """The patient's latest value (and its date) of each concept that has a 'last' feature, in the
+    site's unit where `units` (`explanations.site_units`) names one."""
     spec = model.spec
     out = []
     for concept in dict.fromkeys(concepts):
@@ -147,6 +143,10 @@ def recent_values(model, feats: pl.DataFrame, prediction_time: datetime, concept
         when = None
         if info.date_feature and info.date_feature in feats.columns and feats[info.date_feature][0] is not None:
             when = (prediction_time - timedelta(days=float(feats[info.date_feature][0]))).date().isoformat()
-        out.append({"concept": concept, "display": info.concept_display or concept, "unit": _unit(info.unit),
-                    "value": None if value is None else float(value), "date": when})
+        choice = (units or {}).get(concept)
+        shown = None if value is None else float(value)
+        if choice is not None and shown is not None:
+            shown = shown * choice.scale + choice.offset
+        out.append({"concept": concept, "display": info.concept_display or concept, "date": when, "value": shown,
+                    "unit": choice.unit if choice is not None else display_unit(info.unit)})
     return out

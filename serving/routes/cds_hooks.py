@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from chronorisk.serving import cds_hooks
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
+from chronorisk.serving.explanations import units_of
 from chronorisk.serving.routes.common import FastJSON, StateDep
 from chronorisk.serving.state import ServingState
 
@@ -112,12 +113,13 @@ async def cds_feedback(service_id: ServiceId, request: Request, state: StateDep)
 
 async def parsed(request: Request, model):
     """The body as `model`, after authentication (FastAPI would validate before the dependency ran)."""
+    import orjson
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
 
     try:
-        raw = await request.json()
-    except ValueError:
+        raw = orjson.loads(await request.body())
+    except orjson.JSONDecodeError:
         raise RequestValidationError([{"loc": ("body",), "msg": "not JSON", "type": "json_invalid"}]) from None
     try:
         return model.model_validate(raw)
@@ -136,7 +138,7 @@ def cards_for(body: S.CdsRequest, principal: Principal, state: ServingState, bas
     if record is not None and record.get("consent_withdrawn_at") is not None:
         return []
     page = f"{base}/ui/patients/{subject_id}" + (f"?site={site}" if site else "")
-    bundle = cds_hooks.prefetch_bundle(body.prefetch or {})
+    bundle = cds_hooks.prefetch_bundle(body.prefetch or {}, body.context.patientId)
     if bundle is not None:
         return prefetch_cards(bundle, principal, state, page)
     return stored_cards(state, principal, subject_id, page)
@@ -164,13 +166,14 @@ def prefetch_cards(bundle: dict, principal: Principal, state: ServingState, page
         model = state.models[r.task]
         cards.append(cds_hooks.card(task_def=model.task_def, spec=model.spec, risk=r.risk, tier=r.tier,
                                     factors=r.factors, model_name=r.model_name, model_version=r.model_version,
-                                    prediction_time=when, page_url=page))
+                                    prediction_time=when, page_url=page,
+                                    units=units_of(state.config)))
     return cards
 
 
 def stored_cards(state: ServingState, principal: Principal, subject_id: int, page: str) -> list[dict]:
     """Cards of the latest stored score per task (audited as a patient read); none for an unknown patient."""
-    from chronorisk.serving.routes.fhir import _factors, task_meaning
+    from chronorisk.serving.routes.fhir import factors_of, task_meaning
     from chronorisk.serving.routes.patients import read_patient_audited
 
     try:
@@ -184,7 +187,8 @@ def stored_cards(state: ServingState, principal: Principal, subject_id: int, pag
         latest = task["latest"]
         task_def, spec = task_meaning(state, task["task"])
         cards.append(cds_hooks.card(task_def=task_def, spec=spec, risk=latest["risk"], tier=latest["tier"],
-                                    factors=_factors(latest["factors"]), model_name=latest["model_name"],
+                                    factors=factors_of(latest["factors"]), model_name=latest["model_name"],
                                     model_version=latest["model_version"],
-                                    prediction_time=latest["prediction_time"], page_url=page))
+                                    prediction_time=latest["prediction_time"], page_url=page,
+                                    units=units_of(state.config)))
     return cards

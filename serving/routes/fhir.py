@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from chronorisk.errors import InputError
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
+from chronorisk.serving.explanations import units_of
 from chronorisk.serving.routes.common import StateDep, require
 from chronorisk.serving.state import ServingState
 
@@ -77,13 +78,14 @@ def searchset_of(state: ServingState, view: dict, subject_id: int, base_url: str
                 task_def=task_def, spec=spec, subject=f"Patient/{subject_id}",
                 prediction_time=score["prediction_time"], risk=score["risk"], tier=score["tier"],
                 model_name=score["model_name"], model_version=score["model_version"],
-                factors=_factors(score["factors"]),
+                factors=factors_of(score["factors"]),
                 resource_id=stored_resource_id(subject_id, task["task"], score["prediction_time"]),
+                units=units_of(state.config),
             ))
     return fhir_risk.searchset(resources, base_url)
 
 
-def _factors(stored) -> list[dict] | None:
+def factors_of(stored) -> list[dict] | None:
     if stored is None or isinstance(stored, list):
         return stored
     import json
@@ -147,7 +149,8 @@ def assess_bundle(bundle: dict, principal: Principal, state: ServingState, tasks
             task_def=model.task_def, spec=model.spec, subject=subject or "Patient/unknown",
             prediction_time=when, risk=r.risk, tier=r.tier, model_name=r.model_name,
             model_version=r.model_version, factors=r.factors,
-            basis=fhir_risk.basis_references(r.factors, model.spec, record.sources),
+            basis=fhir_risk.basis_references(r.factors, model.spec, record.sources, when),
+            units=units_of(state.config),
         )
         if subject is None:
             resource["subject"] = {"display": "the patient of the submitted bundle"}

@@ -291,7 +291,7 @@ def patient_page(
 
 
 def _patient_section(state: ServingState, t: dict, on_demand: dict) -> dict:
-    from chronorisk.serving.explanations import group_factors, infos_of
+    from chronorisk.serving.explanations import group_factors, infos_of, units_of
 
     thresholds = _thresholds(state, t["task"])
     points = [(s["prediction_time"], s["risk"]) for s in t["trend"]]
@@ -300,7 +300,8 @@ def _patient_section(state: ServingState, t: dict, on_demand: dict) -> dict:
     if factors is None and t["task"] in on_demand:
         factors = on_demand[t["task"]]["factors"]
         computed = on_demand[t["task"]]
-    lines = group_factors(factors, infos_of(state.models, t["task"])) if factors is not None else None
+    lines = (group_factors(factors, infos_of(state.models, t["task"]), units_of(state.config))
+             if factors is not None else None)
     return {
         "task": t["task"], "latest": t["latest"], "trend": t["trend"],
         "svg": trend_svg(points, medium=thresholds[0], high=thresholds[1],
@@ -314,6 +315,7 @@ def _patient_section(state: ServingState, t: dict, on_demand: dict) -> dict:
 def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site: str, section: dict, q) -> int:
     """The recent values and the what-if form of a section (and its answer when asked); the page's status."""
     from chronorisk.serving import scoring, whatif
+    from chronorisk.serving.explanations import display_unit, units_of
     from chronorisk.serving.routes.whatif import patient_record_events, whatif_for
 
     try:
@@ -323,9 +325,12 @@ def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site
     feats, _ = scoring.features_from_events(model, events, when)
     allowed = whatif.modifiables(model.spec)
     if feats is not None:
-        section["recent"] = whatif.recent_values(model, feats, when, [*section["concepts"], *whatif.MEASURED])
-    recent = {r["concept"]: r["value"] for r in section["recent"]}
-    section["modifiable"] = [{"name": m.name, "display": m.display, "unit": whatif._unit(m.unit), "low": m.low,
+        section["recent"] = whatif.recent_values(model, feats, when, [*section["concepts"], *whatif.MEASURED],
+                                                 units_of(state.config))
+    # the what-if form takes the model's units: prefill from the canonical values
+    recent = {r["concept"]: r["value"] for r in whatif.recent_values(model, feats, when, whatif.MEASURED)} if (
+        feats is not None) else {}
+    section["modifiable"] = [{"name": m.name, "display": m.display, "unit": display_unit(m.unit), "low": m.low,
                               "high": m.high, "flag": m.unit == "1 = yes", "value": q.get(m.name) or
                               ("" if recent.get(m.name) is None else f"{recent[m.name]:g}")}
                              for m in allowed.values()]
@@ -350,7 +355,9 @@ def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site
 
 
 def _thresholds(state: ServingState, task: str) -> tuple[float | None, float | None]:
-    tiers = state.params.model.tiers.get(task)
+    """The tier thresholds of the served model (fitted by its rule), else the configured cut-offs."""
+    model = state.models.get(task)
+    tiers = model.bundle.tiers if model is not None else state.params.model.tiers.get(task)
     if tiers is None:
         return None, None
     return tiers.medium, tiers.high

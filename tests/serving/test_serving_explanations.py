@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from chronorisk.errors import InputError
 from chronorisk.features.families import declare_conditions, declare_demographics, declare_measurements
 from chronorisk.features.spec import ConditionSpec, MeasurementSpec
 from chronorisk.serving.explanations import clinician_text, display_unit, group_factors, window_words
@@ -61,3 +64,21 @@ def test_a_spec_without_meaning_fields_keeps_one_line_per_factor():
     old = [{"feature": "hba1c_last_365d", "display": "HbA1c", "value": 9.1, "unit": "%", "date": "2024-03-02",
             "contribution": 0.31}]
     assert clinician_text(old, None) == ["HbA1c: 9.1 %, last 2024-03-02 - raises risk (moderately)"]
+
+
+def test_a_site_sees_its_own_units():
+    from chronorisk.serving.explanations import site_units
+
+    hba1c = MeasurementSpec(name="hba1c", display="HbA1c", unit="%", codes=("LOINC//4548-4",))
+    infos = declare_measurements((hba1c, SBP), (365,))
+    factors = [{"feature": "meas_hba1c_mean_365d", "value": 9.1, "unit": "%", "date": "2025-06-10",
+                "contribution": 0.3},
+               {"feature": "meas_hba1c_slope_365d", "value": 0.5, "unit": "% per year", "contribution": 0.1},
+               {"feature": "meas_sbp_last", "value": 150, "unit": "mm[Hg]", "contribution": 0.1}]
+    units = site_units({"hba1c": "mmol/mol", "sbp": "mm[Hg]"})
+    (hba1c_line, sbp_line) = clinician_text(factors, infos, units=units)
+    # IFCC = (NGSP - 2.15) / 0.0915: 9.1 % -> 76 mmol/mol; a trend converts by the slope only
+    assert hba1c_line.startswith("HbA1c: 1-year mean 76 mmol/mol, trend 5.47 mmol/mol per year, last 2025-06-10")
+    assert sbp_line.startswith("Systolic blood pressure: latest 150 mmHg")
+    with pytest.raises(InputError, match=r"serve\.display_units\.glucose"):
+        site_units({"glucose": "furlongs"})

@@ -34,6 +34,7 @@ EHR = "https://ehr.test"
 SERVICE = "chronorisk-risk"
 STORED_EHR_ID = "ehr-1288992"
 WITHDRAWN_EHR_ID = "ehr-withdrawn-7"
+CACHED_EHR_ID = "ehr-opened-twice-5"
 RISK_CODES = {"low": "low", "medium": "moderate", "high": "high"}
 
 
@@ -65,21 +66,21 @@ def cds_world(tiny_world, tmp_path_factory):
     store = ScoreStore.open(url)
     seed_store(store)
     ids = Pseudonymizer(PSEUDONYM_KEY.encode()).subject_id
-    stored, withdrawn = ids(STORED_EHR_ID), ids(WITHDRAWN_EHR_ID)
+    stored, withdrawn, cached = ids(STORED_EHR_ID), ids(WITHDRAWN_EHR_ID), ids(CACHED_EHR_ID)
     when = datetime(2025, 7, 1)
     rows = [{"site": "chc_a", "subject_id": sid, "task": "complication_1y", "prediction_time": when, "risk": risk,
              "tier": tier, "age_band": "70-79", "model_name": "chronorisk-complication_1y", "model_version": "1",
              "scored_at": when, "factors": json.dumps([factor(8.9, "2025-06-10")])}
-            for sid, risk, tier in ((stored, 0.31, "high"), (withdrawn, 0.12, "medium"))]
+            for sid, risk, tier in ((stored, 0.31, "high"), (withdrawn, 0.12, "medium"), (cached, 0.05, "low"))]
     facts = [{"site": "chc_a", "subject_id": sid, "sex": "F", "birth_year": 1950, "conditions": ",diabetes,",
-              "as_of": when, "updated_at": when} for sid in (stored, withdrawn)]
+              "as_of": when, "updated_at": when} for sid in (stored, withdrawn, cached)]
     store.write_chunk(rows, facts, [])
     store.withdraw_consent(withdrawn, site="chc_a", by="test")
     keys = make_keys(store)
     store.dispose()
     server = PseudonymServer(work=work / "w", store_url=url, params=params, model_dir=tiny_world.models).start()
     yield SimpleNamespace(server=server, keys=keys, gp_key=gp_key, ph_key=ph_key, url=url, stored=stored,
-                          withdrawn=withdrawn)
+                          withdrawn=withdrawn, cached=cached)
     server.stop()
 
 
@@ -229,12 +230,24 @@ def test_a_hook_without_prefetch_reads_the_store(cds_world):
 
 def test_withdrawn_consent_gives_no_card(cds_world):
     for name in ("patient-view-no-prefetch.json", "patient-view-prefetch.json"):
-        body = recorded(name)
-        body["context"]["patientId"] = WITHDRAWN_EHR_ID
-        if body.get("prefetch"):
-            body["prefetch"]["patient"]["id"] = WITHDRAWN_EHR_ID
+        body = json.loads(json.dumps(recorded(name)).replace(STORED_EHR_ID, WITHDRAWN_EHR_ID))
         r = hook_call(cds_world, body)
         assert r.status_code == 200 and r.json() == {"cards": []}, r.text
+
+
+def test_a_chart_opened_again_reuses_the_scores_but_not_past_a_withdrawal(cds_world):
+    body = json.loads(json.dumps(recorded("patient-view-prefetch.json")).replace(STORED_EHR_ID, CACHED_EHR_ID))
+    r = hook_call(cds_world, body)
+    assert r.status_code == 200, r.text
+    first = r.json()["cards"]
+    again = hook_call(cds_world, body).json()["cards"]
+    assert first and [c["summary"] for c in again] == [c["summary"] for c in first]
+    assert [c["detail"] for c in again] == [c["detail"] for c in first]
+    assert {c["uuid"] for c in again}.isdisjoint(c["uuid"] for c in first)  # a card id is never reused
+    with api(cds_world, cds_world.keys["gp"]) as c:
+        r = c.post("/consent/withdraw", json={"subject_id": cds_world.cached})
+        assert r.status_code == 200, r.text
+    assert hook_call(cds_world, body).json() == {"cards": []}
 
 
 def test_the_client_jwt_is_checked(cds_world):
@@ -272,6 +285,10 @@ def test_a_malformed_hook_is_a_4xx_naming_the_field(cds_world):
     body["prefetch"]["patient"] = {"resourceType": "Observation"}
     r = hook_call(cds_world, body)
     assert r.status_code == 422 and r.json()["fields"][0]["field"] == "prefetch.patient", r.text
+    body = recorded("patient-view-prefetch.json")
+    body["context"]["patientId"] = "someone-else"  # a prefetch of another patient than the one in view
+    r = hook_call(cds_world, body)
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == "prefetch.patient.id", r.text
     body = recorded("patient-view-prefetch.json")
     body["prefetch"]["observations"]["entry"][0]["resource"]["valueQuantity"].update(unit="furlongs", code="furlongs")
     r = hook_call(cds_world, body)
