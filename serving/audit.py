@@ -215,13 +215,9 @@ class AuditLog:
         """Append one signed line to every checkpoint file (O_APPEND: whole lines from any worker)."""
         line = json.dumps({"seq": seq, "hash": digest, "at": utcnow().isoformat(timespec="seconds"),
                            "mac": checkpoint_mac(self.secret, seq, digest)}, separators=(",", ":")) + "\n"
+        data = line.encode()
         for path in self.checkpoints:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            os.write(_append_fd(path), data)
 
     def checkpoint_now(self) -> int:
         """Checkpoint the current head (after a verification or before a backup); returns its seq."""
@@ -424,6 +420,22 @@ class StateReplay:
             elif int(actual[key][1], 16) != expected[key][1]:
                 problems.append(f"{what}: rows differ from those recorded (edited)")
         return problems
+
+
+_FDS: dict[tuple[int, str], int] = {}
+
+
+def _append_fd(path: Path) -> int:
+    """This process's O_APPEND descriptor of a checkpoint file (opened once; a forked worker opens its own)."""
+    key = (os.getpid(), str(path))
+    fd = _FDS.get(key)
+    if fd is not None and os.fstat(fd).st_nlink == 0:  # deleted or rotated away: write to the new file
+        os.close(fd)
+        fd = None
+    if fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _FDS[key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return fd
 
 
 def _on_commit(conn) -> None:
