@@ -13,8 +13,8 @@ Authentication (CDS Hooks 2.0, "Trusting CDS Clients"): each call carries a
 JWT signed by the client, verified with PyJWT against the public key
 configured for its issuer (`serve.cds_clients`): `iss` known, `aud` the URL of
 the endpoint called, `exp` in the future, `jti` never seen before (kept until
-the token expires, per worker process). Each client acts with one role at one
-site.
+the token expires in the score store, so a token replayed to another worker is
+refused too). Each client acts with one role at one site.
 """
 
 from __future__ import annotations
@@ -93,11 +93,21 @@ def load_clients(configs: Sequence) -> dict[str, Client]:
 
 
 class SeenTokens:
-    """`jti` values of accepted tokens until they expire: a token is accepted once."""
+    """`jti` values of accepted tokens until they expire: a token is accepted once, by any worker.
 
-    def __init__(self):
+    This worker's own recent ids answer a replay at once; the ledger table in the score store
+    (`cds_token_ids`, primary key issuer + jti) makes the first use win across workers and
+    processes. Expired ids are pruned now and then."""
+
+    PRUNE_EVERY = 500
+
+    def __init__(self, engine=None):
         self._seen: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
+        self.engine = engine
+        self._accepted = 0
+        if engine is not None:
+            TOKEN_IDS.create(engine, checkfirst=True)
 
     def first_use(self, iss: str, jti: str, exp: float) -> bool:
         now = time.time()
@@ -107,7 +117,33 @@ class SeenTokens:
             if (iss, jti) in self._seen:
                 return False
             self._seen[(iss, jti)] = exp
-            return True
+            self._accepted += 1
+            prune = self._accepted % self.PRUNE_EVERY == 0
+        return self.engine is None or self._record(iss, jti, exp, now if prune else None)
+
+    def _record(self, iss: str, jti: str, exp: float, prune_before: float | None) -> bool:
+        from sqlalchemy.exc import IntegrityError
+
+        from chronorisk.serving.store import writer
+
+        try:
+            with writer(self.engine) as conn, conn.begin():
+                if prune_before is not None:
+                    conn.execute(TOKEN_IDS.delete().where(TOKEN_IDS.c.expires < prune_before))
+                conn.execute(TOKEN_IDS.insert().values(issuer=iss[:255], jti=jti[:255], expires=exp))
+        except IntegrityError:
+            return False
+        return True
+
+
+def _token_ids_table():
+    from sqlalchemy import Column, Float, MetaData, String, Table
+
+    return Table("cds_token_ids", MetaData(), Column("issuer", String(255), primary_key=True),
+                 Column("jti", String(255), primary_key=True), Column("expires", Float, nullable=False, index=True))
+
+
+TOKEN_IDS = _token_ids_table()
 
 
 def verify_token(authorization: str | None, clients: Mapping[str, Client], audience: str,

@@ -33,7 +33,7 @@ class CdsState:
         from chronorisk.serving.access import is_demo
 
         self.clients = cds_hooks.load_clients(state.config.cds_clients)
-        self.seen = cds_hooks.SeenTokens()
+        self.seen = cds_hooks.SeenTokens(state.store.engine)
         self.results = cds_hooks.RecentResults(state.config.cds_cache_records)
         try:
             key, _ = load_key(secret_file=None, env_var=state.config.pseudonym_key_env, demo=is_demo(False),
@@ -78,7 +78,7 @@ def known_service(service_id: str) -> str:
     return service_id
 
 
-ServiceId = Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9._-]{1,64}$")]  # ids of the discovery document
+ServiceId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="a service id of the discovery")]
 
 
 @router.get("/cds-services", tags=["cds-hooks"])

@@ -52,7 +52,7 @@ def stored_resource_id(subject_id: int, task: str, prediction_time: datetime) ->
 @router.get("/fhir/RiskAssessment", tags=["fhir"], responses=_ERRORS)
 async def search_risk_assessments(
     request: Request,
-    subject: Annotated[str, Query(max_length=64, pattern=r"^(Patient/)?[0-9]{1,19}$",
+    subject: Annotated[str, Query(max_length=27, pattern=r"^(Patient/)?[0-9]{1,19}$",
                                   description="Patient/<pseudonymous subject id>")],
     principal: Annotated[Principal, Depends(require("patient_read"))],
     state: StateDep,

@@ -321,3 +321,18 @@ def test_score_a_bundle_of_a_patient_who_withdrew_is_refused(cds_world):
         r = c.post("/fhir/RiskAssessment/$score", json=bundle_of(prefetch),
                    params={"task": "complication_1y", "prediction_time": "2025-07-01"})
     assert r.status_code == 409 and "withdrew consent" in r.json()["error"], r.text
+
+
+def test_a_token_id_is_used_once_across_workers(tmp_path):
+    """Two workers (two ledgers over one store): the second use of a jti is refused by either."""
+    from chronorisk.serving.cds_hooks import SeenTokens
+
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        one, two = SeenTokens(store.engine), SeenTokens(store.engine)
+        exp = time.time() + 300
+        assert one.first_use(EHR, "jti-1", exp)
+        assert not two.first_use(EHR, "jti-1", exp) and not one.first_use(EHR, "jti-1", exp)
+        assert two.first_use(EHR, "jti-2", exp) and two.first_use("https://other.test", "jti-1", exp)
+    finally:
+        store.dispose()
