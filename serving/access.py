@@ -21,8 +21,8 @@ created under `<work>/secrets/`. Roles:
 | role | may |
 |---|---|
 | gp | score; read and list patients of their own site; withdraw consent at their site |
-| public_health | cohorts, aggregates and exports (pseudonymous, age bands) |
-| data_scientist | score; cohorts and exports |
+| public_health | de-identified cohorts and exports (cohort.py), noisy budgeted aggregates (privacy.py) |
+| data_scientist | score; the same cohorts, exports and aggregates |
 | mlops | score (checks); service and monitoring pages |
 | admin | everything, at every site |
 """
@@ -326,6 +326,7 @@ class KeyRing:
         expiry = int(time.time() + self.session_seconds)
         session_id = pysecrets.token_hex(16)
         with writer(self.engine) as conn, conn.begin():
+            conn.execute(sessions.delete().where(sessions.c.expires_at < now))  # expired ones are of no use
             conn.execute(sessions.insert().values(
                 session_id=session_id, key_id=principal.key_id, created_at=now,
                 expires_at=datetime.fromtimestamp(expiry, UTC).replace(tzinfo=None), revoked_at=None))

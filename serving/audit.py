@@ -91,6 +91,9 @@ _INSERT = text(
     "VALUES (:seq, :at, :actor, :role, :site, :action, :subject_id, :detail, :prev_hash, :hash)"
 )
 _HEAD_INSERT = text("INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, :seq, :hash, :mac)")
+_HEAD_GENESIS = text(
+    "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, 0, :hash, :mac) ON CONFLICT (id) DO NOTHING"
+)
 _HEAD_UPDATE = text("UPDATE audit_head SET seq = :seq, hash = :hash, mac = :mac WHERE id = 1")
 
 
@@ -160,8 +163,10 @@ class AuditLog:
         postgres = conn.dialect.name == "postgresql"
         head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
         if head is None and postgres:
-            # first entry ever: serialize the creation of the head row
-            conn.exec_driver_sql("LOCK TABLE audit_head IN EXCLUSIVE MODE")
+            # first entry ever: every starter inserts the genesis head (the losers wait for the winner's
+            # commit, then skip), then locks it. A LOCK TABLE here deadlocked: each starter already held
+            # the table's ROW SHARE lock from the SELECT ... FOR UPDATE above.
+            conn.execute(_HEAD_GENESIS, {"hash": GENESIS, "mac": head_mac(self.secret, 0, GENESIS)})
             head = conn.execute(_HEAD_FOR_UPDATE).first()
         prev_seq, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         entry = {
@@ -210,13 +215,9 @@ class AuditLog:
         """Append one signed line to every checkpoint file (O_APPEND: whole lines from any worker)."""
         line = json.dumps({"seq": seq, "hash": digest, "at": utcnow().isoformat(timespec="seconds"),
                            "mac": checkpoint_mac(self.secret, seq, digest)}, separators=(",", ":")) + "\n"
+        data = line.encode()
         for path in self.checkpoints:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            os.write(_append_fd(path), data)
 
     def checkpoint_now(self) -> int:
         """Checkpoint the current head (after a verification or before a backup); returns its seq."""
@@ -419,6 +420,22 @@ class StateReplay:
             elif int(actual[key][1], 16) != expected[key][1]:
                 problems.append(f"{what}: rows differ from those recorded (edited)")
         return problems
+
+
+_FDS: dict[tuple[int, str], int] = {}
+
+
+def _append_fd(path: Path) -> int:
+    """This process's O_APPEND descriptor of a checkpoint file (opened once; a forked worker opens its own)."""
+    key = (os.getpid(), str(path))
+    fd = _FDS.get(key)
+    if fd is not None and os.fstat(fd).st_nlink == 0:  # deleted or rotated away: write to the new file
+        os.close(fd)
+        fd = None
+    if fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _FDS[key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return fd
 
 
 def _on_commit(conn) -> None:

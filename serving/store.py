@@ -484,11 +484,7 @@ class ScoreStore:
     def patient_sites(self, subject_id: int) -> list[str]:
         """Sites that hold scores or facts of this subject."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(patients.c.site).where(patients.c.subject_id == subject_id)
-                .union(select(scores.c.site).where(scores.c.subject_id == subject_id))
-            ).all()
-        return sorted({r[0] for r in rows})
+            return _subject_sites(conn, subject_id)
 
     def patient_record(self, subject_id: int, sites: Sequence[str] | None) -> dict | None:
         """Facts and every stored score of a subject (optionally only at `sites`); None if unknown."""

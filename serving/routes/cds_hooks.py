@@ -21,8 +21,7 @@ from chronorisk.serving.routes.common import FastJSON, StateDep
 from chronorisk.serving.state import ServingState
 
 router = APIRouter()
-_ERRORS = {401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse},
-           422: {"model": S.ErrorResponse}}
+_ERRORS = S.error_responses(404, 413, 503)
 _BUILD = threading.Lock()
 
 

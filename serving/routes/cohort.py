@@ -22,7 +22,8 @@ def cohort_rows(
     principal: Annotated[Principal, Depends(require("cohort"))],
     state: StateDep,
 ) -> dict:
-    """Pseudonymous rows of a cohort (highest risk first; `limit` rows, `n` counts all)."""
+    """De-identified rows of a cohort (per-release record ids, k-anonymous; highest risk first; `limit` rows,
+    `n` counts every released row; `deidentification` says what was generalized and suppressed)."""
 
     limit = min(body.limit, state.config.cohort_row_limit)
     result = deidentified_cohort(state, body, limit)
@@ -86,7 +87,8 @@ def cohort_export(
     principal: Annotated[Principal, Depends(require("export"))],
     state: StateDep,
 ) -> Response:
-    """The whole cohort as CSV or Parquet; the query and model versions go with it and to the audit log."""
+    """The whole cohort, de-identified as /cohort, as CSV or Parquet; the query, the model versions and what
+    de-identification did go with it (X-Chronorisk-Export, Parquet metadata) and to the audit log."""
     return export_response(state, principal, body, via="api")
 
 

@@ -61,16 +61,21 @@ def require(permission: str):
         if principal is None:
             raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
         if not principal.can(permission):
-            audit_denied(state, principal, request.scope, f"role lacks {permission}")
+            audit_denied(state, principal, route_of(request.scope), f"role lacks {permission}")
             raise HTTPException(403, f"role {principal.role} may not {permission.replace('_', ' ')}")
         return principal
 
     return dependency
 
 
-def audit_denied(state: ServingState, principal: Principal, scope, reason: str, subject_id: int | None = None) -> None:
+def route_of(scope) -> str:
+    """The route template of a request (never its path, which can hold an id)."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+def audit_denied(state: ServingState, principal: Principal, route: str, reason: str,
+                 subject_id: int | None = None) -> None:
     """Record a refused request (wrong role, another site's patient) in the audit log."""
-    route = getattr(scope.get("route"), "path", None) or "unmatched"
     state.audit.append(actor=principal.actor, role=principal.role, site=principal.site, action="access_denied",
                        subject_id=subject_id, detail={"route": route, "reason": reason})
 
@@ -118,11 +123,11 @@ def choose_site(principal: Principal, sites: list[str], site: str | None) -> str
 
 
 def readable_site(state: ServingState, principal: Principal, subject_id: int, site: str | None,
-                  scope=None) -> str:
+                  route: str = "unknown") -> str:
     try:
         return choose_site(principal, state.store.patient_sites(subject_id), site)
     except NotYours:
-        audit_denied(state, principal, scope or {}, "another site's patient", subject_id)
+        audit_denied(state, principal, route, "another site's patient", subject_id)
         raise
 
 

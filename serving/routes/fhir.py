@@ -10,7 +10,7 @@ import re
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
@@ -24,9 +24,8 @@ from chronorisk.serving.state import ServingState
 router = APIRouter()
 
 FHIR_JSON = "application/fhir+json"
-_SUBJECT = re.compile(r"^(?:Patient/)?(\d{1,19})$")
-_ERRORS = {401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse},
-           422: {"model": S.ErrorResponse}}
+_SUBJECT = re.compile(r"^(?:Patient/)?(\d{1,19})\Z")  # \Z: no trailing newline
+_ERRORS = S.error_responses(404, 409, 413, 503)
 
 
 class FhirJSON(Response):
@@ -130,6 +129,18 @@ def score_bundle_response(body: S.FhirBundle, principal: Principal, state: Servi
                      "entry": [{"resource": r} for r in resources]})
 
 
+def refuse_withdrawn(state: ServingState, patient_id: str | None, site: str | None) -> None:
+    """409 for a bundle of a patient who withdrew consent, when the service can map the EHR's id to the
+    pseudonym (the ingestion's key, as CDS Hooks does); without the key the id cannot be known here."""
+    from chronorisk.serving.routes.cds_hooks import cds_state
+
+    pseudonymizer = cds_state(state).pseudonymizer
+    if pseudonymizer is None or not patient_id:
+        return
+    if state.store.patient_consent(pseudonymizer.subject_id(patient_id)).withdrawn_at(site) is not None:
+        raise HTTPException(409, "this patient withdrew consent: they are not scored")
+
+
 def assess_bundle(bundle: dict, principal: Principal, state: ServingState, tasks: list[str] | None,
                   prediction_time: datetime | None, site: str | None, field: str = "body") -> list[dict]:
     """RiskAssessments of every eligible task of one patient's bundle (scored like /score)."""
@@ -137,6 +148,7 @@ def assess_bundle(bundle: dict, principal: Principal, state: ServingState, tasks
     from chronorisk.serving.routes.score import score_results
 
     record = scoring.fhir_record(bundle, field)
+    refuse_withdrawn(state, record.patient_id, site or principal.site)
     request = S.ScoreRequest.model_construct(tasks=tasks, prediction_time=prediction_time, site=site, explain=True,
                                              top_k=state.top_k, events=None, fhir=None, features=None)
     when, _, results = score_results(request, principal, state, events=record.events)

@@ -19,6 +19,7 @@ from chronorisk.serving.routes.common import (
     choose_site,
     readable_site,
     require,
+    route_of,
 )
 from chronorisk.serving.state import ServingState
 from chronorisk.serving.store import utcnow
@@ -77,13 +78,9 @@ def read_patient_audited(state: ServingState, principal: Principal, subject_id: 
             state.audit.append_in(conn, actor=principal.actor, role=principal.role, site=chosen,
                                   action="patient_read", subject_id=subject_id, detail={"via": via, **(extra or {})})
     except NotYours:
-        audit_denied(state, principal, {"route": _PatientRoute}, "another site's patient", subject_id)
+        audit_denied(state, principal, f"patient read via {via}", "another site's patient", subject_id)
         raise
     return view
-
-
-class _PatientRoute:
-    path = "/patients/{subject_id}"
 
 
 def _stored(r: dict) -> dict:
@@ -118,7 +115,7 @@ def patient_factors(
     site: Annotated[S.SiteId | None, Query()] = None,
 ) -> dict:
     """Factors of the latest stored score, computed on demand when not stored (low tier)."""
-    chosen = readable_site(state, principal, subject_id, site, request.scope)
+    chosen = readable_site(state, principal, subject_id, site, route_of(request.scope))
     result = explain_on_demand(state, subject_id, chosen, task)
     state.audit.append(actor=principal.actor, role=principal.role, site=chosen, action="patient_explain",
                        subject_id=subject_id, detail={"task": task, "via": "api"})

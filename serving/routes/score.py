@@ -64,6 +64,7 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
         events = scoring.events_frame([e.__dict__ for e in body.events], subject or 0)
     elif body.fhir is not None:
         events = scoring.fhir_events(body.fhir.model_dump(exclude_none=True))
+    if body.events is None:  # FHIR bundles (here, $score, CDS prefetch): the events path's date bounds
         check_event_dates(events)
     tasks = _served_tasks(state, body.tasks)
 

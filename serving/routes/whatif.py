@@ -16,8 +16,7 @@ router = APIRouter()
 
 @router.post(
     "/patients/{subject_id}/whatif", tags=["patients"],
-    responses={401: {"model": S.ErrorResponse}, 403: {"model": S.ErrorResponse}, 404: {"model": S.ErrorResponse},
-               422: {"model": S.ErrorResponse}},
+    responses=S.error_responses(404, 410, 413, 503),
 )
 def patient_whatif(
     subject_id: SubjectPath,
@@ -34,7 +33,9 @@ def patient_record_events(state: ServingState, subject_id: int, site: str, task:
     """(model, the patient's events, the latest stored prediction time of `task`); 404 / 503 otherwise."""
     from chronorisk.serving import scoring
 
-    record = state.store.patient_record(subject_id, [site]) or {"scores": []}
+    record = state.store.patient_record(subject_id, [site]) or {"scores": [], "consent_withdrawn_at": None}
+    if record["consent_withdrawn_at"] is not None:
+        raise HTTPException(410, "the patient withdrew consent at this site: they are not scored")
     rows = [r for r in record["scores"] if r["task"] == task]
     if not rows:
         raise HTTPException(404, f"no stored score for task {task}")
@@ -51,7 +52,7 @@ def whatif_for(state: ServingState, principal: Principal, subject_id: int, site:
                changes: dict[str, float], *, via: str) -> dict:
     from chronorisk.serving import whatif
 
-    chosen = readable_site(state, principal, subject_id, site)
+    chosen = readable_site(state, principal, subject_id, site, "/patients/{subject_id}/whatif")
     model, events, when = patient_record_events(state, subject_id, chosen, task)
     result = whatif.what_if(model, events, when, changes)
     state.audit.append(actor=principal.actor, role=principal.role, site=chosen, action="patient_whatif",

@@ -313,6 +313,16 @@ def test_feedback_is_recorded_without_patient_data(cds_world):
     assert entry["subject_id"] is None and entry["site"] == "chc_a"
 
 
+def test_score_a_bundle_of_a_patient_who_withdrew_is_refused(cds_world):
+    """$score maps the bundle's patient id to the pseudonym (the ingestion key) and honours a withdrawal."""
+    prefetch = json.loads(json.dumps(recorded("patient-view-prefetch.json")["prefetch"])
+                          .replace(STORED_EHR_ID, WITHDRAWN_EHR_ID))
+    with api(cds_world, cds_world.keys["gp"]) as c:
+        r = c.post("/fhir/RiskAssessment/$score", json=bundle_of(prefetch),
+                   params={"task": "complication_1y", "prediction_time": "2025-07-01"})
+    assert r.status_code == 409 and "withdrew consent" in r.json()["error"], r.text
+
+
 def test_a_token_id_is_used_once_across_workers(tmp_path):
     """Two workers (two ledgers over one store): the second use of a jti is refused by either."""
     from chronorisk.serving.cds_hooks import SeenTokens
