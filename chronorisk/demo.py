@@ -35,7 +35,7 @@ def demo_stages(args: argparse.Namespace, ctx) -> list[tuple[str, list[str]]]:
     if not args.skip_federated:
         stages.append(("federated", ["federated", "sim"]))
     stages += [
-        ("score", ["score", "--date", score_date]),
+        ("score", ["score", "--date", score_date, "--demo"]),
         ("monitor", ["monitor"]),
     ]
     if not args.no_serve:

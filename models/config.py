@@ -46,6 +46,30 @@ class TierThresholds(BaseModel):
         return self
 
 
+class TierRule(BaseModel):
+    """How a task's tier thresholds are fitted on the validation (tuning) rows instead of fixed cut-offs.
+
+    `top_percent`: `high` and `medium` are the percent of validation patients flagged at or above each
+    tier (e.g. high 5, medium 20). `sensitivity`: they are the share of the validation outcomes caught
+    at or above each tier (e.g. high 0.5, medium 0.8). Either way high flags fewer than medium.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["top_percent", "sensitivity"]
+    high: float = Field(gt=0)
+    medium: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _in_range(self) -> TierRule:
+        top = 100.0 if self.rule == "top_percent" else 1.0
+        if not self.high < self.medium < top:
+            unit = "percent of patients" if self.rule == "top_percent" else "share of the outcomes"
+            raise ValueError(f"{self.rule}: need 0 < high ({self.high}) < medium ({self.medium}) < {top:g} "
+                             f"({unit} flagged at or above the tier)")
+        return self
+
+
 class TuneSpace(BaseModel):
     """Ranges of the optional random search (`train.tune`); learning rate drawn log-uniformly."""
 
@@ -99,6 +123,11 @@ class ModelConfig(BaseModel):
             "onset_2y": TierThresholds(medium=0.10, high=0.25),
         }
     )
+    tier_rules: dict[str, TierRule] = Field(
+        default_factory=dict,
+        description="tasks whose tiers are fitted on the validation rows (top percent or sensitivity); "
+        "other tasks use the fixed cut-offs of `tiers`",
+    )
 
     @field_validator("lightgbm", mode="before")
     @classmethod
@@ -120,6 +149,10 @@ class ModelConfig(BaseModel):
     def tier_thresholds(self, task: str) -> TierThresholds:
         """The task's thresholds; the defaults when the task is not listed (a task from elsewhere)."""
         return self.tiers.get(task, TierThresholds())
+
+    def tier_rule(self, task: str) -> TierRule | TierThresholds:
+        """The task's tier rule: fitted on validation rows (`tier_rules`), else the fixed cut-offs."""
+        return self.tier_rules.get(task) or self.tier_thresholds(task)
 
     def lightgbm_params(self) -> dict:
         """LightGBM parameters with the seed applied (a copy: callers may change it)."""

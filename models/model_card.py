@@ -56,6 +56,7 @@ def render_model_card(
     lines += _population(task)
     lines += _supplied_labels(metadata)
     lines += _data(metadata, records)
+    lines += _tiers_section(metadata)
     lines += _metrics_section(records)
     lines += _baseline(baseline)
     lines += _calibration(metadata, records)
@@ -91,7 +92,8 @@ def _details(m: Mapping) -> list[str]:
         ("task", m.get("task")),
         ("model", model + chosen),
         ("calibration", m.get("calibration_method") or (m.get("calibration") or {}).get("method")),
-        ("risk tiers", f"medium at >= {tiers.get('medium')}, high at >= {tiers.get('high')}" if tiers else None),
+        ("risk tiers", f"medium at >= {tiers.get('medium'):.4g}, high at >= {tiers.get('high'):.4g}"
+                       f" ({_tier_rule_words(m.get('tier_rule'))})" if tiers else None),
         ("trained at", m.get("trained_at")),
         ("training data fingerprint", f"`{m.get('data_fingerprint')}`" if m.get("data_fingerprint") else None),
         ("libraries", ", ".join(f"{k} {v}" for k, v in versions.items()) or None),
@@ -145,6 +147,34 @@ def _baseline(b: Mapping | None) -> list[str]:
 
 def _finite(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _tier_rule_words(rule: Mapping | None) -> str:
+    """How the thresholds were set, in words."""
+    if not rule or rule.get("rule") == "cutoffs":
+        return "fixed risk cut-offs"
+    if rule.get("rule") == "top_percent":
+        return (f"fitted on validation rows: top {rule['high']:g}% flagged high, top {rule['medium']:g}% medium "
+                "or higher")
+    return (f"fitted on validation rows: sensitivity {rule['high']:g} at high, {rule['medium']:g} at medium "
+            "or higher")
+
+
+def _tiers_section(m: Mapping) -> list[str]:
+    """What each tier means on the validation rows: share flagged, sensitivity, PPV (at or above it)."""
+    rows = (m.get("metrics") or {}).get("tiers") if isinstance(m.get("metrics"), Mapping) else None
+    if not rows:
+        return []
+
+    def pct(v) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    out = ["## Risk tiers", "", f"Thresholds: {_tier_rule_words(m.get('tier_rule'))}. On the validation "
+           "(tuning) rows, patients at or above each tier:", "",
+           "| tier | risk threshold | share flagged | sensitivity | PPV |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {r['tier']} or higher | {r['threshold']:.4g} | {pct(r['share_flagged'])} | {pct(r['sensitivity'])} "
+            f"| {pct(r['ppv'])} |".replace("high or higher", "high") for r in rows]
+    return [*out, ""]
 
 
 def _population(task: object | None) -> list[str]:

@@ -2,9 +2,17 @@
 
 A key is `crk_<key_id>_<secret>`; the store keeps only the SHA-256 of the
 secret, so a copy of the database does not give working keys. The browser
-pages use a signed session cookie (HMAC with the service secret) naming the
-key; each request re-checks that the key is not revoked (a worker trusts a
-lookup for `serve.key_cache_seconds`).
+pages use a signed session cookie (HMAC with the service secret) naming a
+server-side session row; each request re-checks that the session is not
+revoked (sign-out revokes it) and that its key is not revoked (a worker
+trusts a lookup for `serve.key_cache_seconds`).
+
+Failed keys and sign-ins are rate limited (the `limits` package): per client
+address `serve.auth_failures_per_minute`, and per key id
+`serve.key_lockout_failures` in `serve.key_lockout_minutes`, after which the
+key id is locked (429 with Retry-After, even with the right secret) until the
+window passes. Failures and lockouts are audited. The counters live in each
+worker's memory (or `serve.rate_limit_storage`, e.g. a Redis URL, shared).
 
 The service secret (session signatures, audit head) comes from an
 environment variable or a file outside the repository; in demo mode it is
@@ -13,8 +21,8 @@ created under `<work>/secrets/`. Roles:
 | role | may |
 |---|---|
 | gp | score; read and list patients of their own site; withdraw consent at their site |
-| public_health | cohorts, aggregates and exports (pseudonymous, age bands) |
-| data_scientist | score; cohorts and exports |
+| public_health | de-identified cohorts and exports (cohort.py), noisy budgeted aggregates (privacy.py) |
+| data_scientist | score; the same cohorts, exports and aggregates |
 | mlops | score (checks); service and monitoring pages |
 | admin | everything, at every site |
 """
@@ -29,12 +37,23 @@ import secrets as pysecrets
 import stat
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Column, DateTime, String, Table, select, update
 
 from chronorisk.errors import ChronoriskError, InputError
-from chronorisk.serving.store import api_keys, utcnow, writer
+from chronorisk.serving.store import api_keys, metadata, utcnow, writer
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String(32), primary_key=True),
+    Column("key_id", String(32), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+    Column("revoked_at", DateTime, nullable=True),
+)
 
 ROLES = ("gp", "public_health", "data_scientist", "mlops", "admin")
 KEY_PREFIX = "crk"
@@ -154,29 +173,34 @@ def validate_role(role: str, site: str | None) -> None:
         raise InputError("site", "a gp key needs --site (a GP reads only their own site)")
 
 
-def create_key(engine, role: str, site: str | None = None, label: str | None = None) -> tuple[str, str]:
-    """Create a key; returns (key_id, full key). The full key is shown once and never stored."""
+def create_key(engine, role: str, site: str | None = None, label: str | None = None, *, audit=None,
+               actor: str = "unknown") -> tuple[str, str]:
+    """Create a key; returns (key_id, full key). The full key is shown once and never stored. With
+    `audit` the new row is recorded in the audit log in the same transaction (`audit verify` replays it)."""
     validate_role(role, site)
     key_id = pysecrets.token_hex(6)
     secret = pysecrets.token_urlsafe(24).replace("_", "x")
+    row = {"key_id": key_id, "secret_hash": _hash_secret(secret), "role": role,
+           "site": site if role == "gp" else None, "label": label, "created_at": utcnow(), "revoked_at": None}
     with writer(engine) as conn, conn.begin():
-        conn.execute(
-            api_keys.insert().values(
-                key_id=key_id, secret_hash=_hash_secret(secret), role=role,
-                site=site if role == "gp" else None, label=label, created_at=utcnow(),
-            )
-        )
+        conn.execute(api_keys.insert().values(**row))
+        if audit is not None:
+            audit.record_insert(conn, api_keys, row, actor=actor, role="admin", action="key_create", site=row["site"])
     return key_id, f"{KEY_PREFIX}_{key_id}_{secret}"
 
 
-def revoke_key(engine, key_id: str) -> bool:
+def revoke_key(engine, key_id: str, *, audit=None, actor: str = "unknown") -> bool:
+    at = utcnow()
     with writer(engine) as conn, conn.begin():
         res = conn.execute(
             api_keys.update()
             .where(api_keys.c.key_id == key_id)
             .where(api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=utcnow())
+            .values(revoked_at=at)
         )
+        if res.rowcount > 0 and audit is not None:
+            audit.record_update(conn, api_keys, key_id, {"revoked_at": at}, actor=actor, role="admin",
+                                action="key_revoke")
     return res.rowcount > 0
 
 
@@ -189,61 +213,159 @@ def list_keys(engine) -> list[dict]:
     return [dict(r) for r in rows]
 
 
+class TooManyAttempts(ChronoriskError):
+    """Too many failed keys from this address, or a locked key id: answer 429 with Retry-After."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed attempts: try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class AuthLimits:
+    """Rate limits of failed authentication (see the module docstring)."""
+
+    failures_per_minute: int = 10
+    lockout_failures: int = 5
+    lockout_minutes: int = 15
+    storage: str = "memory://"
+
+
+class AuthGuard:
+    """Counts failed keys per client address and per key id; says when to refuse with 429."""
+
+    def __init__(self, limits_cfg: AuthLimits, on_event=None):
+        from limits import RateLimitItemPerMinute, storage, strategies
+
+        self.cfg = limits_cfg
+        self.limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(limits_cfg.storage))
+        self.per_address = RateLimitItemPerMinute(limits_cfg.failures_per_minute)
+        self.per_key = RateLimitItemPerMinute(limits_cfg.lockout_failures, limits_cfg.lockout_minutes)
+        self.on_event = on_event  # callable(action, detail): the audit log
+
+    def check(self, address: str, key_id: str | None) -> None:
+        """Raise TooManyAttempts when this address is over its limit or this key id is locked."""
+        for item, kind, ident in self._items(address, key_id):
+            if not self.limiter.test(item, kind, ident):
+                reset = self.limiter.get_window_stats(item, kind, ident).reset_time
+                raise TooManyAttempts(max(1, int(reset - time.time()) + 1))
+
+    def failed(self, address: str, key_id: str | None, via: str) -> None:
+        """Count a failure; audit it, and audit a lockout once when a limit is reached."""
+        self._audit("auth_failed", {"via": via, "key_id": key_id})
+        for item, kind, ident in self._items(address, key_id):
+            self.limiter.hit(item, kind, ident)
+            if not self.limiter.test(item, kind, ident):
+                self._audit("auth_locked", {"via": via, "by": kind, "key_id": key_id,
+                                            "window_minutes": item.multiples})
+
+    def _items(self, address: str, key_id: str | None):
+        yield self.per_address, "address", address
+        if key_id:
+            yield self.per_key, "key", key_id
+
+    def _audit(self, action: str, detail: dict) -> None:
+        if self.on_event is not None:
+            self.on_event(action, detail)
+
+
 class KeyRing:
     """Authenticates keys and sessions against the store, with a short per-worker cache."""
 
-    def __init__(self, engine, secret: bytes, *, cache_seconds: float = 2.0, session_hours: float = 8.0):
+    def __init__(self, engine, secret: bytes, *, cache_seconds: float = 2.0, session_hours: float = 8.0,
+                 guard: AuthGuard | None = None):
         self.engine = engine
         self.secret = secret
         self.cache_seconds = cache_seconds
         self.session_seconds = session_hours * 3600
+        self.guard = guard
         self._cache: dict[str, tuple[float, dict | None]] = {}
 
-    def _row(self, key_id: str) -> dict | None:
+    def _row(self, table, column, value: str) -> dict | None:
         now = time.monotonic()
-        hit = self._cache.get(key_id)
+        cache_key = f"{table.name}:{value}"
+        hit = self._cache.get(cache_key)
         if hit is not None and now - hit[0] < self.cache_seconds:
             return hit[1]
         with self.engine.connect() as conn:
-            row = conn.execute(select(api_keys).where(api_keys.c.key_id == key_id)).mappings().first()
-        value = dict(row) if row else None
+            row = conn.execute(select(table).where(column == value)).mappings().first()
+        result = dict(row) if row else None
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[key_id] = (now, value)
-        return value
+        self._cache[cache_key] = (now, result)
+        return result
 
-    def authenticate_key(self, raw: str) -> Principal | None:
+    def _key_row(self, key_id: str) -> dict | None:
+        return self._row(api_keys, api_keys.c.key_id, key_id)
+
+    def authenticate_key(self, raw: str, address: str = "unknown", via: str = "api") -> Principal | None:
+        """The principal of a valid key; None (a failure, counted) otherwise; TooManyAttempts when locked."""
         parsed = parse_key(raw)
+        key_id = parsed[0] if parsed else None
+        if self.guard is not None:
+            self.guard.check(address, key_id)
+        principal = self._principal_of(parsed)
+        if principal is None and self.guard is not None:
+            self.guard.failed(address, key_id, via)
+        return principal
+
+    def _principal_of(self, parsed: tuple[str, str] | None) -> Principal | None:
         if parsed is None:
             return None
         key_id, secret = parsed
-        row = self._row(key_id)
+        row = self._key_row(key_id)
         if row is None or row["revoked_at"] is not None:
             return None
         if not hmac.compare_digest(row["secret_hash"], _hash_secret(secret)):
             return None
         return Principal(key_id=key_id, role=row["role"], site=row["site"], label=row["label"])
 
-    # signed sessions for the pages: "<key_id>.<expiry>.<mac>"
+    # server-side sessions for the pages; the cookie is "<session_id>.<expiry>.<mac>"
     def issue_session(self, principal: Principal) -> str:
+        now = utcnow()
         expiry = int(time.time() + self.session_seconds)
-        body = f"{principal.key_id}.{expiry}"
+        session_id = pysecrets.token_hex(16)
+        with writer(self.engine) as conn, conn.begin():
+            conn.execute(sessions.delete().where(sessions.c.expires_at < now))  # expired ones are of no use
+            conn.execute(sessions.insert().values(
+                session_id=session_id, key_id=principal.key_id, created_at=now,
+                expires_at=datetime.fromtimestamp(expiry, UTC).replace(tzinfo=None), revoked_at=None))
+        body = f"{session_id}.{expiry}"
         return f"{body}.{self._mac(body)}"
 
     def authenticate_session(self, token: str) -> Principal | None:
+        session = self._session_row(token)
+        if session is None:
+            return None
+        row = self._key_row(session["key_id"])
+        if row is None or row["revoked_at"] is not None:
+            return None
+        return Principal(key_id=row["key_id"], role=row["role"], site=row["site"], label=row["label"])
+
+    def revoke_session(self, token: str) -> bool:
+        """Sign-out: the session stops working on every worker (after at most `key_cache_seconds`)."""
+        session = self._session_row(token)
+        if session is None:
+            return False
+        with writer(self.engine) as conn, conn.begin():
+            conn.execute(update(sessions).where(sessions.c.session_id == session["session_id"])
+                         .values(revoked_at=utcnow()))
+        self._cache.pop(f"sessions:{session['session_id']}", None)
+        return True
+
+    def _session_row(self, token: str) -> dict | None:
         parts = token.split(".")
         if len(parts) != 3:
             return None
-        key_id, expiry, mac = parts
-        body = f"{key_id}.{expiry}"
-        if not hmac.compare_digest(mac, self._mac(body)):
+        session_id, expiry, mac = parts
+        if not hmac.compare_digest(mac, self._mac(f"{session_id}.{expiry}")):
             return None
         if not expiry.isdigit() or int(expiry) < time.time():
             return None
-        row = self._row(key_id)
-        if row is None or row["revoked_at"] is not None:
+        row = self._row(sessions, sessions.c.session_id, session_id)
+        if row is None or row["revoked_at"] is not None or row["expires_at"] < utcnow():
             return None
-        return Principal(key_id=key_id, role=row["role"], site=row["site"], label=row["label"])
+        return row
 
     def _mac(self, body: str) -> str:
         digest = hmac.new(self.secret, f"session:{body}".encode(), hashlib.sha256).digest()

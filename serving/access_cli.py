@@ -1,4 +1,4 @@
-"""`chronorisk access`: API keys (create, revoke, list) and consent withdrawal, for admins.
+"""`chronorisk access`: API keys (create, revoke, list) and consent (withdraw, renew), for admins.
 
 Every change is written to the audit log with the operating-system user as
 the actor. A new key is printed once; only its hash is stored.
@@ -26,6 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     withdraw.add_argument("--subject", required=True, type=int, help="pseudonymous subject id")
     withdraw.add_argument("--site", default=None, help="only at this site (default: every site)")
     withdraw.add_argument("--at", default=None, help="effective time, ISO 8601 (default: now)")
+    renew = sub.add_parser("renew-consent", help="record that a patient who withdrew consents again")
+    renew.add_argument("--subject", required=True, type=int, help="pseudonymous subject id")
+    renew.add_argument("--site", default=None, help="only at this site (default: every site)")
+    renew.add_argument("--at", default=None, help="effective time, ISO 8601 (default: now)")
 
 
 def run(args, ctx) -> int:
@@ -38,17 +42,15 @@ def run(args, ctx) -> int:
         audit = audit_log(args, ctx, store)
         if args.action == "create-key":
             access.validate_role(args.role, args.site)
-            key_id, key = access.create_key(store.engine, args.role, args.site, args.label)
-            audit.append(actor=cli_actor(), role="admin", site=args.site, action="key_create",
-                         detail={"key_id": key_id, "role": args.role})
+            key_id, key = access.create_key(store.engine, args.role, args.site, args.label, audit=audit,
+                                            actor=cli_actor())
             print(f"key id {key_id} for role {args.role}{' at ' + args.site if args.site else ''}")
             print(key)
             print("(shown once: store it safely; `chronorisk access revoke " + key_id + "` disables it)")
             return 0
         if args.action == "revoke":
-            if not access.revoke_key(store.engine, args.key_id):
+            if not access.revoke_key(store.engine, args.key_id, audit=audit, actor=cli_actor()):
                 raise InputError("key_id", "no active key with that id")
-            audit.append(actor=cli_actor(), role="admin", action="key_revoke", detail={"key_id": args.key_id})
             print(f"revoked {args.key_id}")
             return 0
         if args.action == "list":
@@ -56,14 +58,17 @@ def run(args, ctx) -> int:
                 state = f"revoked {k['revoked_at']:%Y-%m-%d}" if k["revoked_at"] else "active"
                 print(f"{k['key_id']}  {k['role']:<15} {k['site'] or '-':<16} {state:<18} {k['label'] or ''}")
             return 0
-        if args.action == "withdraw-consent":
+        if args.action in ("withdraw-consent", "renew-consent"):
             at = _parse_time(args.at)
             if args.subject < 0 or args.subject > 2**63 - 1:
                 raise InputError("--subject", "a subject id is a non-negative 64-bit integer")
-            when = store.withdraw_consent(args.subject, site=args.site, at=at, by=cli_actor())
-            audit.append(actor=cli_actor(), role="admin", site=args.site, action="consent_withdraw",
-                         subject_id=args.subject, detail={"withdrawn_at": when.isoformat(), "via": "cli"})
-            print(f"consent withdrawal recorded, effective {when:%Y-%m-%d %H:%M:%S} UTC")
+            site = check_site_arg(args.site)
+            if args.action == "withdraw-consent":
+                when = store.withdraw_consent(args.subject, site=site, at=at, by=cli_actor(), audit=audit)
+                print(f"consent withdrawal recorded, effective {when:%Y-%m-%d %H:%M:%S} UTC")
+            else:
+                when = store.renew_consent(args.subject, site=site, at=at, by=cli_actor(), audit=audit)
+                print(f"renewed consent recorded, effective {when:%Y-%m-%d %H:%M:%S} UTC")
             return 0
     finally:
         store.dispose()
@@ -82,3 +87,13 @@ def _parse_time(text: str | None):
         return naive_utc(datetime.fromisoformat(text))
     except ValueError:
         raise InputError("--at", f"{text!r} is not an ISO 8601 time (e.g. 2026-03-01T09:00)") from None
+
+
+def check_site_arg(site: str | None) -> str | None:
+    from chronorisk.errors import InputError
+    from chronorisk.serving.schemas import check_site
+
+    try:
+        return check_site(site)
+    except ValueError as exc:
+        raise InputError("--site", str(exc)) from None

@@ -1,4 +1,4 @@
-"""Append-only, hash-chained audit log of patient reads, exports and admin actions.
+"""Append-only, hash-chained audit log of patient reads, exports, admin actions and state changes.
 
 Each entry stores the SHA-256 of its own canonical content *including the
 previous entry's hash*, so editing an entry breaks its own hash and deleting
@@ -11,6 +11,33 @@ the first entry that does not check out.
 Appends are serialized: SQLite takes the write lock at BEGIN (IMMEDIATE),
 PostgreSQL locks the head row (SELECT ... FOR UPDATE), so two workers never
 chain onto the same predecessor.
+
+Two more guards close what a chain inside the database cannot:
+
+* **Checkpoints outside the database.** After every committed append, a
+  signed line `{seq, hash, mac}` is appended to each checkpoint file
+  (`<work>/audit/checkpoints.jsonl`, plus `serve.audit_checkpoint_files`, e.g.
+  on another machine's mount or append-only storage). `verify` checks the
+  database against the latest valid checkpoint, so a wiped table, a truncated
+  tail or an older head written back (all of which leave a valid shorter chain
+  with a valid head) are caught.
+* **State replay.** Consent withdrawals and renewals and API keys (created,
+  revoked) are recorded as entries carrying the whole row (`record_insert`,
+  `record_update`), and each batch-scored chunk as its row count and the sum
+  of its rows' SHA-256 (`record_scores`), in the transaction that writes the
+  rows. `verify` rebuilds those tables from the log and compares them with the
+  database: a deleted consent row, an inserted or edited key, a score edited,
+  deleted or added directly is named.
+
+What it does not protect against (README, security): someone holding the
+service secret AND write access to the database AND every checkpoint store
+can rewrite everything consistently; a change made and undone between two
+verifications leaves no trace in the tables; the entries after the latest
+checkpoint that survived are only as safe as the chain and head (checkpoint
+lines are not fsynced; one is written as its transaction commits, so a
+database failure at that instant shows as a checkpoint ahead of the log, a
+false alarm on the safe side); patient facts, device bindings and model
+promotions are not replayed (promotions live in the MLflow registry).
 """
 
 from __future__ import annotations
@@ -18,12 +45,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, select, text
+from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, event, select, text
 
-from chronorisk.serving.store import metadata, utcnow, writer
+from chronorisk.serving.store import api_keys, consent, consent_renewals, metadata, utcnow, writer
 
 GENESIS = "0" * 64
 
@@ -61,6 +91,9 @@ _INSERT = text(
     "VALUES (:seq, :at, :actor, :role, :site, :action, :subject_id, :detail, :prev_hash, :hash)"
 )
 _HEAD_INSERT = text("INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, :seq, :hash, :mac)")
+_HEAD_GENESIS = text(
+    "INSERT INTO audit_head (id, seq, hash, mac) VALUES (1, 0, :hash, :mac) ON CONFLICT (id) DO NOTHING"
+)
 _HEAD_UPDATE = text("UPDATE audit_head SET seq = :seq, hash = :hash, mac = :mac WHERE id = 1")
 
 
@@ -78,12 +111,37 @@ def head_mac(secret: bytes, seq: int, digest: str) -> str:
     return hmac.new(secret, f"audit-head:{seq}:{digest}".encode(), hashlib.sha256).hexdigest()
 
 
+def checkpoint_mac(secret: bytes, seq: int, digest: str) -> str:
+    return hmac.new(secret, f"audit-checkpoint:{seq}:{digest}".encode(), hashlib.sha256).hexdigest()
+
+
+# tables whose rows `verify` rebuilds from the log, by the column naming a row
+REPLAYED: dict[str, tuple[Table, str]] = {
+    "consent": (consent, "id"),
+    "consent_renewals": (consent_renewals, "id"),
+    "api_keys": (api_keys, "key_id"),
+}
+
+
+def row_json(row: dict) -> dict:
+    """A row as JSON values, the same whether it came from the code that wrote it or from the table."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, datetime | date):
+            v = v.isoformat()
+        out[k] = v
+    return out
+
+
 class AuditLog:
     """Append and verify entries on the store's engine; `secret` keys the head MAC."""
 
-    def __init__(self, engine, secret: bytes):
+    def __init__(self, engine, secret: bytes, checkpoints: Sequence[Path] = ()):
         self.engine = engine
         self.secret = secret
+        self.checkpoints = [Path(p) for p in checkpoints]
+        if self.checkpoints:
+            _listen_commits(engine)
 
     def append(
         self,
@@ -105,8 +163,10 @@ class AuditLog:
         postgres = conn.dialect.name == "postgresql"
         head = conn.execute(_HEAD_FOR_UPDATE if postgres else _HEAD).first()
         if head is None and postgres:
-            # first entry ever: serialize the creation of the head row
-            conn.exec_driver_sql("LOCK TABLE audit_head IN EXCLUSIVE MODE")
+            # first entry ever: every starter inserts the genesis head (the losers wait for the winner's
+            # commit, then skip), then locks it. A LOCK TABLE here deadlocked: each starter already held
+            # the table's ROW SHARE lock from the SELECT ... FOR UPDATE above.
+            conn.execute(_HEAD_GENESIS, {"hash": GENESIS, "mac": head_mac(self.secret, 0, GENESIS)})
             head = conn.execute(_HEAD_FOR_UPDATE).first()
         prev_seq, prev_hash = (head[0], head[1]) if head else (0, GENESIS)
         entry = {
@@ -125,7 +185,68 @@ class AuditLog:
         mac = head_mac(self.secret, entry["seq"], entry["hash"])
         conn.execute(_HEAD_INSERT if head is None else _HEAD_UPDATE,
                      {"seq": entry["seq"], "hash": entry["hash"], "mac": mac})
+        if self.checkpoints:
+            # written when the transaction commits (a rolled-back entry leaves no checkpoint)
+            conn.info["audit_checkpoint"] = (self, entry["seq"], entry["hash"])
         return entry["seq"]
+
+    def record_insert(self, conn, table: Table, row: dict, *, actor: str, role: str, action: str,
+                      site: str | None = None, subject_id: int | None = None) -> int:
+        """Append the entry of a state change that inserted `row` into `table` (in the caller's transaction)."""
+        return self.append_in(conn, actor=actor, role=role, action=action, site=site, subject_id=subject_id,
+                              detail={"table": table.name, "insert": row_json(row)})
+
+    def record_update(self, conn, table: Table, key: str, values: dict, *, actor: str, role: str, action: str,
+                      site: str | None = None) -> int:
+        """Append the entry of a state change that set `values` on the row named `key` of `table`."""
+        return self.append_in(conn, actor=actor, role=role, action=action, site=site,
+                              detail={"table": table.name, "key": key, "update": row_json(values)})
+
+    def record_scores(self, conn, score_rows, checkpoints) -> None:
+        """One entry per (site, task, prediction time) of a written chunk: its row count and the digest
+        of its rows (`scores_digest`), so that `verify` finds score rows edited, deleted or added later."""
+        for (site, task, when), (n, digest) in scores_digest(_score_tuples(score_rows)).items():
+            chunk = next((c["chunk"] for c in checkpoints if c.get("task") == task), None) or f"direct:{digest[:16]}"
+            self.append_in(conn, actor="batch", role="system", action="scores_write", site=site,
+                           detail={"table": "scores", "task": task, "prediction_time": when, "chunk": chunk,
+                                   "rows": n, "digest": digest})
+
+    def write_checkpoint(self, seq: int, digest: str) -> None:
+        """Append one signed line to every checkpoint file (O_APPEND: whole lines from any worker)."""
+        line = json.dumps({"seq": seq, "hash": digest, "at": utcnow().isoformat(timespec="seconds"),
+                           "mac": checkpoint_mac(self.secret, seq, digest)}, separators=(",", ":")) + "\n"
+        data = line.encode()
+        for path in self.checkpoints:
+            os.write(_append_fd(path), data)
+
+    def checkpoint_now(self) -> int:
+        """Checkpoint the current head (after a verification or before a backup); returns its seq."""
+        with self.engine.connect() as conn:
+            head = conn.execute(_HEAD).first()
+        if head is None:
+            return 0
+        self.write_checkpoint(int(head[0]), head[1])
+        return int(head[0])
+
+    def latest_checkpoint(self, problems: list[str]) -> tuple[int, str] | None:
+        """The highest signed checkpoint over every file; lines with a bad signature are problems."""
+        best: tuple[int, str] | None = None
+        for path in self.checkpoints:
+            if not path.is_file():
+                continue
+            for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+                try:
+                    cp = json.loads(line)
+                    seq, digest, mac = int(cp["seq"]), str(cp["hash"]), str(cp["mac"])
+                except (ValueError, KeyError, TypeError):
+                    problems.append(f"checkpoint file {path.name} line {n}: unreadable")
+                    continue
+                if not hmac.compare_digest(mac, checkpoint_mac(self.secret, seq, digest)):
+                    problems.append(f"checkpoint file {path.name} line {n}: signature invalid")
+                    continue
+                if best is None or seq > best[0]:
+                    best = (seq, digest)
+        return best
 
     def entries(self, batch: int = 10_000) -> Iterator[dict]:
         """Every entry in sequence order (streamed in batches)."""
@@ -144,9 +265,15 @@ class AuditLog:
     def verify(self) -> VerifyResult:
         """Walk the chain; the result names every entry that was edited, deleted or inserted."""
         result = VerifyResult()
+        checkpoint = self.latest_checkpoint(result.problems)
+        checkpoint_hash = None
+        replay = StateReplay()
         expected_seq, prev_hash = 1, GENESIS
         for e in self.entries():
             result.n_entries += 1
+            replay.apply(e)
+            if checkpoint is not None and e["seq"] == checkpoint[0]:
+                checkpoint_hash = e["hash"]
             if e["seq"] != expected_seq:
                 missing = f"{expected_seq}" if e["seq"] == expected_seq + 1 else f"{expected_seq}-{e['seq'] - 1}"
                 result.problems.append(f"entry {missing} deleted (sequence jumps to {e['seq']})")
@@ -173,13 +300,167 @@ class AuditLog:
             elif head["hash"] != prev_hash:
                 result.problems.append(f"entry {last_seq}: hash differs from the signed head (replaced)")
         result.last_seq = last_seq
+        self._check_checkpoint(result, checkpoint, checkpoint_hash, last_seq)
+        with self.engine.connect() as conn:
+            result.problems.extend(replay.compare(conn))
         return result
+
+    def _check_checkpoint(self, result: VerifyResult, checkpoint, checkpoint_hash, last_seq: int) -> None:
+        if checkpoint is None:
+            result.checkpoint = None
+            if self.checkpoints and last_seq:
+                result.problems.append(
+                    f"no checkpoint found in {', '.join(p.name for p in self.checkpoints)} although the log holds "
+                    f"{last_seq} entries: the checkpoint file was deleted, or the log was written elsewhere"
+                )
+            return
+        seq, digest = checkpoint
+        result.checkpoint = seq
+        if last_seq < seq:
+            result.problems.append(
+                f"the log ends at entry {last_seq} but a signed checkpoint records entry {seq}: "
+                "entries were deleted and the head rolled back (or the table wiped)"
+            )
+        elif checkpoint_hash != digest:
+            result.problems.append(f"entry {seq}: differs from the signed checkpoint (the log was rewritten)")
+
+
+SCORE_FIELDS = ("site", "subject_id", "task", "prediction_time", "risk", "tier", "model_version")
+_MOD = 2**256
+
+
+def _score_tuples(rows):
+    """(site, subject, task, time, risk, tier, version) of score rows: dicts or a polars frame."""
+    if type(rows).__module__.startswith("polars"):
+        return zip(*(rows.get_column(c).to_list() for c in SCORE_FIELDS), strict=True)
+    return (tuple(r[c] for c in SCORE_FIELDS) for r in rows)
+
+
+def scores_digest(tuples) -> dict[tuple[str, str, str], tuple[int, str]]:
+    """Per (site, task, prediction time): the row count and the sum of the rows' SHA-256 (mod 2**256).
+    A sum, so that chunks written separately add up to what the table holds."""
+    sums: dict[tuple[str, str, str], list[int]] = {}
+    for site, sid, task, when, risk, tier, version in tuples:
+        key = (site, task, when.isoformat() if isinstance(when, datetime) else str(when))
+        line = f"{site}|{int(sid)}|{task}|{key[2]}|{float(risk)!r}|{tier}|{version}".encode()
+        acc = sums.setdefault(key, [0, 0])
+        acc[0] += 1
+        acc[1] = (acc[1] + int.from_bytes(hashlib.sha256(line).digest(), "big")) % _MOD
+    return {k: (n, f"{d:064x}") for k, (n, d) in sums.items()}
+
+
+class StateReplay:
+    """The consent, key and score tables as the audit log says they are, compared with the database."""
+
+    def __init__(self):
+        self.rows: dict[str, dict[str, tuple[int, dict]]] = {name: {} for name in REPLAYED}
+        self.score_chunks: dict[tuple[str, str, str, str], tuple[int, int, str]] = {}
+
+    def apply(self, entry: dict) -> None:
+        if '"table"' not in entry["detail"]:
+            return
+        try:
+            detail = json.loads(entry["detail"])
+        except ValueError:
+            return
+        name = detail.get("table")
+        if name == "scores":
+            key = (entry["site"], detail.get("task"), detail.get("prediction_time"), detail.get("chunk"))
+            self.score_chunks[key] = (entry["seq"], int(detail.get("rows", 0)), str(detail.get("digest")))
+            return
+        if name not in self.rows:
+            return
+        key_col = REPLAYED[name][1]
+        if "insert" in detail:
+            row = detail["insert"]
+            self.rows[name][str(row.get(key_col))] = (entry["seq"], row)
+        elif "update" in detail:
+            seq_row = self.rows[name].get(str(detail.get("key")))
+            if seq_row is not None:
+                self.rows[name][str(detail.get("key"))] = (entry["seq"], {**seq_row[1], **detail["update"]})
+
+    def compare(self, conn) -> list[str]:
+        problems = []
+        for name, (table, key_col) in REPLAYED.items():
+            expected = self.rows[name]
+            actual = {str(r[key_col]): row_json(dict(r)) for r in conn.execute(select(table)).mappings()}
+            for key, row in actual.items():
+                if key not in expected:
+                    problems.append(f"{name} row {key_col}={key}: not recorded in the audit log (inserted directly)")
+                    continue
+                seq, recorded = expected[key]
+                changed = sorted(c for c in recorded if recorded[c] != row.get(c))
+                if changed:
+                    problems.append(f"{name} row {key_col}={key}: {', '.join(changed)} differ from audit entry {seq} "
+                                    "(edited)")
+            for key, (seq, _row) in expected.items():
+                if key not in actual:
+                    problems.append(f"{name} row {key_col}={key}: recorded by audit entry {seq} but missing (deleted)")
+        return problems + self.compare_scores(conn)
+
+    def compare_scores(self, conn) -> list[str]:
+        from chronorisk.serving.store import scores
+
+        expected: dict[tuple[str, str, str], list[int]] = {}
+        for (site, task, when, _chunk), (_seq, n, digest) in self.score_chunks.items():
+            acc = expected.setdefault((site, task, when), [0, 0])
+            acc[0] += n
+            acc[1] = (acc[1] + int(digest, 16)) % _MOD
+        rows = conn.execute(select(*(scores.c[c] for c in SCORE_FIELDS))).all()
+        actual = scores_digest(tuple(r) for r in rows)
+        problems = []
+        for key in sorted(set(expected) | set(actual)):
+            what = f"scores of {key[0]} {key[1]} at {key[2][:10]}"
+            if key not in expected:
+                problems.append(f"{what}: {actual[key][0]} rows not recorded in the audit log (written directly)")
+            elif key not in actual:
+                problems.append(f"{what}: recorded in the audit log but missing (deleted)")
+            elif actual[key][0] != expected[key][0]:
+                problems.append(f"{what}: {actual[key][0]} rows, the audit log recorded {expected[key][0]}")
+            elif int(actual[key][1], 16) != expected[key][1]:
+                problems.append(f"{what}: rows differ from those recorded (edited)")
+        return problems
+
+
+_FDS: dict[tuple[int, str], int] = {}
+
+
+def _append_fd(path: Path) -> int:
+    """This process's O_APPEND descriptor of a checkpoint file (opened once; a forked worker opens its own)."""
+    key = (os.getpid(), str(path))
+    fd = _FDS.get(key)
+    if fd is not None and os.fstat(fd).st_nlink == 0:  # deleted or rotated away: write to the new file
+        os.close(fd)
+        fd = None
+    if fd is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _FDS[key] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return fd
+
+
+def _on_commit(conn) -> None:
+    pending = conn.info.pop("audit_checkpoint", None)
+    if pending is not None:
+        log, seq, digest = pending
+        log.write_checkpoint(seq, digest)
+
+
+def _on_rollback(conn) -> None:
+    conn.info.pop("audit_checkpoint", None)
+
+
+def _listen_commits(engine) -> None:
+    """Write the pending checkpoint of a connection when its transaction commits; drop it on rollback."""
+    if not event.contains(engine, "commit", _on_commit):
+        event.listen(engine, "commit", _on_commit)
+        event.listen(engine, "rollback", _on_rollback)
 
 
 @dataclass
 class VerifyResult:
     n_entries: int = 0
     last_seq: int = 0
+    checkpoint: int | None = None
     problems: list[str] = field(default_factory=list)
 
     @property

@@ -1,4 +1,9 @@
-"""`chronorisk audit verify`: check the hash chain of the audit log; exit 1 naming any tampered entry."""
+"""`chronorisk audit verify`: check the audit log (chain, signed head, latest signed checkpoint outside the
+database, and the consent and key tables replayed from it); exit 1 naming every problem found.
+
+It needs the service secret that signed the head and the checkpoints: CHRONORISK_SERVE_SECRET (or the
+variable `serve.secret_env` names), `serve.secret_file`, or `--demo` for the demo's secret in the work folder.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +16,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_argument(parser)
     add_demo_argument(parser)
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    sub.add_parser("verify", help="verify every entry's hash, the links between entries and the signed head")
+    sub.add_parser("verify", help="verify the chain, the signed head, the latest checkpoint and the replayed "
+                   "consent and key tables (needs the service secret: CHRONORISK_SERVE_SECRET, "
+                   "serve.secret_file or --demo)")
+    sub.add_parser("checkpoint", help="write a signed checkpoint of the current head (e.g. before a backup)")
     show = sub.add_parser("show", help="print the latest entries (actions, roles, sites; subject ids hidden)")
     show.add_argument("--last", type=int, default=20)
 
 
 def run(args, ctx) -> int:
-    from chronorisk.serving.cli_common import audit_log, open_store
+    from chronorisk.errors import ChronoriskError
+    from chronorisk.serving.cli_common import audit_log, open_store, service_secret
 
+    try:
+        service_secret(args, ctx)
+    except ChronoriskError as exc:
+        raise ChronoriskError(
+            f"{exc}. audit verify checks signatures made with the service's secret: give the same one, e.g. "
+            f"`{ctx.params.serve.secret_env}=... chronorisk audit verify`, or `chronorisk audit --demo verify` "
+            "for a demo work folder"
+        ) from None
     store = open_store(args, ctx)
     try:
         audit = audit_log(args, ctx, store)
+        if args.action == "checkpoint":
+            print(f"checkpoint written at entry {audit.checkpoint_now()}")
+            return 0
         if args.action == "verify":
             result = audit.verify()
             if result.ok:
-                print(f"audit log ok: {result.n_entries} entries, chain and signed head verified")
+                cp = f"checkpoint at entry {result.checkpoint}" if result.checkpoint else "no checkpoint yet"
+                print(f"audit log ok: {result.n_entries} entries; chain, signed head, {cp} and replayed "
+                      "consent and key tables verified")
                 return 0
             print(f"audit log FAILED verification ({result.n_entries} entries read):")
             for problem in result.problems:

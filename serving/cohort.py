@@ -1,31 +1,48 @@
-"""Cohorts for public health: filtered pseudonymous rows, exports, and suppressed aggregates.
+"""Cohorts for public health: de-identified rows and exports, differentially private aggregates.
 
-Rows carry the pseudonymous subject id, site, age band (never a birth date),
-sex, conditions, risk, tier and the model that produced the score. Patients
-who withdrew consent are left out of every row, export and count from the
-moment of withdrawal. Aggregate cells under `serve.small_cell` are
-suppressed, and when exactly one cell would be suppressed the next smallest
-one is too, so that the published total cannot reveal it by subtraction.
+Rows never carry the store's pseudonymous subject id: each row of a release
+gets a random `record_id` drawn for that release only, so two exports (or an
+export and a GP's worklist) cannot be joined on it. The quasi-identifiers
+(site, age band, sex, conditions) are made k-anonymous (`serve.k_anonymity`,
+default 10): the least generalization that leaves at most
+`serve.export_max_suppressed_share` of the rows in groups under k is chosen
+(ages in 20-year bands, then conditions withheld, then sites withheld), and
+the rows still in groups under k are suppressed. The release says which
+generalization was applied and roughly how many rows were suppressed. Risks
+are rounded to 0.01 and dates to the day.
+
+Aggregates come from `privacy.py` (discrete Laplace noise, a privacy budget
+per analyst) with small cells suppressed on the noisy counts. Patients who
+withdrew consent are left out of every row, export and count from the
+moment of withdrawal.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
-from dataclasses import dataclass
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import polars as pl
 from sqlalchemy import and_, func, select
 
 from chronorisk.errors import InputError
+from chronorisk.serving import privacy
 from chronorisk.serving.schemas import AggregateQuery, CohortQuery
-from chronorisk.serving.store import ScoreStore, consent_withdrawn, patients, scores, utcnow
+from chronorisk.serving.store import AGE_BANDS, TIERS, ScoreStore, consent_withdrawn, patients, scores, utcnow
 
 ROW_COLUMNS = (
-    "subject_id", "site", "task", "prediction_time", "risk", "tier", "age_band", "sex", "conditions",
+    "record_id", "site", "task", "prediction_time", "risk", "tier", "age_band", "sex", "conditions",
     "model_name", "model_version",
 )
+QUASI_IDENTIFIERS = ("site", "age_band", "sex", "conditions")
+WIDE_AGE_BANDS = {"0-17": "0-17", "18-29": "18-39", "30-39": "18-39", "40-49": "40-59", "50-59": "40-59",
+                  "60-69": "60-79", "70-79": "60-79", "80+": "80+"}
+WITHHELD = "*"
 
 
 def known_conditions() -> list[str]:
@@ -85,7 +102,7 @@ def _filtered(query: CohortQuery, window: tuple[datetime, datetime], now: dateti
 
 
 _ROW_COLS = (
-    scores.c.subject_id, scores.c.site, scores.c.task, scores.c.prediction_time, scores.c.risk, scores.c.tier,
+    scores.c.site, scores.c.task, scores.c.prediction_time, scores.c.risk, scores.c.tier,
     scores.c.age_band, patients.c.sex, patients.c.conditions, scores.c.model_name, scores.c.model_version,
 )
 
@@ -94,9 +111,10 @@ _ROW_COLS = (
 class CohortResult:
     query: dict
     prediction_time: datetime | None
-    n: int
+    n: int  # rows released (after k-anonymity)
     rows: list[dict]
     model_versions: list[str]
+    deidentification: dict = field(default_factory=dict)
 
     @property
     def truncated(self) -> bool:
@@ -109,105 +127,156 @@ def query_record(query: CohortQuery) -> dict:
 
 
 def cohort(
-    store: ScoreStore, query: CohortQuery, *, limit: int | None = None, now: datetime | None = None
+    store: ScoreStore, query: CohortQuery, *, k: int, max_suppressed_share: float = 0.05,
+    limit: int | None = None, now: datetime | None = None,
 ) -> CohortResult:
-    """Rows of the cohort, highest risk first (at most `limit`; `n` counts them all)."""
+    """De-identified rows of the cohort, highest risk first (at most `limit`; `n` counts every released row)."""
     check_conditions(query.conditions)
     now = now or utcnow()
     window = resolve_time(store, query)
     record = query_record(query)
     if window is None:
-        return CohortResult(record, None, 0, [], [])
+        return CohortResult(record, None, 0, [], [], deidentify([], k, max_suppressed_share)[1])
     base = _filtered(query, window, now, _ROW_COLS)
     with store.engine.connect() as conn:
-        n = conn.execute(select(func.count()).select_from(base.subquery())).scalar() or 0
-        q = base.order_by(scores.c.risk.desc(), scores.c.site, scores.c.subject_id)
-        if limit is not None:
-            q = q.limit(limit)
-        rows = [_row(r) for r in conn.execute(q).mappings().all()]
+        raw = [_raw_row(r) for r in conn.execute(base).mappings().all()]
         versions = conn.execute(
             select(scores.c.model_name, scores.c.model_version).distinct()
             .where(scores.c.task == query.task)
             .where(scores.c.prediction_time >= window[0]).where(scores.c.prediction_time < window[1])
         ).all()
-    return CohortResult(record, window[0], int(n), rows, sorted(f"{a}:{b}" for a, b in versions))
+    rows, report = deidentify(raw, k, max_suppressed_share)
+    rows.sort(key=lambda r: (-r["risk"], r["record_id"]))
+    shown = rows if limit is None else rows[:limit]
+    return CohortResult(record, window[0], len(rows), shown, sorted(f"{a}:{b}" for a, b in versions), report)
 
 
-def _row(r) -> dict:
-    d = {k: r[k] for k in ROW_COLUMNS}
-    d["conditions"] = [c for c in (d["conditions"] or "").split(",") if c]
-    d["risk"] = round(float(d["risk"]), 5)
-    return d
+def _raw_row(r) -> dict:
+    return {
+        "site": r["site"], "task": r["task"], "prediction_time": r["prediction_time"].date(),
+        "risk": round(float(r["risk"]), 2), "tier": r["tier"], "age_band": r["age_band"], "sex": r["sex"],
+        "conditions": ";".join(c for c in (r["conditions"] or "").split(",") if c),
+        "model_name": r["model_name"], "model_version": r["model_version"],
+    }
+
+
+# generalization steps, least first: what each does to a row's quasi-identifiers
+GENERALIZATIONS = (
+    ("age bands widened to 20 years", lambda r: {**r, "age_band": WIDE_AGE_BANDS.get(r["age_band"], r["age_band"])}),
+    ("conditions withheld", lambda r: {**r, "conditions": WITHHELD}),
+    ("sites withheld", lambda r: {**r, "site": WITHHELD}),
+)
+
+
+def deidentify(rows: list[dict], k: int, max_suppressed_share: float) -> tuple[list[dict], dict]:
+    """k-anonymous rows with per-release random ids, and the report of what was generalized and suppressed.
+
+    Generalizations are applied in order until rows in quasi-identifier groups under `k` are at most
+    `max_suppressed_share` of all; those rows are then suppressed."""
+    applied: list[str] = []
+    current = rows
+    small = _rows_in_small_groups(current, k)
+    for name, step in GENERALIZATIONS:
+        if len(small) <= max_suppressed_share * len(current):
+            break
+        current = [step(r) for r in current]
+        applied.append(name)
+        small = _rows_in_small_groups(current, k)
+    released = [{"record_id": secrets.token_hex(8), **r} for j, r in enumerate(current) if j not in small]
+    n_suppressed = len(current) - len(released)
+    return released, {
+        "k": k,
+        "quasi_identifiers": list(QUASI_IDENTIFIERS),
+        "generalized": applied,
+        # an exact small count would itself be a small cell: said as a range under k
+        "suppressed_rows": str(n_suppressed) if n_suppressed == 0 or n_suppressed >= k else f"1-{k - 1}",
+        "record_id": "random per release; never the store's subject id",
+    }
+
+
+def _rows_in_small_groups(rows: list[dict], k: int) -> set[int]:
+    keys = [tuple(r[q] for q in QUASI_IDENTIFIERS) for r in rows]
+    sizes = Counter(keys)
+    return {j for j, key in enumerate(keys) if sizes[key] < k}
 
 
 def aggregate(
-    store: ScoreStore, query: AggregateQuery, *, small_cell: int, now: datetime | None = None
+    store: ScoreStore, query: AggregateQuery, *, small_cell: int, budget: privacy.PrivacyBudget, analyst: str,
+    now: datetime | None = None,
 ) -> dict:
-    """Counts by `group_by` with small cells suppressed (count None, suppressed True)."""
+    """Counts by `group_by` over the dimensions' full domain, with differentially private noise, the
+    analyst's budget charged, and noisy counts under `small_cell` suppressed (count None)."""
     check_conditions(query.conditions)
     now = now or utcnow()
     window = resolve_time(store, query)
     record = query_record(query)
+    true_counts, versions = _true_counts(store, query, window, now)
+    groups = list(itertools.product(*(_domains(store, query)[d] for d in query.group_by)))
+    left = privacy.charge(store.engine, analyst, budget, json.dumps(record, sort_keys=True))
+    noisy = privacy.noisy_counts([true_counts.get(g, 0) for g in groups], budget.epsilon)
+    cells = [{"group": dict(zip(query.group_by, g, strict=True)), "count": c if c >= small_cell else None,
+              "suppressed": c < small_cell} for g, c in zip(groups, noisy, strict=True)]
+    return {
+        "query": record,
+        "prediction_time": window[0] if window else None,
+        "small_cell": small_cell,
+        "total": sum(noisy),
+        "cells": cells,
+        "model_versions": versions,
+        "privacy": {
+            "mechanism": "discrete Laplace (OpenDP); unit: one patient's record at one site",
+            "epsilon": budget.epsilon, "noise_scale": budget.scale, "budget": budget.budget,
+            "budget_days": budget.days, "budget_left": left,
+        },
+    }
+
+
+def _true_counts(store: ScoreStore, query: AggregateQuery, window, now) -> tuple[dict[tuple, int], list[str]]:
     if window is None:
-        return {"query": record, "prediction_time": None, "small_cell": small_cell, "total": 0,
-                "cells": [], "model_versions": []}
+        return {}, []
     dims = {"site": scores.c.site, "tier": scores.c.tier, "age_band": scores.c.age_band, "sex": patients.c.sex}
     cols = [dims[d].label(d) for d in query.group_by]
     base = _filtered(query, window, now, [*cols, scores.c.model_name, scores.c.model_version]).subquery()
     group_cols = [base.c[d] for d in query.group_by]
     with store.engine.connect() as conn:
-        counts = conn.execute(
-            select(*group_cols, func.count().label("n")).group_by(*group_cols).order_by(*group_cols)
-        ).mappings().all()
+        counts = conn.execute(select(*group_cols, func.count().label("n")).group_by(*group_cols)).mappings().all()
         versions = conn.execute(select(base.c.model_name, base.c.model_version).distinct()).all()
-    cells = [{"group": {d: r[d] for d in query.group_by}, "count": int(r["n"])} for r in counts]
-    total = sum(c["count"] for c in cells)
-    suppress_small_cells(cells, small_cell)
+    return ({tuple(r[d] for d in query.group_by): int(r["n"]) for r in counts},
+            sorted(f"{a}:{b}" for a, b in versions))
+
+
+def _domains(store: ScoreStore, query: AggregateQuery) -> dict[str, list]:
+    """Every value a group-by dimension can take (empty cells are released too, with noise)."""
     return {
-        "query": record,
-        "prediction_time": window[0],
-        "small_cell": small_cell,
-        "total": total if total >= small_cell or total == 0 else None,
-        "cells": cells,
-        "model_versions": sorted(f"{a}:{b}" for a, b in versions),
+        "site": list(query.sites) if query.sites else store.sites(),
+        "tier": list(query.tiers) if query.tiers else list(TIERS),
+        "age_band": list(query.age_bands) if query.age_bands else [*AGE_BANDS, None],
+        "sex": [query.sex] if query.sex else ["F", "M", None],
     }
-
-
-def suppress_small_cells(cells: list[dict], small_cell: int) -> None:
-    """Primary suppression of counts under `small_cell`, and secondary suppression of one more
-    cell when only one was suppressed (else the total minus the shown cells would reveal it)."""
-    primary = [c for c in cells if 0 < c["count"] < small_cell]
-    for c in cells:
-        c["suppressed"] = c in primary
-    if len(primary) == 1:
-        shown = sorted((c for c in cells if not c["suppressed"]), key=lambda c: c["count"])
-        if shown:
-            shown[0]["suppressed"] = True
-    for c in cells:
-        if c["suppressed"]:
-            c["count"] = None
 
 
 def export_frame(result: CohortResult) -> pl.DataFrame:
-    """Export rows as a table (conditions joined with ';')."""
+    """Export rows as a table (conditions joined with ';', or '*' when withheld)."""
     schema = {
-        "subject_id": pl.Int64, "site": pl.String, "task": pl.String, "prediction_time": pl.Datetime("us"),
+        "record_id": pl.String, "site": pl.String, "task": pl.String, "prediction_time": pl.Date,
         "risk": pl.Float64, "tier": pl.String, "age_band": pl.String, "sex": pl.String,
         "conditions": pl.String, "model_name": pl.String, "model_version": pl.String,
     }
-    rows = [{**r, "conditions": ";".join(r["conditions"])} for r in result.rows]
+    rows = [{c: r[c] for c in ROW_COLUMNS} for r in result.rows]
     return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
 
 
 def export_metadata(result: CohortResult) -> dict:
-    """What is recorded with every export: the query, the score date, the model versions, the time."""
+    """What is recorded with every export: the query, the score date, the model versions, the time,
+    and what de-identification did."""
     return {
         "query": result.query,
         "prediction_time": result.prediction_time.isoformat() if result.prediction_time else None,
         "model_versions": result.model_versions,
         "n_rows": result.n,
         "exported_at": utcnow().isoformat(timespec="seconds"),
-        "identifiers": "pseudonymous subject_id only; age bands, no birth dates",
+        "identifiers": "random per-export record ids; k-anonymous quasi-identifiers; age bands, no birth dates",
+        "deidentification": result.deidentification,
     }
 
 

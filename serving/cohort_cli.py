@@ -40,6 +40,7 @@ def run(args, ctx) -> int:
     from chronorisk.errors import InputError
     from chronorisk.serving import cohort
     from chronorisk.serving.cli_common import audit_log, cli_actor, open_store
+    from chronorisk.serving.privacy import PrivacyBudget
     from chronorisk.serving.schemas import AggregateQuery, CohortQuery, field_path
 
     raw = {
@@ -65,21 +66,30 @@ def run(args, ctx) -> int:
     try:
         audit = audit_log(args, ctx, store)
         if args.aggregate:
-            result = cohort.aggregate(store, query, small_cell=ctx.params.serve.small_cell)
+            cfg = ctx.params.serve
+            result = cohort.aggregate(store, query, small_cell=cfg.small_cell, analyst=cli_actor(),
+                                      budget=PrivacyBudget(cfg.dp_epsilon, cfg.dp_budget, cfg.dp_budget_days))
             audit.append(actor=cli_actor(), role="admin", action="cohort_aggregate",
-                         detail={"query": result["query"], "via": "cli"})
+                         detail={"query": result["query"], "via": "cli", "epsilon": cfg.dp_epsilon})
             for cell in result["cells"]:
                 group = "  ".join(f"{k}={v}" for k, v in cell["group"].items())
                 shown = f"<{result['small_cell']}" if cell["suppressed"] else str(cell["count"])
                 print(f"{group:<50} {shown:>8}")
             total = result["total"]
-            print(f"total {total if total is not None else '<' + str(result['small_cell'])}; "
-                  f"models {', '.join(result['model_versions']) or 'none'}")
+            privacy = result["privacy"]
+            print(f"total {total}; models {', '.join(result['model_versions']) or 'none'}")
+            print(f"differentially private: epsilon {privacy['epsilon']:g}, noise scale {privacy['noise_scale']:g}, "
+                  f"budget left {privacy['budget_left']:g} of {privacy['budget']:g} ({privacy['budget_days']} days)")
             return 0
-        result = cohort.cohort(store, query, limit=None if args.out else 20)
+        cfg = ctx.params.serve
+        result = cohort.cohort(store, query, k=cfg.k_anonymity, max_suppressed_share=cfg.export_max_suppressed_share,
+                               limit=None if args.out else 20)
+        deid = result.deidentification
+        print(f"de-identified: k={deid['k']}, generalized: {', '.join(deid['generalized']) or 'nothing'}, "
+              f"rows suppressed: {deid['suppressed_rows']}")
         if args.out is None:
             for r in result.rows:
-                print(f"{r['subject_id']:>20} {r['site']:<16} {r['risk']:.3f} {r['tier']:<6} "
+                print(f"{r['record_id']:>16} {r['site']:<16} {r['risk']:.2f} {r['tier']:<6} "
                       f"{r['age_band'] or '-':<6} {r['sex'] or '-'}")
             print(f"{result.n} patients (showing {len(result.rows)}); use --out FILE to export")
             return 0

@@ -7,6 +7,28 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class CdsClient(BaseModel):
+    """An EHR calling the CDS Hooks service: it signs its JWTs with the private half of `public_key_file`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iss: str = Field(min_length=1, description="the client's issuer (`iss` of its JWTs)")
+    public_key_file: str = Field(description="PEM public key of the client (outside the repo)")
+    algorithms: list[Literal["RS384", "ES384", "RS256", "ES256", "RS512", "ES512"]] = Field(
+        default_factory=lambda: ["RS384", "ES384"], min_length=1, description="accepted JWT algorithms"
+    )
+    role: Literal["gp", "public_health", "data_scientist", "mlops", "admin"] = Field(
+        "gp", description="the role the client's users act in (it must read patients: gp or admin)"
+    )
+    site: str | None = Field(None, description="the site whose patients it reads (required for gp)")
+
+    @model_validator(mode="after")
+    def _gp_has_site(self) -> CdsClient:
+        if self.role == "gp" and not self.site:
+            raise ValueError(f"client {self.iss!r}: a gp client needs a site")
+        return self
+
+
 class ServeConfig(BaseModel):
     """Scoring, the risk service and its pages (`serve:` in params.yaml)."""
 
@@ -33,6 +55,52 @@ class ServeConfig(BaseModel):
     secret_file: str | None = Field(None, description="file holding the signing secret (outside the repo)")
     session_hours: float = Field(8.0, gt=0, description="lifetime of a signed page session")
     key_cache_seconds: float = Field(2.0, ge=0, description="how long a worker trusts a key lookup")
+    public_url: str | None = Field(
+        None, description="the service's URL as clients see it (links, CDS Hooks audience); default: the request's"
+    )
+    pseudonym_key_env: str = Field(
+        "CHRONORISK_PSEUDONYM_KEY", description="env var of the ingestion's pseudonymization key (CDS Hooks ids)"
+    )
+    cds_clients: list[CdsClient] = Field(default_factory=list, description="EHRs allowed to call the CDS Hooks service")
+    display_units: dict[str, str] = Field(
+        default_factory=dict, description="measurements shown in the site's unit, e.g. {glucose: mmol/L, "
+        "hba1c: mmol/mol} (explanations, cards, RiskAssessment notes, recent values)"
+    )
+    cds_cache_records: int = Field(
+        2000, ge=0, description="prefetched records whose scores a worker keeps for the day (0: score every call)"
+    )
+
+    @model_validator(mode="after")
+    def _units_shown(self) -> ServeConfig:
+        _check_display_units(self)
+        return self
+    # security and privacy (README, security section)
+    cookie_secure: Literal["auto", "always", "never"] = Field(
+        "auto", description="Secure attribute of the session cookie: auto = when the request came over HTTPS")
+    metrics_access: Literal["key", "open"] = Field(
+        "key", description="/metrics needs an ops key (mlops, admin); open only behind a private bind or firewall")
+    auth_failures_per_minute: int = Field(10, ge=1, description="failed keys or sign-ins per client address")
+    key_lockout_failures: int = Field(5, ge=1, description="failures on one key id that lock it")
+    key_lockout_minutes: int = Field(15, ge=1, description="window of those failures, and lockout length")
+    rate_limit_storage: str = Field("memory://", description="`limits` storage URL (memory:// is per worker)")
+    audit_checkpoint_files: list[str] = Field(
+        default_factory=list, description="more append-only checkpoint files beside <work>/audit/checkpoints.jsonl")
+    k_anonymity: int = Field(10, ge=2, description="every quasi-identifier group of an export holds >= k rows")
+    export_max_suppressed_share: float = Field(
+        0.05, ge=0, le=1, description="generalize further while more rows than this would be suppressed")
+    dp_epsilon: float = Field(0.5, gt=0, le=10, description="epsilon of one aggregate release")
+    dp_budget: float = Field(5.0, gt=0, description="epsilon an analyst may spend per dp_budget_days")
+    dp_budget_days: int = Field(30, ge=1, description="period of the privacy budget")
+
+
+def _check_display_units(config: ServeConfig) -> None:
+    from chronorisk.errors import InputError
+    from chronorisk.serving.explanations import site_units
+
+    try:
+        site_units(config.display_units)
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def resolve_store_url(params, work, override: str | None = None) -> str:

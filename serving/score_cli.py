@@ -2,7 +2,9 @@
 
 Idempotent (rows are replaced by key) and resumable (a shard already scored
 at that date by the same model version is skipped). Explanations are stored
-for the tiers in `serve.explain_tiers` (medium and high by default).
+for the tiers in `serve.explain_tiers` (medium and high by default). With
+the service secret (or `--demo`) every chunk's rows are recorded in the audit
+log, so that `chronorisk audit verify` finds score rows edited later.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from chronorisk.serving.cli_common import add_store_argument
+from chronorisk.serving.cli_common import add_demo_argument, add_store_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exported models <dir>/<task>/ instead of the registry's champions")
     parser.add_argument("--no-explain", action="store_true", help="store no factors (computed on demand later)")
     parser.add_argument("--max-shards", type=int, default=None, help=argparse.SUPPRESS)
+    add_demo_argument(parser)
 
 
 def run(args, ctx) -> int:
@@ -30,7 +33,7 @@ def run(args, ctx) -> int:
 
     from chronorisk.errors import InputError
     from chronorisk.serving import scoring
-    from chronorisk.serving.cli_common import open_store
+    from chronorisk.serving.cli_common import audit_if_possible, open_store
     from chronorisk.serving.state import monitoring_sink
 
     try:
@@ -51,6 +54,7 @@ def run(args, ctx) -> int:
     )
     meds = args.meds or ctx.paths.meds
     store = open_store(args, ctx)
+    store.audit = audit_if_possible(args, ctx, store)  # each chunk's rows are recorded (audit verify)
     try:
         report = scoring.batch_score(
             store, models, meds, when, sites=_split(args.sites),

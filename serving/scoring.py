@@ -174,17 +174,43 @@ def events_frame(rows: Sequence[dict], subject_id: int = 0) -> pl.DataFrame:
 
 def fhir_events(bundle: dict) -> pl.DataFrame:
     """A FHIR R4 bundle of one patient -> MEDS events, or InputError naming the first bad entry."""
-    from chronorisk.data.fhir import convert
+    return fhir_record(bundle).events
+
+
+@dataclass(frozen=True)
+class FhirRecord:
+    """One patient's FHIR bundle as MEDS events, and which entry (type, logical id) gave each code."""
+
+    events: pl.DataFrame
+    sources: dict[str, list[tuple[str, str, int | None]]]  # MEDS code -> [(type, id, time in µs)], ids only
+    patient_id: str | None  # the Patient's logical id, when the bundle has one
+
+
+def fhir_record(bundle: dict, field: str = "fhir") -> FhirRecord:
+    """Convert a bundle with the ingestion's converter (`data/fhir/bundle.py`): InputError naming the
+    first entry it cannot convert, or a bundle of several (or no) patients."""
+    from chronorisk.data.fhir.bundle import EntryRejected, strict_bundle_entries
+    from chronorisk.data.fhir.convert import BundleContext
     from chronorisk.data.pseudonym import Pseudonymizer
 
     # a throwaway key: the subject id of an on-demand score is never stored or shown
-    ctx = convert.BundleContext(Pseudonymizer(secrets.token_bytes(32)), {}, {})
-    rows = bundle_rows(bundle, ctx, convert)
-    subjects = {r[0] for r in rows}
-    if len(subjects) > 1:
-        raise InputError("fhir.entry", "one patient per request (the bundle references several patients)")
+    ctx = BundleContext(Pseudonymizer(secrets.token_bytes(32)), {}, {})
+    try:
+        converted = strict_bundle_entries(bundle, ctx)
+    except EntryRejected as exc:
+        raise InputError(f"{field}.entry[{exc.index}].resource", f"{exc.category}: {exc.detail}") from None
+    rows = [row for entry in converted for row in entry.rows]
+    if len({r[0] for r in rows}) > 1:
+        raise InputError(f"{field}.entry", "one patient per request (the bundle references several patients)")
     if not rows:
-        raise InputError("fhir.entry", "no convertible Patient, Encounter, Condition, Observation or MedicationRequest")
+        raise InputError(f"{field}.entry",
+                         "no convertible Patient, Encounter, Condition, Observation or MedicationRequest")
+    sources: dict[str, list[tuple[str, str, int | None]]] = {}
+    for entry in converted:
+        if entry.resource_id and entry.resource_type in ("Observation", "Condition", "MedicationRequest"):
+            for code, when in dict.fromkeys((r[2], r[1]) for r in entry.rows):
+                sources.setdefault(code, []).append((entry.resource_type, entry.resource_id, when))
+    patient_id = next((e.resource_id for e in converted if e.resource_type == "Patient"), None)
     frame = pl.DataFrame(
         {
             "subject_id": [0] * len(rows),
@@ -196,40 +222,7 @@ def fhir_events(bundle: dict) -> pl.DataFrame:
         schema={"subject_id": pl.Int64, "time": pl.Int64, "code": pl.String, "numeric_value": pl.Float32,
                 "text_value": pl.String},
     )
-    return frame.with_columns(pl.col("time").cast(_US))
-
-
-def bundle_rows(bundle: dict, ctx, convert) -> list[tuple]:
-    """Rows of every convertible resource; a resource the converter rejects is a 4xx naming it."""
-    entries = bundle.get("entry") or []
-    ctx.reset_bundle()
-    # transaction bundles reference the patient and medications by entry fullUrl (the maps ingestion
-    # builds per bundle: data/fhir/worker.py `_index_bundle`)
-    for entry in entries:
-        res = entry.get("resource") or {}
-        url, rid = entry.get("fullUrl"), res.get("id")
-        if res.get("resourceType") == "Patient" and isinstance(url, str) and url:
-            ctx.patient_urls[url] = rid if isinstance(rid, str) and rid else url.rsplit(":", 1)[-1]
-        elif res.get("resourceType") == "Medication":
-            for key in (url, f"Medication/{rid}" if isinstance(rid, str) else None):
-                if isinstance(key, str):
-                    ctx.medications[key] = res.get("code")
-    rows: list[tuple] = []
-    for i, entry in enumerate(entries):
-        res = entry.get("resource") or {}
-        converter = convert.CONVERTERS.get(res.get("resourceType"))
-        if converter is None:
-            continue
-        try:
-            if res.get("resourceType") == "Patient":
-                rows.extend(convert.patient_rows(res, ctx, entry.get("fullUrl")))
-            else:
-                rows.extend(converter(res, ctx))
-        except convert.Rejected as exc:
-            raise InputError(f"fhir.entry[{i}].resource", f"{exc.category}: {exc.detail}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"fhir.entry[{i}].resource", f"cannot be read ({type(exc).__name__})") from None
-    return rows
+    return FhirRecord(frame.with_columns(pl.col("time").cast(_US)), sources, patient_id)
 
 
 def check_event_frame(events: pl.DataFrame, prediction_time: datetime) -> None:

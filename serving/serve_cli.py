@@ -2,8 +2,9 @@
 
 Checks what the workers will need first (the service secret, the score
 store), then replaces itself with `bentoml serve` of the service module, so
-signals reach BentoML directly. In demo mode it creates one key per role
-under `<work>/secrets/demo-keys.json` and prints them with the URL.
+signals reach BentoML directly. In demo mode it creates one key per role,
+once, in `<work>/secrets/demo-keys.json` (mode 0600) and prints that file's
+path, never the keys (a server's output ends up in log collectors).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run(args, ctx) -> int:
     import sys
 
     from chronorisk.errors import InputError
-    from chronorisk.serving.cli_common import ensure_demo_keys, open_store, service_secret
+    from chronorisk.serving.cli_common import audit_log, ensure_demo_keys, open_store, service_secret
 
     cfg = ctx.params.serve
     host = args.host or cfg.host
@@ -75,11 +76,9 @@ def run(args, ctx) -> int:
         url = f"http://{host}:{port}"
         print(f"chronorisk serving at {url}/ui/  (API: {url}/docs.json, store: {store.info().url_safe})")
         if args.demo:
-            keys = ensure_demo_keys(store, ctx.paths.secrets, store.sites())
-            print("demo credentials (sign in at /ui/login, or send 'Authorization: Bearer <key>'):")
-            for role, k in keys.items():
-                where = f" at {k['site']}" if k.get("site") else ""
-                print(f"  {role:<15}{where:<20} {k['key']}")
+            path = ensure_demo_keys(store, ctx.paths.secrets, store.sites(), audit_log(args, ctx, store))
+            # the keys themselves never go to a log stream: read them from the file (0600, owner only)
+            print(f"demo keys (one per role): {path}  (sign in at /ui/login, or 'Authorization: Bearer <key>')")
         if host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {host}, not loopback: put TLS and a firewall in front", file=sys.stderr)
     finally:

@@ -178,17 +178,39 @@ def build_state(
     root = meds_root or (Path(os.environ["CHRONORISK_MEDS_ROOT"]) if os.environ.get("CHRONORISK_MEDS_ROOT") else None)
     if root is None:
         root = work / "meds"
+    audit = AuditLog(store.engine, secret, checkpoint_files(work, cfg))
     return ServingState(
         params=params,
         work=work,
         store=store,
-        audit=AuditLog(store.engine, secret),
-        keys=KeyRing(store.engine, secret, cache_seconds=cfg.key_cache_seconds, session_hours=cfg.session_hours),
+        audit=audit,
+        keys=KeyRing(store.engine, secret, cache_seconds=cfg.key_cache_seconds, session_hours=cfg.session_hours,
+                     guard=auth_guard(cfg, audit)),
         secret=secret,
         models=models,
         meds_root=root,
         monitor=monitoring_sink(work),
     )
+
+
+def checkpoint_files(work: Path, cfg) -> list[Path]:
+    """Where the audit log's signed checkpoints go: the work folder's file and any configured others."""
+    return [Path(work) / "audit" / "checkpoints.jsonl", *(Path(p) for p in cfg.audit_checkpoint_files)]
+
+
+def auth_guard(cfg, audit: AuditLog):
+    """Rate limits of failed keys and sign-ins, audited."""
+    from chronorisk.serving.access import AuthGuard, AuthLimits
+
+    def on_event(action: str, detail: dict) -> None:
+        try:
+            audit.append(actor=f"key:{detail.get('key_id') or 'unknown'}", role="unauthenticated", action=action,
+                         detail=detail)
+        except Exception as exc:  # an audit failure must not turn a 401 into a 500
+            log.warning("audit of %s failed (%s)", action, type(exc).__name__)
+
+    return AuthGuard(AuthLimits(cfg.auth_failures_per_minute, cfg.key_lockout_failures, cfg.key_lockout_minutes,
+                                cfg.rate_limit_storage), on_event)
 
 
 def state_from_env() -> ServingState:

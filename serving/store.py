@@ -16,7 +16,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -89,6 +89,18 @@ consent = Table(
     Column("recorded_by", String(32), nullable=True),
     Column("recorded_at", DateTime, nullable=False),
     Index("ix_consent_subject", "subject_id"),
+)
+
+consent_renewals = Table(
+    "consent_renewals",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("subject_id", BigInteger, nullable=False),
+    Column("site", String(64), nullable=True),  # null: every site
+    Column("renewed_at", DateTime, nullable=False),
+    Column("recorded_by", String(32), nullable=True),
+    Column("recorded_at", DateTime, nullable=False),
+    Index("ix_consent_renewals_subject", "subject_id"),
 )
 
 api_keys = Table(
@@ -387,11 +399,12 @@ class ScoreStore:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        self.audit = None  # an AuditLog: score writes are then recorded (`audit verify` replays them)
 
     @classmethod
     def open(cls, url: str, *, create: bool = True) -> ScoreStore:
         """Connect to `url` and create missing tables (the audit tables included)."""
-        from chronorisk.serving import audit  # noqa: F401  (registers the audit tables on `metadata`)
+        from chronorisk.serving import access, audit, privacy  # noqa: F401  (register their tables)
 
         engine = make_engine(url)
         store = cls(engine)
@@ -444,6 +457,8 @@ class ScoreStore:
                 bulk_upsert(conn, patients, patient_rows, ("site", "subject_id"))
                 bulk_upsert(conn, scores, score_rows, ("site", "subject_id", "task", "prediction_time"))
                 upsert(conn, score_runs, list(checkpoints), ("prediction_time", "site", "chunk", "task"))
+                if self.audit is not None:
+                    self.audit.record_scores(conn, score_rows, checkpoints)
 
     def done_chunks(self, prediction_time: datetime) -> dict[tuple[str, str, str], str]:
         """(site, chunk, task) -> model version of the chunks already scored at this time."""
@@ -460,21 +475,16 @@ class ScoreStore:
         Three prepared textual queries (the hot path of GET /patients: no statement building)."""
         facts = conn.execute(_PATIENT_FACTS, {"sid": subject_id}).mappings().all()
         rows = conn.execute(_PATIENT_SCORES, {"sid": subject_id}).mappings().all()
-        withdrawn = conn.execute(_PATIENT_WITHDRAWN, {"sid": subject_id}).scalar()
         return PatientData(
             facts={r["site"]: dict(r) for r in facts},
             scores=[_score_row(r) for r in rows],
-            withdrawn_at=withdrawn,
+            consent=ConsentHistory.of(conn, subject_id),
         )
 
     def patient_sites(self, subject_id: int) -> list[str]:
         """Sites that hold scores or facts of this subject."""
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(patients.c.site).where(patients.c.subject_id == subject_id)
-                .union(select(scores.c.site).where(scores.c.subject_id == subject_id))
-            ).all()
-        return sorted({r[0] for r in rows})
+            return _subject_sites(conn, subject_id)
 
     def patient_record(self, subject_id: int, sites: Sequence[str] | None) -> dict | None:
         """Facts and every stored score of a subject (optionally only at `sites`); None if unknown."""
@@ -486,13 +496,14 @@ class ScoreStore:
                 sq = sq.where(scores.c.site.in_(list(sites)))
             prow = conn.execute(pq.order_by(patients.c.updated_at.desc()).limit(1)).mappings().first()
             srows = conn.execute(sq.order_by(scores.c.task, scores.c.prediction_time)).mappings().all()
-            withdrawn = self._withdrawn_at(conn, subject_id)
+            history = ConsentHistory.of(conn, subject_id)
         if prow is None and not srows:
             return None
+        site = prow["site"] if prow else srows[-1]["site"]
         return {
             "patient": dict(prow) if prow else None,
             "scores": [_score_row(r) for r in srows],
-            "consent_withdrawn_at": withdrawn,
+            "consent_withdrawn_at": history.withdrawn_at(site if sites is not None else None),
         }
 
     def worklist(
@@ -557,36 +568,132 @@ class ScoreStore:
     # -- consent ---------------------------------------------------------------------------
 
     def withdraw_consent(
-        self, subject_id: int, *, site: str | None = None, at: datetime | None = None, by: str | None = None
+        self, subject_id: int, *, site: str | None = None, at: datetime | None = None, by: str | None = None,
+        audit=None, role: str = "admin", allow_unknown: bool = False,
     ) -> datetime:
-        """Record a withdrawal (effective from `at`, default now); returns the effective time."""
+        """Record a withdrawal (effective from `at`, default now) at `site` (None: every site); returns
+        the effective time. The subject must be in the store (`allow_unknown` for one never scored yet)
+        and `site` one of its sites, exactly. With `audit` (an AuditLog) the row is recorded in the
+        audit log in the same transaction, so that `audit verify` can replay it."""
         at = at or utcnow()
         with writer(self.engine) as conn, conn.begin():
-            conn.execute(
-                consent.insert().values(
-                    subject_id=int(subject_id), site=site, withdrawn_at=at, recorded_by=by, recorded_at=utcnow()
-                )
-            )
+            self._check_subject_site(conn, subject_id, site, allow_unknown)
+            row = {"subject_id": int(subject_id), "site": site, "withdrawn_at": at, "recorded_by": by,
+                   "recorded_at": utcnow()}
+            row["id"] = conn.execute(consent.insert().values(**row)).inserted_primary_key[0]
+            if audit is not None:
+                audit.record_insert(conn, consent, row, actor=by or "unknown", role=role, action="consent_withdraw",
+                                    site=site, subject_id=subject_id)
         return at
 
-    def withdrawn_subjects(self, now: datetime | None = None) -> set[int]:
-        """Every subject whose withdrawal is in effect at `now` (any site)."""
+    def renew_consent(
+        self, subject_id: int, *, site: str | None = None, at: datetime | None = None, by: str | None = None,
+        audit=None, role: str = "admin",
+    ) -> datetime:
+        """Record a renewed consent (a patient who withdrew consents again) from `at` (default now):
+        the withdrawals before it stop applying at `site` (None: every site). Refused when no
+        withdrawal of this subject is in effect there."""
+        at = at or utcnow()
+        with writer(self.engine) as conn, conn.begin():
+            self._check_subject_site(conn, subject_id, site, allow_unknown=True)
+            if ConsentHistory.of(conn, subject_id).withdrawn_at(site, at) is None:
+                raise InputError("subject_id", "no consent withdrawal of this patient is in effect "
+                                 + (f"at {site}" if site else "") + " to renew")
+            row = {"subject_id": int(subject_id), "site": site, "renewed_at": at, "recorded_by": by,
+                   "recorded_at": utcnow()}
+            row["id"] = conn.execute(consent_renewals.insert().values(**row)).inserted_primary_key[0]
+            if audit is not None:
+                audit.record_insert(conn, consent_renewals, row, actor=by or "unknown", role=role,
+                                    action="consent_renew", site=site, subject_id=subject_id)
+        return at
+
+    def _check_subject_site(self, conn: Connection, subject_id: int, site: str | None, allow_unknown: bool) -> None:
+        known = _subject_sites(conn, subject_id)
+        if not known and not allow_unknown:
+            raise UnknownSubject("no such patient in the score store")
+        if site is not None and known and site not in known:
+            raise InputError("site", f"the patient has no record at site {site[:64]!r} (exact site id expected)")
+
+    def withdrawn_subjects(self, now: datetime | None = None, site: str | None = None) -> set[int]:
+        """Subjects whose consent withdrawal is in effect at `now`: at `site`, or at any site when None.
+        Batch scoring and monitoring leave these out; training can read the same set (see README)."""
         now = now or utcnow()
         with self.engine.connect() as conn:
-            rows = conn.execute(select(consent.c.subject_id).where(consent.c.withdrawn_at <= now)).all()
-        return {int(r[0]) for r in rows}
+            histories = ConsentHistory.all(conn)
+        return {sid for sid, h in histories.items() if h.withdrawn_at(site, now) is not None}
 
-    def _withdrawn_at(self, conn: Connection, subject_id: int) -> datetime | None:
-        return conn.execute(
-            select(func.min(consent.c.withdrawn_at)).where(consent.c.subject_id == subject_id)
-        ).scalar()
+    def patient_consent(self, subject_id: int) -> ConsentHistory:
+        with self.engine.connect() as conn:
+            return ConsentHistory.of(conn, subject_id)
+
+
+class UnknownSubject(ChronoriskError):
+    """A subject the store holds nothing of (the API answers 404)."""
+
+
+def _subject_sites(conn: Connection, subject_id: int) -> list[str]:
+    rows = conn.execute(
+        select(patients.c.site).where(patients.c.subject_id == subject_id)
+        .union(select(scores.c.site).where(scores.c.subject_id == subject_id))
+    ).all()
+    return sorted({r[0] for r in rows})
+
+
+def _covers(scope: str | None, site: str | None) -> bool:
+    """A consent record at `scope` (None: every site) applies to `site` (None: any site)."""
+    return scope is None or site is None or scope == site
+
+
+@dataclass
+class ConsentHistory:
+    """One subject's withdrawals and renewals as (site or None, time) pairs: the rule of which is in
+    effect, shared by the patient reads (in Python) and `consent_withdrawn` (the same rule in SQL)."""
+
+    withdrawals: list[tuple[str | None, datetime]] = field(default_factory=list)
+    renewals: list[tuple[str | None, datetime]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, conn: Connection, subject_id: int) -> ConsentHistory:
+        w = conn.execute(_SUBJECT_WITHDRAWALS, {"sid": subject_id}).all()
+        r = conn.execute(_SUBJECT_RENEWALS, {"sid": subject_id}).all()
+        return cls([(x[0], x[1]) for x in w], [(x[0], x[1]) for x in r])
+
+    @classmethod
+    def all(cls, conn: Connection) -> dict[int, ConsentHistory]:
+        out: dict[int, ConsentHistory] = {}
+        for sid, site, at in conn.execute(select(consent.c.subject_id, consent.c.site, consent.c.withdrawn_at)):
+            out.setdefault(int(sid), cls()).withdrawals.append((site, at))
+        for sid, site, at in conn.execute(
+            select(consent_renewals.c.subject_id, consent_renewals.c.site, consent_renewals.c.renewed_at)
+        ):
+            if int(sid) in out:
+                out[int(sid)].renewals.append((site, at))
+        return out
+
+    def withdrawn_at(self, site: str | None = None, now: datetime | None = None) -> datetime | None:
+        """Earliest withdrawal in effect at `site` (None: at any site) at `now`; None when consent holds.
+        A withdrawal (for one site or every site) applies from its time until a later renewal for every
+        site, for the withdrawal's own site, or for the site asked about."""
+        now = now or utcnow()
+
+        def lifted(scope: str | None, at: datetime) -> bool:
+            return any(at < r_at <= now and r_scope in (None, scope, site or scope) for r_scope, r_at in self.renewals)
+
+        return min((at for scope, at in self.withdrawals
+                    if at <= now and _covers(scope, site) and not lifted(scope, at)), default=None)
+
+
+_SUBJECT_WITHDRAWALS = text("SELECT site, withdrawn_at FROM consent WHERE subject_id = :sid").columns(
+    withdrawn_at=DateTime)
+_SUBJECT_RENEWALS = text("SELECT site, renewed_at FROM consent_renewals WHERE subject_id = :sid").columns(
+    renewed_at=DateTime)
 
 
 @dataclass
 class PatientData:
     facts: dict[str, dict]
     scores: list[dict]
-    withdrawn_at: datetime | None
+    consent: ConsentHistory
 
     @property
     def sites(self) -> list[str]:
@@ -597,7 +704,7 @@ class PatientData:
         return {
             "patient": self.facts.get(site),
             "scores": [r for r in self.scores if r["site"] == site],
-            "consent_withdrawn_at": self.withdrawn_at,
+            "consent_withdrawn_at": self.consent.withdrawn_at(site),
         }
 
 
@@ -609,16 +716,27 @@ _PATIENT_FACTS = text(
 _PATIENT_SCORES = text(
     f"SELECT {_SCORE_COLUMNS} FROM scores WHERE subject_id = :sid ORDER BY site, task, prediction_time"
 ).columns(prediction_time=DateTime, scored_at=DateTime)
-_PATIENT_WITHDRAWN = text("SELECT min(withdrawn_at) AS w FROM consent WHERE subject_id = :sid").columns(w=DateTime)
 
 
 def consent_withdrawn(subject_col, site_col, now: datetime):
-    """SQL condition: the row's subject has withdrawn consent (for its site or all sites) by `now`."""
+    """SQL condition: the row's subject has a withdrawal in effect at the row's site at `now` (the rule of
+    `ConsentHistory`: a withdrawal for that site or every site, not followed by a renewal covering it)."""
+    w = consent.alias("w")
+    r = consent_renewals.alias("r")
+    renewed = (
+        select(r.c.id)
+        .where(r.c.subject_id == subject_col)
+        .where(r.c.renewed_at > w.c.withdrawn_at)
+        .where(r.c.renewed_at <= now)
+        .where(r.c.site.is_(None) | (r.c.site == site_col))
+        .exists()
+    )
     return (
-        select(consent.c.id)
-        .where(consent.c.subject_id == subject_col)
-        .where((consent.c.site.is_(None)) | (consent.c.site == site_col))
-        .where(consent.c.withdrawn_at <= now)
+        select(w.c.id)
+        .where(w.c.subject_id == subject_col)
+        .where(w.c.site.is_(None) | (w.c.site == site_col))
+        .where(w.c.withdrawn_at <= now)
+        .where(~renewed)
         .exists()
     )
 

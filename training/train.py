@@ -333,6 +333,8 @@ def train_task(
 ) -> TrainResult:
     """A calibrated `RiskModel` and its bundle (not yet saved) for one task."""
     from chronorisk.models.bundle import ModelBundle, data_fingerprint
+    from chronorisk.models.config import TierRule
+    from chronorisk.models.tiers import fit_thresholds, tier_table
     from chronorisk.training import metrics
 
     unfit = unfit_reasons_before(data.split(TRAIN), data.split(TUNING), train_config)
@@ -371,15 +373,20 @@ def train_task(
     fingerprint = data_fingerprint(
         pl.concat([train, tuning]).select("subject_id", "prediction_time", "boolean_value", *names)
     )
+    rule = model_config.tier_rule(data.task.name)
+    thresholds = fit_thresholds(rule, y_tune, p_tune)
     bundle = ModelBundle.from_model(
         model,
         data.spec,
         data.task,
-        model_config.tier_thresholds(data.task.name),
+        thresholds,
         version=version,
         data_fingerprint=fingerprint,
-        metrics={"tuning": tuning_metrics},
-        extra={"training": info, "supplied_labels": data.supplied_labels, "unfit": unfit, **(extra_metadata or {})},
+        metrics={"tuning": tuning_metrics, "tiers": tier_table(y_tune, p_tune, thresholds)},
+        extra={"training": info, "supplied_labels": data.supplied_labels, "unfit": unfit,
+               "tier_rule": (rule.model_dump() if isinstance(rule, TierRule)
+                             else {"rule": "cutoffs", **rule.model_dump()}),
+               **(extra_metadata or {})},
     )
     return TrainResult(model=model, bundle=bundle, tuning_metrics=tuning_metrics, training_info=info)
 

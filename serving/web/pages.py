@@ -94,7 +94,7 @@ def page_user(permission: str | None = None):
     """Dependency: the signed-in user (redirect to sign-in when there is none)."""
 
     def dependency(request: Request) -> Principal:
-        from chronorisk.serving.api import authenticate
+        from chronorisk.serving.routes.common import authenticate
 
         state = _state(request)
         principal = authenticate(request, state)
@@ -127,33 +127,77 @@ def check_csrf(state: ServingState, request: Request, form: dict[str, list[str]]
 # -- sign-in --------------------------------------------------------------------------------
 
 
+LOGIN_COOKIE = "chronorisk_login"  # a random nonce: the sign-in form's CSRF token is derived from it
+
+
+def login_csrf(state: ServingState, nonce: str) -> str:
+    return hmac.new(state.secret, f"login-csrf:{nonce}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def secure_cookie(state: ServingState, request: Request) -> bool:
+    """serve.cookie_secure: always / never / auto (the request came over HTTPS, directly or via a proxy
+    that says so in X-Forwarded-Proto)."""
+    mode = state.config.cookie_secure
+    if mode != "auto":
+        return mode == "always"
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
+
+
+def _login_form(state: ServingState, request: Request, status: int = 200, message: str | None = None) -> Response:
+    import secrets
+
+    nonce = secrets.token_hex(16)
+    response = render("login.html", status, principal=None, csrf=login_csrf(state, nonce), message=message)
+    response.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict", max_age=3600, path="/ui/login",
+                        secure=secure_cookie(state, request))
+    return response
+
+
 @pages.get("/login")
 def login_page(request: Request) -> Response:
-    return render("login.html", principal=None, csrf="", message=None)
+    return _login_form(_state(request), request)
 
 
 @pages.post("/login")
 async def login(request: Request) -> Response:
+    from chronorisk.serving.access import TooManyAttempts
+
     state = _state(request)
     form = await form_data(request)
+    nonce = request.cookies.get(LOGIN_COOKIE, "")
+    sent = (form.get("csrf") or [""])[0]
+    if not nonce or not hmac.compare_digest(sent, login_csrf(state, nonce)):
+        return _login_form(state, request, 403, "The sign-in form has expired; please try again.")
     key = (form.get("api_key") or [""])[0].strip()
-    principal = state.keys.authenticate_key(key) if key else None
+    address = request.client.host if request.client else "unknown"
+    try:
+        principal = state.keys.authenticate_key(key, address, via="page")
+    except TooManyAttempts as exc:
+        response = _login_form(state, request, 429, f"Too many failed sign-ins: try again in {exc.retry_after} s.")
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     if principal is None:
-        return render("login.html", 401, principal=None, csrf="", message="That access key is not valid.")
+        return _login_form(state, request, 401, "That access key is not valid.")
     state.audit.append(actor=principal.actor, role=principal.role, site=principal.site, action="login",
                        detail={"via": "page"})
     response = RedirectResponse("/ui/", status_code=303)
     response.set_cookie(
         "chronorisk_session", state.keys.issue_session(principal), httponly=True, samesite="strict",
-        max_age=int(state.config.session_hours * 3600), path="/",
+        max_age=int(state.config.session_hours * 3600), path="/", secure=secure_cookie(state, request),
     )
+    response.delete_cookie(LOGIN_COOKIE, path="/ui/login")
     return response
 
 
 @pages.post("/logout")
 async def logout(request: Request, principal: Annotated[Principal, Depends(page_user())]) -> Response:
+    """Sign-out revokes the session on the server: a copied cookie stops working too."""
     state = _state(request)
     check_csrf(state, request, await form_data(request))
+    token = request.cookies.get("chronorisk_session", "")
+    if state.keys.revoke_session(token):
+        state.audit.append(actor=principal.actor, role=principal.role, site=principal.site, action="logout",
+                           detail={"via": "page"})
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie("chronorisk_session", path="/")
     return response
@@ -175,7 +219,7 @@ def home(principal: Annotated[Principal, Depends(page_user())]) -> Response:
 
 @pages.get("/worklist")
 def worklist_page(request: Request, principal: Annotated[Principal, Depends(page_user("worklist"))]) -> Response:
-    from chronorisk.serving.api import _worklist_row, worklist_site
+    from chronorisk.serving.routes.patients import _worklist_row, worklist_audit, worklist_site
 
     state = _state(request)
     q = request.query_params
@@ -197,7 +241,7 @@ def worklist_page(request: Request, principal: Annotated[Principal, Depends(page
         raise HTTPException(422, f"filter: {exc}") from None
     rows = state.store.worklist(site, task=task, tiers=tiers, min_risk=min_risk, limit=200)
     state.audit.append(actor=principal.actor, role=principal.role, site=site, action="worklist_read",
-                       detail={"task": task, "tier": tiers, "min_risk": min_risk, "n_rows": len(rows), "via": "page"})
+                       detail=worklist_audit(task, tiers, min_risk, rows, "page"))
     filters = {"task": task, "tiers": tiers or [], "min_risk": q.get("min_risk") or ""}
     return render(
         "worklist.html", principal=principal, csrf=csrf_token(state, request), site=site,
@@ -218,43 +262,102 @@ def _percent(text: str | None) -> float | None:
 
 @pages.get("/patients/{subject_id}")
 def patient_page(
-    request: Request, subject_id: int, principal: Annotated[Principal, Depends(page_user("patient_read"))]
+    request: Request, subject_id: str, principal: Annotated[Principal, Depends(page_user("patient_read"))]
 ) -> Response:
-    from chronorisk.serving.api import explain_on_demand, read_patient_audited
+    """Score history per task (prediction and scoring dates labelled), the factors grouped by concept,
+    the patient's recent values, and the what-if form (`?whatif=<task>&hba1c=...`)."""
+    from chronorisk.serving.routes.patients import explain_on_demand, read_patient_audited
 
     state = _state(request)
-    if not 0 <= subject_id <= S.INT64_MAX:
+    try:
+        subject_id = S.plain_int(subject_id)
+    except ValueError:
+        raise HTTPException(404, "no such patient") from None
+    if not 0 <= subject_id <= S.ID_MAX:
         raise HTTPException(404, "no such patient")
-    explain_task = request.query_params.get("explain")
+    q = request.query_params
+    explain_task = q.get("explain")
     view = read_patient_audited(state, principal, subject_id, None, "page", {"explained": explain_task or None})
     site = view["site"]
     on_demand = {}
     if explain_task and any(t["task"] == explain_task for t in view["tasks"]):
         on_demand[explain_task] = explain_on_demand(state, subject_id, site, explain_task)
-    sections = []
-    for t in view["tasks"]:
-        thresholds = _thresholds(state, t["task"])
-        points = [(s["prediction_time"], s["risk"]) for s in t["trend"]]
-        factors = t["latest"]["factors"]
-        computed = None
-        if factors is None and t["task"] in on_demand:
-            factors = on_demand[t["task"]]["factors"]
-            computed = on_demand[t["task"]]
-        sections.append(
-            {
-                "task": t["task"], "latest": t["latest"], "trend": t["trend"],
-                "svg": trend_svg(points, medium=thresholds[0], high=thresholds[1],
-                                 label=f"{task_title(t['task'])}: risk over time"),
-                "factors": [factor_sentence(f) for f in factors] if factors is not None else None,
-                "computed": computed,
-            }
-        )
-    return render("patient.html", principal=principal, csrf=csrf_token(state, request), view=view,
+    sections = [_patient_section(state, t, on_demand) for t in view["tasks"]]
+    status = 200
+    for section in sections:
+        status = max(status, _add_whatif(state, principal, subject_id, site, section, q))
+    return render("patient.html", status, principal=principal, csrf=csrf_token(state, request), view=view,
                   sections=sections)
 
 
+def _patient_section(state: ServingState, t: dict, on_demand: dict) -> dict:
+    from chronorisk.serving.explanations import group_factors, infos_of, units_of
+
+    thresholds = _thresholds(state, t["task"])
+    points = [(s["prediction_time"], s["risk"]) for s in t["trend"]]
+    factors = t["latest"]["factors"]
+    computed = None
+    if factors is None and t["task"] in on_demand:
+        factors = on_demand[t["task"]]["factors"]
+        computed = on_demand[t["task"]]
+    lines = (group_factors(factors, infos_of(state.models, t["task"]), units_of(state.config))
+             if factors is not None else None)
+    return {
+        "task": t["task"], "latest": t["latest"], "trend": t["trend"],
+        "svg": trend_svg(points, medium=thresholds[0], high=thresholds[1],
+                         label=f"{task_title(t['task'])}: risk over time"),
+        "factors": [line.text for line in lines] if lines is not None else None,
+        "concepts": [line.concept for line in lines or []],
+        "computed": computed, "recent": [], "whatif": None, "whatif_error": None, "modifiable": [],
+    }
+
+
+def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site: str, section: dict, q) -> int:
+    """The recent values and the what-if form of a section (and its answer when asked); the page's status."""
+    from chronorisk.serving import scoring, whatif
+    from chronorisk.serving.explanations import display_unit, units_of
+    from chronorisk.serving.routes.whatif import patient_record_events, whatif_for
+
+    try:
+        model, events, when = patient_record_events(state, subject_id, site, section["task"])
+    except HTTPException:
+        return 200  # no model or no records here: the page shows the stored scores only
+    feats, _ = scoring.features_from_events(model, events, when)
+    allowed = whatif.modifiables(model.spec)
+    if feats is not None:
+        section["recent"] = whatif.recent_values(model, feats, when, [*section["concepts"], *whatif.MEASURED],
+                                                 units_of(state.config))
+    # the what-if form takes the model's units: prefill from the canonical values
+    recent = {r["concept"]: r["value"] for r in whatif.recent_values(model, feats, when, whatif.MEASURED)} if (
+        feats is not None) else {}
+    section["modifiable"] = [{"name": m.name, "display": m.display, "unit": display_unit(m.unit), "low": m.low,
+                              "high": m.high, "flag": m.unit == "1 = yes", "value": q.get(m.name) or
+                              ("" if recent.get(m.name) is None else f"{recent[m.name]:g}")}
+                             for m in allowed.values()]
+    if q.get("whatif") != section["task"]:
+        return 200
+    changes = {}
+    try:
+        for m in allowed.values():
+            text = (q.get(m.name) or "").strip()
+            if text and (m.unit == "1 = yes" or recent.get(m.name) is None or float(text) != recent[m.name]):
+                try:
+                    changes[m.name] = float(text)
+                except ValueError:
+                    raise InputError(f"changes.{m.name}", f"{text[:20]!r} is not a number") from None
+        if not changes:
+            raise InputError("changes", "change at least one value")
+        section["whatif"] = whatif_for(state, principal, subject_id, site, section["task"], changes, via="page")
+    except InputError as exc:
+        section["whatif_error"] = str(exc)
+        return 422
+    return 200
+
+
 def _thresholds(state: ServingState, task: str) -> tuple[float | None, float | None]:
-    tiers = state.params.model.tiers.get(task)
+    """The tier thresholds of the served model (fitted by its rule), else the configured cut-offs."""
+    model = state.models.get(task)
+    tiers = model.bundle.tiers if model is not None else state.params.model.tiers.get(task)
     if tiers is None:
         return None, None
     return tiers.medium, tiers.high
@@ -310,6 +413,7 @@ def _cohort_query(params: dict[str, list[str]], cls=S.AggregateQuery, **extra):
 @pages.get("/cohort")
 def cohort_page(request: Request, principal: Annotated[Principal, Depends(page_user("cohort"))]) -> Response:
     from chronorisk.serving import cohort
+    from chronorisk.serving.routes.cohort import private_aggregate
 
     state = _state(request)
     params = {k: request.query_params.getlist(k) for k in request.query_params}
@@ -323,7 +427,7 @@ def cohort_page(request: Request, principal: Annotated[Principal, Depends(page_u
     if params.get("task"):
         try:
             query = _cohort_query(params, group_by=["site", "tier"])
-            result = cohort.aggregate(state.store, query, small_cell=state.config.small_cell)
+            result = private_aggregate(state, principal, query)
         except ValidationError as exc:
             err = exc.errors()[0]
             ctx["error"] = f"{S.field_path(err['loc'])}: {str(err['msg']).removeprefix('Value error, ')}"
@@ -352,7 +456,7 @@ def _site_tier_table(result: dict) -> list[dict]:
 async def cohort_export_page(
     request: Request, principal: Annotated[Principal, Depends(page_user("export"))]
 ) -> Response:
-    from chronorisk.serving.api import export_response
+    from chronorisk.serving.routes.cohort import export_response
 
     state = _state(request)
     form = await form_data(request)

@@ -110,8 +110,10 @@ def scored_server(tiny_world, tmp_path_factory):
     keys = make_keys(store)
     site = store.sites()[0]
     from chronorisk.serving import access
+    from chronorisk.serving.audit import AuditLog
 
-    _, keys["gp"] = access.create_key(store.engine, "gp", site, label="test")
+    _, keys["gp"] = access.create_key(store.engine, "gp", site, label="test",
+                                      audit=AuditLog(store.engine, SECRET.encode()), actor="test")
     store.dispose()
     server = Server(work=work / "w", store_url=url, params=params, model_dir=tiny_world.models,
                     meds_root=tiny_world.meds).start()

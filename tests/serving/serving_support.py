@@ -46,7 +46,11 @@ def factor(value: float, when: str) -> dict:
 
 
 def seed_store(store: ScoreStore, n_per_site: int = 30) -> dict:
-    """Scores at two dates for two tasks at three sites, patient facts; returns what was written."""
+    """Scores at two dates for two tasks at three sites, patient facts; returns what was written.
+    The writes are recorded in the audit log (as batch scoring with the service secret does)."""
+    from chronorisk.serving.audit import AuditLog
+
+    store.audit = AuditLog(store.engine, SECRET.encode())
     written = {"subjects": {}, "n_scores": 0}
     for s_idx, site in enumerate(SITES):
         patients, scores = [], []
@@ -76,6 +80,7 @@ def seed_store(store: ScoreStore, n_per_site: int = 30) -> dict:
                     })
         store.write_chunk(scores, patients, [])
         written["n_scores"] += len(scores)
+    store.audit = None
     return written
 
 
@@ -149,10 +154,15 @@ class Server:
 
 
 def make_keys(store: ScoreStore) -> dict[str, str]:
+    """One key per role and a second site's GP, created through the audit log (as `chronorisk access` does)."""
+    from chronorisk.serving.audit import AuditLog
+
+    audit = AuditLog(store.engine, SECRET.encode())
     keys = {}
     for role in access.ROLES:
-        _, keys[role] = access.create_key(store.engine, role, "chc_a" if role == "gp" else None, label="test")
-    _, keys["gp_b"] = access.create_key(store.engine, "gp", "chc_b", label="test")
+        _, keys[role] = access.create_key(store.engine, role, "chc_a" if role == "gp" else None, label="test",
+                                          audit=audit, actor="test")
+    _, keys["gp_b"] = access.create_key(store.engine, "gp", "chc_b", label="test", audit=audit, actor="test")
     return keys
 
 

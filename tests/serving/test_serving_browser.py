@@ -67,16 +67,20 @@ def test_gp_worklist_and_patient_page(served, browser):
     text = page.text()
     assert f"Patient {top}" in text
     assert "Complication within 1 year" in text and "New diabetes or hypertension within 2 years" in text
-    assert re.search(r"Risk \d+\.\d% HIGH on 2024-07-01", text), text[:800]
-    assert "HbA1c 9.1 %, last measured 2024-03-02, raises risk" in text
-    assert "Model chronorisk-complication_1y version 2, scored on 2024-07-01" in text
+    assert re.search(r"Risk \d+\.\d% HIGH · prediction date 2024-07-01 · scored on 2024-07-01", text), text[:800]
+    assert "HbA1c: 9.1 %, last 2024-03-02 - raises risk (moderately)" in text
+    assert "Model chronorisk-complication_1y version 2." in text
+    history = page.eval("[...document.querySelectorAll('#task-complication_1y .trend-table tr')]"
+                        ".map(tr => [...tr.cells].map(td => td.innerText))")
+    assert history[0][:2] == ["Prediction date", "Scored on"] and [r[0] for r in history[1:]] == [
+        "2024-07-01", "2024-01-01"]
     points = page.eval("document.querySelectorAll('#task-complication_1y svg.trend circle').length")
     assert points == 2
     assert page.eval("document.querySelector('#task-complication_1y svg.trend').getAttribute('aria-label')")
 
-    # another site's patient: refused, in words
+    # another site's patient: the same "not found" as an unknown patient (ids elsewhere are not revealed)
     page.goto(f"{server.url}/ui/patients/{subject_id(1, 3)}")
-    assert "Not allowed" in page.text() and "own site" in page.text()
+    assert "Not found" in page.text() and "no such patient" in page.text()
 
     # sign out
     page.eval("window.__leaving = true; document.querySelector('form[action=\"/ui/logout\"]').submit(); true")
@@ -104,10 +108,11 @@ def test_public_health_cohort_counts_and_export(served, browser, tmp_path):
     )
     by_site = {r[0]: r[1:] for r in table}
     assert set(by_site) == {"chc_a", "chc_b", "hosp_c"}
-    assert all(v == "<10" or v == "0" or int(v) >= 10 for v in by_site["hosp_c"])
+    assert all(v == "<10" or int(v) >= 10 for v in by_site["hosp_c"])
     assert "<10" in by_site["hosp_c"]
     total = int(re.search(r"Total: (\d+) patients", text).group(1))
-    assert 70 <= total <= 72  # 72 seeded; a consent withdrawal in another test of this server removes one
+    assert abs(total - 72) <= 40  # 72 seeded; nine noisy cells (scale 2, sd about 8.5 in all)
+    assert "differential privacy" in text and "budget left" in text
     # the export button downloads a CSV with pseudonymous rows
     page.eval("[...document.querySelectorAll('form[action=\"/ui/cohort/export\"] button')]"
               ".find(b => b.innerText.includes('CSV')).click(); true")
@@ -120,7 +125,7 @@ def test_public_health_cohort_counts_and_export(served, browser, tmp_path):
         time.sleep(0.2)
     assert files, "no CSV was downloaded"
     frame = pl.read_csv(io.BytesIO(files[0].read_bytes()))
-    assert {"subject_id", "site", "risk", "tier", "age_band", "sex", "model_version"} <= set(frame.columns)
-    assert "birth_year" not in frame.columns
-    assert frame.height > 0 and set(frame["task"]) == {"complication_1y"}
+    assert {"record_id", "site", "risk", "tier", "age_band", "sex", "model_version"} <= set(frame.columns)
+    assert "birth_year" not in frame.columns and "subject_id" not in frame.columns
+    assert set(frame["task"]) <= {"complication_1y"}  # 72 seeded rows: k=10 may suppress most of them
     page.close()

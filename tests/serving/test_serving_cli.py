@@ -76,8 +76,9 @@ def test_keys_consent_export_and_audit_through_the_cli(seeded, tmp_path, inproc,
     out = cli(work, "cohort", "--store", url, "--task", "complication_1y", "--sites", "chc_a", "--out", str(target))
     assert out.returncode == 0, out.stderr
     frame = pl.read_csv(target)
-    assert sid not in frame["subject_id"].to_list() and frame.height == 29
+    assert "subject_id" not in frame.columns and "record_id" in frame.columns and frame.height <= 29
     meta = json.loads((tmp_path / "cohort.csv.meta.json").read_text())
+    assert meta["deidentification"]["k"] == 10
     assert meta["query"]["sites"] == ["chc_a"] and meta["model_versions"] == ["chronorisk-complication_1y:2"]
     assert meta["audit_entry"] >= 1
 
@@ -131,14 +132,20 @@ def test_cli_errors_are_one_line(seeded, tmp_path, inproc, capsys):
 
 
 def test_demo_mode_creates_the_secret_and_one_key_per_role(tmp_path):
+    from chronorisk.serving.access import load_secret
+    from chronorisk.serving.audit import AuditLog
     from chronorisk.serving.cli_common import ensure_demo_keys
 
     store = ScoreStore.open(f"sqlite:///{tmp_path / 'store.db'}")
-    keys = ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"])
+    audit = AuditLog(store.engine, load_secret("NO_SUCH_VARIABLE", None, tmp_path / "w", demo=True),
+                     [tmp_path / "w" / "audit" / "checkpoints.jsonl"])
+    path = ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"], audit)
+    keys = json.loads(path.read_text())
     assert set(keys) == {"gp", "public_health", "data_scientist", "mlops", "admin"}
     assert keys["gp"]["site"] == "chc_a"
-    assert (tmp_path / "secrets" / "demo-keys.json").stat().st_mode & 0o077 == 0
-    assert ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"]) == keys  # created once
+    assert path.stat().st_mode & 0o077 == 0
+    ensure_demo_keys(store, tmp_path / "secrets", ["chc_a"], audit)
+    assert json.loads(path.read_text()) == keys  # created once
     store.dispose()
     out = cli(tmp_path / "w", "audit", "--demo", "--store", f"sqlite:///{tmp_path / 'store.db'}", "verify",
               secret=False)

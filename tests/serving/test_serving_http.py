@@ -66,9 +66,9 @@ def test_gp_reads_only_their_own_site(served):
         assert comp["latest"]["factors"][0]["text"].startswith("HbA1c 9.1 %")
         assert comp["latest"]["model_version"] == "2"
 
-        other = subject_id(1, 5)
-        assert c.get(f"/patients/{other}").status_code == 403
-        assert c.get(f"/patients/{BASE_ID - 1}").status_code == 404
+        other = subject_id(1, 5)  # another site's patient: the same 404 as an unknown id
+        assert c.get(f"/patients/{other}").json() == c.get(f"/patients/{BASE_ID - 1}").json()
+        assert c.get(f"/patients/{other}").status_code == c.get(f"/patients/{BASE_ID - 1}").status_code == 404
         assert c.get("/patients/-5").status_code == 422
         assert c.get(f"/patients/{2**63}").status_code == 422
         assert c.post("/cohort", json={"task": "complication_1y"}).status_code == 403
@@ -86,11 +86,13 @@ def test_public_health_gets_pseudonymous_cohorts_and_exports(served):
         assert body["truncated"] and len(body["rows"]) == 5 and body["n"] > 5
         assert body["model_versions"] == ["chronorisk-complication_1y:2"]
         row = body["rows"][0]
-        assert set(row) >= {"subject_id", "age_band", "sex", "risk", "tier", "model_version"}
-        assert "birth_year" not in row and "age" not in row
+        assert set(row) >= {"record_id", "age_band", "sex", "risk", "tier", "model_version"}
+        assert "birth_year" not in row and "age" not in row and "subject_id" not in row
 
-        agg = c.post("/cohort/aggregate", json={"task": "complication_1y", "group_by": ["site", "tier"]}).json()
-        assert agg["small_cell"] == 10
+        agg = c.post("/cohort/aggregate", json={"task": "complication_1y", "group_by": ["site", "tier"]})
+        assert agg.status_code == 200, agg.text
+        agg = agg.json()
+        assert agg["small_cell"] == 10 and agg["privacy"]["epsilon"] > 0
         assert all(cell["count"] is None or cell["count"] >= 10 for cell in agg["cells"])
         assert any(cell["suppressed"] for cell in agg["cells"])
 
@@ -99,7 +101,7 @@ def test_public_health_gets_pseudonymous_cohorts_and_exports(served):
         meta = json.loads(csv.headers["x-chronorisk-export"])
         assert meta["query"]["sites"] == ["chc_b"] and meta["model_versions"] == ["chronorisk-onset_2y:2"]
         frame = pl.read_csv(io.BytesIO(csv.content))
-        assert frame.height == 30 and "birth_year" not in frame.columns
+        assert frame.height <= 30 and "birth_year" not in frame.columns and "subject_id" not in frame.columns
         parquet = c.post("/cohort/export", json={"task": "onset_2y", "format": "parquet"})
         table = pq.read_table(io.BytesIO(parquet.content))
         assert b"chronorisk.export" in table.schema.metadata
@@ -131,22 +133,17 @@ def test_admin_reads_every_site(served):
 def test_consent_withdrawal_over_the_api(served):
     server, keys, *_ = served
     sid = subject_id(0, 7)
-    with client(server, keys["public_health"]) as c:
-        before = c.post("/cohort", json={"task": "complication_1y", "sites": ["chc_a"], "limit": 1000}).json()
-        assert sid in {r["subject_id"] for r in before["rows"]}
     with client(server, keys["gp_b"]) as c:  # another site's GP
         assert c.post("/consent/withdraw", json={"subject_id": sid}).status_code == 404
         assert c.post("/consent/withdraw", json={"subject_id": sid, "site": "chc_a"}).status_code == 403
     with client(server, keys["public_health"]) as c:
         assert c.post("/consent/withdraw", json={"subject_id": sid}).status_code == 403
     with client(server, keys["gp"]) as c:
+        assert sid in {x["subject_id"] for x in c.get("/worklist", params={"limit": 1000}).json()["rows"]}
         r = c.post("/consent/withdraw", json={"subject_id": sid})
         assert r.status_code == 200 and r.json()["site"] == "chc_a"
         assert sid not in {x["subject_id"] for x in c.get("/worklist", params={"limit": 1000}).json()["rows"]}
     with client(server, keys["public_health"]) as c:
-        after = c.post("/cohort", json={"task": "complication_1y", "sites": ["chc_a"], "limit": 1000}).json()
-        assert sid not in {r["subject_id"] for r in after["rows"]}
-        assert after["n"] == before["n"] - 1
         export = c.post("/cohort/export", json={"task": "complication_1y", "sites": ["chc_a"]})
         assert str(sid) not in export.text
 
@@ -154,14 +151,16 @@ def test_consent_withdrawal_over_the_api(served):
 def test_revoked_key_stops_working(served):
     server, _keys, _seeded, url = served
     from chronorisk.serving import access
+    from chronorisk.serving.audit import AuditLog
     from chronorisk.serving.store import ScoreStore
 
     store = ScoreStore.open(url)
-    key_id, key = access.create_key(store.engine, "public_health")
+    audit = AuditLog(store.engine, SECRET.encode())
+    key_id, key = access.create_key(store.engine, "public_health", audit=audit, actor="test")
     try:
         with client(server, key) as c:
             assert c.post("/cohort", json={"task": "onset_2y"}).status_code == 200
-            access.revoke_key(store.engine, key_id)
+            access.revoke_key(store.engine, key_id, audit=audit, actor="test")
             assert c.post("/cohort", json={"task": "onset_2y"}).status_code == 401
     finally:
         store.dispose()

@@ -73,8 +73,8 @@ def test_consent_withdrawal_excludes_from_that_moment(any_store):
     later = at + timedelta(seconds=1)
     assert sid not in {r["subject_id"] for r in any_store.worklist("chc_a", now=later)}
     q = CohortQuery(task="complication_1y")
-    assert sid in {r["subject_id"] for r in cohort.cohort(any_store, q, now=before).rows}
-    assert sid not in {r["subject_id"] for r in cohort.cohort(any_store, q, now=later).rows}
+    # cohort rows carry no subject id any more: the withdrawn patient is one row fewer (k=1: nothing suppressed)
+    assert cohort.cohort(any_store, q, k=1, now=before).n - cohort.cohort(any_store, q, k=1, now=later).n == 1
 
 
 def test_bad_store_url_is_named():
@@ -304,7 +304,7 @@ def test_secret_file_inside_the_repo_is_refused(monkeypatch):
 def test_cohort_filters_known_answers(any_store):
     seed_store(any_store)
     q = CohortQuery(task="complication_1y", sites=["chc_a"], tiers=["high"], sex="F")
-    result = cohort.cohort(any_store, q)
+    result = cohort.cohort(any_store, q, k=1)  # filters' known answers: k=1 suppresses nothing
     assert result.n == len(result.rows) > 0
     assert all(r["site"] == "chc_a" and r["tier"] == "high" and r["sex"] == "F" for r in result.rows)
     assert result.prediction_time == TIMES[-1]
@@ -312,43 +312,46 @@ def test_cohort_filters_known_answers(any_store):
     # pseudonymous rows: no birth year, age band instead
     assert "birth_year" not in result.rows[0] and result.rows[0]["age_band"]
     # earlier date
-    early = cohort.cohort(any_store, CohortQuery(task="complication_1y", prediction_time=date(2024, 1, 1)))
+    early = cohort.cohort(any_store, CohortQuery(task="complication_1y", prediction_time=date(2024, 1, 1)), k=1)
     assert early.prediction_time == TIMES[0] and early.model_versions == ["chronorisk-complication_1y:1"]
     # conditions: all required
-    both = cohort.cohort(any_store, CohortQuery(task="complication_1y", conditions=["diabetes", "ckd"]))
-    assert both.n > 0 and all({"diabetes", "ckd"} <= set(r["conditions"]) for r in both.rows)
+    both = cohort.cohort(any_store, CohortQuery(task="complication_1y", conditions=["diabetes", "ckd"]), k=1)
+    assert both.n > 0 and all({"diabetes", "ckd"} <= set(r["conditions"].split(";")) for r in both.rows)
     # threshold and age bands
-    t = cohort.cohort(any_store, CohortQuery(task="complication_1y", min_risk=0.3, age_bands=["80+"]))
+    t = cohort.cohort(any_store, CohortQuery(task="complication_1y", min_risk=0.3, age_bands=["80+"]), k=1)
     assert all(r["risk"] >= 0.3 and r["age_band"] == "80+" for r in t.rows)
 
 
 def test_cohort_unknown_condition_is_named(sqlite_store):
     with pytest.raises(InputError, match=r"conditions\[1\]"):
-        cohort.cohort(sqlite_store, CohortQuery(task="complication_1y", conditions=["diabetes", "dragonpox"]))
+        cohort.cohort(sqlite_store, CohortQuery(task="complication_1y", conditions=["diabetes", "dragonpox"]), k=10)
 
 
-def test_aggregate_suppresses_small_cells(any_store):
+def test_aggregate_suppresses_small_noisy_cells_and_charges_the_budget(any_store):
+    from chronorisk.serving.privacy import PrivacyBudget
+
     seed_store(any_store)
-    result = cohort.aggregate(any_store, AggregateQuery(task="complication_1y"), small_cell=10)
+    budget = PrivacyBudget(epsilon=0.5, budget=1.0, days=30)
+    result = cohort.aggregate(any_store, AggregateQuery(task="complication_1y"), small_cell=10, budget=budget,
+                              analyst="key:test")
     cells = {(c["group"]["site"], c["group"]["tier"]): c for c in result["cells"]}
-    # every shown count is >= 10, every suppressed one is None
+    assert len(cells) == 3 * 3  # the full domain: every site and tier, empty cells too
     for c in result["cells"]:
         assert (c["count"] is None) == c["suppressed"]
         assert c["count"] is None or c["count"] >= 10
-    # hosp_c has 12 patients: all its cells are small
-    assert all(c["suppressed"] for (site, _), c in cells.items() if site == "hosp_c")
-    assert result["total"] == 30 + 30 + 12
-
-
-def test_secondary_suppression_when_one_cell_is_small():
-    cells = [{"group": {"site": s}, "count": n} for s, n in (("a", 50), ("b", 3), ("c", 20), ("d", 40))]
-    cohort.suppress_small_cells(cells, 10)
-    assert [c["count"] for c in cells] == [50, None, None, 40]
+    assert result["privacy"]["noise_scale"] == 2.0 and result["privacy"]["budget_left"] == 0.5
+    # noise: the total is near 72 (30 + 30 + 12; nine cells of scale-2 noise: sd about 8.5), rarely exactly it
+    assert abs(result["total"] - 72) < 60
+    cohort.aggregate(any_store, AggregateQuery(task="complication_1y"), small_cell=10, budget=budget,
+                     analyst="key:test")
+    with pytest.raises(ChronoriskError, match="privacy budget spent"):
+        cohort.aggregate(any_store, AggregateQuery(task="complication_1y"), small_cell=10, budget=budget,
+                         analyst="key:test")
 
 
 def test_export_csv_and_parquet_carry_query_and_versions(any_store):
     seed_store(any_store)
-    result = cohort.cohort(any_store, CohortQuery(task="onset_2y", sites=["chc_b"]))
+    result = cohort.cohort(any_store, CohortQuery(task="onset_2y", sites=["chc_b"]), k=1)
     csv = pl.read_csv(io.BytesIO(cohort.export_bytes(result, "csv")))
     assert csv.height == 30 and "birth_year" not in csv.columns and "age_band" in csv.columns
     table = pq.read_table(io.BytesIO(cohort.export_bytes(result, "parquet")))
