@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,19 +32,31 @@ def load_readings(path: Path, limit: int | None = None) -> pl.DataFrame:
 
 
 def publish_readings(cfg: StreamConfig, readings: pl.DataFrame, rate: float, *, client_id: str = "chronorisk-replay",
-                     progress: Callable[[int], None] | None = None) -> int:
+                     wait_s: float = 60.0, progress: Callable[[int], None] | None = None) -> int:
     """Publish every reading (QoS 1) at `rate` per second, in time order; returns how many were acknowledged."""
     if rate <= 0:
         raise InputError("--rate", f"{rate:g} is not a positive number of readings per second")
     client = make_client(cfg, client_id)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
+    outstanding: set[int] = set()  # published, not yet acknowledged by the broker
+    early: set[int] = set()  # acknowledged before `publish` returned its id
+    lock = threading.Lock()  # never held while calling paho (paho calls on_publish under its own lock)
+
+    def on_publish(_c, _u, mid, _reason, _props):
+        with lock:
+            if mid in outstanding:
+                outstanding.discard(mid)
+            else:
+                early.add(mid)
+
+    client.on_publish = on_publish
+    client.reconnect_delay_set(min_delay=1, max_delay=2)
     try:
         client.connect(cfg.host, cfg.port, keepalive=30)
     except OSError as exc:
         raise ChronoriskError(f"MQTT broker {cfg.host}:{cfg.port} unreachable ({type(exc).__name__})") from None
     client.loop_start()
-    infos = []
     started = time.monotonic()
     try:
         for i, row in enumerate(readings.iter_rows(named=True)):
@@ -53,14 +66,20 @@ def publish_readings(cfg: StreamConfig, readings: pl.DataFrame, rate: float, *, 
                 time.sleep(delay)
             obs = observation(row["reading_id"], row["device_id"], row["kind"], row["time"], row["value"],
                               row["value2"], row["unit"], sent_at=utcnow())
-            infos.append(client.publish(observation_topic(cfg.topic_prefix, row["site"], row["device_id"]),
-                                        orjson.dumps(obs), qos=1))
+            # while the broker is away paho keeps the message and sends it on reconnection
+            info = client.publish(observation_topic(cfg.topic_prefix, row["site"], row["device_id"]),
+                                  orjson.dumps(obs), qos=1)
+            with lock:
+                if info.mid in early:
+                    early.discard(info.mid)
+                else:
+                    outstanding.add(info.mid)
             if progress is not None and (i + 1) % 1000 == 0:
                 progress(i + 1)
-        deadline = time.monotonic() + 30
-        for info in infos:
-            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-        return sum(1 for info in infos if info.is_published())
+        deadline = time.monotonic() + wait_s
+        while outstanding and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return readings.height - len(outstanding)
     finally:
         client.disconnect()
         client.loop_stop()
