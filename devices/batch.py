@@ -138,37 +138,56 @@ def _insert_new(conn, table, rows: list[dict]) -> None:
 
 
 def _rescore(ctx: StreamContext, new: list[Reading], now: datetime) -> tuple[list[dict], list[dict]]:
-    """Score rows and alerts of every patient the new readings touched, site by site."""
+    """Score rows and alerts of every patient the new readings touched.
+
+    All sites' patients are scored in one polars run (its fixed cost is most of a small batch's):
+    each (site, subject) gets a batch-local id, as one subject id may be a patient at two sites.
+    One prediction time for the batch: just after its latest reading (features use events strictly
+    before it)."""
     withdrawn = ctx.store.withdrawn_subjects(now)
     by_site: dict[str, list[Reading]] = defaultdict(list)
     for r in new:
         if r.subject_id not in withdrawn:
             by_site[r.site].append(r)
-    score_rows: list[dict] = []
-    alerts: list[dict] = []
+    if not by_site:
+        return [], []
+    when = (max(r.time for group in by_site.values() for r in group) + timedelta(seconds=1)).replace(microsecond=0)
+    local: dict[int, tuple[str, int]] = {}
+    frames = []
     for site, group in by_site.items():
         subjects = sorted({r.subject_id for r in group})
-        # the reading must be before the prediction time: features use events strictly before it
-        when = (max(r.time for r in group) + timedelta(seconds=1)).replace(microsecond=0)
-        rows = score_patients(ctx.models, _patient_events(ctx, site, subjects, group), when,
-                              explain_tiers=ctx.explain_tiers, top_k=ctx.top_k)
+        ids = {s: len(local) + i for i, s in enumerate(subjects)}
+        local.update({k: (site, s) for s, k in ids.items()})
+        events = _patient_events(ctx, site, subjects, group)
+        frames.append(events.with_columns(pl.col("subject_id").replace_strict(ids, return_dtype=pl.Int64)))
+    rows = score_patients(ctx.models, pl.concat(frames, how="vertical"), when, explain_tiers=ctx.explain_tiers,
+                          top_k=ctx.top_k)
+    for row in rows:
+        row["site"], row["subject_id"] = local[row["subject_id"]]
+        row.update(prediction_time=when, scored_at=now)
+    return rows, _alerts(ctx, rows, when, now)
+
+
+def _alerts(ctx: StreamContext, rows: list[dict], when: datetime, now: datetime) -> list[dict]:
+    """An alert for each score whose tier rose above the patient's latest stored one, unless damped."""
+    alerts = []
+    for site in sorted({r["site"] for r in rows}):
+        subjects = sorted({r["subject_id"] for r in rows if r["site"] == site})
         before = _latest_tiers(ctx.store, site, subjects)
         damped = _recently_alerted(ctx.store, site, subjects, now - ctx.damping)
         for row in rows:
-            row.update(site=site, prediction_time=when, scored_at=now)
             key = (row["subject_id"], row["task"])
-            if tier_rose(before.get(key), row["tier"]) and key not in damped:
+            if row["site"] == site and tier_rose(before.get(key), row["tier"]) and key not in damped:
                 alerts.append({"site": site, "subject_id": row["subject_id"], "task": row["task"],
                                "from_tier": before[key], "to_tier": row["tier"], "risk": row["risk"],
                                "prediction_time": when, "created_at": now, "published_at": None})
-        score_rows.extend(rows)
-    return score_rows, alerts
+    return alerts
 
 
 def _patient_events(ctx: StreamContext, site: str, subjects: list[int], new: list[Reading]) -> pl.DataFrame:
     """MEDS events of these patients: their site's data, their stored readings and the new ones."""
+    stored = []
     with ctx.store.engine.connect() as conn:
-        stored = []
         for i in range(0, len(subjects), _CHUNK):
             stored += conn.execute(
                 select(device_readings.c.subject_id, device_readings.c.time, device_readings.c.code,
