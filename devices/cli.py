@@ -50,6 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rep.add_argument("--readings", type=Path, default=None, help="default: <work>/devices/readings.parquet")
     rep.add_argument("--limit", type=int, default=None, help="publish only the first N readings")
     add_broker_arguments(rep)
+    demo = sub.add_parser("demo", help="demo: replay a few minutes of readings through a private broker and the "
+                                       "stream")
+    demo.add_argument("--minutes", type=float, default=3.0, help="minutes of replay (default 3)")
+    demo.add_argument("--rate", type=float, default=100.0, help="readings per second (default 100)")
+    demo.add_argument("--site", default=None, help="the site to replay (default: the demo GP's, the first scored)")
+    demo.add_argument("--meds", type=Path, default=None, help="MEDS root (default: <work>/meds)")
+    demo.add_argument("--model-dir", type=Path, default=None, help="exported models instead of the champions")
     exp = sub.add_parser("export", help="write stored readings into each site's MEDS data (next batch run)")
     exp.add_argument("--meds", type=Path, default=None, help="MEDS root (default: <work>/meds)")
 
@@ -77,6 +84,10 @@ def run(args, ctx) -> int:
             for r in registry.list_devices(store, args.site):
                 state = f"revoked {r.revoked_at:%Y-%m-%d}" if r.revoked_at else "active"
                 print(f"{r.device_id:<24} {r.site:<16} {r.subject_id:>20} {r.kind or '-':<8} {state}")
+        elif args.action == "demo":
+            from chronorisk.devices.demo_step import run_demo
+
+            return run_demo(args, ctx, store, audit_log(args, ctx, store), cli_actor())
         elif args.action == "export":
             from chronorisk.devices.export import export_readings
 
