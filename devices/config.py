@@ -20,8 +20,8 @@ class StreamConfig(BaseModel):
     tls_cert: str | None = Field(None, description="client certificate (TLS client-certificate auth)")
     tls_key: str | None = Field(None, description="client certificate's key")
     session_expiry_s: int = Field(7 * 86_400, ge=60, description="how long the broker keeps the session offline")
-    batch_max: int = Field(500, ge=1, le=20_000, description="readings per micro-batch at most")
-    batch_ms: int = Field(200, ge=1, le=60_000, description="a micro-batch closes this long after its first reading")
+    batch_max: int = Field(1000, ge=1, le=20_000, description="readings per micro-batch at most")
+    batch_ms: int = Field(500, ge=1, le=60_000, description="a micro-batch closes this long after its first reading")
     alert_damping_hours: float = Field(24.0, ge=0, description="one alert per patient and task in this period")
     metrics_port: int = Field(9108, ge=0, le=65535, description="the consumer's /metrics port (0: none)")
     metrics_host: str = "127.0.0.1"

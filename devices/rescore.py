@@ -68,7 +68,11 @@ def score_patients(models: dict, events: pl.DataFrame, prediction_time: datetime
     chosen = list(models.values())
     if not chosen or events.height == 0:
         return []
-    indexes = scoring.eligible_indexes(chosen, events, prediction_time)
+    # as batch scoring: only what was recorded before the prediction time, eligibility from each code's
+    # first and last times
+    events = events.filter(pl.col("time").is_null() | (pl.col("time") < prediction_time))
+    summary = scoring.eligibility_events(events.lazy()).collect()
+    indexes = scoring.eligible_indexes(chosen, summary, prediction_time)
     feats_by_model = scoring.features_of_events(chosen, events, indexes)
     rows: list[dict] = []
     for model, feats in zip(chosen, feats_by_model, strict=True):
