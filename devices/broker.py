@@ -38,10 +38,11 @@ def mosquitto_binary() -> str:
 class PrivateBroker:
     """`start()`, `stop()` (SIGTERM: the broker saves its persistence file), `kill()`, `restart()`."""
 
-    def __init__(self, folder: Path, *, port: int | None = None, anonymous: bool = False):
+    def __init__(self, folder: Path, *, port: int | None = None, anonymous: bool = False, tls: bool = False):
         self.folder = Path(folder)
         self.port = port or free_port()
         self.anonymous = anonymous
+        self.tls = tls  # TLS with client certificates required (the certificate's CN is the user)
         self.password = secrets.token_urlsafe(18)
         self.proc: subprocess.Popen | None = None
 
@@ -70,10 +71,16 @@ class PrivateBroker:
             f"user {getpass.getuser()}",  # started as root, mosquitto would switch to a user who cannot read here
             f"listener {self.port} 127.0.0.1",
             f"allow_anonymous {'true' if self.anonymous else 'false'}",
-            *([] if self.anonymous else [f"password_file {passwords}"]),
+            *([] if self.anonymous or self.tls else [f"password_file {passwords}"]),
+            *(self._tls_lines() if self.tls else []),
             "",
         ]))
         return conf
+
+    def _tls_lines(self) -> list[str]:
+        files = server_certificates(self.folder / "certs")
+        return [f"cafile {files['ca']}", f"certfile {files['cert']}", f"keyfile {files['key']}",
+                "require_certificate true", "use_identity_as_username true"]
 
     def start(self, timeout: float = 10.0) -> PrivateBroker:
         conf = self._configure()
@@ -109,3 +116,40 @@ class PrivateBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def server_certificates(cert_dir: Path) -> dict[str, Path]:
+    """A CA and the broker's loopback certificate (the federated deployment's own generator)."""
+    from chronorisk.federated.deploy import ensure_certificates
+
+    return ensure_certificates(cert_dir)
+
+
+def client_certificate(cert_dir: Path, name: str, days: int = 30) -> tuple[Path, Path]:
+    """A client certificate (CN `name`) signed by `server_certificates`' CA: (certificate, key) files."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    server_certificates(cert_dir)
+    ca = x509.load_pem_x509_certificate((cert_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((cert_dir / "ca.key").read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = cert_dir / f"{name}.crt", cert_dir / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return cert_path, key_path

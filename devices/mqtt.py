@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 import threading
 
 import paho.mqtt.client as mqtt
@@ -65,8 +66,11 @@ def allows_anonymous(cfg: StreamConfig, timeout: float = 5.0) -> bool:
         done.set()
 
     client.on_connect = on_connect
+    client.on_disconnect = lambda *_: done.set()
     try:
         client.connect(cfg.host, cfg.port, keepalive=10)
+    except ssl.SSLError:
+        return False  # the TLS handshake refused a client without a certificate
     except OSError as exc:
         raise ChronoriskError(f"MQTT broker {cfg.host}:{cfg.port} unreachable ({type(exc).__name__})") from None
     client.loop_start()

@@ -24,7 +24,7 @@ from devices_support import (
 from chronorisk.devices.broker import PrivateBroker, free_port
 from chronorisk.devices.replay import publish_readings
 
-N = 900
+N = 600
 STORED = "SELECT count(*) FROM (SELECT DISTINCT device_id, reading_id FROM device_readings) AS r"
 
 
@@ -46,7 +46,7 @@ def _check_exactly_once(url, frame):
 def test_sigkill_mid_stream_then_restart_stores_every_reading_once(device_world, scored_store, broker, tmp_path):
     frame = readings(device_world, N)
     consumer = ConsumerProcess(tmp_path / "w", device_world, scored_store, broker, "--metrics-port", "0").start()
-    thread, result = _publisher(broker, frame, 300)
+    thread, result = _publisher(broker, frame, 400)
     wait_for(lambda: count(scored_store, STORED) >= N // 4, what="a quarter of the readings stored")
     consumer.kill()  # SIGKILL: no chance to finish its batch or acknowledge
     stored_at_kill = count(scored_store, STORED)
@@ -54,7 +54,7 @@ def test_sigkill_mid_stream_then_restart_stores_every_reading_once(device_world,
     thread.join(60)
     assert result["acked"] == N
     again = ConsumerProcess(tmp_path / "w", device_world, scored_store, broker, "--metrics-port", "0",
-                            "--idle-exit", "3").start()
+                            "--idle-exit", "2").start()
     assert again.wait(120) == 0, again.output()[-3000:]
     _check_exactly_once(scored_store, frame)
     assert "session present: True" in again.output()
@@ -66,7 +66,7 @@ def test_broker_restart_mid_stream_loses_nothing(device_world, scored_store, bro
     frame = readings(device_world, N)
     consumer = ConsumerProcess(tmp_path / "w", device_world, scored_store, broker, "--metrics-port", "0",
                                "--idle-exit", "6").start()
-    thread, result = _publisher(broker, frame, 300)
+    thread, result = _publisher(broker, frame, 400)
     wait_for(lambda: count(scored_store, STORED) >= N // 4, what="a quarter of the readings stored")
     broker.stop()
     time.sleep(1.0)
@@ -182,3 +182,30 @@ def test_metrics_alerts_published_and_damped(device_world, scored_store, broker,
     assert "chronorisk_stream_consumer_lag_seconds" in metrics
     assert "chronorisk_stream_reading_to_score_seconds_bucket" in metrics
     assert "chronorisk_stream_alerts_total{" in metrics
+
+
+def test_tls_client_certificates_authenticate_the_consumer_and_the_gateway(device_world, scored_store, tmp_path):
+    import yaml
+
+    from chronorisk.devices.broker import client_certificate
+    from chronorisk.devices.config import StreamConfig
+
+    with PrivateBroker(tmp_path / "tls", tls=True) as tls_broker:
+        certs = tls_broker.folder / "certs"
+        consumer_cert, consumer_key = client_certificate(certs, "chronorisk-stream")
+        gateway_cert, gateway_key = client_certificate(certs, "gateway-1")
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({"stream": {
+            "host": "127.0.0.1", "port": tls_broker.port, "tls_ca": str(certs / "ca.crt"),
+            "tls_cert": str(consumer_cert), "tls_key": str(consumer_key), "metrics_port": 0}}))
+        frame = readings(device_world, 100)
+        out_path = tmp_path / "w"
+        consumer = ConsumerProcess(out_path, device_world, scored_store, tls_broker, "--idle-exit", "2")
+        consumer.cmd = [c for c in consumer.cmd if c not in ("--username", "chronorisk")]
+        consumer.cmd[consumer.cmd.index("--work") + 2:consumer.cmd.index("--work") + 2] = ["--params", str(params)]
+        consumer.start()  # no anonymous access (no certificate, no TLS session) and no password needed
+        gateway = StreamConfig(host="127.0.0.1", port=tls_broker.port, tls_ca=str(certs / "ca.crt"),
+                               tls_cert=str(gateway_cert), tls_key=str(gateway_key))
+        assert publish_readings(gateway, frame, 400) == frame.height
+        assert consumer.wait(120) == 0, consumer.output()[-3000:]
+    _check_exactly_once(scored_store, frame)
