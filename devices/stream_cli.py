@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exported models <dir>/<task>/ instead of the registry's champions")
     parser.add_argument("--metrics-port", type=int, default=None, help="/metrics port (default: stream.metrics_port;"
                                                                        " 0: none)")
+    parser.add_argument("--client-id", default=None, help="MQTT client id, i.e. the persistent session (default: "
+                                                          "stream.client_id; one per consumer)")
     parser.add_argument("--idle-exit", type=float, default=None, help="stop after this many seconds without a reading")
     parser.add_argument("--demo", action="store_true",
                         help="demo: accept a broker without authentication (anonymous clients allowed)")
@@ -39,6 +41,8 @@ def run(args, ctx) -> int:
     cfg = broker_config(args, ctx)
     if args.metrics_port is not None:
         cfg = cfg.model_copy(update={"metrics_port": args.metrics_port})
+    if args.client_id is not None:
+        cfg = cfg.model_copy(update={"client_id": args.client_id})
     demo = is_demo(args.demo)
     if not demo:
         check_auth(cfg)
