@@ -8,6 +8,7 @@ from datetime import timedelta
 import httpx
 import orjson
 import polars as pl
+import pytest
 from devices_support import SECRET, count, readings, rows
 
 from chronorisk.config import Params
@@ -136,3 +137,31 @@ def _get(app, path, key):
             return await c.get(path, headers={"Authorization": f"Bearer {key}"})
 
     return asyncio.run(go())
+
+
+@pytest.mark.postgres
+def test_batch_on_postgresql_stores_once_and_alerts(device_world, tmp_path, monkeypatch):
+    from devices_support import cli
+    from serving_support import pg_schema
+
+    monkeypatch.setenv("CHRONORISK_SERVE_SECRET", SECRET)
+    with pg_schema() as url:
+        work = tmp_path / "w"
+        for argv in (["score", "--date", "2025-07-01", "--meds", str(device_world.meds), "--model-dir",
+                      str(device_world.models), "--store", url],
+                     ["devices", "--store", url, "register", "--file", str(device_world.devices / "devices.parquet")]):
+            out = cli(work, *argv)
+            assert out.returncode == 0, out.stderr[-2000:]
+        ctx = _context(device_world, url)
+        frame = readings(device_world, 1600)
+        results = _run(ctx, frame)
+        assert sum(r.stored for r in results) == frame.height
+        again = process_batch(ctx, _messages(frame[:200]))
+        assert (again.stored, again.redelivered) == (0, 200)
+        assert any(r.alerts for r in results)
+        from chronorisk.devices.alerts import worklist_alerts
+
+        site = next(a for r in results for a in r.alerts)["site"]
+        shown, _ = worklist_alerts(ctx.store.engine, site, "key:test")
+        assert shown and worklist_alerts(ctx.store.engine, site, "key:test")[0] == []
+        ctx.store.dispose()
