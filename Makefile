@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE := 1
 # mlflow, evidently and the rest on import, seconds each time.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup browser-deps demo repro test test-fast lint bench clean distclean
+.PHONY: setup browser-deps mqtt-deps demo repro test test-fast lint bench clean distclean
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml | $(BIN)/uv
 
 setup: $(VENV)/.installed
 
-demo: setup
+demo: setup mqtt-deps
 	$(BIN)/chronorisk demo
 
 # The DVC pipeline (dvc.yaml): generate, ingest, features, train, evaluate; the stages call `chronorisk`.
@@ -51,7 +51,14 @@ browser-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium missing: run 'sudo apt-get install chromium' (browser tests will fail)"; fi; }
 
-test: setup browser-deps
+# The Mosquitto broker: the device-stream tests, benchmark and demo start private instances of it.
+mqtt-deps:
+	@{ command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	  else echo "mosquitto missing: run 'sudo apt-get install mosquitto' (device-stream tests will fail)"; fi; }
+
+test: setup browser-deps mqtt-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "access": ("chronorisk.serving.access_cli", "manage API keys and consent withdrawal (admin)"),
     "monitor": ("chronorisk.serving.monitor_cli", "drift and performance monitoring with Evidently"),
     "audit": ("chronorisk.serving.audit_cli", "verify the hash-chained audit log"),
+    "devices": ("chronorisk.devices.cli", "home devices: register, list, revoke (admin), replay readings, export"),
+    "stream": ("chronorisk.devices.stream_cli", "consume home-device readings over MQTT, re-score, alert"),
     "demo": ("chronorisk.demo", "run the whole chain on the embedded defaults"),
 }
 

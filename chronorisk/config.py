@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chronorisk.data.config import GenerateConfig, IngestConfig
+from chronorisk.devices.config import StreamConfig
 from chronorisk.errors import ConfigError
 from chronorisk.features.config import FeatureConfig, LabelConfig
 from chronorisk.federated.config import FederatedConfig
@@ -34,6 +35,7 @@ class Params(BaseModel):
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
 
 
 def load_params(path: Path | None) -> Params:

@@ -23,7 +23,7 @@ def demo_stages(args: argparse.Namespace, ctx) -> list[tuple[str, list[str]]]:
     patients = str(args.patients or params.generate.patients)
     score_date = f"{params.generate.end.year}-07-01"
     stages = [
-        ("generate", ["generate", "--patients", patients, "--fhir"]),
+        ("generate", ["generate", "--patients", patients, "--fhir", "--devices", "0.5"]),
         ("ingest", ["ingest", "--demo", str(ctx.paths.fhir)]),
         ("summary", ["summary"]),
         ("summary (ingested)", ["summary", "--meds", str(ctx.paths.ingested)]),
@@ -36,6 +36,7 @@ def demo_stages(args: argparse.Namespace, ctx) -> list[tuple[str, list[str]]]:
         stages.append(("federated", ["federated", "sim"]))
     stages += [
         ("score", ["score", "--date", score_date, "--demo"]),
+        ("home devices", ["devices", "--demo", "demo", "--minutes", "3"]),
         ("monitor", ["monitor"]),
     ]
     if not args.no_serve:

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="add a new region's site unlike the others, joining late (data/synth/new_site.py)")
     parser.add_argument("--chunk-size", type=int, default=None, help="patients per chunk (default: params.yaml)")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes (default: params.yaml)")
+    parser.add_argument("--devices", type=float, default=None, metavar="SHARE",
+                        help="give this share (0-1) of diagnosed patients home devices and simulate their readings")
 
 
 def resolve_config(args: argparse.Namespace, base):
@@ -65,6 +67,10 @@ def run(args: argparse.Namespace, ctx) -> int:
     from chronorisk.data.synth.runner import generate
 
     cfg = resolve_config(args, ctx.params.generate)
+    if args.devices is not None and not 0 <= args.devices <= 1:
+        from chronorisk.errors import InputError
+
+        raise InputError("--devices", f"{args.devices:g} is not a share between 0 and 1")
     out = (args.out or ctx.paths.root).resolve()
     summary = generate(cfg, out)
     mode = ("ideal" if cfg.ideal else "realistic") + (", realistic codes" if cfg.realistic_codes else "")
@@ -78,6 +84,15 @@ def run(args: argparse.Namespace, ctx) -> int:
     print("  truth rows: " + ", ".join(f"{t} {n:,}" for t, n in summary.truth_rows.items()))
     if cfg.fhir:
         print(f"  FHIR bundles: {summary.bundles:,}")
+    if args.devices is not None:
+        _devices(args.devices, cfg, out)
     if cfg.drift:
         print("  drift: " + "; ".join(f"{d.site} {d.kind} from {d.start}" for d in cfg.drift))
     return 0
+
+
+def _devices(share: float, cfg, out: Path) -> None:
+    from chronorisk.data.synth.devices import write_devices
+
+    n_devices, n_readings = write_devices(out, share, cfg.seed, cfg.end)
+    print(f"  home devices: {n_devices:,} with {n_readings:,} readings -> {out / 'devices'}")

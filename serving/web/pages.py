@@ -240,14 +240,22 @@ def worklist_page(request: Request, principal: Annotated[Principal, Depends(page
     except (ValueError, InputError) as exc:
         raise HTTPException(422, f"filter: {exc}") from None
     rows = state.store.worklist(site, task=task, tiers=tiers, min_risk=min_risk, limit=200)
+    alerts, last_visit = worklist_alerts(state.store.engine, site, principal.actor)
     state.audit.append(actor=principal.actor, role=principal.role, site=site, action="worklist_read",
-                       detail=worklist_audit(task, tiers, min_risk, rows, "page"))
+                       detail={**worklist_audit(task, tiers, min_risk, rows, "page"), "n_alerts": len(alerts)})
     filters = {"task": task, "tiers": tiers or [], "min_risk": q.get("min_risk") or ""}
     return render(
         "worklist.html", principal=principal, csrf=csrf_token(state, request), site=site,
         rows=[_worklist_row(r) for r in rows], filters=filters, tasks=state.config.tasks, tiers=TIERS,
-        sites=state.store.sites() if principal.role != "gp" else [site],
+        sites=state.store.sites() if principal.role != "gp" else [site], alerts=alerts, last_visit=last_visit,
     )
+
+
+def worklist_alerts(engine, site: str, actor: str) -> tuple[list[dict], object]:
+    """Home-device alerts of the site new since this user's last worklist visit (the stream's one read here)."""
+    from chronorisk.devices.alerts import worklist_alerts as read_alerts
+
+    return read_alerts(engine, site, actor)
 
 
 def _percent(text: str | None) -> float | None:

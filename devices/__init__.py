@@ -1,0 +1,1 @@
+"""Home-device readings over MQTT: device registry, reading conversion, the stream consumer, alerts."""
