@@ -78,7 +78,7 @@ def test_compare_writes_json_and_html(cohort):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     report = json.loads((work / "reports" / "federated_compare.json").read_text())
     info = report["tasks"]["onset_2y"]
-    assert set(info["overall"]) == {"centralized", "federated-bagging", "site-local"}
+    assert set(info["overall"]) == {"centralized", "logistic-baseline", "federated-bagging", "site-local"}
     assert set(info["sites"]) == set(info["train_rows"]) and len(info["sites"]) == 5
     for cells in info["sites"].values():  # NaN: a tiny site without a case among its held-out rows
         assert math.isnan(cells["centralized"]["auroc"]) or 0 <= cells["centralized"]["auroc"] <= 1

@@ -190,3 +190,27 @@ def test_federated_simulation_and_compare_with_supplied_labels_and_an_absolute_t
     overall = report["tasks"][task]["overall"]
     assert {"centralized", "logistic-baseline", "federated-bagging"} <= set(overall)
     assert overall["logistic-baseline"]["auroc"] > 0.7
+
+
+def test_serving_scores_and_explains_a_logistic_bundle(byod, tmp_path):
+    """The serving path (`serving.scoring.score_one`) takes either model kind through the bundle interface."""
+    from datetime import datetime
+
+    from chronorisk.models.bundle import ModelBundle
+    from chronorisk.serving import scoring
+
+    root, _ = byod
+    work = tmp_path / "w"
+    task = str(root / f"{TASK}.yaml")
+    ok(cli(work, "train", "--meds", str(root / "meds"), "--labels", str(root / "labels"), "--task", task,
+           "--no-mlflow"))
+    bundle = ModelBundle.load(work / "models" / TASK)
+    assert bundle.kind == "logistic"
+    events = pl.read_parquet(root / "meds" / "sites" / "site_a" / "data" / "0.parquet")
+    one = events.filter(pl.col("subject_id") == events["subject_id"][0])
+    models = {TASK: scoring.served_model(TASK, bundle)}
+    [result] = scoring.score_one(models, [TASK], events=one, prediction_time=datetime(2016, 1, 1), top_k=3)
+    assert result.eligible and 0 < result.risk < 1 and result.tier in ("low", "medium", "high")
+    assert result.factors and all(f["text"].endswith("risk") for f in result.factors)
+    feats, _ = scoring.features_from_events(models[TASK], one, datetime(2016, 1, 1))
+    assert abs(bundle.contributions(feats).sum() - float(bundle.predict_raw(feats)[0])) < 1e-9
