@@ -7,6 +7,7 @@ the actor. A new key is printed once; only its hash is stored.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from chronorisk.serving.cli_common import add_demo_argument, add_store_argument
 
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     withdraw.add_argument("--subject", required=True, type=int, help="pseudonymous subject id")
     withdraw.add_argument("--site", default=None, help="only at this site (default: every site)")
     withdraw.add_argument("--at", default=None, help="effective time, ISO 8601 (default: now)")
+    listed = sub.add_parser("withdrawn", help="write (site, subject_id) of every withdrawal in effect to a "
+                            "parquet file: what training and federated runs leave out")
+    listed.add_argument("--out", required=True, type=Path, help="parquet file to write")
     renew = sub.add_parser("renew-consent", help="record that a patient who withdrew consents again")
     renew.add_argument("--subject", required=True, type=int, help="pseudonymous subject id")
     renew.add_argument("--site", default=None, help="only at this site (default: every site)")
@@ -57,6 +61,10 @@ def run(args, ctx) -> int:
             for k in access.list_keys(store.engine):
                 state = f"revoked {k['revoked_at']:%Y-%m-%d}" if k["revoked_at"] else "active"
                 print(f"{k['key_id']}  {k['role']:<15} {k['site'] or '-':<16} {state:<18} {k['label'] or ''}")
+            return 0
+        if args.action == "withdrawn":
+            n = write_withdrawn(store, args.out)
+            print(f"{n} (site, patient) pairs with consent withdrawn written to {args.out.name}")
             return 0
         if args.action in ("withdraw-consent", "renew-consent"):
             at = _parse_time(args.at)
@@ -97,3 +105,17 @@ def check_site_arg(site: str | None) -> str | None:
         return check_site(site)
     except ValueError as exc:
         raise InputError("--site", str(exc)) from None
+
+
+def write_withdrawn(store, out: Path) -> int:
+    """(site, subject_id) of each withdrawal in effect now, one row per store site it covers (training
+    reads this file: the one-way imports keep training from importing the serving store)."""
+    import polars as pl
+
+    from chronorisk.data.files import atomic_output
+
+    rows = [(site, sid) for site in store.sites() for sid in sorted(store.withdrawn_subjects(site=site))]
+    frame = pl.DataFrame(rows, schema={"site": pl.String, "subject_id": pl.Int64}, orient="row")
+    with atomic_output(out) as tmp:
+        frame.write_parquet(tmp)
+    return frame.height

@@ -114,3 +114,21 @@ def test_too_few_rows_are_all_suppressed():
     rows = [{"site": "a", "age_band": "60-69", "sex": "F", "conditions": ""}] * 3
     released, report = cohort.deidentify(rows, k=10, max_suppressed_share=0.05)
     assert released == [] and report["suppressed_rows"] == "1-9"
+
+
+def test_withdrawn_file_for_training(sqlite_store, tmp_path):
+    """`chronorisk access withdrawn --out F`: the pairs training leaves out (a global withdrawal covers
+    every site; a renewed one is gone)."""
+    import polars as pl
+
+    from chronorisk.serving.access_cli import write_withdrawn
+
+    seed_store(sqlite_store)
+    now = utcnow()
+    sqlite_store.withdraw_consent(subject_id(0, 1), site="chc_a", at=now - timedelta(hours=1))
+    sqlite_store.withdraw_consent(subject_id(1, 2), site=None, at=now - timedelta(hours=1))
+    sqlite_store.withdraw_consent(subject_id(0, 3), site="chc_a", at=now - timedelta(hours=2))
+    sqlite_store.renew_consent(subject_id(0, 3), site="chc_a", at=now - timedelta(hours=1))
+    assert write_withdrawn(sqlite_store, tmp_path / "w.parquet") == 1 + 3
+    got = set(pl.read_parquet(tmp_path / "w.parquet").iter_rows())
+    assert got == {("chc_a", subject_id(0, 1))} | {(s, subject_id(1, 2)) for s in ("chc_a", "chc_b", "hosp_c")}
