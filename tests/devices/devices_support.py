@@ -21,6 +21,7 @@ SECRET = "device-tests-secret-0123456789"
 def env(broker=None) -> dict[str, str]:
     e = {**os.environ, "CHRONORISK_SERVE_SECRET": SECRET}
     e.pop("CHRONORISK_DEMO", None)
+    e.pop("CHRONORISK_MQTT_PASSWORD", None)  # another test's broker's (broker_config sets it in this process)
     if broker is not None:
         e.update(broker.env)
     return e
