@@ -33,6 +33,7 @@ def check_auth(cfg: StreamConfig) -> None:
                                             f"{cfg.password_env}) or stream.tls_cert/tls_key, or run with --demo")
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise InputError("stream.tls_key", "a TLS client certificate needs both tls_cert and tls_key")
+    password(cfg)  # a configured user without its password fails here, before any connection
 
 
 def make_client(cfg: StreamConfig, client_id: str, *, manual_ack: bool = False, anonymous: bool = False) -> mqtt.Client:

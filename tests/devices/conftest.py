@@ -49,6 +49,16 @@ def scored_store(device_world, tmp_path):
     return f"sqlite:///{path}"
 
 
+@pytest.fixture(autouse=True)
+def _stop_consumers():
+    """No consumer outlives its test, even a failed one."""
+    from devices_support import STARTED
+
+    yield
+    while STARTED:
+        STARTED.pop().stop()
+
+
 @pytest.fixture
 def broker(tmp_path):
     b = PrivateBroker(tmp_path / "broker").start()

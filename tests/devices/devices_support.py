@@ -21,6 +21,7 @@ SECRET = "device-tests-secret-0123456789"
 def env(broker=None) -> dict[str, str]:
     e = {**os.environ, "CHRONORISK_SERVE_SECRET": SECRET}
     e.pop("CHRONORISK_DEMO", None)
+    e.pop("CHRONORISK_MQTT_PASSWORD", None)  # another test's broker's (broker_config sets it in this process)
     if broker is not None:
         e.update(broker.env)
     return e
@@ -40,10 +41,14 @@ def broker_config(broker, **extra) -> StreamConfig:
     return StreamConfig(host="127.0.0.1", port=broker.port, username="chronorisk", **extra)
 
 
+STARTED: list[ConsumerProcess] = []  # stopped after each test (conftest), whatever its outcome
+
+
 class ConsumerProcess:
     """`chronorisk stream` in its own process group; its output in a log file."""
 
     def __init__(self, work: Path, world, store_url: str, broker, *extra: str):
+        STARTED.append(self)
         self.cmd = [sys.executable, "-m", "chronorisk.cli", "--work", str(work), "stream", "--store", store_url,
                     "--meds", str(world.meds), "--model-dir", str(world.models), *broker_args(broker), *extra]
         self.broker = broker

@@ -144,6 +144,9 @@ def test_refuses_a_broker_that_accepts_anonymous_clients_unless_demo(device_worl
     out = cli(tmp_path / "w", "stream", "--store", scored_store, "--model-dir", str(device_world.models),
               "--port", str(free_port()))
     assert out.returncode == 2 and "no MQTT authentication configured" in out.stderr
+    out = cli(tmp_path / "w", "stream", "--store", scored_store, "--model-dir", str(device_world.models),
+              "--port", str(free_port()), "--username", "someone")
+    assert out.returncode == 2 and "CHRONORISK_MQTT_PASSWORD" in out.stderr and "is not set" in out.stderr
 
 
 @pytest.mark.parametrize("damping_hours", [24.0])
