@@ -61,12 +61,15 @@ def process_batch(ctx: StreamContext, messages: Sequence[Message]) -> BatchResul
     converted = [convert_message(ctx.prefix, m, registry) for m in messages]
     readings = _first_of_each(r for r in converted if isinstance(r, Reading))
     quarantined = {q.key: q for q in converted if isinstance(q, Quarantined)}
+    quarantined.update((q.key, q) for r in readings.values() for q in r.left_out)
     with ctx.store.engine.connect() as conn:
         known = _stored_reading_keys(conn, list(readings))
         known_q = _stored_quarantine_keys(conn, list(quarantined))
     new = [r for k, r in readings.items() if k not in known]
     new_q = [q for k, q in quarantined.items() if k not in known_q]
-    result.redelivered = (len(readings) - len(new)) + (len(quarantined) - len(new_q))
+    # a redelivered message counts once (a stored reading's left-out components are not messages)
+    result.redelivered = (len(readings) - len(new)) + sum(
+        1 for k, q in quarantined.items() if k in known_q and q.part is None)
     now = utcnow()
     score_rows, alerts = _rescore(ctx, new, now) if new else ([], [])
     with writer(ctx.store.engine) as conn, conn.begin():

@@ -51,6 +51,7 @@ class Reading:
     events: list[tuple[datetime, str, float | None, str | None]]
     received_at: datetime
     sent_at: datetime | None = None  # meta.lastUpdated: when the gateway sent it
+    left_out: list[Quarantined] = field(default_factory=list)  # components quarantined on their own
 
     @property
     def time(self) -> datetime:
@@ -65,10 +66,11 @@ class Quarantined:
     reason: str
     payload: bytes
     received_at: datetime
+    part: str | None = None  # the component left out of a reading that was stored (its other parts)
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = message_key(self.topic, self.payload)
+        self.key = message_key(self.topic, self.payload + (b"\0" + self.part.encode() if self.part else b""))
 
 
 def message_key(topic: str, payload: bytes) -> str:
@@ -103,8 +105,8 @@ def parse_topic(prefix: str, topic: str) -> tuple[str, str] | None:
 def convert_message(prefix: str, msg: Message, registry: dict[str, Registration]) -> Reading | Quarantined:
     """The reading of one message, or why it is quarantined (never an exception)."""
 
-    def bad(category: str, reason: str, device: str | None = None) -> Quarantined:
-        return Quarantined(msg.topic, device, category, reason, msg.payload[:MAX_PAYLOAD], msg.received_at)
+    def bad(category: str, reason: str, device: str | None = None, part: str | None = None) -> Quarantined:
+        return Quarantined(msg.topic, device, category, reason, msg.payload[:MAX_PAYLOAD], msg.received_at, part)
 
     where = parse_topic(prefix, msg.topic)
     if where is None:
@@ -129,14 +131,19 @@ def convert_message(prefix: str, msg: Message, registry: dict[str, Registration]
         return bad("revoked_device", f"device registration was revoked on {reg.revoked_at:%Y-%m-%d}", device_id)
     if reg.site != site:
         return bad("wrong_site", f"device is registered at another site than {site!r}", device_id)
+    ctx = _context()
     try:
-        rows = convert.observation_rows({**resource, "subject": {"reference": "Patient/device"}}, _context())
+        rows = convert.observation_rows({**resource, "subject": {"reference": "Patient/device"}}, ctx)
     except convert.Rejected as exc:
         return bad(exc.category, exc.detail, device_id)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return bad("unreadable", f"Observation cannot be read ({type(exc).__name__})", device_id)
     events = [(_EPOCH + timedelta(microseconds=r[1]), r[2], r[3], r[4]) for r in rows]
-    return Reading(device_id, reading_id, site, reg.subject_id, events, msg.received_at, _sent_at(resource))
+    # a panel's bad component is quarantined alone, as ingestion does; its good components are stored
+    left_out = [bad(p.category, f"{p.part}: {p.detail}" if p.part else p.detail, device_id, p.part or "value")
+                for p in ctx.partial]
+    return Reading(device_id, reading_id, site, reg.subject_id, events, msg.received_at, _sent_at(resource),
+                   left_out)
 
 
 def _context() -> convert.BundleContext:
@@ -149,6 +156,7 @@ def _context() -> convert.BundleContext:
 
         _CONTEXT = convert.BundleContext(Pseudonymizer(secrets.token_bytes(32)), {}, {})
     _CONTEXT.reset_bundle()
+    _CONTEXT.partial = []
     return _CONTEXT
 
 

@@ -13,8 +13,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import polars as pl
-
 from chronorisk.features.labels_cli import LABELS_HELP
 
 log = logging.getLogger("chronorisk.features")
@@ -98,6 +96,8 @@ def run(args: argparse.Namespace, ctx) -> int:
 
 def _print_value_checks(spec, source, task: str) -> None:
     """Say which numbers of the site the features drop (impossible, per code) or clip (fitted quantiles)."""
+    import polars as pl  # here, not at the top: the CLI imports every command's module to parse
+
     from chronorisk.features.vocabulary import value_checks
 
     checks = value_checks(spec, source.scan())

@@ -71,12 +71,22 @@ def test_glucose_in_mmol_per_litre_is_converted_to_the_canonical_unit():
     assert code == "LOINC//2339-0" and value == pytest.approx(7.0 * 18.0, rel=0.01)
 
 
+def test_a_panel_with_one_implausible_component_keeps_the_other_and_quarantines_it_alone():
+    out = convert_message("chronorisk", _msg(_bp(sys_value=1200)), REG)
+    assert isinstance(out, Reading)
+    assert [code for _, code, _, _ in out.events] == ["LOINC//8462-4"]  # the diastolic value is kept
+    (part,) = out.left_out
+    assert part.category == "implausible_value" and "plausible range" in part.reason and "1200" in part.reason
+    assert part.part and part.part in part.reason
+    again = convert_message("chronorisk", _msg(_bp(sys_value=1200)), REG)
+    assert again.left_out[0].key == part.key  # a redelivery is the same quarantine row
+
+
 @pytest.mark.parametrize(("message", "category", "words"), [
     (_msg(b"{oops"), "malformed_json", "not valid JSON"),
     (_msg(_bp(device="nobody"), device="nobody"), "unknown_device", "not registered"),
     (_msg(_bp(device="bp-old"), device="bp-old"), "revoked_device", "revoked"),
     (_msg(_bp(), site="chc_b"), "wrong_site", "another site"),
-    (_msg(_bp(sys_value=1200)), "implausible_value", "plausible range"),
     (_msg(_bp(unit="kPa-ish")), "unit_not_convertible", "kPa-ish"),
     (_msg({**_bp(), "id": None}), "no_id", "Observation.id"),
     (_msg({"resourceType": "Patient"}), "not_observation", "not a FHIR Observation"),

@@ -88,7 +88,7 @@ def _bad_messages(world, site, device, subject_device_site):
         return orjson.dumps(o)
 
     glucose_bad_unit = observation("bad-unit", device, "glucose", good["time"], 7.0, unit="mmol/mol")
-    implausible = observation("too-high", device, "bp", good["time"], 1200, 80)
+    implausible = observation("too-high", device, "bp", good["time"], 1200, 900)  # no part of it converts
     return [
         (f"chronorisk/{site}/devices/{device}/observations", b"{not json", "malformed_json"),
         (f"chronorisk/{site}/devices/nobody-1/observations", obs("u1"), "unknown_device"),
