@@ -105,7 +105,8 @@ def _recode(events: pl.DataFrame, site_index: int, rng: np.random.Generator) -> 
 
 
 def _spans(events: pl.DataFrame) -> pl.DataFrame:
-    timed = events.filter(pl.col("time").is_not_null())
+    """Each subject's record span: first and last timed event that is not the birth."""
+    timed = events.filter(pl.col("time").is_not_null() & (pl.col("code") != vocab.BIRTH))
     return timed.group_by("subject_id", maintain_order=True).agg(
         pl.col("time").min().alias("first"), pl.col("time").max().alias("last")
     )
@@ -119,7 +120,7 @@ def _tail(events: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
     last = spans["last"].to_numpy().astype("datetime64[us]").astype(np.int64)[who]
     day = 86_400_000_000
     t = first + (rng.random(len(who)) * (last - first)).astype(np.int64)
-    t -= t % day
+    t = np.maximum(t - t % day, first)  # a date-only record, never before the record starts
     ranks = np.arange(1, TAIL_CODES + 1)
     p = 1.0 / ranks**1.1
     k = rng.choice(TAIL_CODES, len(who), p=p / p.sum())
