@@ -105,8 +105,9 @@ def _recode(events: pl.DataFrame, site_index: int, rng: np.random.Generator) -> 
 
 
 def _spans(events: pl.DataFrame) -> pl.DataFrame:
-    """Each subject's record span: first and last timed event that is not the birth."""
-    timed = events.filter(pl.col("time").is_not_null() & (pl.col("code") != vocab.BIRTH))
+    """Each subject's span of recorded activity: first to last encounter (diagnoses and births carry
+    dates from long before the data starts; a tail there would move every task's start back)."""
+    timed = events.filter(pl.col("code").str.starts_with(vocab.ENCOUNTER_PREFIX) & pl.col("time").is_not_null())
     return timed.group_by("subject_id", maintain_order=True).agg(
         pl.col("time").min().alias("first"), pl.col("time").max().alias("last")
     )
