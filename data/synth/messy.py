@@ -3,8 +3,8 @@
 Real records are not 39 codes of a concept map. With this option each site's
 events (per chunk, after simulation) get, deterministically from (seed, chunk, site):
 
-- a long tail: about `TAIL_PER_PATIENT` extra records per patient over their record
-  span, with codes drawn Zipf-like (probability ~ 1/rank^1.1) from `TAIL_CODES`
+- a long tail: about `TAIL_PER_PATIENT` extra records per patient between their first
+  and last visit, with codes drawn Zipf-like (probability ~ 1/rank^1.1) from `TAIL_CODES`
   local codes `LOCAL//Z0001`...; every tenth carries a number (noise: no risk in it);
 - a measurement outside the concept map whose values carry part of the risk:
   high-sensitivity CRP (`LOINC//30522-7`, mg/L) at about a third of ambulatory
