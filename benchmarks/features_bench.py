@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="20,000 patients, pandas on 1,000")
     parser.add_argument("--patients", type=int, default=None)
     parser.add_argument("--pandas-patients", type=int, default=None)
-    parser.add_argument("--chunk-subjects", type=int, default=30_000)
+    parser.add_argument("--chunk-subjects", type=int, default=15_000)
     parser.add_argument("--workers", type=int, default=2, help="chunks computed at once (threads)")
     parser.add_argument("--repeats", type=int, default=None, help="pandas/ours numeric timing repeats (best of)")
     parser.add_argument("--source", choices=["generator", "random"], default="generator")

@@ -16,7 +16,7 @@ class FeatureConfig(BaseModel):
     )
     pdc_days: int = Field(365, gt=0, description="window of medication counts and proportion of days covered")
     chunk_subjects: int = Field(
-        30_000, gt=0, description="index rows (subject x prediction time) transformed at a time (memory bound)"
+        15_000, gt=0, description="index rows (subject x prediction time) transformed at a time (memory bound)"
     )
     workers: int = Field(2, ge=1, le=16, description="chunks computed at once (threads); memory grows with it")
     concepts: str | None = Field(None, description="concept map YAML (default: the built-in features/concepts.yaml)")

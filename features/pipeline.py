@@ -460,7 +460,7 @@ def transform_shards(
     spec: FeatureSpec,
     shards: Iterable[Path],
     index: pl.DataFrame,
-    chunk_subjects: int = 30_000,
+    chunk_subjects: int = 15_000,
     workers: int = 1,
 ) -> Iterator[pl.DataFrame]:
     """Feature frames for `index` over MEDS shards, about `chunk_subjects` index rows at a time.

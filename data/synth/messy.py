@@ -3,8 +3,8 @@
 Real records are not 39 codes of a concept map. With this option each site's
 events (per chunk, after simulation) get, deterministically from (seed, chunk, site):
 
-- a long tail: about `TAIL_PER_PATIENT` extra records per patient over their record
-  span, with codes drawn Zipf-like (probability ~ 1/rank^1.1) from `TAIL_CODES`
+- a long tail: about `TAIL_PER_PATIENT` extra records per patient between their first
+  and last visit, with codes drawn Zipf-like (probability ~ 1/rank^1.1) from `TAIL_CODES`
   local codes `LOCAL//Z0001`...; every tenth carries a number (noise: no risk in it);
 - a measurement outside the concept map whose values carry part of the risk:
   high-sensitivity CRP (`LOINC//30522-7`, mg/L) at about a third of ambulatory
@@ -105,7 +105,9 @@ def _recode(events: pl.DataFrame, site_index: int, rng: np.random.Generator) -> 
 
 
 def _spans(events: pl.DataFrame) -> pl.DataFrame:
-    timed = events.filter(pl.col("time").is_not_null())
+    """Each subject's span of recorded activity: first to last encounter (diagnoses and births carry
+    dates from long before the data starts; a tail there would move every task's start back)."""
+    timed = events.filter(pl.col("code").str.starts_with(vocab.ENCOUNTER_PREFIX) & pl.col("time").is_not_null())
     return timed.group_by("subject_id", maintain_order=True).agg(
         pl.col("time").min().alias("first"), pl.col("time").max().alias("last")
     )
@@ -119,7 +121,7 @@ def _tail(events: pl.DataFrame, rng: np.random.Generator) -> pl.DataFrame:
     last = spans["last"].to_numpy().astype("datetime64[us]").astype(np.int64)[who]
     day = 86_400_000_000
     t = first + (rng.random(len(who)) * (last - first)).astype(np.int64)
-    t -= t % day
+    t = np.maximum(t - t % day, first)  # a date-only record, never before the record starts
     ranks = np.arange(1, TAIL_CODES + 1)
     p = 1.0 / ranks**1.1
     k = rng.choice(TAIL_CODES, len(who), p=p / p.sum())

@@ -62,6 +62,12 @@ def test_messy_records_as_described(work):
     assert not riverside.str.starts_with("ICD10CM//").any() and not riverside.is_in(
         [d.snomed for d in vocab.DIAGNOSES.values()]).any()
     assert everything.filter(pl.col("code") == messy.CRP)["numeric_value"].min() >= 0
+    # the tail lies within each record's span of visits (never back to the birth or a diagnosis's onset date)
+    tail_first = tail.group_by("subject_id").agg(pl.col("time").min().alias("tail_first"))
+    record_first = everything.filter(pl.col("code").str.starts_with(vocab.ENCOUNTER_PREFIX)).group_by("subject_id").agg(
+        pl.col("time").min().alias("record_first"))
+    joined = tail_first.join(record_first, on="subject_id")
+    assert joined.height == tail_first.height and (joined["tail_first"] >= joined["record_first"]).all()
     # the sorted MEDS order holds after the additions
     for e in events.values():
         assert e.select("subject_id").equals(e.sort("subject_id", maintain_order=True).select("subject_id"))
