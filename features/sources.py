@@ -13,6 +13,7 @@ from pathlib import Path
 import meds
 import polars as pl
 
+from chronorisk.data.consent import read_site_withdrawn
 from chronorisk.data.meds_io import site_ids, split_of
 from chronorisk.errors import InputError
 
@@ -27,18 +28,25 @@ class SiteSource:
         return sorted((self.root / meds.data_subdirectory).glob("**/*.parquet"))
 
     def scan(self) -> pl.LazyFrame:
+        """The site's events, without those of patients whose consent withdrawal is in effect
+        (`data/consent.py`)."""
         shards = self.shards
         if not shards:
             raise InputError(str(self.root), "no MEDS data shards (data/*.parquet)")
-        return pl.scan_parquet(shards)
+        events = pl.scan_parquet(shards)
+        withdrawn = read_site_withdrawn(self.root)
+        return events.join(withdrawn.lazy(), on="subject_id", how="anti") if withdrawn.height else events
 
     def splits(self) -> pl.DataFrame:
-        """subject_id -> split, from metadata/subject_splits.parquet, else the deterministic default."""
+        """subject_id -> split, from metadata/subject_splits.parquet, else the deterministic default; never
+        a subject whose consent withdrawal is in effect."""
         path = self.root / meds.subject_splits_filepath
         if path.is_file():
-            return pl.read_parquet(path, columns=["subject_id", "split"]).with_columns(
+            splits = pl.read_parquet(path, columns=["subject_id", "split"]).with_columns(
                 pl.col("subject_id").cast(pl.Int64)
             )
+            withdrawn = read_site_withdrawn(self.root)
+            return splits.join(withdrawn, on="subject_id", how="anti") if withdrawn.height else splits
         ids = self.scan().select(pl.col("subject_id").unique()).collect()
         return ids.with_columns(split_of(pl.col("subject_id")).alias("split"))
 

@@ -83,11 +83,12 @@ class SiteContext:
         return SiteSource(self.site, self.site_dir)
 
     def events(self):
-        from chronorisk.data.meds_io import scan_site
+        """The site's events, without patients whose consent withdrawal is in effect (`data/consent.py`)."""
+        from chronorisk.data.meds_io import EVENT_SCHEMA
 
         if not (self.site_dir / "data").is_dir():
             raise InputError(f"site {self.site}", f"no MEDS data under {self.site_dir}")
-        return scan_site(self.meds_root, self.site)
+        return self.source.scan().select(list(EVENT_SCHEMA))
 
 
 @dataclass

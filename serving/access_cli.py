@@ -29,7 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     withdraw.add_argument("--at", default=None, help="effective time, ISO 8601 (default: now)")
     listed = sub.add_parser("withdrawn", help="write (site, subject_id) of every withdrawal in effect to a "
                             "parquet file: what training and federated runs leave out")
-    listed.add_argument("--out", required=True, type=Path, help="parquet file to write")
+    listed.add_argument("--out", type=Path, default=None, help="parquet file to write")
+    listed.add_argument("--meds", type=Path, default=None,
+                        help="also write each site's list into this MEDS root (metadata/consent_withdrawn.parquet), "
+                             "which features, training and federated sites read; withdraw and renew do it for "
+                             "the work folder's MEDS")
     renew = sub.add_parser("renew-consent", help="record that a patient who withdrew consents again")
     renew.add_argument("--subject", required=True, type=int, help="pseudonymous subject id")
     renew.add_argument("--site", default=None, help="only at this site (default: every site)")
@@ -40,6 +44,7 @@ def run(args, ctx) -> int:
     from chronorisk.errors import InputError
     from chronorisk.serving import access
     from chronorisk.serving.cli_common import audit_log, cli_actor, open_store
+    from chronorisk.serving.consent_files import sync_withdrawn
 
     store = open_store(args, ctx)
     try:
@@ -63,8 +68,15 @@ def run(args, ctx) -> int:
                 print(f"{k['key_id']}  {k['role']:<15} {k['site'] or '-':<16} {state:<18} {k['label'] or ''}")
             return 0
         if args.action == "withdrawn":
-            n = write_withdrawn(store, args.out)
-            print(f"{n} (site, patient) pairs with consent withdrawn written to {args.out.name}")
+            if args.out is None and args.meds is None:
+                raise InputError("--out", "give --out FILE, --meds ROOT or both")
+            if args.out is not None:
+                n = write_withdrawn(store, args.out)
+                print(f"{n} (site, patient) pairs with consent withdrawn written to {args.out.name}")
+            if args.meds is not None:
+                if not args.meds.is_dir():
+                    raise InputError("--meds", "MEDS root does not exist")
+                _print_synced(sync_withdrawn(store, args.meds))
             return 0
         if args.action in ("withdraw-consent", "renew-consent"):
             at = _parse_time(args.at)
@@ -77,10 +89,17 @@ def run(args, ctx) -> int:
             else:
                 when = store.renew_consent(args.subject, site=site, at=at, by=cli_actor(), audit=audit)
                 print(f"renewed consent recorded, effective {when:%Y-%m-%d %H:%M:%S} UTC")
+            _print_synced(sync_withdrawn(store, ctx.paths.meds))
             return 0
     finally:
         store.dispose()
     return 2
+
+
+def _print_synced(counts: dict[str, int]) -> None:
+    if counts:
+        print("withdrawn lists of the MEDS sites (left out of the next features, training and federated run): "
+              + ", ".join(f"{site} {n}" for site, n in sorted(counts.items())))
 
 
 def _parse_time(text: str | None):

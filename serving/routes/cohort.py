@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
+from chronorisk.serving.consent_files import sync_withdrawn
 from chronorisk.serving.routes.common import StateDep, require
 from chronorisk.serving.state import ServingState
 from chronorisk.serving.store import utcnow
@@ -140,6 +141,7 @@ def withdraw_consent(
                                           role=principal.role)
     except UnknownSubject:
         raise HTTPException(404, "no such patient") from None
+    sync_withdrawn(state.store, state.meds_root)  # the next training and federated runs leave them out
     return {"withdrawn_at": at, "site": site}
 
 
@@ -160,4 +162,5 @@ def renew_consent(
                                        role=principal.role)
     except UnknownSubject:
         raise HTTPException(404, "no such patient") from None
+    sync_withdrawn(state.store, state.meds_root)
     return {"renewed_at": at, "site": body.site}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from serving_support import SECRET, Server, make_keys, pg_schema, seed_store, write_params
+from serving_support import SECRET, SITES, Server, make_keys, pg_schema, seed_store, write_params
 
 from chronorisk.serving.store import ScoreStore
 
@@ -53,7 +53,10 @@ def _served(tmp_path_factory, backend: str, model_dir=None):
         seeded = seed_store(store)
         keys = make_keys(store)
         store.dispose()
-        server = Server(work=work / "w", store_url=url, params=params, model_dir=model_dir).start()
+        meds = work / "meds"  # the seeded sites' MEDS folders: consent changes write their withdrawn lists here
+        for site in SITES:
+            (meds / "sites" / site / "data").mkdir(parents=True, exist_ok=True)
+        server = Server(work=work / "w", store_url=url, params=params, model_dir=model_dir, meds_root=meds).start()
         return server, keys, seeded
 
     return run
@@ -115,8 +118,13 @@ def scored_server(tiny_world, tmp_path_factory):
     _, keys["gp"] = access.create_key(store.engine, "gp", site, label="test",
                                       audit=AuditLog(store.engine, SECRET.encode()), actor="test")
     store.dispose()
+    # a copy: consent changes through this server write the sites' withdrawn lists into its MEDS root
+    import shutil
+
+    meds = work / "meds"
+    shutil.copytree(tiny_world.meds, meds)
     server = Server(work=work / "w", store_url=url, params=params, model_dir=tiny_world.models,
-                    meds_root=tiny_world.meds).start()
+                    meds_root=meds).start()
     yield SimpleNamespace(server=server, keys=keys, url=url, site=site, score_output=out.stdout, work=work,
-                          params=params, cmd=cmd)
+                          params=params, cmd=cmd, meds=meds)
     server.stop()

@@ -143,6 +143,11 @@ def test_consent_withdrawal_over_the_api(served):
         r = c.post("/consent/withdraw", json={"subject_id": sid})
         assert r.status_code == 200 and r.json()["site"] == "chc_a"
         assert sid not in {x["subject_id"] for x in c.get("/worklist", params={"limit": 1000}).json()["rows"]}
+    # the next training run leaves them out: the site's MEDS dataset carries its withdrawn list
+    from chronorisk.data.consent import read_site_withdrawn
+
+    assert sid in read_site_withdrawn(server.meds_root / "sites" / "chc_a")["subject_id"].to_list()
+    assert sid not in read_site_withdrawn(server.meds_root / "sites" / "chc_b")["subject_id"].to_list()
     with client(server, keys["public_health"]) as c:
         export = c.post("/cohort/export", json={"task": "complication_1y", "sites": ["chc_a"]})
         assert str(sid) not in export.text
