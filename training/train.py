@@ -162,6 +162,7 @@ def compute_task_data(
     from chronorisk.features.build import subject_splits
     from chronorisk.features.labels import label_files, read_labels_files
     from chronorisk.features.pipeline import code_summary, fit_spec, transform
+    from chronorisk.features.pruning import FitStats, without_useless
     from chronorisk.features.tasks import load_task
 
     task_def = load_task(task)
@@ -177,11 +178,17 @@ def compute_task_data(
         raise InputError("--labels", "no label row belongs to a subject of the MEDS data (subject_id mismatch?)")
     if only_split is not None:  # e.g. promotion compares on held-out rows only: featurize only those
         index = index.filter(pl.col("split") == only_split)
-    if spec is None:
+    fitted = spec is None
+    if fitted:
         train_subjects = subject_splits(splits).filter(pl.col("split") == TRAIN).select("subject_id")
         summary = code_summary(events.join(train_subjects.lazy(), on="subject_id", how="semi"))
         spec = fit_spec(summary, config, task_def)
     frame = transform(spec, events.drop("site"), index.lazy()).collect().sort(INDEX_ORDER, maintain_order=True)
+    if fitted:  # as `chronorisk features` does: drop what says nothing in the TRAIN rows, with the reason
+        stats = FitStats(spec)
+        stats.add(frame.filter(pl.col("split") == TRAIN))
+        spec = without_useless(spec, stats.useless())
+        frame = frame.select([c for c in frame.columns if c not in stats.names or c in spec.features])
     check_table(frame, spec, "computed features")
     return TaskData(
         task=task_def,

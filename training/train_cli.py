@@ -94,6 +94,10 @@ def _train_one(task: str, args, ctx, train_config, tracking) -> None:
     else:
         data = tr.load_feature_tables(args.features or ctx.paths.features, task)
     name = data.task.name
+    from chronorisk.features.pruning import dropped_lines
+
+    for line in dropped_lines(data.spec):  # what the feature fit dropped, clipped or left out, and why
+        print(f"{name}: {line}")
     bundle_dir = Path(ctx.paths.models) / name
     if tracking is None:
         result = tr.train_task(data, params.model, train_config)

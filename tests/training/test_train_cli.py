@@ -223,7 +223,9 @@ def test_meds_from_elsewhere_trains_and_evaluates_without_ground_truth(cohort, t
     work, params = cohort
     other = tmp_path / "work"
     meds = str(work / "meds")
-    chronorisk(other, "train", "--meds", meds, "--task", TASK, "--no-mlflow", params=params)
+    trained = chronorisk(other, "train", "--meds", meds, "--task", TASK, "--no-mlflow", params=params)
+    # the fit on the fly drops what says nothing, as `chronorisk features` does, and says so
+    assert f"{TASK}: dropped " in trained.stdout and "features that say nothing" in trained.stdout
     out = chronorisk(other, "evaluate", "--meds", meds, "--task", TASK, "--no-mlflow", "--bootstrap", "0",
                      "--no-temporal", "--no-leave-one-site-out", params=params)
     doc = json.loads((other / "reports" / f"evaluation_{TASK}.json").read_text())
@@ -233,6 +235,8 @@ def test_meds_from_elsewhere_trains_and_evaluates_without_ground_truth(cohort, t
     assert "oracle AUROC not reported" in out.stdout
     spec = json.loads((other / "models" / TASK / "spec.json").read_text())
     assert spec["fit_info"]["codes_in_summary"] > 0
+    assert spec["fit_info"]["dropped"]["count"] > 0
+    assert not set(spec["fit_info"]["dropped"]["features"]) & set(spec["feature_names"])
 
 
 def test_external_labels_are_used_as_given(cohort, tmp_path):
