@@ -178,6 +178,12 @@ def select_codes(summary: pl.DataFrame, config: FeatureConfig, cmap: ConceptMap)
             code: n for code, n in per_code.filter(pl.col("n_out_of_range") > 0)
             .select("code", "n_out_of_range").iter_rows()
         },
+        # numbers of each known measurement: the denominator of the share above (monitoring's reference)
+        "values_of_known_codes": {
+            code: n for code, n in per_code.filter(pl.col("code").is_in(list(vocab.MEASUREMENT_BY_CODE))
+                                                   & (pl.col("n_values") > 0))
+            .select("code", "n_values").iter_rows()
+        },
     }
     return out, left
 
@@ -193,6 +199,49 @@ def _text_categories(texts: pl.DataFrame, need: int, per_code: int) -> dict[str,
         if len(chosen) < per_code:
             chosen.append(r["text"])
     return {code: tuple(v) for code, v in out.items()}
+
+
+def dropping_codes(spec: FeatureSpec) -> pl.DataFrame:
+    """(code, lo, hi): the known measurements whose numbers `spec`'s features read and drop when outside
+    their plausible range (measurement concepts and vocabulary codes with values)."""
+    read = {c for m in spec.measurements for c in m.codes} | {c.code for c in spec.codes if c.values}
+    return plausible_table().filter(pl.col("code").is_in(sorted(read)))
+
+
+INPUT_CHECK_SCHEMA = {"date": pl.Date, "code": pl.String, "n_values": pl.Int64, "n_dropped": pl.Int64,
+                      "dropped_median": pl.Float64}
+
+
+def input_checks(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame,
+                 index: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
+    """Per prediction day and code: the numbers the scored rows' features read, how many they dropped as
+    impossible (outside the plausible range, `dropping_codes`) and the median of those dropped.
+
+    `index` holds the scored rows (subject_id, prediction_time). A row reads its subject's events before
+    the prediction time within the spec's longest window (`windows_days`); an event read by several rows
+    of one day (the same subject scored twice, overlapping look-backs) counts once per day. Counts only:
+    no identifier leaves this function (columns of INPUT_CHECK_SCHEMA).
+    """
+    ranges = dropping_codes(spec)
+    if ranges.height == 0:
+        return pl.DataFrame(schema=INPUT_CHECK_SCHEMA)
+    look_back = max(spec.windows_days, default=0)
+    rows = index.lazy().select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us"))).unique()
+    ev = events.lazy().select("subject_id", pl.col("time").cast(pl.Datetime("us")), pl.col("code").cast(pl.String),
+                              pl.col("numeric_value").cast(pl.Float64).alias("value"))
+    ev = ev.filter(pl.col("value").is_finite() & pl.col("time").is_not_null()).join(ranges.lazy(), on="code")
+    read = ev.join(rows, on="subject_id").filter(
+        (pl.col("time") < pl.col("prediction_time"))
+        & (pl.col("time") >= pl.col("prediction_time") - pl.duration(days=look_back))
+    ).select("subject_id", "time", "code", "value", "lo", "hi", pl.col("prediction_time").dt.date().alias("date"))
+    dropped = ~pl.col("value").is_between(pl.col("lo"), pl.col("hi"))
+    return (
+        read.unique(["date", "subject_id", "time", "code", "value"])
+        .group_by("date", "code")
+        .agg(pl.len().cast(pl.Int64).alias("n_values"), dropped.sum().cast(pl.Int64).alias("n_dropped"),
+             pl.col("value").filter(dropped).median().alias("dropped_median"))
+        .select(list(INPUT_CHECK_SCHEMA)).sort("date", "code").collect()
+    )
 
 
 def value_checks(spec: FeatureSpec, events: pl.LazyFrame) -> pl.DataFrame:

@@ -222,3 +222,32 @@ def test_live_sink_logs_feature_rows_and_event_frames_of_many_requests_in_order(
     assert rows["bmi_last"].to_list()[1:] == [30.5, None]
     assert rows["prediction_time"].dt.hour().to_list() == [11, 9, 10]
     assert "subject_id" not in rows.columns and "extra" not in rows.columns
+
+
+def test_input_checks_count_the_values_each_day_read_and_dropped_once():
+    """Known answers: glucose (plausible 10-1500 mg/dL) in a 365-day look-back; an event read by two rows of
+    one day counts once; events after the prediction time or before the look-back are not read."""
+    from chronorisk.features.config import FeatureConfig
+    from chronorisk.features.pipeline import fit_spec
+    from chronorisk.features.vocabulary import code_summary, input_checks
+
+    glucose, hba1c = "LOINC//2339-0", "LOINC//4548-4"
+    day = datetime(2025, 3, 10)
+    rows = [  # (subject, days before `day`, code, value)
+        (1, 3, glucose, 5.5), (1, 30, glucose, 100.0), (1, 60, glucose, 6.5), (1, 400, glucose, 4.0),
+        (1, -1, glucose, 5.0), (2, 3, glucose, 110.0), (2, 3, hba1c, 6.0), (3, 10, glucose, 7.5),
+    ]
+    events = pl.DataFrame(
+        {"subject_id": [r[0] for r in rows], "time": [day - timedelta(days=r[1]) for r in rows],
+         "code": [r[2] for r in rows], "numeric_value": [r[3] for r in rows]},
+        schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64},
+    )
+    spec = fit_spec(code_summary(events), FeatureConfig(windows_days=[90, 365]))
+    index = pl.DataFrame({"subject_id": [1, 2, 1, 3], "prediction_time": [day, day, day, day + timedelta(days=1)]})
+    out = input_checks(spec, events, index)
+    got = {(r["date"], r["code"]): (r["n_values"], r["n_dropped"], r["dropped_median"]) for r in out.to_dicts()}
+    assert got == {
+        (date(2025, 3, 10), glucose): (4, 2, 6.0),  # subject 1 (indexed twice): 5.5, 100, 6.5 once; 2: 110
+        (date(2025, 3, 10), hba1c): (1, 0, None),
+        (date(2025, 3, 11), glucose): (1, 1, 7.5),
+    }, got

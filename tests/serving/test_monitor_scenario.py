@@ -61,6 +61,7 @@ def _score_visits(work: Path) -> int:
     """Score each patient seen in a week the day after the visit, as the service would, into the log."""
     from chronorisk.data.meds_io import site_ids
     from chronorisk.features import labels, pipeline
+    from chronorisk.features.vocabulary import input_checks
     from chronorisk.models.bundle import ModelBundle
     from chronorisk.serving.prediction_log import PredictionLog
 
@@ -88,6 +89,7 @@ def _score_visits(work: Path) -> int:
                                      pl.Series("tier", [str(t) for t in bundle.tier(risk)]))
         log.append(records, TASK, bundle.version, "api", model_name=bundle.name,
                    feature_names=list(bundle.feature_names), part=f"visits-{site}")
+        log.append_input_checks(input_checks(bundle.spec, seen, index), TASK, site, part=f"visits-{site}")
         total += records.height
     return total
 
