@@ -18,6 +18,7 @@ import polars as pl
 from chronorisk.data.files import atomic_output, write_text_atomic
 from chronorisk.errors import ChronoriskError, InputError
 from chronorisk.features.families import DAYS_PER_YEAR
+from chronorisk.serving.monitoring.inputs import input_code_reference
 from chronorisk.serving.monitoring.statistics import realized_performance, seed_of, shares
 from chronorisk.serving.monitoring.windows import safe_name
 
@@ -274,6 +275,7 @@ def build_reference(features_dir: Path, bundle, model_version: str | int, config
                                importance=_importance(bundle, names), infos=infos,
                                rows_per_site=config.reference_rows, recent_times=config.reference_recent_times,
                                seed=config.seed, trends=trends, tiers=bundle.tiers.model_dump())
+    ref.meta["input_codes"] = input_code_reference(bundle.spec)
     return ref
 
 
