@@ -251,3 +251,52 @@ def test_input_checks_count_the_values_each_day_read_and_dropped_once():
         (date(2025, 3, 10), hba1c): (1, 0, None),
         (date(2025, 3, 11), glucose): (1, 1, 7.5),
     }, got
+
+
+def test_batch_scoring_logs_input_checks_per_chunk_as_the_one_counting_rule_gives(tiny_world, tmp_path):
+    """Batch scoring stores each chunk's input checks beside its scores (same part name, no identifier);
+    summed over chunks they equal `input_checks` of the whole site's events for the scored subjects, and a
+    re-run replaces the files."""
+    from chronorisk.data.meds_io import scan_site, site_ids
+    from chronorisk.features.vocabulary import input_checks
+    from chronorisk.serving import scoring
+    from chronorisk.serving.state import MonitoringSink
+    from chronorisk.serving.store import ScoreStore
+
+    when = datetime(2024, 1, 1)
+    models = scoring.load_models(["onset_2y"], source="folder", model_dir=tiny_world.models)
+    site = site_ids(tiny_world.meds)[0]
+    work = tmp_path / "w"
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 's.db'}")
+    scoring.batch_score(store, models, tiny_world.meds, when, sites=[site], monitor=MonitoringSink(work))
+    with store.engine.connect() as conn:
+        scored = pl.DataFrame([tuple(r) for r in conn.exec_driver_sql("SELECT subject_id FROM scores")],
+                              schema={"subject_id": pl.Int64}, orient="row")
+    store.dispose()
+    folder = work / "monitoring" / "input_checks" / "task=onset_2y"
+    files = sorted(folder.rglob("*.parquet"))
+    assert files and all(f.name.startswith(f"part-batch-20240101-{site}-") for f in files)
+    logged = pl.read_parquet(files)
+    assert set(logged.columns) == set(prediction_log.CHECK_SCHEMA) and set(logged["site"]) == {site}
+    index = scored.with_columns(pl.lit(when).cast(pl.Datetime("us")).alias("prediction_time"))
+    expected = input_checks(models["onset_2y"].spec, scan_site(tiny_world.meds, site), index)
+    assert expected["n_values"].sum() > 0
+    got = logged.group_by("code").agg(pl.col("n_values").sum(), pl.col("n_dropped").sum()).sort("code")
+    assert got.to_dicts() == expected.select("code", "n_values", "n_dropped").sort("code").to_dicts()
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 'again.db'}")
+    scoring.batch_score(store, models, tiny_world.meds, when, sites=[site], monitor=MonitoringSink(work))
+    store.dispose()
+    assert sorted(folder.rglob("*.parquet")) == files and pl.read_parquet(files).height == logged.height
+
+
+def test_live_input_checks_are_buffered_into_one_file_per_site(work):
+    log = PredictionLog.for_work(work)
+    buffer = prediction_log.InputCheckBuffer(log, max_rows=10**6, max_seconds=3600)
+    row = pl.DataFrame({"date": [date(2025, 3, 3)], "code": ["LOINC//2339-0"], "n_values": [3], "n_dropped": [1],
+                        "dropped_median": [5.5]})
+    for site in ("a", "b", "a"):
+        buffer.add(row, "onset_2y", site)
+    assert not list(work.rglob("*.parquet"))  # buffered: no file per request
+    assert len(buffer.flush()) == 2
+    checks = log.scan_input_checks("onset_2y", date(2025, 3, 3), date(2025, 3, 4)).collect()
+    assert sorted(checks.group_by("site").agg(pl.col("n_values").sum()).rows()) == [("a", 6), ("b", 3)]
