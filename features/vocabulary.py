@@ -219,25 +219,33 @@ def input_checks(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame,
 
     `index` holds the scored rows (subject_id, prediction_time). A row reads its subject's events before
     the prediction time within the spec's longest window (`windows_days`); an event read by several rows
-    of one day (the same subject scored twice, overlapping look-backs) counts once per day. Counts only:
+    of one day (the same subject scored twice that day) counts once per day (the union of the day's
+    look-backs); two recorded events with the same value both count, as both feed the features. Counts only:
     no identifier leaves this function (columns of INPUT_CHECK_SCHEMA).
     """
     ranges = dropping_codes(spec)
     if ranges.height == 0:
         return pl.DataFrame(schema=INPUT_CHECK_SCHEMA)
-    look_back = max(spec.windows_days, default=0)
-    rows = index.lazy().select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us"))).unique()
-    ev = events.lazy().select("subject_id", pl.col("time").cast(pl.Datetime("us")), pl.col("code").cast(pl.String),
-                              pl.col("numeric_value").cast(pl.Float64).alias("value"))
-    ev = ev.filter(pl.col("value").is_finite() & pl.col("time").is_not_null()).join(ranges.lazy(), on="code")
-    read = ev.join(rows, on="subject_id").filter(
-        (pl.col("time") < pl.col("prediction_time"))
-        & (pl.col("time") >= pl.col("prediction_time") - pl.duration(days=look_back))
-    ).select("subject_id", "time", "code", "value", "lo", "hi", pl.col("prediction_time").dt.date().alias("date"))
+    look_back = pl.duration(days=max(spec.windows_days, default=0))
+    # one row per (subject, day): the union of that day's look-backs, so each event counts once per day
+    rows = index.lazy().select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us"))).group_by(
+        "subject_id", pl.col("prediction_time").dt.date().alias("date"),
+    ).agg(pl.col("prediction_time").max().alias("until"), (pl.col("prediction_time").min() - look_back).alias("since"))
+    rows = rows.collect()
+    if rows.height == 0:
+        return pl.DataFrame(schema=INPUT_CHECK_SCHEMA)
+    # cheap bounds first (a time comparison), then the code test on what is left
+    in_span = pl.col("time").is_between(rows["since"].min(), rows["until"].max(), closed="left")
+    ev = events.lazy().filter(in_span).filter(pl.col("code").is_in(ranges["code"].implode())).select(
+        "subject_id", pl.col("time").cast(pl.Datetime("us")), pl.col("code").cast(pl.String),
+        pl.col("numeric_value").cast(pl.Float64).alias("value"),
+    ).filter(pl.col("value").is_finite())
+    read = ev.join(rows.lazy(), on="subject_id").filter(
+        (pl.col("time") < pl.col("until")) & (pl.col("time") >= pl.col("since"))
+    ).join(ranges.lazy(), on="code")
     dropped = ~pl.col("value").is_between(pl.col("lo"), pl.col("hi"))
     return (
-        read.unique(["date", "subject_id", "time", "code", "value"])
-        .group_by("date", "code")
+        read.group_by("date", "code")
         .agg(pl.len().cast(pl.Int64).alias("n_values"), dropped.sum().cast(pl.Int64).alias("n_dropped"),
              pl.col("value").filter(dropped).median().alias("dropped_median"))
         .select(list(INPUT_CHECK_SCHEMA)).sort("date", "code").collect()
