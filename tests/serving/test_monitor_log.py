@@ -300,3 +300,34 @@ def test_live_input_checks_are_buffered_into_one_file_per_site(work):
     assert len(buffer.flush()) == 2
     checks = log.scan_input_checks("onset_2y", date(2025, 3, 3), date(2025, 3, 4)).collect()
     assert sorted(checks.group_by("site").agg(pl.col("n_values").sum()).rows()) == [("a", 6), ("b", 3)]
+
+
+def test_score_route_counts_a_requests_impossible_glucose(tiny_world, tmp_path):
+    """The /score path's hook (`routes.score.live_input_checks`) counts the request's events by the same rule:
+    a glucose of 6 (mg/dL code, mmol/L value) a week before the prediction time is read and dropped."""
+    from chronorisk.data.meds_io import scan_site, site_ids
+    from chronorisk.serving import scoring
+    from chronorisk.serving.routes.score import live_input_checks
+
+    when = datetime(2024, 1, 1)
+    models = scoring.load_models(["onset_2y"], source="folder", model_dir=tiny_world.models)
+    log = PredictionLog.for_work(tmp_path)
+    site = site_ids(tiny_world.meds)[0]
+    events = scan_site(tiny_world.meds, site).collect()
+    for sid in events["subject_id"].unique().sort().to_list()[:60]:
+        mine = events.filter(pl.col("subject_id") == sid)
+        extra = mine.head(1).with_columns(pl.lit(when - timedelta(days=7)).cast(mine.schema["time"]).alias("time"),
+                                          pl.lit("LOINC//2339-0").alias("code"),
+                                          pl.lit(6.0).cast(mine.schema["numeric_value"]).alias("numeric_value"))
+        mine = pl.concat([mine, extra]).sort("time", nulls_last=False)
+        hooked = []
+        scoring.score_one(models, ["onset_2y"], events=mine, prediction_time=when, explain=False,
+                          on_scored=lambda m, f, r, t, ev=mine: hooked.append(live_input_checks(log, m, ev, f, site)))
+        if hooked:
+            break
+    assert hooked, "no eligible subject among the first 60"
+    prediction_log.input_check_buffer(log).flush()
+    checks = log.scan_input_checks("onset_2y").collect()
+    glucose = checks.filter(pl.col("code") == "LOINC//2339-0")
+    assert glucose["n_dropped"].sum() == 1 and glucose["dropped_median"].item() == 6.0
+    assert set(checks["site"]) == {site} and glucose["n_values"].sum() >= 1
