@@ -320,12 +320,12 @@ def test_score_route_counts_a_requests_impossible_glucose(tiny_world, tmp_path):
                                           pl.lit("LOINC//2339-0").alias("code"),
                                           pl.lit(6.0).cast(mine.schema["numeric_value"]).alias("numeric_value"))
         mine = pl.concat([mine, extra]).sort("time", nulls_last=False)
-        hooked = []
-        scoring.score_one(models, ["onset_2y"], events=mine, prediction_time=when, explain=False,
-                          on_scored=lambda m, f, r, t, ev=mine: hooked.append(live_input_checks(log, m, ev, f, site)))
-        if hooked:
+        results = scoring.score_one(models, ["onset_2y"], events=mine, prediction_time=when, explain=False,
+                                    on_scored=lambda m, f, r, t, ev=mine: live_input_checks(log, m, ev, f, site))
+        if results[0].eligible:
             break
-    assert hooked, "no eligible subject among the first 60"
+    else:
+        pytest.fail("no eligible subject among the first 60")
     prediction_log.input_check_buffer(log).flush()
     checks = log.scan_input_checks("onset_2y").collect()
     glucose = checks.filter(pl.col("code") == "LOINC//2339-0")
