@@ -330,7 +330,10 @@ def load_or_build_reference(monitoring_dir: Path, features_dir: Path, model, con
     """The cached reference of `model` (a ServedModel: bundle + version), built on first use."""
     folder = Path(monitoring_dir) / "reference" / task / safe_name(str(model.version))
     if not rebuild and (folder / REFERENCE_META).is_file():
-        return Reference.load(folder)
+        ref = Reference.load(folder)
+        if "input_codes" not in ref.meta:  # cached before impossible values were monitored: add them
+            ref.meta["input_codes"] = input_code_reference(model.bundle.spec)
+        return ref
     ref = build_reference(features_dir, model.bundle, model.version, config, task=task)
     ref.save(folder)
     return ref
