@@ -178,6 +178,12 @@ def select_codes(summary: pl.DataFrame, config: FeatureConfig, cmap: ConceptMap)
             code: n for code, n in per_code.filter(pl.col("n_out_of_range") > 0)
             .select("code", "n_out_of_range").iter_rows()
         },
+        # numbers of each known measurement: the denominator of the share above (monitoring's reference)
+        "values_of_known_codes": {
+            code: n for code, n in per_code.filter(pl.col("code").is_in(list(vocab.MEASUREMENT_BY_CODE))
+                                                   & (pl.col("n_values") > 0))
+            .select("code", "n_values").iter_rows()
+        },
     }
     return out, left
 
@@ -193,6 +199,57 @@ def _text_categories(texts: pl.DataFrame, need: int, per_code: int) -> dict[str,
         if len(chosen) < per_code:
             chosen.append(r["text"])
     return {code: tuple(v) for code, v in out.items()}
+
+
+def dropping_codes(spec: FeatureSpec) -> pl.DataFrame:
+    """(code, lo, hi): the known measurements whose numbers `spec`'s features read and drop when outside
+    their plausible range (measurement concepts and vocabulary codes with values)."""
+    read = {c for m in spec.measurements for c in m.codes} | {c.code for c in spec.codes if c.values}
+    return plausible_table().filter(pl.col("code").is_in(sorted(read)))
+
+
+INPUT_CHECK_SCHEMA = {"date": pl.Date, "code": pl.String, "n_values": pl.Int64, "n_dropped": pl.Int64,
+                      "dropped_median": pl.Float64}
+
+
+def input_checks(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame,
+                 index: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
+    """Per prediction day and code: the numbers the scored rows' features read, how many they dropped as
+    impossible (outside the plausible range, `dropping_codes`) and the median of those dropped.
+
+    `index` holds the scored rows (subject_id, prediction_time). A row reads its subject's events before
+    the prediction time within the spec's longest window (`windows_days`); an event read by several rows
+    of one day (the same subject scored twice that day) counts once per day (the union of the day's
+    look-backs); two recorded events with the same value both count, as both feed the features. Counts only:
+    no identifier leaves this function (columns of INPUT_CHECK_SCHEMA).
+    """
+    ranges = dropping_codes(spec)
+    if ranges.height == 0:
+        return pl.DataFrame(schema=INPUT_CHECK_SCHEMA)
+    look_back = pl.duration(days=max(spec.windows_days, default=0))
+    # one row per (subject, day): the union of that day's look-backs, so each event counts once per day
+    rows = index.lazy().select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us"))).group_by(
+        "subject_id", pl.col("prediction_time").dt.date().alias("date"),
+    ).agg(pl.col("prediction_time").max().alias("until"), (pl.col("prediction_time").min() - look_back).alias("since"))
+    rows = rows.collect()
+    if rows.height == 0:
+        return pl.DataFrame(schema=INPUT_CHECK_SCHEMA)
+    # cheap bounds first (a time comparison), then the code test on what is left
+    in_span = pl.col("time").is_between(rows["since"].min(), rows["until"].max(), closed="left")
+    ev = events.lazy().filter(in_span).filter(pl.col("code").is_in(ranges["code"].implode())).select(
+        "subject_id", pl.col("time").cast(pl.Datetime("us")), pl.col("code").cast(pl.String),
+        pl.col("numeric_value").cast(pl.Float64).alias("value"),
+    ).filter(pl.col("value").is_finite())
+    read = ev.join(rows.lazy(), on="subject_id").filter(
+        (pl.col("time") < pl.col("until")) & (pl.col("time") >= pl.col("since"))
+    ).join(ranges.lazy(), on="code")
+    dropped = ~pl.col("value").is_between(pl.col("lo"), pl.col("hi"))
+    return (
+        read.group_by("date", "code")
+        .agg(pl.len().cast(pl.Int64).alias("n_values"), dropped.sum().cast(pl.Int64).alias("n_dropped"),
+             pl.col("value").filter(dropped).median().alias("dropped_median"))
+        .select(list(INPUT_CHECK_SCHEMA)).sort("date", "code").collect()
+    )
 
 
 def value_checks(spec: FeatureSpec, events: pl.LazyFrame) -> pl.DataFrame:

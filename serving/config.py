@@ -161,6 +161,10 @@ class MonitorConfig(BaseModel):
     feature_drift_threshold: float = Field(0.3, gt=0, description="normed Wasserstein (reference SDs) of a drift")
     severe_drift_threshold: float = Field(1.0, gt=0, description="normed Wasserstein that alerts on its own")
     prediction_drift_threshold: float = Field(0.25, gt=0, description="normed Wasserstein of the risk distribution")
+    impossible_share: float = Field(
+        0.05, gt=0, le=1, description="share of a code's values dropped as impossible (and significantly above "
+        "training's) that alerts"
+    )
     significance: float = Field(1e-4, gt=0, lt=1, description="p-value a shift must also reach (KS, binomial, z)")
     severe_significance: float = Field(
         1e-8, gt=0, lt=1, description="p-value a single feature needs to alert on its own (severe, unit change)"

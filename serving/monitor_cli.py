@@ -137,6 +137,11 @@ def _print_section(task: str, section: dict) -> None:
             if est.get("realized_auroc") is not None:
                 share_text += f" (realized {est['realized_auroc']:.3f})"
         print(f"  {site:<16} {s['status']:<8} {s['window']:<10} rows {s['n_rows']:>7,}  {share_text}")
+        impossible = s.get("impossible_values") or []
+        if impossible:
+            print("      impossible values dropped: " + "; ".join(
+                f"{v['display']} {v['n_dropped']:,}/{v['n_values']:,} ({100 * v['share']:.1f}%"
+                + (", alert" if v.get("flagged") else "") + ")" for v in impossible[:6]))
         if s["status"] != "ok" or not s.get("tested", True):
             for reason in s["reasons"][:3]:
                 print(f"      - {reason}")

@@ -175,6 +175,7 @@ def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
            "windows.</p>", '<ul class="reasons">']
     out += [f"<li>{escape(r)}</li>" for r in s.get("reasons", [])[:12]]
     out.append("</ul>")
+    out.append(impossible_values_table(s.get("impossible_values") or []))
     out.append(history_svg(history))
     out.append('<table class="history"><thead><tr><th>Window</th><th>Status</th><th class="num">Scores</th>'
                '<th class="num">Drift share</th><th class="num">vs training</th><th class="num">vs recent</th>'
@@ -198,6 +199,28 @@ def _site_details(site: str, s: dict, report_url: str, max_history: int) -> str:
             f"<td>{_link(report_url, h.get('html'), 'HTML')} {_link(report_url, h.get('json'), 'JSON')}</td></tr>"
         )
     out.append("</tbody></table></details>")
+    return "".join(out)
+
+
+def impossible_values_table(rows: list[dict]) -> str:
+    """The latest window's codes with values dropped as impossible (outside the plausible range)."""
+    if not rows:
+        return ""
+    out = ['<table class="impossible"><caption>Impossible input values dropped by the features, latest window'
+           '</caption><thead><tr><th>Measurement</th><th>Code</th><th class="num">Dropped</th>'
+           '<th class="num">Values</th><th class="num">Share</th><th class="num">Training share</th>'
+           '<th>Verdict</th></tr></thead><tbody>']
+    for v in rows:
+        verdict = "alert" if v.get("flagged") else "ok"
+        if v.get("probable_unit"):
+            verdict += f": probably {v['probable_unit']}"
+        out.append(
+            f"<tr><td>{escape(v.get('display') or '')}</td><td>{escape(v['code'])}</td>"
+            f"<td class='num'>{v['n_dropped']:,}</td><td class='num'>{v['n_values']:,}</td>"
+            f"<td class='num'>{_num(v.get('share'), '{:.1%}')}</td>"
+            f"<td class='num'>{_num(v.get('reference_share'), '{:.2%}')}</td><td>{escape(verdict)}</td></tr>"
+        )
+    out.append("</tbody></table>")
     return "".join(out)
 
 

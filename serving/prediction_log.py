@@ -10,7 +10,15 @@ prediction time, model name and version, and never an identifier.
 Layout (under `<work>/monitoring/`)::
 
     log/task=<task>/date=<YYYY-MM-DD>/part-<id>.parquet      scores
+    input_checks/task=<task>/date=<YYYY-MM-DD>/part-<id>.parquet
+                                                             impossible input values
     outcomes/task=<task>/part-<id>.parquet                   delayed labels
+
+Input checks: per (site, prediction day, code) the numbers the scored rows'
+features read and how many of them were dropped as impossible, with the
+median of those dropped (`features.vocabulary.input_checks`, one rule for
+every scoring path). Counts only, no identifiers; written with the same part
+name as the scores they go with, so a re-scored chunk replaces both.
 
 `date` is the calendar date of `prediction_time` (the as-of time of the
 features; for a live request it is the time scored, for a backfill it is the
@@ -66,6 +74,15 @@ META_SCHEMA: dict[str, pl.DataType] = {
     "risk": pl.Float64(),
     "tier": pl.String(),
     "join_key": pl.String(),
+}
+CHECK_SCHEMA: dict[str, pl.DataType] = {
+    "task": pl.String(),
+    "site": pl.String(),
+    "date": pl.Date(),
+    "code": pl.String(),
+    "n_values": pl.Int64(),
+    "n_dropped": pl.Int64(),
+    "dropped_median": pl.Float64(),
 }
 OUTCOME_SCHEMA: dict[str, pl.DataType] = {
     "join_key": pl.String(),
@@ -344,6 +361,51 @@ class PredictionLog:
             return []
         return sorted(p.name.removeprefix("task=") for p in base.glob("task=*") if p.is_dir())
 
+    # ------------------------------------------------------------ input checks
+    def checks_dir(self, task: str) -> Path:
+        return self.root / "input_checks" / f"task={_check_name(task, 'task', _TASK_NAME)}"
+
+    def append_input_checks(self, checks: pl.DataFrame, task: str, site: str, part: str | None = None) -> list[Path]:
+        """Store `features.vocabulary.input_checks` rows of one site (date, code, counts, median);
+        one file per prediction date, named like the scores' part (deterministic = idempotent)."""
+        name = _check_name(part, "part", _PART_NAME) if part is not None else uuid.uuid4().hex
+        missing = {"date", "code", "n_values", "n_dropped", "dropped_median"} - set(checks.columns)
+        if missing:
+            raise InputError("checks", f"missing columns {sorted(missing)}")
+        if not isinstance(site, str) or not site:
+            raise InputError("site", "must be set for input checks")
+        frame = checks.with_columns(pl.lit(task).alias("task"), pl.lit(site).alias("site"))
+        frame = frame.select([pl.col(c).cast(t) for c, t in CHECK_SCHEMA.items()])
+        written = []
+        for (day,), chunk in frame.sort("date").group_by("date", maintain_order=True):
+            path = self.checks_dir(task) / f"date={day.isoformat()}" / f"part-{name}.parquet"
+            with atomic_output(path) as tmp:
+                chunk.write_parquet(tmp, compression="zstd")
+            written.append(path)
+        return written
+
+    def scan_input_checks(self, task: str, start: datetime | date | None = None,
+                          end: datetime | date | None = None) -> pl.LazyFrame:
+        """Input-check rows of `task` with start <= date < end (prediction days; either bound optional)."""
+        files = self.check_files(task, _as_datetime(start), _as_datetime(end))
+        if not files:
+            return pl.LazyFrame(schema=CHECK_SCHEMA)
+        return pl.scan_parquet(files)
+
+    def check_files(self, task: str, start: datetime | None, end: datetime | None) -> list[Path]:
+        """The input-check part files of the days in [start, end) (their identity keys a window's result)."""
+        base = self.checks_dir(task)
+        out = []
+        for folder in sorted(base.glob("date=*")) if base.is_dir() else []:
+            try:
+                day = datetime.fromisoformat(folder.name.removeprefix("date="))
+            except ValueError:
+                continue
+            if (start is None or day >= start.replace(hour=0, minute=0, second=0, microsecond=0)) and (
+                    end is None or day < end):
+                out.extend(sorted(folder.glob("part-*.parquet")))
+        return out
+
     # ---------------------------------------------------------------- outcomes
     def outcomes_dir(self, task: str) -> Path:
         return self.root / "outcomes" / f"task={_check_name(task, 'task', _TASK_NAME)}"
@@ -469,6 +531,56 @@ class BufferedPredictionLog:
 
     def close(self) -> None:
         self.flush()
+
+
+class InputCheckBuffer:
+    """Collects live requests' input checks and writes them in batches (one part file per (task, site)
+    per flush, not one per request). Flushes on `add` once `max_rows` rows are held or the oldest is
+    `max_seconds` old, and at interpreter exit; like the score buffer, rows of a killed process are lost."""
+
+    def __init__(self, log: PredictionLog, *, max_rows: int = 2000, max_seconds: float = 30.0):
+        self.log, self.max_rows, self.max_seconds = log, max_rows, max_seconds
+        self._lock = threading.Lock()
+        self._frames: dict[tuple[str, str], list[pl.DataFrame]] = {}
+        self._rows, self._oldest = 0, None
+
+    def add(self, checks: pl.DataFrame, task: str, site: str) -> None:
+        if checks.height == 0:
+            return
+        with self._lock:
+            self._frames.setdefault((task, site), []).append(checks)
+            self._rows += checks.height
+            self._oldest = self._oldest or time.monotonic()
+            due = self._rows >= self.max_rows or time.monotonic() - self._oldest >= self.max_seconds
+        if due:
+            self.flush()
+
+    def flush(self) -> list[Path]:
+        with self._lock:
+            frames, self._frames = self._frames, {}
+            self._rows, self._oldest = 0, None
+        written = []
+        for (task, site), parts in frames.items():
+            written += self.log.append_input_checks(pl.concat(parts, how="vertical_relaxed"), task, site)
+        return written
+
+
+_CHECK_BUFFERS: dict[Path, InputCheckBuffer] = {}
+
+
+def input_check_buffer(log: PredictionLog) -> InputCheckBuffer:
+    """The process's input-check buffer of `log`'s folder (made once; flushed at exit)."""
+    with _BUFFERS_LOCK:
+        found = _CHECK_BUFFERS.get(log.root)
+        if found is None:
+            import atexit
+
+            found = _CHECK_BUFFERS[log.root] = InputCheckBuffer(log)
+            atexit.register(found.flush)
+        return found
+
+
+_BUFFERS_LOCK = threading.Lock()
 
 
 def append(

@@ -555,7 +555,7 @@ class ScoredChunk:
     scores: pl.DataFrame
     patients: pl.DataFrame
     checkpoints: list[dict]
-    monitoring: list[tuple]  # (model, features, risk, tiers) per task, when a monitor is attached
+    monitoring: list[tuple]  # (model, features, risk, tiers, input checks) per task, when a monitor is attached
     n_explained: int = 0
 
     @property
@@ -599,10 +599,11 @@ class ChunkWriter:
     def _write(self, scored: ScoredChunk) -> None:
         # the log first: a checkpointed chunk (skipped by a re-run) always has its monitoring rows
         if self.monitor is not None:
-            for model, feats, risk, tiers in scored.monitoring:
+            for model, feats, risk, tiers, checks in scored.monitoring:
                 records = monitoring_records(model, feats, risk, tiers, scored.site, scored.checkpoints[0]
                                              ["prediction_time"])
                 self.monitor.batch(records, model, scored.part)
+                log_input_checks(self.monitor.log, checks, model.task, scored.site, scored.part)
         self.store.write_chunk(scored.scores, scored.patients, scored.checkpoints)
 
     def __enter__(self) -> ChunkWriter:
@@ -639,6 +640,7 @@ def score_chunk(
     events are read once and every task shares the eligibility summary."""
     from chronorisk.features.labels import eligible_index
     from chronorisk.features.pipeline import transform
+    from chronorisk.features.vocabulary import input_checks
 
     # only what was recorded before the prediction time can matter (features, eligibility, facts)
     keep = pl.col("time").is_null() | (pl.col("time") < prediction_time)
@@ -665,7 +667,7 @@ def score_chunk(
                             pl.lit(model.name, dtype=pl.String).alias("model_name"),
                             pl.lit(model.version, dtype=pl.String).alias("model_version")))
             if keep_features:
-                monitoring.append((model, feats, risk, tiers))
+                monitoring.append((model, feats, risk, tiers, input_checks(model.spec, mine, index)))
         checkpoints.append(
             {"prediction_time": prediction_time, "site": site, "chunk": chunk_name(shard), "task": model.task,
              "model_version": model.version, "n_scored": index.height, "finished_at": utcnow()}
@@ -794,6 +796,18 @@ def monitoring_records(
         pl.Series("risk", np.asarray(risk, dtype=float)),
         pl.Series("tier", list(tiers), dtype=pl.String),
     )
+
+
+def log_input_checks(prediction_log, checks: pl.DataFrame | None, task: str, site: str | None,
+                     part: str | None = None) -> None:
+    """Store a scoring's input checks (`features.vocabulary.input_checks`) beside its monitoring rows; like
+    the log itself, a failure is logged (its class only) and never fails a score."""
+    if checks is None or checks.height == 0:
+        return
+    try:
+        prediction_log.append_input_checks(checks, task, site or "unknown", part)
+    except Exception as exc:
+        log.warning("prediction log: input checks append failed (%s)", type(exc).__name__)
 
 
 def subject_events(meds_root: Path | None, site: str, subject_id: int) -> pl.DataFrame | None:

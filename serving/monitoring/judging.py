@@ -16,6 +16,8 @@ from chronorisk.serving.monitoring.estimate import (
     judged_against_floor,
     with_realized,
 )
+from chronorisk.serving.monitoring.inputs import describe as describe_inputs
+from chronorisk.serving.monitoring.inputs import judge_inputs, scale_conversions
 from chronorisk.serving.monitoring.reference import (
     FeatureBaseline,
     Reference,
@@ -123,6 +125,7 @@ class WindowInput:
     outcomes: pl.DataFrame | None = None  # join_key, outcome (only those known by as_of)
     recent: pl.DataFrame | None = None  # the same site's rows of its previous windows (sampled)
     recent_labels: tuple[str, ...] = ()
+    input_checks: pl.DataFrame | None = None  # logged input checks of the site's window (code, counts, median)
 
 
 @dataclass
@@ -147,6 +150,7 @@ class WindowResult:
     data_drift: dict[str, Any] | None = None  # vs the training reference
     prediction_drift: dict[str, Any] | None = None  # the risk distribution vs the training reference
     change: dict[str, Any] | None = None  # vs the site's recent windows
+    input_checks: dict[str, Any] | None = None  # impossible values dropped per code (monitoring/inputs.py)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +158,19 @@ class WindowResult:
 
 def evaluate_window(inp: WindowInput, reference: Reference, baseline: SiteBaseline,
                     config: MonitorConfig) -> WindowResult:
-    """The verdict of one (site, window): drift vs training and vs recent windows, performance, status."""
+    """The verdict of one (site, window): drift vs training and vs recent windows, performance, impossible
+    input values (an alert whatever the window's size: the binomial test needs significance), status."""
+    result = _drift_and_performance(inp, reference, baseline, config)
+    result.input_checks = judge_inputs(inp.input_checks, reference.meta.get("input_codes") or {}, config)
+    flagged = [v for v in result.input_checks["codes"] if v["flagged"]]
+    if flagged:
+        reasons = result.reasons[1:] if result.reasons and result.reasons[0].startswith("ok:") else result.reasons
+        result.status, result.reasons = "alert", [*(describe_inputs(v) for v in flagged), *reasons]
+    return result
+
+
+def _drift_and_performance(inp: WindowInput, reference: Reference, baseline: SiteBaseline,
+                           config: MonitorConfig) -> WindowResult:
     rows = inp.rows
     performance = window_performance(inp, baseline, config)
     estimate = window_estimate(inp, reference, performance, config)
@@ -496,11 +512,6 @@ def _unit_factors() -> list[tuple[str, str, str, float]]:
     if _UNIT_FACTORS is None:
         from chronorisk.data.codes import MEASUREMENTS
 
-        found = []
-        for m in MEASUREMENTS.values():
-            for unit, conv in m.conversions.items():
-                zero, one = conv(0.0), conv(1.0)
-                if abs(zero) < 1e-9 and abs(one - 1.0) > 1e-6:  # a pure scale, not 1:1, not affine
-                    found.append((m.display.split()[-1].lower(), m.unit, unit, one))
-        _UNIT_FACTORS = found
+        _UNIT_FACTORS = [(m.display.split()[-1].lower(), m.unit, unit, factor)
+                         for m in MEASUREMENTS.values() for unit, factor in scale_conversions(m)]
     return _UNIT_FACTORS

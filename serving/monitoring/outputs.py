@@ -105,6 +105,7 @@ def summarize_task(reports: Path, kind: str) -> dict:
                 "history": [_history_row(r, folder) for r in results],
                 "performance_to_date": _performance_to_date(results),
                 "estimated_performance": _estimate_brief(last.get("estimated_performance")),
+                "impossible_values": impossible_values(last),
             }
     counts = {s: sum(1 for v in sites.values() if v["status"] == s) for s in STATUSES}
     return {"window_kind": kind, "sites": sites, "status_counts": counts}
@@ -128,6 +129,12 @@ def _history_row(r: dict, folder: Path) -> dict:
     }
 
 
+def impossible_values(r: dict) -> list[dict]:
+    """A window's codes with values dropped as impossible: display, counts, share, flagged, probable unit."""
+    keep = ("code", "display", "n_values", "n_dropped", "share", "reference_share", "flagged", "probable_unit")
+    return [{k: v.get(k) for k in keep} for v in (r.get("input_checks") or {}).get("codes", []) if v["n_dropped"]]
+
+
 def shares_of(r: dict) -> dict[str, Any]:
     """The figures the page, the summary and the gauges show of one window.
 
@@ -138,7 +145,9 @@ def shares_of(r: dict) -> dict[str, Any]:
     dd, ch = r.get("data_drift") or {}, r.get("change") or {}
     counting = [x for x in (dd if dd.get("counts", "all") == "all" else {}, ch) if x]
     hinted = [v["feature"] for v in dd.get("features", []) if v.get("hint")] if dd.get("counts") != "all" else []
-    drifted = list(dict.fromkeys([*(f for x in counting for f in x.get("drifted_features", [])), *hinted]))
+    inputs = (r.get("input_checks") or {}).get("affected_features", [])  # of codes with impossible values
+    drifted = list(dict.fromkeys([*(f for x in counting for f in x.get("drifted_features", [])), *hinted,
+                                  *inputs]))
     shares = [x["drift_share"] for x in counting if x.get("drift_share") is not None]
     pdrift = [x["prediction_drift"]["wasserstein"] for x in counting if x.get("prediction_drift")]
     return {
@@ -231,6 +240,10 @@ def metric_families(summary: dict) -> list:
     fams = {name: GaugeMetricFamily(name, doc, labels=["task", "site", "window"]) for name, doc in _GAUGES.items()}
     fams |= {name: GaugeMetricFamily(name, doc, labels=["task", "site", "window", "tier"])
              for name, doc in _TIER_GAUGES.items()}
+    fams["chronorisk_monitor_impossible_value_share"] = GaugeMetricFamily(
+        "chronorisk_monitor_impossible_value_share",
+        "Share of a code's values dropped as impossible (outside the plausible range), latest window per site",
+        labels=["task", "site", "window", "code"])
     for task, kinds in sorted(summary.get("tasks", {}).items()):
         for kind, section in sorted(kinds.items()):
             for site, s in sorted(section.get("sites", {}).items()):
@@ -244,6 +257,8 @@ def metric_families(summary: dict) -> list:
                 if aurocs:
                     fams["chronorisk_monitor_realized_auroc"].add_metric(labels, aurocs[-1])
                 _add_estimate(fams, labels, s.get("estimated_performance"))
+                for v in s.get("impossible_values") or []:
+                    fams["chronorisk_monitor_impossible_value_share"].add_metric([*labels, v["code"]], v["share"])
     return list(fams.values())
 
 

@@ -18,6 +18,7 @@ import polars as pl
 from chronorisk.data.files import atomic_output, write_text_atomic
 from chronorisk.errors import ChronoriskError, InputError
 from chronorisk.features.families import DAYS_PER_YEAR
+from chronorisk.serving.monitoring.inputs import input_code_reference
 from chronorisk.serving.monitoring.statistics import realized_performance, seed_of, shares
 from chronorisk.serving.monitoring.windows import safe_name
 
@@ -274,6 +275,7 @@ def build_reference(features_dir: Path, bundle, model_version: str | int, config
                                importance=_importance(bundle, names), infos=infos,
                                rows_per_site=config.reference_rows, recent_times=config.reference_recent_times,
                                seed=config.seed, trends=trends, tiers=bundle.tiers.model_dump())
+    ref.meta["input_codes"] = input_code_reference(bundle.spec)
     return ref
 
 
@@ -328,7 +330,10 @@ def load_or_build_reference(monitoring_dir: Path, features_dir: Path, model, con
     """The cached reference of `model` (a ServedModel: bundle + version), built on first use."""
     folder = Path(monitoring_dir) / "reference" / task / safe_name(str(model.version))
     if not rebuild and (folder / REFERENCE_META).is_file():
-        return Reference.load(folder)
+        ref = Reference.load(folder)
+        if "input_codes" not in ref.meta:  # cached before impossible values were monitored: add them
+            ref.meta["input_codes"] = input_code_reference(model.bundle.spec)
+        return ref
     ref = build_reference(features_dir, model.bundle, model.version, config, task=task)
     ref.save(folder)
     return ref

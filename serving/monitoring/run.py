@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("chronorisk.serving.monitoring")
 
 
-MONITOR_VERSION = 3  # bump when the meaning of the outputs changes: forces recomputation
+MONITOR_VERSION = 4  # bump when the meaning of the outputs changes: forces recomputation
 
 
 @dataclass
@@ -118,7 +118,9 @@ def _windows(prediction_log, opts: MonitorOptions) -> list[_WindowData]:
     for window, paths in sorted(by_window.items()):
         start = max(window.start, opts.start) if opts.start else window.start
         end = min(window.end, opts.end) if opts.end else window.end
-        ident = [f"{p.parent.name}/{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(paths)]
+        checks = prediction_log.check_files(opts.task, start, end)  # impossible values: part of the inputs
+        ident = [f"{p.parent.parent.name}/{p.parent.name}/{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                 for p in [*sorted(paths), *checks]]
         out.append(_WindowData(window, start, end, digest_of(str(start), str(end), *ident)))
     return out
 
@@ -156,8 +158,9 @@ def _window_input(prediction_log, task: str, site: str, data: _WindowData, previ
             recent_parts.append(part[index] if index is not None else part)
             labels.append(old.window.label)
     recent = pl.concat(recent_parts, how="diagonal_relaxed") if recent_parts else None
+    checks = prediction_log.scan_input_checks(task, data.start, data.end).filter(pl.col("site") == site).collect()
     return WindowInput(task, site, Window(data.start, data.end, data.window.kind), rows,
-                       _window_outcomes(rows, outcomes), recent, tuple(labels))
+                       _window_outcomes(rows, outcomes), recent, tuple(labels), checks)
 
 
 def _ensure_latest_html(prediction_log, reference, reports, latest, windows, outcomes, baselines, config: MonitorConfig,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -17,6 +18,7 @@ from chronorisk.serving.state import ServingState
 from chronorisk.serving.store import utcnow
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 @router.post(
@@ -74,6 +76,8 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
             if subject is None and hasattr(feats, "drop"):  # no id given: no join key either
                 known = feats.drop("subject_id", strict=False)
             state.monitor.live(model, known, risk, tiers, site, when)
+            if events is not None and hasattr(feats, "columns"):  # values the features read and dropped
+                live_input_checks(state.monitor.log, model, events, feats, site)
 
     results = scoring.score_one(
         state.models, tasks, events=events, features=body.features, prediction_time=when,
@@ -85,6 +89,19 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
                        detail={"tasks": tasks, "source": "given events" if given is not None else "events"
                                if body.events is not None else "fhir" if body.fhir is not None else "features"})
     return when, site, results
+
+
+def live_input_checks(prediction_log, model, events, feats, site: str | None) -> None:
+    """Count the request's impossible input values (the rule of every scoring path) into the buffered
+    input-check log; monitoring never fails a score."""
+    from chronorisk.features.vocabulary import input_checks
+    from chronorisk.serving.prediction_log import input_check_buffer
+
+    try:
+        checks = input_checks(model.spec, events, feats.select("subject_id", "prediction_time"))
+        input_check_buffer(prediction_log).add(checks, model.task, site or "unknown")
+    except Exception as exc:
+        log.warning("prediction log: input checks failed (%s)", type(exc).__name__)
 
 
 def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:

@@ -524,3 +524,32 @@ def test_a_rescored_patient_counts_once_with_the_latest_score():
     assert deduped.filter((pl.col("join_key") == "k1") & (pl.col("model_version") == "4"))["risk"].to_list() == [0.2]
     unique = rows.filter(pl.col("risk") != 0.1)
     assert R.dedupe(unique).equals(unique)  # nothing re-scored: the rows as logged
+
+
+def test_impossible_values_alert_with_the_probable_unit_and_the_affected_features():
+    """Known answers of the impossible-value test: 40 of 200 glucose values dropped (median 6.1, i.e. 110 mg/dL
+    if mmol/L) against a training share of 1/1002 alerts; 2 of 200 (1 %) stays under impossible_share."""
+    from chronorisk.serving.monitoring import inputs as I
+
+    codes = {"LOINC//2339-0": {"display": "Fasting glucose", "unit": "mg/dL", "plausible": [10.0, 1500.0],
+                               "features": ["meas_glucose_last", "meas_glucose_mean_90d"],
+                               "n_values": 1000, "n_dropped": 0}}
+    config = MonitorConfig()
+
+    def checks(dropped: int, medians: list[float]) -> pl.DataFrame:
+        per_day = [dropped - dropped // 2, dropped // 2]
+        return pl.DataFrame({"date": [date(2025, 3, 3), date(2025, 3, 4)], "code": ["LOINC//2339-0"] * 2,
+                             "n_values": [100, 100], "n_dropped": per_day, "dropped_median": medians})
+
+    shifted = I.judge_inputs(checks(40, [6.1, 5.0]), codes, config)
+    (v,) = shifted["codes"]
+    assert (v["n_values"], v["n_dropped"], v["share"], v["flagged"]) == (200, 40, 0.2, True)
+    assert v["reference_share"] == round(1 / 1002, 4) and v["dropped_median"] == 5.0  # 20 at 6.1, 20 at 5.0
+    assert v["probable_unit"] == "mmol/L"
+    assert shifted["affected_features"] == ["meas_glucose_last", "meas_glucose_mean_90d"]
+    reason = I.describe(v)
+    assert "40 of 200 (20.0%)" in reason and "probably mmol/L instead of mg/dL" in reason
+    assert "meas_glucose_last" in reason
+    stable = I.judge_inputs(checks(2, [4000.0, 3000.0]), codes, config)
+    assert stable["codes"][0]["flagged"] is False and stable["affected_features"] == []
+    assert I.probable_unit("LOINC//2339-0", 4000.0) is None  # no unit makes 4000 plausible glucose

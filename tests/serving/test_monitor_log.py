@@ -222,3 +222,112 @@ def test_live_sink_logs_feature_rows_and_event_frames_of_many_requests_in_order(
     assert rows["bmi_last"].to_list()[1:] == [30.5, None]
     assert rows["prediction_time"].dt.hour().to_list() == [11, 9, 10]
     assert "subject_id" not in rows.columns and "extra" not in rows.columns
+
+
+def test_input_checks_count_the_values_each_day_read_and_dropped_once():
+    """Known answers: glucose (plausible 10-1500 mg/dL) in a 365-day look-back; an event read by two rows of
+    one day counts once; events after the prediction time or before the look-back are not read."""
+    from chronorisk.features.config import FeatureConfig
+    from chronorisk.features.pipeline import fit_spec
+    from chronorisk.features.vocabulary import code_summary, input_checks
+
+    glucose, hba1c = "LOINC//2339-0", "LOINC//4548-4"
+    day = datetime(2025, 3, 10)
+    rows = [  # (subject, days before `day`, code, value)
+        (1, 3, glucose, 5.5), (1, 30, glucose, 100.0), (1, 60, glucose, 6.5), (1, 400, glucose, 4.0),
+        (1, -1, glucose, 5.0), (2, 3, glucose, 110.0), (2, 3, hba1c, 6.0), (3, 10, glucose, 7.5),
+    ]
+    events = pl.DataFrame(
+        {"subject_id": [r[0] for r in rows], "time": [day - timedelta(days=r[1]) for r in rows],
+         "code": [r[2] for r in rows], "numeric_value": [r[3] for r in rows]},
+        schema={"subject_id": pl.Int64, "time": pl.Datetime("us"), "code": pl.String, "numeric_value": pl.Float64},
+    )
+    spec = fit_spec(code_summary(events), FeatureConfig(windows_days=[90, 365]))
+    index = pl.DataFrame({"subject_id": [1, 2, 1, 3], "prediction_time": [day, day, day, day + timedelta(days=1)]})
+    out = input_checks(spec, events, index)
+    got = {(r["date"], r["code"]): (r["n_values"], r["n_dropped"], r["dropped_median"]) for r in out.to_dicts()}
+    assert got == {
+        (date(2025, 3, 10), glucose): (4, 2, 6.0),  # subject 1 (indexed twice): 5.5, 100, 6.5 once; 2: 110
+        (date(2025, 3, 10), hba1c): (1, 0, None),
+        (date(2025, 3, 11), glucose): (1, 1, 7.5),
+    }, got
+
+
+def test_batch_scoring_logs_input_checks_per_chunk_as_the_one_counting_rule_gives(tiny_world, tmp_path):
+    """Batch scoring stores each chunk's input checks beside its scores (same part name, no identifier);
+    summed over chunks they equal `input_checks` of the whole site's events for the scored subjects, and a
+    re-run replaces the files."""
+    from chronorisk.data.meds_io import scan_site, site_ids
+    from chronorisk.features.vocabulary import input_checks
+    from chronorisk.serving import scoring
+    from chronorisk.serving.state import MonitoringSink
+    from chronorisk.serving.store import ScoreStore
+
+    when = datetime(2024, 1, 1)
+    models = scoring.load_models(["onset_2y"], source="folder", model_dir=tiny_world.models)
+    site = site_ids(tiny_world.meds)[0]
+    work = tmp_path / "w"
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 's.db'}")
+    scoring.batch_score(store, models, tiny_world.meds, when, sites=[site], monitor=MonitoringSink(work))
+    with store.engine.connect() as conn:
+        scored = pl.DataFrame([tuple(r) for r in conn.exec_driver_sql("SELECT subject_id FROM scores")],
+                              schema={"subject_id": pl.Int64}, orient="row")
+    store.dispose()
+    folder = work / "monitoring" / "input_checks" / "task=onset_2y"
+    files = sorted(folder.rglob("*.parquet"))
+    assert files and all(f.name.startswith(f"part-batch-20240101-{site}-") for f in files)
+    logged = pl.read_parquet(files)
+    assert set(logged.columns) == set(prediction_log.CHECK_SCHEMA) and set(logged["site"]) == {site}
+    index = scored.with_columns(pl.lit(when).cast(pl.Datetime("us")).alias("prediction_time"))
+    expected = input_checks(models["onset_2y"].spec, scan_site(tiny_world.meds, site), index)
+    assert expected["n_values"].sum() > 0
+    got = logged.group_by("code").agg(pl.col("n_values").sum(), pl.col("n_dropped").sum()).sort("code")
+    assert got.to_dicts() == expected.select("code", "n_values", "n_dropped").sort("code").to_dicts()
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 'again.db'}")
+    scoring.batch_score(store, models, tiny_world.meds, when, sites=[site], monitor=MonitoringSink(work))
+    store.dispose()
+    assert sorted(folder.rglob("*.parquet")) == files and pl.read_parquet(files).height == logged.height
+
+
+def test_live_input_checks_are_buffered_into_one_file_per_site(work):
+    log = PredictionLog.for_work(work)
+    buffer = prediction_log.InputCheckBuffer(log, max_rows=10**6, max_seconds=3600)
+    row = pl.DataFrame({"date": [date(2025, 3, 3)], "code": ["LOINC//2339-0"], "n_values": [3], "n_dropped": [1],
+                        "dropped_median": [5.5]})
+    for site in ("a", "b", "a"):
+        buffer.add(row, "onset_2y", site)
+    assert not list(work.rglob("*.parquet"))  # buffered: no file per request
+    assert len(buffer.flush()) == 2
+    checks = log.scan_input_checks("onset_2y", date(2025, 3, 3), date(2025, 3, 4)).collect()
+    assert sorted(checks.group_by("site").agg(pl.col("n_values").sum()).rows()) == [("a", 6), ("b", 3)]
+
+
+def test_score_route_counts_a_requests_impossible_glucose(tiny_world, tmp_path):
+    """The /score path's hook (`routes.score.live_input_checks`) counts the request's events by the same rule:
+    a glucose of 6 (mg/dL code, mmol/L value) a week before the prediction time is read and dropped."""
+    from chronorisk.data.meds_io import scan_site, site_ids
+    from chronorisk.serving import scoring
+    from chronorisk.serving.routes.score import live_input_checks
+
+    when = datetime(2024, 1, 1)
+    models = scoring.load_models(["onset_2y"], source="folder", model_dir=tiny_world.models)
+    log = PredictionLog.for_work(tmp_path)
+    site = site_ids(tiny_world.meds)[0]
+    events = scan_site(tiny_world.meds, site).collect()
+    for sid in events["subject_id"].unique().sort().to_list()[:60]:
+        mine = events.filter(pl.col("subject_id") == sid)
+        extra = mine.head(1).with_columns(pl.lit(when - timedelta(days=7)).cast(mine.schema["time"]).alias("time"),
+                                          pl.lit("LOINC//2339-0").alias("code"),
+                                          pl.lit(6.0).cast(mine.schema["numeric_value"]).alias("numeric_value"))
+        mine = pl.concat([mine, extra]).sort("time", nulls_last=False)
+        results = scoring.score_one(models, ["onset_2y"], events=mine, prediction_time=when, explain=False,
+                                    on_scored=lambda m, f, r, t, ev=mine: live_input_checks(log, m, ev, f, site))
+        if results[0].eligible:
+            break
+    else:
+        pytest.fail("no eligible subject among the first 60")
+    prediction_log.input_check_buffer(log).flush()
+    checks = log.scan_input_checks("onset_2y").collect()
+    glucose = checks.filter(pl.col("code") == "LOINC//2339-0")
+    assert glucose["n_dropped"].sum() == 1 and glucose["dropped_median"].item() == 6.0
+    assert set(checks["site"]) == {site} and glucose["n_values"].sum() >= 1

@@ -7,7 +7,9 @@ seen: every patient with an encounter in a week is scored the day after
 (source `api`, as the service logs a GP's look-up), for 12 weeks before the
 change and 2 after, in weekly windows. The monitor must alert on each drifted
 site in the first window after the change (2025-W10), naming the drifted
-features, and keep every window of the stable sites ok.
+features, and keep every window of the stable sites ok. The mmol/L glucose
+values are impossible in mg/dL, so the features drop them: the monitor sees
+them through the input checks logged beside the scores (as the service does).
 
 Window sizes at this scale are 40-170 scores per site and week, so the
 params used here lower `monitor.min_window_rows` to 40 (the smallest site,
@@ -61,6 +63,7 @@ def _score_visits(work: Path) -> int:
     """Score each patient seen in a week the day after the visit, as the service would, into the log."""
     from chronorisk.data.meds_io import site_ids
     from chronorisk.features import labels, pipeline
+    from chronorisk.features.vocabulary import input_checks
     from chronorisk.models.bundle import ModelBundle
     from chronorisk.serving.prediction_log import PredictionLog
 
@@ -88,6 +91,7 @@ def _score_visits(work: Path) -> int:
                                      pl.Series("tier", [str(t) for t in bundle.tier(risk)]))
         log.append(records, TASK, bundle.version, "api", model_name=bundle.name,
                    feature_names=list(bundle.feature_names), part=f"visits-{site}")
+        log.append_input_checks(input_checks(bundle.spec, seen, index), TASK, site, part=f"visits-{site}")
         total += records.height
     return total
 
@@ -165,6 +169,13 @@ def test_cli_prints_statuses_and_writes_metrics(scenario):
     metrics = (scenario["work"] / "monitoring" / "metrics.prom").read_text()
     assert f'chronorisk_monitor_status{{site="{UNITS_SITE}",task="{TASK}",window="week"}} 2.0' in metrics
     assert f'chronorisk_monitor_status{{site="hosp_central",task="{TASK}",window="week"}} 0.0' in metrics
+    # impossible values: a gauge per site and code, a line of the CLI, a table on the MLOps page
+    assert f'chronorisk_monitor_impossible_value_share{{code="LOINC//2339-0",site="{UNITS_SITE}"' in metrics
+    assert "impossible values dropped: Fasting glucose" in out
+    from chronorisk.serving.monitoring_page import mlops_fragment
+
+    html = mlops_fragment(scenario["summary"])
+    assert "Impossible input values" in html and "alert: probably mmol/L" in html
     # no identifier reaches the monitoring folder (the log tests check distinctive ids byte for byte)
     for path in (scenario["work"] / "monitoring" / "log").rglob("*.parquet"):
         assert "subject_id" not in pl.read_parquet_schema(path), path
