@@ -71,8 +71,9 @@ def test_supplied_labels_train_with_auto_picking_logistic_and_evaluate_with_a_ba
     assert selection["cv_log_loss"]["logistic"] < selection["cv_log_loss"]["lightgbm"]
     # the reference: 5-fold CV AUROC of a logistic regression on the ten raw factors (smoking included,
     # which reaches the features only as text categories); the model's own cross-validated AUROC over
-    # the train and tuning patients is near it
-    assert selection["cv_auroc"]["logistic"] > reference["logistic_cv_auroc_on_the_ten_factors"] - 0.04
+    # the train and tuning patients is near it (measured: 0.772 against 0.789, with smoking's text answers
+    # reaching the model as categories)
+    assert selection["cv_auroc"]["logistic"] > reference["logistic_cv_auroc_on_the_ten_factors"] - 0.025
     supplied = meta["supplied_labels"]
     assert supplied["rows"] == 2000 and supplied["cases"] == reference["cases"]
     assert supplied["fingerprint"].startswith("sha256:")
