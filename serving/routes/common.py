@@ -131,5 +131,30 @@ def readable_site(state: ServingState, principal: Principal, subject_id: int, si
         raise
 
 
+def latest_stored_score(state: ServingState, subject_id: int, site: str, task: str, *, refusal: str) -> dict:
+    """The patient's latest stored score of `task` at `site`; 410 (`refusal` says what is not done) after a
+    consent withdrawal, 404 without a stored score."""
+    record = state.store.patient_record(subject_id, [site]) or {"scores": [], "consent_withdrawn_at": None}
+    if record["consent_withdrawn_at"] is not None:
+        raise HTTPException(410, f"the patient withdrew consent at this site: {refusal}")
+    rows = [r for r in record["scores"] if r["task"] == task]
+    if not rows:
+        raise HTTPException(404, f"no stored score for task {task}")
+    return rows[-1]
+
+
+def served_model_and_events(state: ServingState, subject_id: int, site: str, task: str):
+    """(the served model of `task`, the patient's events at `site`); 503 without a model, 404 without records."""
+    from chronorisk.serving import scoring
+
+    model = state.models.get(task)
+    if model is None:
+        raise HTTPException(503, f"no model is loaded for task {task}")
+    events = scoring.subject_events(state.meds_root, site, subject_id)
+    if events is None or events.height == 0:
+        raise HTTPException(404, "the patient's records are not available to this service")
+    return model, events
+
+
 def error_body(message: str, fields: list[dict] | None = None) -> dict:
     return {"error": message, "fields": fields or []}

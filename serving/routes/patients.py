@@ -17,9 +17,11 @@ from chronorisk.serving.routes.common import (
     SubjectPath,
     audit_denied,
     choose_site,
+    latest_stored_score,
     readable_site,
     require,
     route_of,
+    served_model_and_events,
 )
 from chronorisk.serving.state import ServingState
 from chronorisk.serving.store import utcnow
@@ -125,22 +127,11 @@ def patient_factors(
 def explain_on_demand(state: ServingState, subject_id: int, site: str, task: str) -> dict:
     from chronorisk.serving import scoring
 
-    record = state.store.patient_record(subject_id, [site])
-    if record["consent_withdrawn_at"] is not None:
-        raise HTTPException(410, "the patient withdrew consent at this site: no risk or factors are shown")
-    rows = [r for r in record["scores"] if r["task"] == task]
-    if not rows:
-        raise HTTPException(404, f"no stored score for task {task}")
-    latest = rows[-1]
+    latest = latest_stored_score(state, subject_id, site, task, refusal="no risk or factors are shown")
     if latest["factors"] is not None:
         return {"task": task, "prediction_time": latest["prediction_time"], "factors": latest["factors"],
                 "model_version": latest["model_version"], "computed": "stored"}
-    model = state.models.get(task)
-    if model is None:
-        raise HTTPException(503, f"no model is loaded for task {task}")
-    events = scoring.subject_events(state.meds_root, site, subject_id)
-    if events is None or events.height == 0:
-        raise HTTPException(404, "the patient's records are not available to this service")
+    model, events = served_model_and_events(state, subject_id, site, task)
     feats, reason = scoring.features_from_events(model, events, latest["prediction_time"])
     if feats is None:
         raise HTTPException(409, f"cannot explain: {reason}")

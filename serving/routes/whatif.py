@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
-from chronorisk.serving.routes.common import StateDep, SubjectPath, readable_site, require
+from chronorisk.serving.routes.common import (
+    StateDep,
+    SubjectPath,
+    latest_stored_score,
+    readable_site,
+    require,
+    served_model_and_events,
+)
 from chronorisk.serving.state import ServingState
 
 router = APIRouter()
@@ -30,22 +37,10 @@ def patient_whatif(
 
 
 def patient_record_events(state: ServingState, subject_id: int, site: str, task: str):
-    """(model, the patient's events, the latest stored prediction time of `task`); 404 / 503 otherwise."""
-    from chronorisk.serving import scoring
-
-    record = state.store.patient_record(subject_id, [site]) or {"scores": [], "consent_withdrawn_at": None}
-    if record["consent_withdrawn_at"] is not None:
-        raise HTTPException(410, "the patient withdrew consent at this site: they are not scored")
-    rows = [r for r in record["scores"] if r["task"] == task]
-    if not rows:
-        raise HTTPException(404, f"no stored score for task {task}")
-    model = state.models.get(task)
-    if model is None:
-        raise HTTPException(503, f"no model is loaded for task {task}")
-    events = scoring.subject_events(state.meds_root, site, subject_id)
-    if events is None or events.height == 0:
-        raise HTTPException(404, "the patient's records are not available to this service")
-    return model, events, rows[-1]["prediction_time"]
+    """(model, the patient's events, the latest stored prediction time of `task`); 410 / 404 / 503 otherwise."""
+    latest = latest_stored_score(state, subject_id, site, task, refusal="they are not scored")
+    model, events = served_model_and_events(state, subject_id, site, task)
+    return model, events, latest["prediction_time"]
 
 
 def whatif_for(state: ServingState, principal: Principal, subject_id: int, site: str | None, task: str,
