@@ -25,29 +25,25 @@ TREND_MIN_VALUES = 3
 VALUE_STATS = ("mean", "min", "max")
 
 
-def code_base_names(codes: tuple[CodeSpec, ...]) -> list[str]:
-    """The column-name stem of each code (`code_<safe code>`, numbered when two codes look alike)."""
+def _numbered(stems: list[str]) -> list[str]:
+    """Each stem as a name, numbered (`_2`, `_3`, ...) when an earlier one already took it."""
     out: list[str] = []
-    for c in codes:
-        base = f"code_{fam.feature_safe(c.code)}"
-        name, i = base, 1
-        while name in out:
-            i += 1
-            name = f"{base}_{i}"
-        out.append(name)
-    return out
-
-
-def text_feature_names(base: str, texts: tuple[str, ...]) -> list[str]:
-    out: list[str] = []
-    for t in texts:
-        stem = f"{base}__{fam.feature_safe(t)[:40] or 'text'}"
+    for stem in stems:
         name, i = stem, 1
         while name in out:
             i += 1
             name = f"{stem}_{i}"
         out.append(name)
     return out
+
+
+def code_base_names(codes: tuple[CodeSpec, ...]) -> list[str]:
+    """The column-name stem of each code (`code_<safe code>`, numbered when two codes look alike)."""
+    return _numbered([f"code_{fam.feature_safe(c.code)}" for c in codes])
+
+
+def text_feature_names(base: str, texts: tuple[str, ...]) -> list[str]:
+    return _numbered([f"{base}__{fam.feature_safe(t)[:40] or 'text'}" for t in texts])
 
 
 def declare_codes(codes: tuple[CodeSpec, ...], windows: tuple[int, ...]) -> dict[str, FeatureInfo]:
