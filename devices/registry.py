@@ -1,8 +1,11 @@
 """The device registry: a device id bound to one (pseudonymous) patient and site, until revoked.
 
 Admin operations (`chronorisk devices register|list|revoke`) go through these functions, each
-with its audit entry in the same transaction. A reading is attached to a patient only through an
-active registration of its device at the topic's site; anything else is quarantined.
+with its audit entry in the same transaction: the whole row inserted, or the columns set
+(`record_insert` / `record_update`), so that `chronorisk audit verify` rebuilds the bindings from the
+log and names one inserted, edited or deleted directly in the database. A reading is attached to a
+patient only through an active registration of its device at the topic's site; anything else is
+quarantined.
 """
 
 from __future__ import annotations
@@ -71,13 +74,14 @@ def register(store: ScoreStore, rows: Sequence[dict], audit, actor: str) -> int:
                                              "first")
             values = {"site": r["site"], "subject_id": int(r["subject_id"]), "kind": r.get("kind"),
                       "registered_at": now, "revoked_at": None}
+            who = {"actor": actor, "role": "admin", "action": "device_register", "site": r["site"]}
             if old is None:
-                conn.execute(devices.insert().values(device_id=r["device_id"], **values))
+                row = {"device_id": r["device_id"], **values}
+                conn.execute(devices.insert().values(**row))
+                audit.record_insert(conn, devices, row, subject_id=int(r["subject_id"]), **who)
             else:
                 conn.execute(update(devices).where(devices.c.device_id == r["device_id"]).values(**values))
-            audit.append_in(conn, actor=actor, role="admin", action="device_register", site=r["site"],
-                            subject_id=int(r["subject_id"]), detail={"device_id": r["device_id"],
-                                                                     "kind": r.get("kind")})
+                audit.record_update(conn, devices, r["device_id"], values, subject_id=int(r["subject_id"]), **who)
     return len(rows)
 
 
@@ -88,9 +92,10 @@ def revoke(store: ScoreStore, device_id: str, audit, actor: str) -> bool:
         reg = _registrations(conn, [device_id]).get(device_id)
         if reg is None or reg.revoked_at is not None:
             return False
-        conn.execute(update(devices).where(devices.c.device_id == device_id).values(revoked_at=utcnow()))
-        audit.append_in(conn, actor=actor, role="admin", action="device_revoke", site=reg.site,
-                        subject_id=reg.subject_id, detail={"device_id": device_id})
+        values = {"revoked_at": utcnow()}
+        conn.execute(update(devices).where(devices.c.device_id == device_id).values(**values))
+        audit.record_update(conn, devices, device_id, values, actor=actor, role="admin", action="device_revoke",
+                            site=reg.site, subject_id=reg.subject_id)
     return True
 
 

@@ -21,13 +21,20 @@ Two more guards close what a chain inside the database cannot:
   database against the latest valid checkpoint, so a wiped table, a truncated
   tail or an older head written back (all of which leave a valid shorter chain
   with a valid head) are caught.
-* **State replay.** Consent withdrawals and renewals and API keys (created,
-  revoked) are recorded as entries carrying the whole row (`record_insert`,
-  `record_update`), and each batch-scored chunk as its row count and the sum
-  of its rows' SHA-256 (`record_scores`), in the transaction that writes the
-  rows. `verify` rebuilds those tables from the log and compares them with the
-  database: a deleted consent row, an inserted or edited key, a score edited,
+* **State replay.** Consent withdrawals and renewals, API keys (created,
+  revoked) and device bindings (registered, re-bound, revoked) are recorded as
+  entries carrying the whole row (`record_insert`, `record_update`), and each
+  batch-scored chunk as its row count and the sum of its rows' SHA-256
+  (`record_scores`), in the transaction that writes the rows. `verify` rebuilds
+  those tables from the log and compares them with the database: a deleted
+  consent row, an inserted or edited key or device binding, a score edited,
   deleted or added directly is named.
+* **Model promotions.** Each move of a task's `champion` alias made by
+  `chronorisk promote` is an entry (`serving/promotions.py`: from which version
+  to which, with the version's run and source). `verify` replays them: each
+  move must start where the previous one ended, and the registry's champions
+  now (a `RegistryView` read by the caller) must be the last recorded ones, so a
+  promotion made directly in MLflow, or a promotion entry deleted, is named.
 
 What it does not protect against (README, security): someone holding the
 service secret AND write access to the database AND every checkpoint store
@@ -36,8 +43,9 @@ verifications leaves no trace in the tables; the entries after the latest
 checkpoint that survived are only as safe as the chain and head (checkpoint
 lines are not fsynced; one is written as its transaction commits, so a
 database failure at that instant shows as a checkpoint ahead of the log, a
-false alarm on the safe side); patient facts, device bindings and model
-promotions are not replayed (promotions live in the MLflow registry).
+false alarm on the safe side); patient facts are not replayed; a model's
+artifacts changed in place in the artifact store, and aliases other than
+`champion` (the `challenger` moves with every training run), are not covered.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from pathlib import Path
 
 from sqlalchemy import BigInteger, Column, Integer, String, Table, Text, event, select, text
 
+from chronorisk.devices.tables import devices
 from chronorisk.serving.store import api_keys, consent, consent_renewals, metadata, utcnow, writer
 
 GENESIS = "0" * 64
@@ -120,7 +129,11 @@ REPLAYED: dict[str, tuple[Table, str]] = {
     "consent": (consent, "id"),
     "consent_renewals": (consent_renewals, "id"),
     "api_keys": (api_keys, "key_id"),
+    "devices": (devices, "device_id"),
 }
+# the registry alias whose moves are audit entries (`chronorisk promote`) and that `verify` replays
+PROMOTED_ALIAS = "champion"
+PROMOTION = "model_promote"
 
 
 def row_json(row: dict) -> dict:
@@ -197,10 +210,18 @@ class AuditLog:
                               detail={"table": table.name, "insert": row_json(row)})
 
     def record_update(self, conn, table: Table, key: str, values: dict, *, actor: str, role: str, action: str,
-                      site: str | None = None) -> int:
+                      site: str | None = None, subject_id: int | None = None) -> int:
         """Append the entry of a state change that set `values` on the row named `key` of `table`."""
-        return self.append_in(conn, actor=actor, role=role, action=action, site=site,
+        return self.append_in(conn, actor=actor, role=role, action=action, site=site, subject_id=subject_id,
                               detail={"table": table.name, "key": key, "update": row_json(values)})
+
+    def record_promotion(self, *, task: str, from_version: int | None, to: dict | None, actor: str,
+                         role: str = "admin") -> int:
+        """Append the entry of a move of `task`'s champion alias: from `from_version` (None: there was
+        none) to `to` ({version, run_id, source}; None: the alias was removed)."""
+        return self.append(actor=actor, role=role, action=PROMOTION, detail={
+            "registry_alias": PROMOTED_ALIAS, "task": task, "from_version": from_version,
+            "to": None if to is None else {k: to.get(k) for k in ("version", "run_id", "source")}})
 
     def record_scores(self, conn, score_rows, checkpoints) -> None:
         """One entry per (site, task, prediction time) of a written chunk: its row count and the digest
@@ -262,8 +283,9 @@ class AuditLog:
                     yield dict(r)
                 last = rows[-1]["seq"]
 
-    def verify(self) -> VerifyResult:
-        """Walk the chain; the result names every entry that was edited, deleted or inserted."""
+    def verify(self, registry: RegistryView | None = None) -> VerifyResult:
+        """Walk the chain; the result names every entry that was edited, deleted or inserted, and every
+        replayed table row (and, given `registry`, every champion) that differs from what the log says."""
         result = VerifyResult()
         checkpoint = self.latest_checkpoint(result.problems)
         checkpoint_hash = None
@@ -303,6 +325,11 @@ class AuditLog:
         self._check_checkpoint(result, checkpoint, checkpoint_hash, last_seq)
         with self.engine.connect() as conn:
             result.problems.extend(replay.compare(conn))
+        result.problems.extend(replay.promotion_problems)
+        if registry is not None:
+            result.problems.extend(replay.compare_registry(registry))
+            result.registry_checked = registry.where
+        result.n_promotions = len(replay.champions)
         return result
 
     def _check_checkpoint(self, result: VerifyResult, checkpoint, checkpoint_hash, last_seq: int) -> None:
@@ -349,14 +376,38 @@ def scores_digest(tuples) -> dict[tuple[str, str, str], tuple[int, str]]:
     return {k: (n, f"{d:064x}") for k, (n, d) in sums.items()}
 
 
+@dataclass(frozen=True)
+class RegistryView:
+    """What the model registry holds now: per task (registered model `chronorisk-<task>`), the version its
+    champion alias points at ({version, run_id, source}, None when it has none), and the versions set to
+    an MLflow stage (task, version, stage): chronorisk sets none, so each one was set outside it."""
+
+    where: str  # the registry, for messages (no password)
+    champions: dict[str, dict | None] = field(default_factory=dict)
+    staged: tuple[tuple[str, int, str], ...] = ()
+
+
+# entries written before device bindings were replayed: (device_id in the detail, nothing else)
+_LEGACY_DEVICE_ACTIONS = ("device_register", "device_revoke")
+
+
 class StateReplay:
-    """The consent, key and score tables as the audit log says they are, compared with the database."""
+    """The consent, key, device and score tables and the champions as the audit log says they are,
+    compared with the database and the registry."""
 
     def __init__(self):
         self.rows: dict[str, dict[str, tuple[int, dict]]] = {name: {} for name in REPLAYED}
         self.score_chunks: dict[tuple[str, str, str, str], tuple[int, int, str]] = {}
+        self.champions: dict[str, tuple[int, dict | None]] = {}  # task -> (seq, {version, run_id, source})
+        self.promotion_problems: list[str] = []
 
     def apply(self, entry: dict) -> None:
+        if entry["action"] in _LEGACY_DEVICE_ACTIONS and '"table"' not in entry["detail"]:
+            self._apply_legacy_device(entry)
+            return
+        if entry["action"] == PROMOTION:
+            self._apply_promotion(entry)
+            return
         if '"table"' not in entry["detail"]:
             return
         try:
@@ -378,6 +429,66 @@ class StateReplay:
             seq_row = self.rows[name].get(str(detail.get("key")))
             if seq_row is not None:
                 self.rows[name][str(detail.get("key"))] = (entry["seq"], {**seq_row[1], **detail["update"]})
+
+    def _apply_legacy_device(self, entry: dict) -> None:
+        """A device entry of the older form: the columns it names are checked, its times are not."""
+        try:
+            device_id = str(json.loads(entry["detail"]).get("device_id"))
+        except (ValueError, AttributeError):
+            return
+        rows = self.rows["devices"]
+        if entry["action"] == "device_register":
+            kind = json.loads(entry["detail"]).get("kind")
+            rows[device_id] = (entry["seq"], {"device_id": device_id, "site": entry["site"],
+                                              "subject_id": entry["subject_id"], "kind": kind, "revoked_at": None})
+        elif device_id in rows:
+            seq_row = rows[device_id][1]
+            rows[device_id] = (entry["seq"], {k: v for k, v in seq_row.items() if k != "revoked_at"})
+
+    def _apply_promotion(self, entry: dict) -> None:
+        try:
+            detail = json.loads(entry["detail"])
+            task, before, to = str(detail["task"]), detail.get("from_version"), detail.get("to")
+        except (ValueError, KeyError, TypeError):
+            self.promotion_problems.append(f"entry {entry['seq']}: a promotion entry that cannot be read")
+            return
+        previous = self.champions.get(task)
+        recorded = previous[1]["version"] if previous and previous[1] else None
+        if before != recorded:
+            since = f"entry {previous[0]} recorded version {recorded}" if previous else "no earlier promotion"
+            self.promotion_problems.append(
+                f"champion of {task}: entry {entry['seq']} moved it from version {before}, but {since}: "
+                "a promotion in between was made outside `chronorisk promote` (or its entry deleted)")
+        self.champions[task] = (entry["seq"], to)
+
+    def compare_registry(self, registry: RegistryView) -> list[str]:
+        problems = []
+        for task in sorted(set(self.champions) | set(registry.champions)):
+            actual = registry.champions.get(task)
+            seq, recorded = self.champions.get(task, (None, None))
+            where = f"chronorisk-{task} in the registry"
+            if recorded is None and actual is None:
+                continue
+            if seq is None:
+                problems.append(f"{where}: champion is version {actual['version']} but no promotion is recorded in "
+                                "the audit log (promoted directly in MLflow, or the entries deleted)")
+            elif actual is None:
+                problems.append(f"{where}: no champion, but audit entry {seq} recorded version {recorded['version']}"
+                                " (the alias or model was removed directly, or verify reads another registry: "
+                                "--tracking-uri)")
+            elif recorded is None:
+                problems.append(f"{where}: champion is version {actual['version']} but audit entry {seq} recorded "
+                                "its removal")
+            else:
+                changed = sorted(k for k in ("version", "run_id", "source") if recorded.get(k) != actual.get(k))
+                if changed:
+                    problems.append(f"{where}: champion {', '.join(changed)} differ from audit entry {seq} (version "
+                                    f"{actual['version']} now, {recorded['version']} recorded): promoted outside "
+                                    "`chronorisk promote`")
+        for task, version, stage in registry.staged:
+            problems.append(f"chronorisk-{task} version {version} is in MLflow stage {stage!r}: chronorisk sets no "
+                            "stages, so it was set directly in MLflow")
+        return problems
 
     def compare(self, conn) -> list[str]:
         problems = []
@@ -462,6 +573,8 @@ class VerifyResult:
     last_seq: int = 0
     checkpoint: int | None = None
     problems: list[str] = field(default_factory=list)
+    n_promotions: int = 0  # tasks with a recorded champion
+    registry_checked: str | None = None  # the registry the champions were compared with
 
     @property
     def ok(self) -> bool:

@@ -39,6 +39,34 @@ def test_register_list_revoke_through_the_cli_are_audited(tmp_path):
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+@pytest.mark.parametrize(("tamper", "words"), [
+    ("DELETE FROM devices WHERE device_id = 'bp-002'", "devices row device_id=bp-002: recorded by audit entry"),
+    ("INSERT INTO devices VALUES ('bp-evil', 'chc_a', 42, 'bp', '2026-01-01 00:00:00.000000', NULL)",
+     "devices row device_id=bp-evil: not recorded in the audit log"),
+    ("UPDATE devices SET subject_id = 99 WHERE device_id = 'bp-001'", "devices row device_id=bp-001: subject_id"),
+    ("UPDATE devices SET revoked_at = NULL WHERE device_id = 'bp-002'", "device_id=bp-002: revoked_at differ"),
+])
+def test_audit_verify_replays_device_bindings(tmp_path, tamper, words):
+    """A binding inserted, deleted or edited in the database behind the registry is named by verify."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    work = tmp_path / "w"
+    for device, subject in (("bp-001", "42"), ("bp-002", "43")):
+        ok = cli(work, "devices", "--store", url, "register", "--device", device, "--subject", subject, "--site",
+                 "chc_a", "--kind", "bp")
+        assert ok.returncode == 0, ok.stderr
+    assert cli(work, "devices", "--store", url, "revoke", "bp-002").returncode == 0
+    clean = cli(work, "audit", "--store", url, "verify")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    db = sqlite3.connect(tmp_path / "store.db")
+    db.executescript(tamper)
+    db.commit()
+    db.close()
+    out = cli(work, "audit", "--store", url, "verify")
+    assert out.returncode == 1 and words in out.stdout, out.stdout + out.stderr
+
+
 NOW = datetime(2026, 1, 10, 8, 0)
 REG = {
     "bp-1": Registration("bp-1", "chc_a", 7, "bp", NOW - timedelta(days=30), None),
