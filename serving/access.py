@@ -11,8 +11,11 @@ Failed keys and sign-ins are rate limited (the `limits` package): per client
 address `serve.auth_failures_per_minute`, and per key id
 `serve.key_lockout_failures` in `serve.key_lockout_minutes`, after which the
 key id is locked (429 with Retry-After, even with the right secret) until the
-window passes. Failures and lockouts are audited. The counters live in each
-worker's memory (or `serve.rate_limit_storage`, e.g. a Redis URL, shared).
+window passes. Failures and lockouts are audited. The counters live in the score
+store's database by default (`serve.rate_limit_storage: store`, the `auth_failures`
+table: one row per failure, counted over a moving window), so every worker and
+replica on the same store shares them; a `limits` storage URL instead (`redis://...`,
+shared; `memory://`, per worker) uses that library.
 
 The service secret (session signatures, audit head) comes from an
 environment variable or a file outside the repository; in demo mode it is
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Column, DateTime, String, Table, select, update
+from sqlalchemy import Column, DateTime, Float, Index, Integer, String, Table, delete, select, update
 
 from chronorisk.errors import ChronoriskError, InputError
 from chronorisk.serving.store import api_keys, metadata, utcnow, writer
@@ -53,6 +56,17 @@ sessions = Table(
     Column("created_at", DateTime, nullable=False),
     Column("expires_at", DateTime, nullable=False),
     Column("revoked_at", DateTime, nullable=True),
+)
+
+# failed authentications, when `serve.rate_limit_storage` is `store` (AuthGuard, StoreCounters)
+auth_failures = Table(
+    "auth_failures",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("bucket", String(32), nullable=False),  # hash of "<address|key>:<value>", kept one window at most
+    Column("at", Float, nullable=False),  # Unix time of the failure (every worker's clock is the machine's)
+    Index("ix_auth_failures_bucket", "bucket", "at"),
+    Index("ix_auth_failures_at", "at"),
 )
 
 ROLES = ("gp", "public_health", "data_scientist", "mlops", "admin")
@@ -221,6 +235,9 @@ class TooManyAttempts(ChronoriskError):
         self.retry_after = retry_after
 
 
+STORE_COUNTERS = "store"
+
+
 @dataclass(frozen=True)
 class AuthLimits:
     """Rate limits of failed authentication (see the module docstring)."""
@@ -228,41 +245,117 @@ class AuthLimits:
     failures_per_minute: int = 10
     lockout_failures: int = 5
     lockout_minutes: int = 15
-    storage: str = "memory://"
+    storage: str = STORE_COUNTERS
+
+
+
+@dataclass(frozen=True)
+class Rule:
+    """At most `limit` failures of one bucket (kind, value) within `seconds`."""
+
+    kind: str  # "address" or "key"
+    value: str
+    limit: int
+    seconds: int
+
+    @property
+    def bucket(self) -> str:
+        return hashlib.sha256(f"{self.kind}:{self.value}".encode()).hexdigest()[:32]
+
+
+class StoreCounters:
+    """Failures as rows of the store's `auth_failures` table, counted over a moving window: shared by every
+    worker and replica on the same database (SQLite or PostgreSQL). Rows older than the longest window
+    are deleted as new failures come in."""
+
+    def __init__(self, engine, keep_seconds: int):
+        self.engine = engine
+        self.keep_seconds = keep_seconds
+
+    def retry_after(self, rules: list[Rule], now: float) -> float | None:
+        """Seconds until the first over-limit rule allows a try again; None when none is over its limit."""
+        longest = max(r.seconds for r in rules)
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(auth_failures.c.bucket, auth_failures.c.at)
+                .where(auth_failures.c.bucket.in_([r.bucket for r in rules]))
+                .where(auth_failures.c.at > now - longest).order_by(auth_failures.c.at)
+            ).all()
+        waits = []
+        for rule in rules:
+            times = [at for bucket, at in found if bucket == rule.bucket and at > now - rule.seconds]
+            if len(times) >= rule.limit:  # allowed again once enough of them leave the window
+                waits.append(times[len(times) - rule.limit] + rule.seconds - now)
+        return max(waits) if waits else None
+
+    def hit(self, rules: list[Rule], now: float) -> None:
+        with writer(self.engine) as conn, conn.begin():
+            conn.execute(delete(auth_failures).where(auth_failures.c.at < now - self.keep_seconds))
+            conn.execute(auth_failures.insert(), [{"bucket": r.bucket, "at": now} for r in rules])
+
+
+class LimitsCounters:
+    """The `limits` package's moving window on one of its storages (`redis://...` shared, `memory://` per
+    worker)."""
+
+    def __init__(self, url: str):
+        from limits import storage, strategies
+
+        self.limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(url))
+
+    @staticmethod
+    def _item(rule: Rule):
+        from limits import RateLimitItemPerSecond
+
+        return RateLimitItemPerSecond(rule.limit, rule.seconds)
+
+    def retry_after(self, rules: list[Rule], now: float) -> float | None:
+        waits = [self.limiter.get_window_stats(self._item(r), r.kind, r.value).reset_time - now
+                 for r in rules if not self.limiter.test(self._item(r), r.kind, r.value)]
+        return max(waits) if waits else None
+
+    def hit(self, rules: list[Rule], now: float) -> None:
+        for r in rules:
+            self.limiter.hit(self._item(r), r.kind, r.value)
 
 
 class AuthGuard:
-    """Counts failed keys per client address and per key id; says when to refuse with 429."""
+    """Counts failed keys per client address and per key id; says when to refuse with 429.
 
-    def __init__(self, limits_cfg: AuthLimits, on_event=None):
-        from limits import RateLimitItemPerMinute, storage, strategies
+    `engine` is the store's, where the counters live unless `limits_cfg.storage` names a `limits` URL."""
 
+    def __init__(self, limits_cfg: AuthLimits, on_event=None, engine=None):
         self.cfg = limits_cfg
-        self.limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(limits_cfg.storage))
-        self.per_address = RateLimitItemPerMinute(limits_cfg.failures_per_minute)
-        self.per_key = RateLimitItemPerMinute(limits_cfg.lockout_failures, limits_cfg.lockout_minutes)
+        if limits_cfg.storage == STORE_COUNTERS:
+            if engine is None:
+                raise ChronoriskError("rate_limit_storage: 'store' needs the score store's engine")
+            self.counters = StoreCounters(engine, keep_seconds=max(60, limits_cfg.lockout_minutes * 60))
+        else:
+            self.counters = LimitsCounters(limits_cfg.storage)
         self.on_event = on_event  # callable(action, detail): the audit log
+
+    def _rules(self, address: str, key_id: str | None) -> list[Rule]:
+        rules = [Rule("address", address, self.cfg.failures_per_minute, 60)]
+        if key_id:
+            rules.append(Rule("key", key_id, self.cfg.lockout_failures, self.cfg.lockout_minutes * 60))
+        return rules
 
     def check(self, address: str, key_id: str | None) -> None:
         """Raise TooManyAttempts when this address is over its limit or this key id is locked."""
-        for item, kind, ident in self._items(address, key_id):
-            if not self.limiter.test(item, kind, ident):
-                reset = self.limiter.get_window_stats(item, kind, ident).reset_time
-                raise TooManyAttempts(max(1, int(reset - time.time()) + 1))
+        wait = self.counters.retry_after(self._rules(address, key_id), time.time())
+        if wait is not None:
+            raise TooManyAttempts(max(1, int(wait) + 1))
 
     def failed(self, address: str, key_id: str | None, via: str) -> None:
-        """Count a failure; audit it, and audit a lockout once when a limit is reached."""
+        """Count a failure; audit it, and audit a lockout when a limit is reached."""
         self._audit("auth_failed", {"via": via, "key_id": key_id})
-        for item, kind, ident in self._items(address, key_id):
-            self.limiter.hit(item, kind, ident)
-            if not self.limiter.test(item, kind, ident):
-                self._audit("auth_locked", {"via": via, "by": kind, "key_id": key_id,
-                                            "window_minutes": item.multiples})
-
-    def _items(self, address: str, key_id: str | None):
-        yield self.per_address, "address", address
-        if key_id:
-            yield self.per_key, "key", key_id
+        rules = self._rules(address, key_id)
+        now = time.time()
+        self.counters.hit(rules, now)
+        for rule in rules:
+            if self.counters.retry_after([rule], now) is not None:
+                self._audit("auth_locked", {"via": via, "by": rule.kind, "key_id": key_id,
+                                            "window_minutes": rule.seconds // 60})
 
     def _audit(self, action: str, detail: dict) -> None:
         if self.on_event is not None:

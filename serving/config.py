@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class CdsClient(BaseModel):
@@ -70,6 +70,13 @@ class ServeConfig(BaseModel):
         2000, ge=0, description="prefetched records whose scores a worker keeps for the day (0: score every call)"
     )
 
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _counters_named(cls, value: str) -> str:
+        if value != "store" and "://" not in value:
+            raise ValueError(f"{value!r} is neither 'store' nor a `limits` storage URL (redis://..., memory://)")
+        return value
+
     @model_validator(mode="after")
     def _units_shown(self) -> ServeConfig:
         _check_display_units(self)
@@ -82,7 +89,9 @@ class ServeConfig(BaseModel):
     auth_failures_per_minute: int = Field(10, ge=1, description="failed keys or sign-ins per client address")
     key_lockout_failures: int = Field(5, ge=1, description="failures on one key id that lock it")
     key_lockout_minutes: int = Field(15, ge=1, description="window of those failures, and lockout length")
-    rate_limit_storage: str = Field("memory://", description="`limits` storage URL (memory:// is per worker)")
+    rate_limit_storage: str = Field(
+        "store", description="where failed-authentication counters live: store (the score store's database, "
+        "shared by every worker), or a `limits` storage URL (redis://... shared, memory:// per worker)")
     audit_checkpoint_files: list[str] = Field(
         default_factory=list, description="more append-only checkpoint files beside <work>/audit/checkpoints.jsonl")
     k_anonymity: int = Field(10, ge=2, description="every quasi-identifier group of an export holds >= k rows")

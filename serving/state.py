@@ -210,7 +210,7 @@ def auth_guard(cfg, audit: AuditLog):
             log.warning("audit of %s failed (%s)", action, type(exc).__name__)
 
     return AuthGuard(AuthLimits(cfg.auth_failures_per_minute, cfg.key_lockout_failures, cfg.key_lockout_minutes,
-                                cfg.rate_limit_storage), on_event)
+                                cfg.rate_limit_storage), on_event, engine=audit.engine)
 
 
 def state_from_env() -> ServingState:
