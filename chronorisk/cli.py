@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("chronorisk.features.cli", "fit the feature spec and compute feature tables"),
     "train": ("chronorisk.training.train_cli", "train one LightGBM model per task, log to MLflow"),
     "evaluate": ("chronorisk.training.evaluate_cli", "evaluate models: metrics, report, model card"),
-    "promote": ("chronorisk.training.promote_cli", "promote a registered model to champion, if not worse"),
+    # training's promotion, wrapped by serving so that each champion move is an audit entry
+    "promote": ("chronorisk.serving.promote_cli", "promote a registered model to champion, if not worse (audited)"),
     "federated": ("chronorisk.federated.cli", "federated training with Flower (sim, up, run, down, compare)"),
     "score": ("chronorisk.serving.score_cli", "batch-score every eligible patient into the score store"),
     "serve": ("chronorisk.serving.serve_cli", "serve the risk API and pages with BentoML"),

@@ -30,7 +30,7 @@ def demo_stages(args: argparse.Namespace, ctx) -> list[tuple[str, list[str]]]:
         ("features", ["features"]),
         ("train", ["train"]),
         ("evaluate", ["evaluate"]),
-        ("promote", ["promote", "--all"]),
+        ("promote", ["promote", "--all", "--demo"]),
     ]
     if not args.skip_federated:
         stages.append(("federated", ["federated", "sim"]))

@@ -1,5 +1,6 @@
 """`chronorisk audit verify`: check the audit log (chain, signed head, latest signed checkpoint outside the
-database, and the consent and key tables replayed from it); exit 1 naming every problem found.
+database, the consent, key, device and score tables replayed from it, and the model registry's champions
+against the recorded promotions); exit 1 naming every problem found.
 
 It needs the service secret that signed the head and the checkpoints: CHRONORISK_SERVE_SECRET (or the
 variable `serve.secret_env` names), `serve.secret_file`, or `--demo` for the demo's secret in the work folder.
@@ -16,9 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_argument(parser)
     add_demo_argument(parser)
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    sub.add_parser("verify", help="verify the chain, the signed head, the latest checkpoint and the replayed "
-                   "consent and key tables (needs the service secret: CHRONORISK_SERVE_SECRET, "
-                   "serve.secret_file or --demo)")
+    verify = sub.add_parser("verify", help="verify the chain, the signed head, the latest checkpoint, the replayed "
+                            "consent, key, device and score tables and the registry's champions (needs the service "
+                            "secret: CHRONORISK_SERVE_SECRET, serve.secret_file or --demo)")
+    verify.add_argument("--tracking-uri", default=None, metavar="URI",
+                        help="the MLflow registry `chronorisk promote` writes to (default: train.tracking_uri, "
+                        "else the work folder's)")
     sub.add_parser("checkpoint", help="write a signed checkpoint of the current head (e.g. before a backup)")
     show = sub.add_parser("show", help="print the latest entries (actions, roles, sites; subject ids hidden)")
     show.add_argument("--last", type=int, default=20)
@@ -43,11 +47,13 @@ def run(args, ctx) -> int:
             print(f"checkpoint written at entry {audit.checkpoint_now()}")
             return 0
         if args.action == "verify":
-            result = audit.verify()
+            from chronorisk.serving.promotions import registry_view
+
+            result = audit.verify(registry_view(ctx, args.tracking_uri))
             if result.ok:
                 cp = f"checkpoint at entry {result.checkpoint}" if result.checkpoint else "no checkpoint yet"
-                print(f"audit log ok: {result.n_entries} entries; chain, signed head, {cp} and replayed "
-                      "consent and key tables verified")
+                print(f"audit log ok: {result.n_entries} entries; chain, signed head, {cp}, replayed consent, key, "
+                      f"device and score tables and the champions of {result.registry_checked} verified")
                 return 0
             print(f"audit log FAILED verification ({result.n_entries} entries read):")
             for problem in result.problems:
