@@ -44,7 +44,7 @@ def run(args, ctx) -> int:
     from chronorisk.errors import InputError
     from chronorisk.serving import access
     from chronorisk.serving.cli_common import audit_log, cli_actor, open_store
-    from chronorisk.serving.consent_files import sync_withdrawn
+    from chronorisk.serving.consent_files import purge_monitoring, sync_withdrawn
 
     store = open_store(args, ctx)
     try:
@@ -86,6 +86,10 @@ def run(args, ctx) -> int:
             if args.action == "withdraw-consent":
                 when = store.withdraw_consent(args.subject, site=site, at=at, by=cli_actor(), audit=audit)
                 print(f"consent withdrawal recorded, effective {when:%Y-%m-%d %H:%M:%S} UTC")
+                purged = purge_monitoring(store, ctx.paths.root, audit, actor=cli_actor(), role="admin",
+                                          subject_id=args.subject)
+                if purged.rows:
+                    print(f"monitoring log: {purged.rows} earlier row(s) of the patient removed")
             else:
                 when = store.renew_consent(args.subject, site=site, at=at, by=cli_actor(), audit=audit)
                 print(f"renewed consent recorded, effective {when:%Y-%m-%d %H:%M:%S} UTC")

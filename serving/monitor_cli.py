@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feature tables <dir>/<task>/<site>.parquet of the reference (default: <work>/features)")
     parser.add_argument("--rebuild-reference", action="store_true", help="rebuild the cached training reference")
     parser.add_argument("--force", action="store_true", help="recompute every window, changed or not")
+    parser.add_argument("--store", default=None, metavar="URL",
+                        help="score store whose consent withdrawals are purged from the log first (default: "
+                        "serve.store_url, else SQLite in the work folder when it exists)")
 
 
 def run(args, ctx) -> int:
@@ -50,6 +53,7 @@ def run(args, ctx) -> int:
     tasks = args.task or plog.tasks()
     if not tasks:
         raise InputError("--task", f"no logged scores under {plog.root / 'log'}: score first (chronorisk score)")
+    _purge_withdrawn(args, ctx)
     monitoring_dir = ctx.paths.monitoring
     summary: dict = {}
     for task in tasks:
@@ -68,6 +72,32 @@ def run(args, ctx) -> int:
     M.write_metrics(monitoring_dir, summary)
     print(f"overall status: {summary.get('overall_status', 'ok')}; summary {monitoring_dir / 'summary.json'}")
     return 0
+
+
+def _purge_withdrawn(args, ctx) -> None:
+    """Rows of patients whose withdrawal is in effect leave the log before anything reads it (audited when
+    the service secret is at hand)."""
+    from chronorisk.errors import ChronoriskError
+    from chronorisk.paths import WorkPaths
+    from chronorisk.serving.cli_common import audit_log, cli_actor, open_store
+    from chronorisk.serving.config import resolve_store_url
+    from chronorisk.serving.consent_files import purge_monitoring
+
+    url = resolve_store_url(ctx.params, ctx.paths.root, args.store)
+    if url == WorkPaths(ctx.paths.root).store_url and not Path(url.removeprefix("sqlite:///")).is_file():
+        return  # no store: no consent recorded
+    store = open_store(args, ctx)
+    try:
+        try:
+            audit = audit_log(args, ctx, store)
+        except ChronoriskError:
+            audit = None
+        purged = purge_monitoring(store, ctx.paths.root, audit, actor=cli_actor(), role="admin")
+    finally:
+        store.dispose()
+    if purged.rows:
+        print(f"consent: {purged.rows} logged row(s) of withdrawn patients removed first"
+              + ("" if audit else " (not audited: no service secret)"))
 
 
 def _day(text: str | None, field: str):

@@ -39,6 +39,13 @@ boolean_value), `append_outcomes` computes the same key and stores only
 `join_key`. Neither file holds a subject_id, and without the key a join key
 cannot be turned back into one (subject ids are small integers, so the key
 is what stops a dictionary attack: it never leaves the work folder).
+
+Consent withdrawal (`purge_subjects`): with the key, the rows of given
+subjects are found again (their join keys at each logged prediction time)
+and removed: every score part holding one is rewritten without them (a new
+file renamed over the old, or the file deleted when nothing is left), and
+their delayed outcomes with them. Input checks are counts per site, day and
+code, with no row of anyone, and stay.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -137,7 +145,7 @@ def join_keys(subject_ids: pl.Series, prediction_times: pl.Series, key: bytes) -
         if sid is None or ts is None:
             out.append(None)
             continue
-        out.append(hashlib.blake2b(f"{sid}|{ts}".encode(), key=key[:64], digest_size=16).hexdigest())
+        out.append(_join_key(sid, ts, key))
     return pl.Series("join_key", out, dtype=pl.String)
 
 
@@ -469,6 +477,76 @@ class PredictionLog:
         if as_of is not None:
             frame = frame.filter(pl.col("available_at") <= _as_datetime(as_of))
         return frame.sort("available_at").unique("join_key", keep="first")
+
+    # ------------------------------------------------------------ withdrawal
+    def purge_subjects(self, subjects_at: Callable[[str], set[int]]) -> Purged:
+        """Remove every logged row and outcome of the subjects `subjects_at(site)` names for each site of the log.
+
+        Rows are found by their join key: for each part, the keys of those subjects at the part's own prediction
+        times. Outcomes go first (they are found through the rows' keys), then the parts, each rewritten whole
+        (`atomic_output`: never a half-written file) or deleted when empty; an interrupted purge leaves rows
+        that the next one finds again. Rows logged without a subject id have no join key and are not found."""
+        key = self.key
+        cache: dict[str, set[int]] = {}
+        plans: list[tuple[Path, list[str]]] = []  # (part, the join keys to remove from it)
+        for task in self.tasks():
+            for path in self.partitions(task):
+                frame = pl.read_parquet(path, columns=["site", "prediction_time", "join_key"])
+                if frame["join_key"].null_count() == frame.height:
+                    continue
+                wanted: set[str] = set()
+                for (site,), group in frame.select("site", "prediction_time").unique().group_by("site"):
+                    if site not in cache:
+                        cache[site] = set(subjects_at(site))
+                    times = _time_text(_naive_utc(group["prediction_time"]))
+                    wanted |= {_join_key(sid, ts, key) for ts in times for sid in cache[site]}
+                hits = frame.filter(pl.col("join_key").is_in(list(wanted)))["join_key"].unique().to_list()
+                if hits:
+                    plans.append((path, hits))
+        found = [k for _, hits in plans for k in hits]
+        outcomes = 0
+        for task in self.tasks() if found else ():
+            base = self.outcomes_dir(task)
+            for path in sorted(base.glob("part-*.parquet")) if base.is_dir() else []:
+                frame = pl.read_parquet(path)
+                hit = frame["join_key"].is_in(found)
+                if hit.any():
+                    _replace_part(path, frame.filter(~hit))
+                    outcomes += int(hit.sum())
+        rows = 0
+        for path, hits in plans:
+            frame = pl.read_parquet(path)
+            hit = frame["join_key"].is_in(hits)
+            _replace_part(path, frame.filter(~hit))
+            rows += int(hit.sum())
+        return Purged(rows=rows, parts=len(plans), outcomes=outcomes)
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What `purge_subjects` removed."""
+
+    rows: int = 0
+    parts: int = 0
+    outcomes: int = 0
+
+
+def _join_key(subject_id: int, time_text: str, key: bytes) -> str:
+    return hashlib.blake2b(f"{subject_id}|{time_text}".encode(), key=key[:64], digest_size=16).hexdigest()
+
+
+def _replace_part(path: Path, kept: pl.DataFrame) -> None:
+    """Rewrite a part file with the rows kept (flushed to disk before the rename), or delete it if none is."""
+    if kept.height == 0:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_output(path) as tmp:
+        kept.write_parquet(tmp, compression="zstd", statistics=True)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _as_datetime(value: datetime | date | None) -> datetime | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -9,10 +10,12 @@ from fastapi.responses import Response
 
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
-from chronorisk.serving.consent_files import sync_withdrawn
+from chronorisk.serving.consent_files import purge_monitoring, sync_withdrawn
 from chronorisk.serving.routes.common import StateDep, require
 from chronorisk.serving.state import ServingState
 from chronorisk.serving.store import utcnow
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -142,7 +145,20 @@ def withdraw_consent(
     except UnknownSubject:
         raise HTTPException(404, "no such patient") from None
     sync_withdrawn(state.store, state.meds_root)  # the next training and federated runs leave them out
+    _purge_monitoring(state, principal, body.subject_id)
     return {"withdrawn_at": at, "site": site}
+
+
+def _purge_monitoring(state, principal: Principal, subject_id: int) -> None:
+    """The patient's earlier rows leave the monitoring log now (this worker's buffered rows written first);
+    a failure is logged, not answered: `chronorisk monitor` purges again before it reads."""
+    try:
+        if state.monitor is not None:
+            state.monitor.flush()
+        purge_monitoring(state.store, state.work, state.audit, actor=principal.actor, role=principal.role,
+                         subject_id=subject_id)
+    except Exception as exc:
+        log.warning("monitoring purge after a withdrawal failed (%s)", type(exc).__name__)
 
 
 @router.post("/consent/renew", response_model=S.ConsentRenewalResponse, tags=["consent"],

@@ -315,6 +315,31 @@ def test_demo_keys_go_to_a_private_file_not_the_log(world, tmp_path):
     assert all(v["key"].startswith("crk_") for v in json.loads(keys_file.read_text()).values())
 
 
+# -- 9: lockout shared by every server process on the store ------------------------------------------
+
+
+def test_a_key_locks_out_after_n_failures_across_two_server_processes(world):
+    """Two `chronorisk serve` processes on the same store (as two workers or replicas are): failures
+    alternate between them, and the third (key_lockout_failures) locks the key id on both. With counters
+    in each process's memory each had seen fewer than three, and the right secret still got in."""
+    other = Server(work=world.root / "w2", store_url=world.url, params=world.params).start()
+    try:
+        key_id = world.keys["data_scientist"].split("_")[1]
+        wrong = f"crk_{key_id}_wrongsecret"
+        statuses = []
+        for server in (world.server, other, world.server):
+            r = httpx.post(f"{server.url}/cohort", json={"task": "onset_2y"},
+                           headers={"Authorization": f"Bearer {wrong}"}, timeout=30)
+            statuses.append(r.status_code)
+        assert statuses == [401, 401, 401]
+        right = {"Authorization": f"Bearer {world.keys['data_scientist']}"}
+        for server in (other, world.server):
+            r = httpx.post(f"{server.url}/cohort", json={"task": "onset_2y"}, headers=right, timeout=30)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) > 0, (server.url, r.status_code)
+    finally:
+        other.stop()
+
+
 # -- 9: rate limits (last: it locks the loopback address out for a minute) --------------------------
 
 
@@ -382,3 +407,116 @@ def test_score_requests_are_audited(scored_server):
         r = c.post("/score", json={"features": {}, "tasks": ["complication_1y"]})
     assert r.status_code == 200, r.text
     assert scores_logged() == before + 1
+
+
+# -- 3 again: model promotions are replayed against the registry -----------------------------------
+
+
+def test_audit_verify_replays_promotions_against_the_registry(tiny_world, tmp_path):
+    """`chronorisk promote` records each champion move; a champion moved directly in MLflow is named by
+    verify, and so is the gap it leaves once a later promotion through the CLI hides it in the end state."""
+    from chronorisk.paths import WorkPaths
+    from chronorisk.training import registry, tracking
+
+    work = tmp_path / "w"
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    params = write_params(tmp_path / "params.yaml")
+    paths = WorkPaths(work)
+    paths.mlflow_dir.mkdir(parents=True)
+    track = tracking.configure_tracking(paths, uri=tracking.default_tracking_uri(paths))
+    for _ in range(2):
+        registry.register_bundle(track, tiny_world.models / "onset_2y", task="onset_2y")  # versions 1, 2
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(work), "--params", str(params),
+                               *argv], capture_output=True, text=True, cwd=REPO, timeout=600,
+                              env={"PATH": "/usr/bin:/bin", "CHRONORISK_SERVE_SECRET": SECRET})
+
+    promoted = run("promote", "--task", "onset_2y", "--version", "1", "--meds", str(tiny_world.meds), "--store", url)
+    assert promoted.returncode == 0 and "champion moves of onset_2y recorded" in promoted.stdout, promoted.stderr
+    ok = run("audit", "--store", url, "verify")
+    assert ok.returncode == 0 and "champions of" in ok.stdout, ok.stdout + ok.stderr
+    registry.set_alias(track, "onset_2y", "champion", 2)  # behind the audit's back
+    behind = run("audit", "--store", url, "verify")
+    assert behind.returncode == 1, behind.stdout + behind.stderr
+    assert "chronorisk-onset_2y in the registry: champion" in behind.stdout
+    assert "differ from audit entry" in behind.stdout
+    again = run("promote", "--task", "onset_2y", "--version", "1", "--meds", str(tiny_world.meds), "--store", url)
+    assert again.returncode == 0, again.stderr
+    hidden = run("audit", "--store", url, "verify")  # the end state matches again: the gap is still named
+    assert hidden.returncode == 1 and "moved it from version 2, but entry" in hidden.stdout, hidden.stdout
+
+
+# -- 4 again: a withdrawal purges the patient's earlier monitoring rows -------------------------------
+
+
+def test_withdrawal_purges_the_patients_monitoring_rows(scored_server, tiny_world, tmp_path):
+    """The batch run logged every patient's scores for monitoring (keyed, no id). After a withdrawal through
+    the real server no part file holds a row of that patient, the purge is audited, and `chronorisk monitor`
+    (which purges again first: a row a worker flushed late) counts exactly the other patients' rows."""
+    from datetime import datetime
+
+    from chronorisk.serving.audit import AuditLog
+    from chronorisk.serving.prediction_log import PredictionLog, join_keys
+
+    work = tmp_path / "w"  # a copy of the scored world: its store, monitoring log and keys
+    shutil.copytree(scored_server.server.work, work, ignore=shutil.ignore_patterns("server-*.log"))
+    src = sqlite3.connect(scored_server.url.removeprefix("sqlite:///"))
+    db = sqlite3.connect(tmp_path / "store.db")
+    src.backup(db)
+    src.close()
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    site, when, task = scored_server.site, datetime(2024, 1, 1), "onset_2y"
+    (sid,) = db.execute("SELECT subject_id FROM scores WHERE site = ? AND task = ? ORDER BY risk DESC LIMIT 1",
+                        (site, task)).fetchone()
+    db.close()
+    plog = PredictionLog.for_work(work)
+    key = join_keys(pl.Series([sid]), pl.Series([when]), plog.key)[0]
+
+    def rows_of_patient() -> int:
+        files = [*(work / "monitoring" / "log").rglob("part-*.parquet"),
+                 *(work / "monitoring" / "outcomes").rglob("part-*.parquet")]
+        return sum(pl.read_parquet(f)["join_key"].eq(key).sum() for f in files)
+
+    def site_rows() -> int:
+        return plog.scan(task).filter(pl.col("site") == site).collect().height
+
+    before, mine = site_rows(), rows_of_patient()
+    assert mine >= 1  # the batch run logged this patient's score
+    logged = plog.scan(task).collect()
+    features = tmp_path / "features" / task
+    features.mkdir(parents=True)
+    for (name,), part in logged.group_by("site"):  # the monitor's reference: any rows of the model's features
+        part.write_parquet(features / f"{name}.parquet")
+    server = Server(work=work, store_url=url, params=scored_server.params, model_dir=tiny_world.models).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60,
+                          headers={"Authorization": f"Bearer {scored_server.keys['admin']}"}) as admin:
+            r = admin.post("/consent/withdraw", json={"subject_id": sid, "site": site})
+            assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+    assert rows_of_patient() == 0 and site_rows() == before - mine
+    store = ScoreStore.open(url)
+    entries = [e for e in AuditLog(store.engine, SECRET.encode()).entries() if e["action"] == "monitoring_purge"]
+    store.dispose()
+    assert len(entries) == 1 and entries[0]["subject_id"] == sid and json.loads(entries[0]["detail"])["rows"] == mine
+    # a row of the patient that a worker had still buffered, written after the purge
+    late = logged.filter(pl.col("join_key") == key).drop("join_key").with_columns(pl.lit(sid).alias("subject_id"))
+    plog.append(late.drop("task", "model_version", "model_name", "source", "scored_at"), task,
+                late["model_version"][0], feature_names=[c for c in late.columns if c not in (
+                    "site", "prediction_time", "risk", "tier", "subject_id", "task", "model_version",
+                    "model_name", "source", "scored_at")])
+    assert rows_of_patient() == mine
+    out = subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(work), "--params",
+                          str(scored_server.params), "monitor", "--task", task, "--model-dir", str(tiny_world.models),
+                          "--features", str(tmp_path / "features"), "--html", "none", "--store", url],
+                         capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={"PATH": "/usr/bin:/bin", "CHRONORISK_SERVE_SECRET": SECRET})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{mine} logged row(s) of withdrawn patients removed first" in out.stdout
+    assert rows_of_patient() == 0
+    summary = json.loads((work / "monitoring" / "summary.json").read_text())
+    counted = summary["tasks"][task]
+    sites = next(iter(v for k, v in counted.items() if isinstance(v, dict) and "sites" in v))["sites"]
+    assert sites[site]["n_rows"] == before - mine, sites[site]
