@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Column, DateTime, Float, Index, Integer, String, Table, delete, select, update
+from sqlalchemy import Column, DateTime, Float, Index, Integer, String, Table, delete, select, text, update
 
 from chronorisk.errors import ChronoriskError, InputError
 from chronorisk.serving.store import api_keys, metadata, utcnow, writer
@@ -263,6 +263,14 @@ class Rule:
         return hashlib.sha256(f"{self.kind}:{self.value}".encode()).hexdigest()[:32]
 
 
+# the failures of one bucket (an address) or two (an address and a key id) since a time
+_RECENT_FAILURES = [
+    text("SELECT bucket, at FROM auth_failures WHERE bucket IN (" + ", ".join(f":b{i}" for i in range(n))
+         + ") AND at > :since ORDER BY at")
+    for n in (1, 2)
+]
+
+
 class StoreCounters:
     """Failures as rows of the store's `auth_failures` table, counted over a moving window: shared by every
     worker and replica on the same database (SQLite or PostgreSQL). Rows older than the longest window
@@ -275,12 +283,10 @@ class StoreCounters:
     def retry_after(self, rules: list[Rule], now: float) -> float | None:
         """Seconds until the first over-limit rule allows a try again; None when none is over its limit."""
         longest = max(r.seconds for r in rules)
-        with self.engine.connect() as conn:
-            found = conn.execute(
-                select(auth_failures.c.bucket, auth_failures.c.at)
-                .where(auth_failures.c.bucket.in_([r.bucket for r in rules]))
-                .where(auth_failures.c.at > now - longest).order_by(auth_failures.c.at)
-            ).all()
+        buckets = [r.bucket for r in rules]
+        with self.engine.connect() as conn:  # prepared text (run before every key authentication)
+            found = conn.execute(_RECENT_FAILURES[len(buckets) - 1],
+                                 {"since": now - longest, **{f"b{i}": b for i, b in enumerate(buckets)}}).all()
         waits = []
         for rule in rules:
             times = [at for bucket, at in found if bucket == rule.bucket and at > now - rule.seconds]

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, ctx) -> int:
     from chronorisk.errors import ChronoriskError
     from chronorisk.features.tasks import load_task
-    from chronorisk.serving.cli_common import audit_log, cli_actor, open_store, service_secret
-    from chronorisk.serving.promotions import champions_now, record_moves
+    from chronorisk.serving.cli_common import service_secret
+    from chronorisk.serving.promotions import champions_now
     from chronorisk.training import promote_cli
     from chronorisk.training.tracking import resolve_tracking_uri
 
@@ -46,11 +46,28 @@ def run(args: argparse.Namespace, ctx) -> int:
     try:
         return promote_cli.run(args, ctx)
     finally:  # also when a later task of --all failed: the moves made so far are recorded
+        _record(args, ctx, uri, tasks, before)
+
+
+def _record(args, ctx, uri: str, tasks: list[str], before: dict) -> None:
+    """Append one entry per champion that moved since `before`; a failure here is said, never raised over
+    the promotion's own outcome (`audit verify` will name an unrecorded move)."""
+    from chronorisk.errors import ChronoriskError
+    from chronorisk.serving.cli_common import audit_log, cli_actor, open_store
+    from chronorisk.serving.promotions import champions_now, record_moves
+
+    try:
         after = champions_now(uri, tasks)
-        if after != before:
-            store = open_store(args, ctx)
-            try:
-                moved = record_moves(audit_log(args, ctx, store), before, after, cli_actor())
-            finally:
-                store.dispose()
-            print(f"audit log: champion moves of {', '.join(moved)} recorded")
+        if after == before:
+            return
+        store = open_store(args, ctx)
+        try:
+            moved = record_moves(audit_log(args, ctx, store), before, after, cli_actor())
+        finally:
+            store.dispose()
+    except Exception as exc:  # a registry or store failure: the promotion's own outcome stands
+        reason = str(exc) if isinstance(exc, ChronoriskError) else type(exc).__name__
+        print(f"warning: the champion moves could not be recorded in the audit log ({reason}); "
+              "`chronorisk audit verify` will name them", file=sys.stderr)
+        return
+    print(f"audit log: champion moves of {', '.join(moved)} recorded")
