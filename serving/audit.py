@@ -216,12 +216,33 @@ class AuditLog:
                               detail={"table": table.name, "key": key, "update": row_json(values)})
 
     def record_promotion(self, *, task: str, from_version: int | None, to: dict | None, actor: str,
-                         role: str = "admin") -> int:
+                         role: str = "admin", acknowledged: bool = False) -> int:
         """Append the entry of a move of `task`'s champion alias: from `from_version` (None: there was
-        none) to `to` ({version, run_id, source}; None: the alias was removed)."""
-        return self.append(actor=actor, role=role, action=PROMOTION, detail={
-            "registry_alias": PROMOTED_ALIAS, "task": task, "from_version": from_version,
-            "to": None if to is None else {k: to.get(k) for k in ("version", "run_id", "source")}})
+        none) to `to` ({version, run_id, source}; None: the alias was removed). `acknowledged`: not a move
+        made by chronorisk, but one found in the registry and accepted by an admin (`audit
+        record-champions`)."""
+        detail = {"registry_alias": PROMOTED_ALIAS, "task": task, "from_version": from_version,
+                  "to": None if to is None else {k: to.get(k) for k in ("version", "run_id", "source")}}
+        if acknowledged:
+            detail["acknowledged"] = True
+        return self.append(actor=actor, role=role, action=PROMOTION, detail=detail)
+
+    def acknowledge_champions(self, registry: RegistryView, actor: str) -> list[str]:
+        """Record every champion of `registry` that differs from the last recorded one (a promotion made
+        before promotions were audited, or without the secret) as an acknowledged move; returns the tasks."""
+        replay = StateReplay()
+        for e in self.entries():
+            if e["action"] == PROMOTION:
+                replay.apply(e)
+        done = []
+        for task in sorted(set(replay.champions) | set(registry.champions)):
+            recorded = replay.champions.get(task, (None, None))[1]
+            actual = registry.champions.get(task)
+            if recorded != actual:
+                self.record_promotion(task=task, from_version=recorded["version"] if recorded else None, to=actual,
+                                      actor=actor, acknowledged=True)
+                done.append(task)
+        return done
 
     def record_scores(self, conn, score_rows, checkpoints) -> None:
         """One entry per (site, task, prediction time) of a written chunk: its row count and the digest
@@ -471,7 +492,8 @@ class StateReplay:
                 continue
             if seq is None:
                 problems.append(f"{where}: champion is version {actual['version']} but no promotion is recorded in "
-                                "the audit log (promoted directly in MLflow, or the entries deleted)")
+                                "the audit log (promoted directly in MLflow, or before promotions were audited: "
+                                "`chronorisk audit record-champions` records it as acknowledged)")
             elif actual is None:
                 problems.append(f"{where}: no champion, but audit entry {seq} recorded version {recorded['version']}"
                                 " (the alias or model was removed directly, or verify reads another registry: "

@@ -24,6 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the MLflow registry `chronorisk promote` writes to (default: train.tracking_uri, "
                         "else the work folder's)")
     sub.add_parser("checkpoint", help="write a signed checkpoint of the current head (e.g. before a backup)")
+    ack = sub.add_parser("record-champions", help="record the registry's champions that differ from the audited "
+                         "promotions as acknowledged entries (champions set before promotions were audited, or "
+                         "by a promote without the secret); verify names them until then")
+    ack.add_argument("--tracking-uri", default=None, metavar="URI", help="the MLflow registry (as for verify)")
     show = sub.add_parser("show", help="print the latest entries (actions, roles, sites; subject ids hidden)")
     show.add_argument("--last", type=int, default=20)
 
@@ -43,6 +47,14 @@ def run(args, ctx) -> int:
     store = open_store(args, ctx)
     try:
         audit = audit_log(args, ctx, store)
+        if args.action == "record-champions":
+            from chronorisk.serving.cli_common import cli_actor
+            from chronorisk.serving.promotions import registry_view
+
+            tasks = audit.acknowledge_champions(registry_view(ctx, args.tracking_uri), cli_actor())
+            print(f"champions of {', '.join(tasks)} recorded as acknowledged" if tasks else
+                  "every champion is already recorded")
+            return 0
         if args.action == "checkpoint":
             print(f"checkpoint written at entry {audit.checkpoint_now()}")
             return 0

@@ -432,19 +432,24 @@ def test_audit_verify_replays_promotions_against_the_registry(tiny_world, tmp_pa
                                *argv], capture_output=True, text=True, cwd=REPO, timeout=600,
                               env={"PATH": "/usr/bin:/bin", "CHRONORISK_SERVE_SECRET": SECRET})
 
-    promoted = run("promote", "--task", "onset_2y", "--version", "1", "--meds", str(tiny_world.meds), "--store", url)
+    registry.set_alias(track, "onset_2y", "champion", 1)  # before promotions were audited (or behind them)
+    unrecorded = run("audit", "--store", url, "verify")
+    assert unrecorded.returncode == 1 and "no promotion is recorded" in unrecorded.stdout, unrecorded.stdout
+    assert run("audit", "--store", url, "record-champions").returncode == 0  # an admin acknowledges it
+    assert run("audit", "--store", url, "verify").returncode == 0
+    promoted = run("promote", "--task", "onset_2y", "--version", "2", "--meds", str(tiny_world.meds), "--store", url)
     assert promoted.returncode == 0 and "champion moves of onset_2y recorded" in promoted.stdout, promoted.stderr
     ok = run("audit", "--store", url, "verify")
     assert ok.returncode == 0 and "champions of" in ok.stdout, ok.stdout + ok.stderr
-    registry.set_alias(track, "onset_2y", "champion", 2)  # behind the audit's back
+    registry.set_alias(track, "onset_2y", "champion", 1)  # behind the audit's back
     behind = run("audit", "--store", url, "verify")
     assert behind.returncode == 1, behind.stdout + behind.stderr
     assert "chronorisk-onset_2y in the registry: champion" in behind.stdout
     assert "differ from audit entry" in behind.stdout
-    again = run("promote", "--task", "onset_2y", "--version", "1", "--meds", str(tiny_world.meds), "--store", url)
+    again = run("promote", "--task", "onset_2y", "--version", "2", "--meds", str(tiny_world.meds), "--store", url)
     assert again.returncode == 0, again.stderr
     hidden = run("audit", "--store", url, "verify")  # the end state matches again: the gap is still named
-    assert hidden.returncode == 1 and "moved it from version 2, but entry" in hidden.stdout, hidden.stdout
+    assert hidden.returncode == 1 and "moved it from version 1, but entry" in hidden.stdout, hidden.stdout
 
 
 # -- 4 again: a withdrawal purges the patient's earlier monitoring rows -------------------------------
