@@ -140,12 +140,13 @@ def _time_text(times: pl.Series) -> list[str]:
 def join_keys(subject_ids: pl.Series, prediction_times: pl.Series, key: bytes) -> pl.Series:
     """One-way pseudonymous keys of (subject, prediction time): keyed BLAKE2b, 128 bits, hex."""
     times = _naive_utc(prediction_times)
+    keyed = _keyed(key)
     out = []
     for sid, ts in zip(subject_ids.cast(pl.Int64).to_list(), _time_text(times), strict=True):
         if sid is None or ts is None:
             out.append(None)
             continue
-        out.append(_join_key(sid, ts, key))
+        out.append(_join_key(sid, ts, keyed))
     return pl.Series("join_key", out, dtype=pl.String)
 
 
@@ -479,18 +480,22 @@ class PredictionLog:
         return frame.sort("available_at").unique("join_key", keep="first")
 
     # ------------------------------------------------------------ withdrawal
-    def purge_subjects(self, subjects_at: Callable[[str], set[int]]) -> Purged:
-        """Remove every logged row and outcome of the subjects `subjects_at(site)` names for each site of the log.
+    def purge_subjects(self, subjects_at: Callable[[str], set[int]],
+                       already_clean: Callable[[Path], bool] | None = None) -> Purged:
+        """Remove every logged row and outcome of the subjects `subjects_at(site)` names for each site of the log
+        (parts for which `already_clean(path)` holds are not read).
 
         Rows are found by their join key: for each part, the keys of those subjects at the part's own prediction
         times. Outcomes go first (they are found through the rows' keys), then the parts, each rewritten whole
         (`atomic_output`: never a half-written file) or deleted when empty; an interrupted purge leaves rows
         that the next one finds again. Rows logged without a subject id have no join key and are not found."""
-        key = self.key
+        keyed = _keyed(self.key)
         cache: dict[str, set[int]] = {}
         plans: list[tuple[Path, list[str]]] = []  # (part, the join keys to remove from it)
         for task in self.tasks():
             for path in self.partitions(task):
+                if already_clean is not None and already_clean(path):
+                    continue
                 frame = pl.read_parquet(path, columns=["site", "prediction_time", "join_key"])
                 if frame["join_key"].null_count() == frame.height:
                     continue
@@ -499,7 +504,7 @@ class PredictionLog:
                     if site not in cache:
                         cache[site] = set(subjects_at(site))
                     times = _time_text(_naive_utc(group["prediction_time"]))
-                    wanted |= {_join_key(sid, ts, key) for ts in times for sid in cache[site]}
+                    wanted |= {_join_key(sid, ts, keyed) for ts in times for sid in cache[site]}
                 hits = frame.filter(pl.col("join_key").is_in(list(wanted)))["join_key"].unique().to_list()
                 if hits:
                     plans.append((path, hits))
@@ -514,12 +519,14 @@ class PredictionLog:
                     _replace_part(path, frame.filter(~hit))
                     outcomes += int(hit.sum())
         rows = 0
+        rewritten = []
         for path, hits in plans:
             frame = pl.read_parquet(path)
             hit = frame["join_key"].is_in(hits)
-            _replace_part(path, frame.filter(~hit))
+            if _replace_part(path, frame.filter(~hit)):
+                rewritten.append(path)
             rows += int(hit.sum())
-        return Purged(rows=rows, parts=len(plans), outcomes=outcomes)
+        return Purged(rows=rows, parts=len(plans), outcomes=outcomes, rewritten=tuple(rewritten))
 
 
 @dataclass(frozen=True)
@@ -529,17 +536,26 @@ class Purged:
     rows: int = 0
     parts: int = 0
     outcomes: int = 0
+    rewritten: tuple[Path, ...] = ()  # score parts written anew (those left empty are deleted)
 
 
-def _join_key(subject_id: int, time_text: str, key: bytes) -> str:
-    return hashlib.blake2b(f"{subject_id}|{time_text}".encode(), key=key[:64], digest_size=16).hexdigest()
+def _keyed(key: bytes):
+    """The keyed BLAKE2b-128 of the join keys, before any input (copied for each key: cheaper than anew)."""
+    return hashlib.blake2b(key=key[:64], digest_size=16)
 
 
-def _replace_part(path: Path, kept: pl.DataFrame) -> None:
-    """Rewrite a part file with the rows kept (flushed to disk before the rename), or delete it if none is."""
+def _join_key(subject_id: int, time_text: str, keyed) -> str:
+    h = keyed.copy()
+    h.update(f"{subject_id}|{time_text}".encode())
+    return h.hexdigest()
+
+
+def _replace_part(path: Path, kept: pl.DataFrame) -> bool:
+    """Rewrite a part file with the rows kept (flushed to disk before the rename), or delete it if none is;
+    True when it was rewritten."""
     if kept.height == 0:
         path.unlink(missing_ok=True)
-        return
+        return False
     with atomic_output(path) as tmp:
         kept.write_parquet(tmp, compression="zstd", statistics=True)
         fd = os.open(tmp, os.O_RDONLY)
@@ -547,6 +563,7 @@ def _replace_part(path: Path, kept: pl.DataFrame) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+    return True
 
 
 def _as_datetime(value: datetime | date | None) -> datetime | None:

@@ -525,3 +525,14 @@ def test_withdrawal_purges_the_patients_monitoring_rows(scored_server, tiny_worl
     counted = summary["tasks"][task]
     sites = next(iter(v for k, v in counted.items() if isinstance(v, dict) and "sites" in v))["sites"]
     assert sites[site]["n_rows"] == before - mine, sites[site]
+    # the next sweep under the same withdrawals reads only the parts written since, and still finds a late row
+    from chronorisk.serving.consent_files import purge_monitoring
+
+    plog.append(late.drop("task", "model_version", "model_name", "source", "scored_at"), task,
+                late["model_version"][0], feature_names=[c for c in late.columns if c not in (
+                    "site", "prediction_time", "risk", "tier", "subject_id", "task", "model_version",
+                    "model_name", "source", "scored_at")])
+    store = ScoreStore.open(url)
+    assert purge_monitoring(store, work, None, actor="test", role="admin").rows == mine
+    store.dispose()
+    assert rows_of_patient() == 0
