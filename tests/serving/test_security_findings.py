@@ -340,6 +340,31 @@ def test_a_key_locks_out_after_n_failures_across_two_server_processes(world):
         other.stop()
 
 
+@pytest.mark.parametrize("storage", ["store", "memory://"])
+def test_lockout_counts_in_either_storage(storage, tmp_path):
+    """The same rule whichever storage counts: the third failure of a key id locks it (from any address) for
+    its window, another key id is not locked; two guards on one store share the count, two in memory do not
+    (there the failures all go to the first)."""
+    from chronorisk.serving.access import AuthGuard, AuthLimits, TooManyAttempts
+
+    store = ScoreStore.open(f"sqlite:///{tmp_path / 'store.db'}")
+    limits = AuthLimits(failures_per_minute=100, lockout_failures=3, lockout_minutes=15, storage=storage)
+    first, second = AuthGuard(limits, engine=store.engine), AuthGuard(limits, engine=store.engine)
+    for guard in (first, second, first) if storage == "store" else (first, first, first):
+        guard.check("10.0.0.1", "k1")
+        guard.failed("10.0.0.1", "k1", "api")
+    with pytest.raises(TooManyAttempts) as locked:
+        first.check("10.0.0.2", "k1")
+    assert 890 <= locked.value.retry_after <= 901
+    first.check("10.0.0.2", "k2")
+    if storage == "store":
+        with pytest.raises(TooManyAttempts):
+            second.check("10.0.0.3", "k1")
+    else:
+        second.check("10.0.0.3", "k1")  # per process: this one saw none
+    store.dispose()
+
+
 # -- 9: rate limits (last: it locks the loopback address out for a minute) --------------------------
 
 
