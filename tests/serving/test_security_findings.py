@@ -440,6 +440,8 @@ def test_score_requests_are_audited(scored_server):
 def test_audit_verify_replays_promotions_against_the_registry(tiny_world, tmp_path):
     """`chronorisk promote` records each champion move; a champion moved directly in MLflow is named by
     verify, and so is the gap it leaves once a later promotion through the CLI hides it in the end state."""
+    import warnings
+
     from chronorisk.paths import WorkPaths
     from chronorisk.training import registry, tracking
 
@@ -475,6 +477,11 @@ def test_audit_verify_replays_promotions_against_the_registry(tiny_world, tmp_pa
     assert again.returncode == 0, again.stderr
     hidden = run("audit", "--store", url, "verify")  # the end state matches again: the gap is still named
     assert hidden.returncode == 1 and "moved it from version 1, but entry" in hidden.stdout, hidden.stdout
+    with warnings.catch_warnings():  # stages are deprecated in MLflow: chronorisk sets none, so one is named
+        warnings.simplefilter("ignore")
+        track.client().transition_model_version_stage(registry.registered_name("onset_2y"), "1", "Production")
+    staged = run("audit", "--store", url, "verify")
+    assert "version 1 is in MLflow stage 'Production'" in staged.stdout, staged.stdout
 
 
 # -- 4 again: a withdrawal purges the patient's earlier monitoring rows -------------------------------
