@@ -7,7 +7,7 @@ server-side session row; each request re-checks that the session is not
 revoked (sign-out revokes it) and that its key is not revoked (a worker
 trusts a lookup for `serve.key_cache_seconds`).
 
-Failed keys and sign-ins are rate limited (the `limits` package): per client
+Failed keys and sign-ins are rate limited: per client
 address `serve.auth_failures_per_minute`, and per key id
 `serve.key_lockout_failures` in `serve.key_lockout_minutes`, after which the
 key id is locked (429 with Retry-After, even with the right secret) until the
@@ -246,7 +246,6 @@ class AuthLimits:
     lockout_failures: int = 5
     lockout_minutes: int = 15
     storage: str = STORE_COUNTERS
-
 
 
 @dataclass(frozen=True)
