@@ -261,14 +261,13 @@ def features_of_events(models: Sequence[ServedModel], events: pl.DataFrame, inde
 
 def eligible_indexes(models: Sequence[ServedModel], events: pl.DataFrame,
                      prediction_time: datetime | Sequence[datetime]):
-    """Every task's eligible index of these events at the prediction time(s), in one polars run (one plan
-    start, not one per task)."""
-    from chronorisk.features.labels import eligible_index
+    """Every task's eligible index of these events at the prediction time(s), from one subject table of the
+    events (one pass, not one per task)."""
+    from chronorisk.features import labels
     from chronorisk.features.pipeline import run_options
 
-    lazy = events.lazy()
     times = [prediction_time] if isinstance(prediction_time, datetime) else list(prediction_time)
-    return pl.collect_all([eligible_index(lazy, m.task_def, times) for m in models], **run_options(1))
+    return labels.eligible_indexes(events, [m.task_def for m in models], times, **run_options(1))
 
 
 def features_from_dict(model: ServedModel, values: dict[str, float | None]) -> np.ndarray:
