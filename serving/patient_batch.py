@@ -112,7 +112,7 @@ def features_together(models: Sequence, events: Sequence[pl.DataFrame], times: S
     originals = [e.get_column("subject_id")[0] if e.height else 0 for e in events]
     together = pl.concat(
         [e.with_columns(pl.lit(k, dtype=pl.Int64).alias("subject_id")) for k, e in enumerate(events)],
-        how="vertical_relaxed",
+        how="diagonal_relaxed",  # frames from different paths may differ in value columns or their types
     )
     distinct = sorted(set(times))
     own = pl.DataFrame({"subject_id": list(range(len(events))), "prediction_time": list(times)},

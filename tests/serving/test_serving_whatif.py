@@ -186,3 +186,30 @@ def test_patient_page_groups_factors_and_answers_what_if(scored_server, browser)
     error = page.eval("document.querySelector('#task-complication_1y .whatif-error').innerText")
     assert "outside the plausible range 3 to 20 %" in error
     page.close()
+
+
+def test_the_page_takes_values_in_the_sites_units(scored_server, tmp_path):
+    """With `serve.display_units` (LDL in mmol/L), the page's what-if form shows and takes LDL in mmol/L,
+    and refuses an implausible one with the range in mmol/L."""
+    from serving_support import Server, write_params
+
+    row = stored_patient(scored_server)
+    params = write_params(tmp_path / "params.yaml", display_units={"ldl": "mmol/L"})
+    server = Server(work=tmp_path / "w", store_url=scored_server.url, params=params,
+                    model_dir=scored_server.server.model_dir, meds_root=scored_server.meds).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60,
+                          headers={"Authorization": f"Bearer {scored_server.keys['gp']}"}) as c:
+            page = f"/ui/patients/{row['subject_id']}"
+            r = c.get(page)
+            assert r.status_code == 200, r.text[-500:]
+            form = r.text.split('id="whatif-complication_1y"')[1].split("</form>")[0]
+            ldl = form.split('name="ldl"')[1].split("</label>")[0]
+            assert "mmol/L" in ldl and "mg/dL" not in ldl
+            r = c.get(page, params={"whatif": "complication_1y", "ldl": "30"})
+            assert r.status_code == 422
+            assert "30 mmol/L is outside the plausible range 0.129 to 20.7 mmol/L" in r.text
+            r = c.get(page, params={"whatif": "complication_1y", "ldl": "3"})
+            assert r.status_code == 200 and "LDL cholesterol 3 mmol/L on 2023-12-31" in r.text
+    finally:
+        server.stop()
