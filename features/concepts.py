@@ -54,10 +54,16 @@ def match_form(code: str) -> str:
 
 
 def match_form_expr(code: pl.Expr) -> pl.Expr:
-    """`match_form` as a polars expression (for the distinct codes of a dataset)."""
-    icd = code.str.contains(r"^(ICD10CM|ICD10|ICD9CM|ICD9)//")
-    renamed = code.str.replace(r"^ICD10//", "ICD10CM//").str.replace(r"^ICD9//", "ICD9CM//")
-    return pl.when(icd).then(renamed.str.replace_all(".", "", literal=True)).otherwise(code)
+    """`match_form` as a polars expression (for the distinct codes of a dataset). Literal prefix tests,
+    no regular expression: polars compiles a pattern at every run, which cost one patient's eligibility
+    milliseconds."""
+    form = code
+    for source, target in _ICD_VOCABS.items():
+        if source != target:
+            form = pl.when(code.str.starts_with(f"{source}//")).then(
+                pl.lit(f"{target}//") + code.str.strip_prefix(f"{source}//")).otherwise(form)
+    icd = pl.any_horizontal(code.str.starts_with(p) for p in ICD_PREFIXES)
+    return pl.when(icd).then(form.str.replace_all(".", "", literal=True)).otherwise(code)
 
 
 def code_matches(code: str, codes: tuple[str, ...], prefixes: tuple[str, ...]) -> bool:
@@ -166,27 +172,35 @@ class ConceptMap(BaseModel):
                 return hit
         if name not in self.conditions:
             raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
-        col = match_form_expr(pl.col("code") if code is None else code)
+        return self._form_in(name, match_form_expr(pl.col("code") if code is None else code), cache=code is None)
+
+    def _form_in(self, name: str, col: pl.Expr, *, cache: bool = False) -> pl.Expr:
+        """Boolean expression: does the code whose `match_form` is `col` belong to condition `name`?"""
         cond = self.conditions[name]
         expr = col.is_in(sorted({match_form(c) for c in cond.codes})) if cond.codes else pl.lit(False)
         for prefix in dict.fromkeys(match_form(p) for p in cond.prefixes):
             expr = expr | col.str.starts_with(prefix)
-        return _EXPR_CACHE.put((self,), name, expr) if code is None else expr
+        return _EXPR_CACHE.put((self,), name, expr) if cache else expr
 
     def concept_table(self, codes: pl.LazyFrame, names: list[str] | None = None) -> pl.LazyFrame:
         """Long table (code, concept) for the distinct `codes` (a frame with a `code` column).
 
-        Evaluated on the distinct codes only, so prefix matching costs nothing per event.
+        Evaluated on the distinct codes only, so prefix matching costs nothing per event; each code's match
+        form is made once and every concept tested on it (a flag column per concept, then long): a plan of a
+        few steps whatever the number of concepts.
         """
-        chosen = names if names is not None else self.condition_names()
-        distinct = codes.select(pl.col("code").drop_nulls()).unique()
-        parts = [
-            distinct.filter(self.condition_expr(name)).with_columns(pl.lit(name).alias("concept"))
-            for name in chosen
-        ]
-        if not parts:
+        chosen = list(dict.fromkeys(names if names is not None else self.condition_names()))
+        if not chosen:
             return pl.LazyFrame(schema={"code": pl.String, "concept": pl.String})
-        return pl.concat(parts, how="vertical")
+        for name in chosen:
+            if name not in self.conditions:
+                raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
+        distinct = codes.select(pl.col("code").drop_nulls()).unique()
+        form = pl.col("_form")  # each code's match form, made once for every concept
+        flags = distinct.with_columns(match_form_expr(pl.col("code")).alias("_form")).with_columns(
+            self._form_in(name, form).alias(name) for name in chosen)
+        return (flags.unpivot(on=chosen, index="code", variable_name="concept", value_name="_hit")
+                .filter(pl.col("_hit")).select("code", "concept"))
 
     def known_codes(self) -> set[str]:
         """Exact codes the map knows (conditions, measurements, drugs), for vocabulary selection."""

@@ -38,6 +38,12 @@ def _role_concepts(task: TaskDefinition) -> dict[str, tuple[str, ...]]:
 
 def subject_table(events: pl.LazyFrame, task: TaskDefinition, concepts: ConceptMap | None = None) -> pl.LazyFrame:
     """Per subject: birth, death, first/last timed event, first time of each concept group."""
+    return _subject_table_of_roles(events, _role_concepts(task), concepts)
+
+
+def _subject_table_of_roles(events: pl.LazyFrame, roles: dict[str, tuple[str, ...]],
+                            concepts: ConceptMap | None = None) -> pl.LazyFrame:
+    """`subject_table` with a `first_<role>` column per entry of `roles` (role -> concept group)."""
     cmap = concepts or load_concepts()
     timed = events.select("subject_id", "time", "code").filter(pl.col("time").is_not_null())
     base = timed.group_by("subject_id").agg(
@@ -46,7 +52,6 @@ def subject_table(events: pl.LazyFrame, task: TaskDefinition, concepts: ConceptM
         pl.col("time").filter(pl.col("code") != vocab.BIRTH).min().alias("first_event"),
         pl.col("time").max().alias("last_event"),
     )
-    roles = _role_concepts(task)
     needed = sorted({c for group in roles.values() for c in group})
     if not needed:
         return base
@@ -114,6 +119,29 @@ def eligible_index(
         .select("subject_id", pl.col("prediction_time").cast(_US))
         .sort("subject_id", "prediction_time")
     )
+
+
+def eligible_indexes(
+    events: pl.LazyFrame | pl.DataFrame,
+    tasks: Sequence[TaskDefinition],
+    times: Sequence[datetime | date],
+    concepts: ConceptMap | None = None,
+    **collect_options,
+) -> list[pl.DataFrame]:
+    """`eligible_index` of each task at `times`, from one subject table holding every task's concept groups:
+    one pass over the events instead of one per task (serving decides every task of a patient at once).
+    The same rules (`_eligible`) on the same per-subject facts; `collect_options` go to polars' collect."""
+    roles = {f"{i}_{role}": group for i, task in enumerate(tasks) for role, group in _role_concepts(task).items()}
+    subjects = _subject_table_of_roles(events.lazy(), roles, concepts).collect(**collect_options)
+    base = ["subject_id", "birth", "death", "first_event", "last_event"]
+    times_frame = _times_frame(times)
+    plans = []
+    for i, task in enumerate(tasks):
+        mine = subjects.lazy().select(*base, *[pl.col(f"first_{i}_{role}").alias(f"first_{role}")
+                                               for role in _role_concepts(task)])
+        plans.append(_eligible(mine, times_frame, task).select("subject_id", pl.col("prediction_time").cast(_US))
+                     .sort("subject_id", "prediction_time"))
+    return pl.collect_all(plans, **collect_options)
 
 
 def extract_labels(

@@ -213,7 +213,7 @@ INPUT_CHECK_SCHEMA = {"date": pl.Date, "code": pl.String, "n_values": pl.Int64, 
 
 
 def input_checks(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame,
-                 index: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
+                 index: pl.LazyFrame | pl.DataFrame, *, per_subject: bool = False) -> pl.DataFrame:
     """Per prediction day and code: the numbers the scored rows' features read, how many they dropped as
     impossible (outside the plausible range, `dropping_codes`) and the median of those dropped.
 
@@ -221,11 +221,15 @@ def input_checks(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame,
     the prediction time within the spec's longest window (`windows_days`); an event read by several rows
     of one day (the same subject scored twice that day) counts once per day (the union of the day's
     look-backs); two recorded events with the same value both count, as both feed the features. Counts only:
-    no identifier leaves this function (columns of INPUT_CHECK_SCHEMA).
+    no identifier leaves this function (columns of INPUT_CHECK_SCHEMA), unless `per_subject` asks for a
+    `subject_id` column first: the counts of each subject apart (what a run of that subject alone gives),
+    for a caller that checks several requests at once and drops the column itself.
     """
+    schema = {"subject_id": pl.Int64, **INPUT_CHECK_SCHEMA} if per_subject else INPUT_CHECK_SCHEMA
+    keys = ["subject_id", "date", "code"] if per_subject else ["date", "code"]
     ranges = dropping_codes(spec)
     if ranges.height == 0:
-        return pl.DataFrame(schema=INPUT_CHECK_SCHEMA)
+        return pl.DataFrame(schema=schema)
     look_back = pl.duration(days=max(spec.windows_days, default=0))
     # one row per (subject, day): the union of that day's look-backs, so each event counts once per day
     rows = index.lazy().select("subject_id", pl.col("prediction_time").cast(pl.Datetime("us"))).group_by(
@@ -233,7 +237,7 @@ def input_checks(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame,
     ).agg(pl.col("prediction_time").max().alias("until"), (pl.col("prediction_time").min() - look_back).alias("since"))
     rows = rows.collect()
     if rows.height == 0:
-        return pl.DataFrame(schema=INPUT_CHECK_SCHEMA)
+        return pl.DataFrame(schema=schema)
     # cheap bounds first (a time comparison), then the code test on what is left
     in_span = pl.col("time").is_between(rows["since"].min(), rows["until"].max(), closed="left")
     ev = events.lazy().filter(in_span).filter(pl.col("code").is_in(ranges["code"].implode())).select(
@@ -245,10 +249,10 @@ def input_checks(spec: FeatureSpec, events: pl.LazyFrame | pl.DataFrame,
     ).join(ranges.lazy(), on="code")
     dropped = ~pl.col("value").is_between(pl.col("lo"), pl.col("hi"))
     return (
-        read.group_by("date", "code")
+        read.group_by(keys)
         .agg(pl.len().cast(pl.Int64).alias("n_values"), dropped.sum().cast(pl.Int64).alias("n_dropped"),
              pl.col("value").filter(dropped).median().alias("dropped_median"))
-        .select(list(INPUT_CHECK_SCHEMA)).sort("date", "code").collect()
+        .select(list(schema)).sort(keys).collect()
     )
 
 

@@ -1,9 +1,11 @@
 """CDS Hooks 2.0: the discovery document, the EHR client's JWT, and risk cards.
 
-One `patient-view` service. Its prefetch asks the EHR for the Patient, the last
-3 years of Observations and MedicationRequests, and the patient's Conditions
-(all of them: a diagnosis recorded years ago still puts the patient in a
-task's population). With prefetch the patient is scored from it (the same
+One `patient-view` service. Its prefetch asks the EHR for the Patient and the
+last 3 years of Observations, Conditions and MedicationRequests, and for the
+active problem list (`problems`: active Conditions whatever their date, so that
+a chronic diagnosis recorded years ago still puts the patient in a task's
+population). The two Condition searches overlap; `prefetch_bundle` merges them,
+each resource once (by type and id). With prefetch the patient is scored from it (the same
 converter and models as `$score`); without, the service falls back to the
 latest scores stored for the patient. The EHR's patient id becomes the
 pseudonymous subject id with the ingestion's key, so that consent and the
@@ -36,9 +38,12 @@ MAX_SUMMARY = 139
 PREFETCH = {
     "patient": "Patient/{{context.patientId}}",
     "observations": "Observation?patient={{context.patientId}}&date=ge{{today() - 3 years}}",
-    "conditions": "Condition?patient={{context.patientId}}",
+    "conditions": "Condition?patient={{context.patientId}}&recorded-date=ge{{today() - 3 years}}",
+    "problems": "Condition?patient={{context.patientId}}&clinical-status=active",
     "medications": "MedicationRequest?patient={{context.patientId}}&authoredon=ge{{today() - 3 years}}",
 }
+
+PREFETCH_SEARCHES = tuple(k for k in PREFETCH if k != "patient")  # searchset Bundles, merged in this order
 
 
 def discovery() -> dict:
@@ -47,7 +52,8 @@ def discovery() -> dict:
         "id": SERVICE_ID,
         "title": "Chronic-disease risk",
         "description": "The model's risk of diabetes or hypertension onset, or of a first complication, with the "
-                       "factors behind it (the last 3 years of observations and prescriptions, all conditions).",
+                       "factors behind it (the last 3 years of observations, diagnoses and prescriptions, and the "
+                       "active problem list).",
         "prefetch": PREFETCH,
         "usageRequirements": "The client signs each call with its registered key and is bound to one site.",
     }]}
@@ -130,7 +136,7 @@ class SeenTokens:
             with writer(self.engine) as conn, conn.begin():
                 if prune_before is not None:
                     conn.execute(TOKEN_IDS.delete().where(TOKEN_IDS.c.expires < prune_before))
-                conn.execute(TOKEN_IDS.insert().values(issuer=iss[:255], jti=jti[:255], expires=exp))
+                conn.execute(_INSERT_TOKEN_ID, {"issuer": iss[:255], "jti": jti[:255], "expires": exp})
         except IntegrityError:
             return False
         return True
@@ -144,6 +150,25 @@ def _token_ids_table():
 
 
 TOKEN_IDS = _token_ids_table()
+_INSERT_TOKEN_ID = TOKEN_IDS.insert()  # one statement object: SQLAlchemy compiles it once, not per call
+
+
+def unverified_issuer(token: str) -> object:
+    """The `iss` claim of a JWT before its signature is checked (which key to check it with); AuthProblem(401)
+    for a token that is not three base64url parts with a JSON object in the middle."""
+    import base64
+    import binascii
+
+    import orjson
+
+    parts = token.split(".")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        payload = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        raise AuthProblem(401, "the JWT cannot be read") from None
+    return payload.get("iss") if isinstance(payload, dict) else None
 
 
 def verify_token(authorization: str | None, clients: Mapping[str, Client], audience: str,
@@ -154,10 +179,7 @@ def verify_token(authorization: str | None, clients: Mapping[str, Client], audie
     if not authorization or not authorization.lower().startswith("bearer "):
         raise AuthProblem(401, "a JWT signed by a registered CDS client is required (Authorization: Bearer)")
     token = authorization[7:].strip()
-    try:
-        iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
-    except jwt.PyJWTError:
-        raise AuthProblem(401, "the JWT cannot be read") from None
+    iss = unverified_issuer(token)
     client = clients.get(iss) if isinstance(iss, str) else None
     if client is None:
         raise AuthProblem(401, "the JWT's issuer is not a registered CDS client")
@@ -268,8 +290,10 @@ def card(*, task_def, spec, risk: float, tier: str | None, factors: Sequence[dic
 def prefetch_bundle(prefetch: Mapping[str, dict | None], patient_id: str) -> dict | None:
     """The prefetched resources as one collection Bundle (None without a prefetched Patient).
 
-    Each prefetch value is a resource or a searchset Bundle of them, about the patient in view;
-    InputError names a key holding something else."""
+    `patient` is the Patient resource; `observations`, `conditions`, `problems` (the active problem list)
+    and `medications` are searchset Bundles of resources about the patient in view, any of them absent.
+    A resource found by two searches (a recent active Condition is in `conditions` and in `problems`)
+    enters once, by resource type and id. InputError names a key holding something else."""
     patient = prefetch.get("patient")
     if not patient:
         return None
@@ -279,7 +303,8 @@ def prefetch_bundle(prefetch: Mapping[str, dict | None], patient_id: str) -> dic
     if patient.get("id") != patient_id:
         raise InputError("prefetch.patient.id", "is not the context's patientId (the patient in view)")
     entries = [{"resource": patient}]
-    for key in ("observations", "conditions", "medications"):
+    seen: set[tuple] = set()
+    for key in PREFETCH_SEARCHES:
         value = prefetch.get(key)
         if value is None:
             continue
@@ -289,5 +314,10 @@ def prefetch_bundle(prefetch: Mapping[str, dict | None], patient_id: str) -> dic
             resource = entry.get("resource") if isinstance(entry, dict) else None
             if not isinstance(resource, dict):
                 raise InputError(f"prefetch.{key}.entry[{i}]", "an entry without a resource")
+            rid = resource.get("id")
+            if rid is not None:
+                if (resource.get("resourceType"), rid) in seen:
+                    continue
+                seen.add((resource.get("resourceType"), rid))
             entries.append({"resource": resource})
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}

@@ -637,6 +637,7 @@ class InputCheckBuffer:
         self.log, self.max_rows, self.max_seconds = log, max_rows, max_seconds
         self._lock = threading.Lock()
         self._frames: dict[tuple[str, str], list[pl.DataFrame]] = {}
+        self._requests: dict[tuple, tuple] = {}  # (spec id, task, site) -> (spec, [(events, index)])
         self._rows, self._oldest = 0, None
 
     def add(self, checks: pl.DataFrame, task: str, site: str) -> None:
@@ -644,20 +645,51 @@ class InputCheckBuffer:
             return
         with self._lock:
             self._frames.setdefault((task, site), []).append(checks)
-            self._rows += checks.height
-            self._oldest = self._oldest or time.monotonic()
-            due = self._rows >= self.max_rows or time.monotonic() - self._oldest >= self.max_seconds
+            due = self._held(checks.height)
         if due:
             self.flush()
+
+    def add_request(self, spec, events: pl.DataFrame, index: pl.DataFrame, task: str, site: str) -> None:
+        """A scored request's events and rows, checked at the next flush together with the other requests
+        held (`input_checks` per subject: the same rows as checking each alone, at a fraction of the cost)."""
+        with self._lock:
+            self._requests.setdefault((id(spec), task, site), (spec, []))[1].append((events, index))
+            due = self._held(1)
+        if due:
+            self.flush()
+
+    def _held(self, rows: int) -> bool:
+        """Count `rows` more (called under the lock); whether a flush is due."""
+        self._rows += rows
+        self._oldest = self._oldest or time.monotonic()
+        return self._rows >= self.max_rows or time.monotonic() - self._oldest >= self.max_seconds
 
     def flush(self) -> list[Path]:
         with self._lock:
             frames, self._frames = self._frames, {}
+            requests, self._requests = self._requests, {}
             self._rows, self._oldest = 0, None
+        for (_, task, site), (spec, held) in requests.items():
+            checks = _checks_of_requests(spec, held)
+            if checks.height:
+                frames.setdefault((task, site), []).append(checks)
         written = []
         for (task, site), parts in frames.items():
             written += self.log.append_input_checks(pl.concat(parts, how="vertical_relaxed"), task, site)
         return written
+
+
+def _checks_of_requests(spec, held: list[tuple[pl.DataFrame, pl.DataFrame]]) -> pl.DataFrame:
+    """`input_checks` of each held request (events, index), in one run: request k under subject id k."""
+    from chronorisk.features.vocabulary import input_checks
+
+    events = pl.concat([e.select("subject_id", "time", "code", "numeric_value")
+                        .with_columns(pl.lit(k, dtype=pl.Int64).alias("subject_id"))
+                        for k, (e, _) in enumerate(held)], how="vertical_relaxed")
+    index = pl.concat([i.select(pl.lit(k, dtype=pl.Int64).alias("subject_id"),
+                                pl.col("prediction_time").cast(pl.Datetime("us")))
+                       for k, (_, i) in enumerate(held)])
+    return input_checks(spec, events, index, per_subject=True).drop("subject_id")
 
 
 _CHECK_BUFFERS: dict[Path, InputCheckBuffer] = {}

@@ -603,9 +603,12 @@ WhatIfName = Literal["hba1c", "sbp", "ldl", "bmi", "smoking", "statin", "antihyp
 
 
 class WhatIfRequest(_Strict):
-    """Recent values to change for the model's estimate (numbers in the measurement's unit; smoking and
-    the two drug classes 1 = yes / 0 = no)."""
+    """Recent values to change for the model's estimate (numbers in the measurement's unit, or in the unit
+    `units` names; smoking and the two drug classes 1 = yes / 0 = no)."""
 
     task: TaskName
     changes: dict[WhatIfName, float] = Field(min_length=1, max_length=7)
+    units: dict[WhatIfName, Annotated[str, Field(min_length=1, max_length=32)]] | None = Field(
+        None, description="the unit of a value given in another unit than the model's, e.g. {ldl: mmol/L, "
+        "hba1c: mmol/mol} (converted with the ingestion's units table)")
     site: SiteId | None = None

@@ -37,6 +37,7 @@ from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import EVENT_SCHEMA
 from chronorisk.errors import ChronoriskError, InputError
+from chronorisk.serving.patient_batch import PatientBatcher
 from chronorisk.serving.store import ScoreStore, to_json_factors, utcnow
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def check_event_frame(events: pl.DataFrame, prediction_time: datetime) -> None:
 
 
 NOT_ELIGIBLE = "not in the task population at the prediction time"
+PATIENTS = PatientBatcher()  # this process's one-patient requests, run together when they come at once
 
 
 def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_time: datetime):
@@ -257,13 +259,15 @@ def features_of_events(models: Sequence[ServedModel], events: pl.DataFrame, inde
     return found
 
 
-def eligible_indexes(models: Sequence[ServedModel], events: pl.DataFrame, prediction_time: datetime):
-    """Every task's eligible index of these events in one polars run (one plan start, not one per task)."""
-    from chronorisk.features.labels import eligible_index
+def eligible_indexes(models: Sequence[ServedModel], events: pl.DataFrame,
+                     prediction_time: datetime | Sequence[datetime]):
+    """Every task's eligible index of these events at the prediction time(s), from one subject table of the
+    events (one pass, not one per task)."""
+    from chronorisk.features import labels
     from chronorisk.features.pipeline import run_options
 
-    lazy = events.lazy()
-    return pl.collect_all([eligible_index(lazy, m.task_def, [prediction_time]) for m in models], **run_options(1))
+    times = [prediction_time] if isinstance(prediction_time, datetime) else list(prediction_time)
+    return labels.eligible_indexes(events, [m.task_def for m in models], times, **run_options(1))
 
 
 def features_from_dict(model: ServedModel, values: dict[str, float | None]) -> np.ndarray:
@@ -397,7 +401,7 @@ def score_one(
     from_events = None
     if events is not None:
         check_event_frame(events, prediction_time)
-        from_events = features_of_events(chosen, events, eligible_indexes(chosen, events, prediction_time))
+        from_events = PATIENTS.features(chosen, events, prediction_time)  # with concurrent requests
     results = []
     for i, model in enumerate(chosen):
         if features is not None:

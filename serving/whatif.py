@@ -12,6 +12,11 @@ The answer is the model's estimate for a record with that value: an
 association learned from data, not the effect of a treatment. Values outside
 a measurement's plausible range (the feature spec's `bounds`) are refused,
 naming the range.
+
+A value may be given in another unit than the model's (`units`, e.g. LDL in
+mmol/L or HbA1c in mmol/mol where the site writes them so): it is converted
+with the ingestion's conversions (`data/codes.py`, the one units table), and a
+refusal names the range in the unit the GP used.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import polars as pl
 from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import EVENT_SCHEMA
 from chronorisk.errors import InputError
-from chronorisk.serving.explanations import display_unit
+from chronorisk.serving.explanations import display_unit, site_units
 
 MEASURED = ("hba1c", "sbp", "ldl", "bmi")
 DRUGS = {"statin": ("statin",),
@@ -44,13 +49,29 @@ class Modifiable:
     low: float
     high: float
 
-    def check(self, value: float) -> float:
+    def check(self, value: float, unit: str | None = None) -> float:
+        """The value in the model's unit, given in `unit` (None: the model's); InputError naming the range
+        in the unit given when it is implausible."""
         if self.unit == "1 = yes" and value not in (0, 1):
             raise InputError(f"changes.{self.name}", f"{value:g} is not 0 (no) or 1 (yes)")
-        if not self.low <= value <= self.high:
-            raise InputError(f"changes.{self.name}",
-                             f"{value:g} is outside the plausible range {self.low:g} to {self.high:g} {self.unit}")
-        return float(value)
+        given = vocab.unit_of_spelling(unit) or unit
+        if given is None or given == self.unit or self.unit == "1 = yes":
+            if unit is not None and self.unit == "1 = yes":
+                raise InputError(f"units.{self.name}", "a yes/no change has no unit")
+            if not self.low <= value <= self.high:
+                raise InputError(f"changes.{self.name}", f"{value:g} is outside the plausible range "
+                                 f"{self.low:g} to {self.high:g} {self.unit}")
+            return float(value)
+        try:
+            canonical = vocab.MEASUREMENTS[self.name].to_canonical(value, given)
+        except ValueError as exc:
+            raise InputError(f"units.{self.name}", str(exc)) from None
+        if not self.low <= canonical <= self.high:
+            shown = site_units({self.name: given})[self.name]
+            low, high = sorted(x * shown.scale + shown.offset for x in (self.low, self.high))
+            raise InputError(f"changes.{self.name}", f"{value:g} {display_unit(given)} is outside the plausible "
+                             f"range {low:.3g} to {high:.3g} {display_unit(given)}")
+        return canonical
 
 
 def modifiables(spec) -> dict[str, Modifiable]:
@@ -70,9 +91,15 @@ def modifiables(spec) -> dict[str, Modifiable]:
     return found
 
 
-def changed_events(events: pl.DataFrame, spec, prediction_time: datetime, changes: dict[str, float]) -> tuple:
-    """(the record with the changes, their descriptions); InputError for a value out of range."""
+def changed_events(events: pl.DataFrame, spec, prediction_time: datetime, changes: dict[str, float],
+                   units: dict[str, str] | None = None) -> tuple:
+    """(the record with the changes, their descriptions); InputError for a value out of range. `units`
+    names the unit of a measured value given in another unit than the model's."""
     allowed = modifiables(spec)
+    units = units or {}
+    for name in units:
+        if name not in changes:
+            raise InputError(f"units.{name}", "names the unit of a value that is not changed")
     day_before = prediction_time - timedelta(days=1)
     added: list[dict] = []
     described: list[str] = []
@@ -81,10 +108,12 @@ def changed_events(events: pl.DataFrame, spec, prediction_time: datetime, change
         if name not in allowed:
             raise InputError(f"changes.{name}", f"this model does not use it; it uses: {', '.join(allowed)}")
         m = allowed[name]
-        value = m.check(value)
+        given, value = value, m.check(value, units.get(name))
         if name in MEASURED:
             added.append(_event(day_before, vocab.MEASUREMENTS[name].code, numeric=value))
-            described.append(f"{m.display} {value:g} {display_unit(m.unit)} on {day_before:%Y-%m-%d}")
+            unit = units.get(name) or m.unit
+            described.append(f"{m.display} {given:g} {display_unit(vocab.unit_of_spelling(unit) or unit)} "
+                             f"on {day_before:%Y-%m-%d}")
         elif name == "smoking":
             answer = vocab.SMOKING_CURRENT[0] if value else vocab.SMOKING_FORMER[0]
             added.append(_event(day_before, vocab.SMOKING_STATUS, text=answer))
@@ -113,11 +142,13 @@ def _event(when: datetime, code: str, *, numeric: float | None = None, text: str
     return {"subject_id": 0, "time": when, "code": code, "numeric_value": numeric, "text_value": text}
 
 
-def what_if(model, events: pl.DataFrame, prediction_time: datetime, changes: dict[str, float]) -> dict:
-    """Current and changed risk of one patient's record by one model, with the changes in words."""
+def what_if(model, events: pl.DataFrame, prediction_time: datetime, changes: dict[str, float],
+            units: dict[str, str] | None = None) -> dict:
+    """Current and changed risk of one patient's record by one model, with the changes in words (values
+    in `units` where given, else the model's units)."""
     from chronorisk.serving import scoring
 
-    changed, described = changed_events(events, model.spec, prediction_time, changes)
+    changed, described = changed_events(events, model.spec, prediction_time, changes, units)
     risks = []
     for record in (events, changed):
         feats, reason = scoring.features_from_events(model, record, prediction_time)

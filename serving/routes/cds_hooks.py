@@ -134,8 +134,7 @@ def cards_for(body: S.CdsRequest, principal: Principal, state: ServingState, bas
         raise HTTPException(503, f"CDS Hooks cannot map the EHR's patient ids: {cds.no_key}")
     subject_id = cds.pseudonymizer.subject_id(body.context.patientId)
     site = principal.site
-    record = state.store.patient_record(subject_id, [site] if site else None)
-    if record is not None and record.get("consent_withdrawn_at") is not None:
+    if state.store.patient_consent(subject_id).withdrawn_at(site) is not None:  # at this client's site
         return []
     page = f"{base}/ui/patients/{subject_id}" + (f"?site={site}" if site else "")
     bundle = cds_hooks.prefetch_bundle(body.prefetch or {}, body.context.patientId)
@@ -153,14 +152,19 @@ def prefetch_cards(bundle: dict, principal: Principal, state: ServingState, page
 
     when = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
     cds = cds_state(state)
-    key = cds_hooks.record_key(bundle, when, principal.site, [(m.task, m.version) for m in state.models.values()])
-    results = cds.results.get(key)
+    key = results = None
+    if cds.results.size:  # the digest of the record is only worth making when scores are kept
+        key = cds_hooks.record_key(bundle, when, principal.site,
+                                   [(m.task, m.version) for m in state.models.values()])
+        results = cds.results.get(key)
     if results is None:
         record = scoring.fhir_record(bundle, "prefetch")
         request = S.ScoreRequest.model_construct(tasks=None, prediction_time=when, site=None, explain=True,
                                                  top_k=state.top_k, events=None, fhir=None, features=None)
         _, _, scored = score_results(request, principal, state, events=record.events)
-        results = cds.results.put(key, [r for r in scored if r.eligible])
+        results = [r for r in scored if r.eligible]
+        if key is not None:
+            cds.results.put(key, results)
     cards = []
     for r in results:
         model = state.models[r.task]

@@ -93,13 +93,13 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
 
 def live_input_checks(prediction_log, model, events, feats, site: str | None) -> None:
     """Count the request's impossible input values (the rule of every scoring path) into the buffered
-    input-check log; monitoring never fails a score."""
-    from chronorisk.features.vocabulary import input_checks
+    input-check log, which checks the requests it holds together when it writes them; monitoring never
+    fails a score."""
     from chronorisk.serving.prediction_log import input_check_buffer
 
     try:
-        checks = input_checks(model.spec, events, feats.select("subject_id", "prediction_time"))
-        input_check_buffer(prediction_log).add(checks, model.task, site or "unknown")
+        rows = feats.select("subject_id", "prediction_time")
+        input_check_buffer(prediction_log).add_request(model.spec, events, rows, model.task, site or "unknown")
     except Exception as exc:
         log.warning("prediction log: input checks failed (%s)", type(exc).__name__)
 

@@ -33,7 +33,8 @@ def patient_whatif(
 ) -> dict:
     """Current risk and the model's estimate with the changed values, at the latest stored prediction time
     (labelled: the model's estimate, not a treatment effect)."""
-    return whatif_for(state, principal, subject_id, body.site, body.task, dict(body.changes), via="api")
+    return whatif_for(state, principal, subject_id, body.site, body.task, dict(body.changes), via="api",
+                      units=body.units)
 
 
 def patient_record_events(state: ServingState, subject_id: int, site: str, task: str):
@@ -44,12 +45,12 @@ def patient_record_events(state: ServingState, subject_id: int, site: str, task:
 
 
 def whatif_for(state: ServingState, principal: Principal, subject_id: int, site: str | None, task: str,
-               changes: dict[str, float], *, via: str) -> dict:
+               changes: dict[str, float], *, via: str, units: dict[str, str] | None = None) -> dict:
     from chronorisk.serving import whatif
 
     chosen = readable_site(state, principal, subject_id, site, "/patients/{subject_id}/whatif")
     model, events, when = patient_record_events(state, subject_id, chosen, task)
-    result = whatif.what_if(model, events, when, changes)
+    result = whatif.what_if(model, events, when, changes, units)
     state.audit.append(actor=principal.actor, role=principal.role, site=chosen, action="patient_whatif",
                        subject_id=subject_id, detail={"task": task, "changed": sorted(changes), "via": via})
     return result

@@ -335,27 +335,39 @@ def _add_whatif(state: ServingState, principal: Principal, subject_id: int, site
     if feats is not None:
         section["recent"] = whatif.recent_values(model, feats, when, [*section["concepts"], *whatif.MEASURED],
                                                  units_of(state.config))
-    # the what-if form takes the model's units: prefill from the canonical values
-    recent = {r["concept"]: r["value"] for r in whatif.recent_values(model, feats, when, whatif.MEASURED)} if (
-        feats is not None) else {}
-    section["modifiable"] = [{"name": m.name, "display": m.display, "unit": display_unit(m.unit), "low": m.low,
-                              "high": m.high, "flag": m.unit == "1 = yes", "value": q.get(m.name) or
-                              ("" if recent.get(m.name) is None else f"{recent[m.name]:g}")}
-                             for m in allowed.values()]
+    # the what-if form takes each value in the site's display unit (serve.display_units), else the model's
+    site_units = units_of(state.config)
+    given_units = {m.name: site_units[m.name].unit for m in allowed.values() if m.name in site_units}
+    recent = {r["concept"]: r["value"] for r in whatif.recent_values(model, feats, when, whatif.MEASURED,
+                                                                     site_units)} if feats is not None else {}
+    section["modifiable"] = []
+    for m in allowed.values():
+        shown = site_units.get(m.name)
+        low, high = sorted(x * shown.scale + shown.offset for x in (m.low, m.high)) if shown else (m.low, m.high)
+        value = recent.get(m.name)
+        section["modifiable"].append({
+            "name": m.name, "display": m.display, "unit": shown.unit if shown else display_unit(m.unit),
+            "low": float(f"{low:.3g}"), "high": float(f"{high:.3g}"), "flag": m.unit == "1 = yes",
+            "value": q.get(m.name) or ("" if value is None else f"{value:.4g}")})
     if q.get("whatif") != section["task"]:
         return 200
     changes = {}
     try:
         for m in allowed.values():
             text = (q.get(m.name) or "").strip()
-            if text and (m.unit == "1 = yes" or recent.get(m.name) is None or float(text) != recent[m.name]):
-                try:
-                    changes[m.name] = float(text)
-                except ValueError:
-                    raise InputError(f"changes.{m.name}", f"{text[:20]!r} is not a number") from None
+            if not text:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                raise InputError(f"changes.{m.name}", f"{text[:20]!r} is not a number") from None
+            # the prefilled value (as shown) is no change
+            if m.unit == "1 = yes" or recent.get(m.name) is None or value != float(f"{recent[m.name]:.4g}"):
+                changes[m.name] = value
         if not changes:
             raise InputError("changes", "change at least one value")
-        section["whatif"] = whatif_for(state, principal, subject_id, site, section["task"], changes, via="page")
+        section["whatif"] = whatif_for(state, principal, subject_id, site, section["task"], changes, via="page",
+                                       units={n: u for n, u in given_units.items() if n in changes} or None)
     except InputError as exc:
         section["whatif_error"] = str(exc)
         return 422

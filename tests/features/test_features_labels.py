@@ -10,7 +10,7 @@ from features_support import events
 
 from chronorisk.data.meds_io import write_labels
 from chronorisk.errors import InputError
-from chronorisk.features.labels import eligible_index, extract_labels, read_labels
+from chronorisk.features.labels import eligible_index, eligible_indexes, extract_labels, read_labels
 from chronorisk.features.tasks import load_task
 
 T = datetime(2022, 1, 1)
@@ -129,6 +129,20 @@ def test_eligible_index_needs_no_outcome():
     # the population at T, whatever happens later: 3 (short record) and 4 (dies) are eligible
     assert sorted(idx["subject_id"].to_list()) == [1, 2, 3, 4, 9, 10, 11, 12]
     assert idx.columns == ["subject_id", "prediction_time"]
+
+
+def test_every_tasks_eligibility_at_once_is_each_tasks_alone():
+    """`eligible_indexes` (one subject table for several tasks, as serving asks) gives each task's
+    `eligible_index`, at several times, for the known-answer cohort, dotless and WHO ICD codes included."""
+    rows = [*COMPLICATION, (20, datetime(2019, 3, 1), "ICD10//E11.9"), (20, LATE, VISIT),
+            (21, datetime(2019, 3, 1), "ICD9//250.00"), (21, LATE, VISIT), (22, datetime(2019, 3, 1), "ICD10CM//I109")]
+    ev = events(rows)
+    tasks = [load_task("complication_1y"), load_task("onset_2y")]
+    times = [T, datetime(2020, 1, 1), datetime(2023, 1, 1, 12)]
+    together = eligible_indexes(ev, tasks, times)
+    for task, got in zip(tasks, together, strict=True):
+        assert got.equals(eligible_index(ev.lazy(), task, times).collect()), task.name
+    assert {20, 21, 22} <= set(together[0].filter(pl.col("prediction_time") == T)["subject_id"])
 
 
 def test_label_file_round_trip(tmp_path):

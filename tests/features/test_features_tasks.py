@@ -126,6 +126,16 @@ def test_concept_table_on_distinct_codes():
     ]
 
 
+def test_match_form_expression_is_match_form():
+    """The polars form of `match_form` (literal prefix tests) gives what the Python one gives."""
+    from chronorisk.features.concepts import match_form, match_form_expr
+
+    codes = ["ICD10//E11.9", "ICD10CM//E11.9", "ICD9//250.00", "ICD9CM//25000", "SNOMED//1.2", "X//ICD10//a.b",
+             "ICD10", "ICD10CM//", "ICD9//", "LOINC//4548-4", "icd10//E11.9", None]
+    got = pl.DataFrame({"code": codes}).select(match_form_expr(pl.col("code"))).to_series().to_list()
+    assert got == [None if c is None else match_form(c) for c in codes]
+
+
 def test_bad_concept_map(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("conditions:\n  x:\n    display: X\n    codes: [no-vocab]\n")

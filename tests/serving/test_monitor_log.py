@@ -331,3 +331,39 @@ def test_score_route_counts_a_requests_impossible_glucose(tiny_world, tmp_path):
     glucose = checks.filter(pl.col("code") == "LOINC//2339-0")
     assert glucose["n_dropped"].sum() == 1 and glucose["dropped_median"].item() == 6.0
     assert set(checks["site"]) == {site} and glucose["n_values"].sum() >= 1
+
+
+def test_requests_held_for_input_checks_give_the_rows_of_checking_each_alone(tiny_world, tmp_path):
+    """`InputCheckBuffer.add_request` checks the held requests together at the flush (each request under its
+    own subject id): the same rows as `input_checks` of each request alone, per (task, site)."""
+    from chronorisk.data.meds_io import scan_site, site_ids
+    from chronorisk.features.vocabulary import input_checks
+    from chronorisk.serving import scoring
+
+    spec = scoring.load_models(["onset_2y"], source="folder", model_dir=tiny_world.models)["onset_2y"].spec
+    events = scan_site(tiny_world.meds, site_ids(tiny_world.meds)[0]).collect()
+    glucose = events.filter(pl.col("code") == "LOINC//2339-0")["subject_id"].unique().sort().to_list()[:12]
+    times = (datetime(2024, 1, 1), datetime(2022, 5, 5, 8, 0))
+    requests = []
+    for i, sid in enumerate(glucose):
+        mine = events.filter(pl.col("subject_id") == sid)
+        if i % 3 == 0:  # an impossible value to drop, and every request seen as subject 0 (a FHIR bundle's)
+            extra = mine.head(1).with_columns(pl.lit(times[i % 2] - timedelta(days=3)).cast(mine.schema["time"])
+                                              .alias("time"), pl.lit("LOINC//2339-0").alias("code"),
+                                              pl.lit(4.0).cast(mine.schema["numeric_value"]).alias("numeric_value"))
+            mine = pl.concat([mine, extra]).with_columns(pl.lit(0, dtype=pl.Int64).alias("subject_id"))
+        index = pl.DataFrame({"subject_id": [mine["subject_id"][0]], "prediction_time": [times[i % 2]]})
+        requests.append((mine, index, "a" if i % 4 else "b"))
+    held = prediction_log.InputCheckBuffer(PredictionLog.for_work(tmp_path / "held"), max_rows=10**6,
+                                           max_seconds=3600)
+    alone = prediction_log.InputCheckBuffer(PredictionLog.for_work(tmp_path / "alone"), max_rows=10**6,
+                                            max_seconds=3600)
+    for mine, index, site in requests:
+        held.add_request(spec, mine, index, "onset_2y", site)
+        alone.add(input_checks(spec, mine, index), "onset_2y", site)
+    assert len(held.flush()) == len(alone.flush()) >= 2  # a file per (site, date)
+    order = ["site", "date", "code", "n_values", "n_dropped", "dropped_median"]
+    got = held.log.scan_input_checks("onset_2y").collect().select(order).sort(order, nulls_last=True)
+    expected = alone.log.scan_input_checks("onset_2y").collect().select(order).sort(order, nulls_last=True)
+    assert got.height > len(requests) // 2 and got["n_dropped"].sum() >= 4
+    assert got.to_dicts() == expected.to_dicts()

@@ -25,6 +25,7 @@ from fhir.resources.R4B.riskassessment import RiskAssessment
 from serving_support import SECRET, Server, factor, make_keys, seed_store, subject_id, write_params
 
 from chronorisk.data.pseudonym import Pseudonymizer
+from chronorisk.errors import InputError
 from chronorisk.serving.audit import AuditLog
 from chronorisk.serving.store import ScoreStore
 
@@ -107,10 +108,15 @@ def hook_call(world, body: dict, **token) -> httpx.Response:
 
 
 def bundle_of(prefetch: dict) -> dict:
-    """The prefetched resources as the patient's record bundle ($score's input)."""
+    """The prefetched resources as the patient's record bundle ($score's input), each resource once (the
+    recent Conditions and the active problem list overlap)."""
     entries = [{"fullUrl": "urn:uuid:p", "resource": prefetch["patient"]}]
-    for key in ("observations", "conditions", "medications"):
-        entries += [{"resource": e["resource"]} for e in prefetch[key]["entry"]]
+    ids = set()
+    for key in ("observations", "conditions", "problems", "medications"):
+        for e in prefetch[key]["entry"]:
+            if (e["resource"]["resourceType"], e["resource"]["id"]) not in ids:
+                ids.add((e["resource"]["resourceType"], e["resource"]["id"]))
+                entries.append({"resource": e["resource"]})
     return {"resourceType": "Bundle", "type": "collection", "entry": entries}
 
 
@@ -192,8 +198,30 @@ def test_discovery_offers_one_patient_view_service(cds_world):
     assert [s["hook"] for s in services] == ["patient-view"] and services[0]["id"] == SERVICE
     prefetch = services[0]["prefetch"]
     assert prefetch["patient"] == "Patient/{{context.patientId}}"
-    assert "today() - 3 years" in prefetch["observations"] and "today() - 3 years" in prefetch["medications"]
-    assert prefetch["conditions"].startswith("Condition?patient={{context.patientId}}")
+    for key in ("observations", "conditions", "medications"):  # the last 3 years of each
+        assert "=ge{{today() - 3 years}}" in prefetch[key], key
+    assert prefetch["conditions"] == "Condition?patient={{context.patientId}}&recorded-date=ge{{today() - 3 years}}"
+    # and the active problem list whatever its age: an old chronic diagnosis still counts
+    assert prefetch["problems"] == "Condition?patient={{context.patientId}}&clinical-status=active"
+
+
+def test_recent_conditions_and_the_problem_list_are_merged_once_each():
+    """`prefetch_bundle` takes both Condition searches; a Condition in both enters once; an old diagnosis
+    found only on the problem list is in the record."""
+    from chronorisk.serving.cds_hooks import prefetch_bundle
+
+    prefetch = recorded("patient-view-prefetch.json")["prefetch"]
+    bundle = prefetch_bundle(prefetch, STORED_EHR_ID)
+    conditions = [e["resource"]["id"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Condition"]
+    assert sorted(conditions) == ["cond-htn", "cond-t2d"]  # cond-htn is in both searches
+    assert len(bundle["entry"]) == 1 + 3 + 2 + 1
+    only_recent = prefetch_bundle({k: v for k, v in prefetch.items() if k != "problems"}, STORED_EHR_ID)
+    assert [e["resource"]["id"] for e in only_recent["entry"] if e["resource"]["resourceType"] == "Condition"] == [
+        "cond-htn"]
+    prefetch["problems"] = {"resourceType": "Observation"}
+    with pytest.raises(InputError) as refused:
+        prefetch_bundle(prefetch, STORED_EHR_ID)
+    assert refused.value.field == "prefetch.problems"
 
 
 def test_a_hook_with_prefetch_is_scored_into_cards(cds_world):

@@ -399,3 +399,74 @@ def test_batch_monitoring_log_has_keyed_ids_only_and_a_rerun_replaces_it(tiny_wo
     again.dispose()
     assert sorted(log_dir.rglob("*.parquet")) == files
     assert pl.read_parquet(files).height == report.total()
+
+
+def _patients_with_edge_cases(tiny_world, n: int = 60) -> list[tuple[pl.DataFrame, datetime]]:
+    """(one patient's events, prediction time) for `n` generated patients at three dates, plus edge cases:
+    a record of a birth only, a record entirely after the prediction time, an empty value column, a
+    same-time duplicate, and a patient under a large real subject id."""
+    events = scan_site(tiny_world.meds, site_ids(tiny_world.meds)[0]).collect()
+    subjects = events["subject_id"].unique().sort().to_list()[:n]
+    times = (datetime(2024, 1, 1), datetime(2021, 6, 15, 9, 30), datetime(2019, 3, 3))
+    out = [(events.filter(pl.col("subject_id") == s), times[i % 3]) for i, s in enumerate(subjects)]
+    first = out[0][0]
+    out.append((first.filter(pl.col("code") == vocab.BIRTH), WHEN))
+    out.append((first.with_columns(pl.lit(datetime(2030, 1, 1)).cast(first.schema["time"]).alias("time")), WHEN))
+    out.append((out[1][0].with_columns(pl.lit(None).cast(first.schema["numeric_value"]).alias("numeric_value")), WHEN))
+    out.append((pl.concat([out[2][0], out[2][0].tail(5)]).sort("time", nulls_last=False), out[2][1]))
+    out.append((out[3][0].with_columns(pl.lit(9_123_456_789, dtype=pl.Int64).alias("subject_id")), out[3][1]))
+    return out
+
+
+def test_patients_run_together_get_the_features_of_a_run_alone(tiny_world):
+    """The shared run of concurrent requests (`patient_batch.features_together`) gives each patient exactly
+    the feature rows (and eligibility) of a run of their own, edge cases included, for every task at once."""
+    from polars.testing import assert_frame_equal
+
+    from chronorisk.serving.patient_batch import features_together
+
+    models = list(scoring.load_models(["onset_2y", "complication_1y"], source="folder",
+                                      model_dir=tiny_world.models, required=True).values())
+    patients = _patients_with_edge_cases(tiny_world)
+    alone = [features_together(models, [e], [t])[0] for e, t in patients]
+    together = []
+    for lo in range(0, len(patients), 7):  # batches of several sizes, mixed prediction times
+        chunk = patients[lo: lo + 7]
+        together += features_together(models, [e for e, _ in chunk], [t for _, t in chunk])
+    scored = 0
+    for (events, _), one, many in zip(patients, alone, together, strict=True):
+        for a, b in zip(one, many, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_frame_equal(a, b, check_exact=True)
+                assert b["subject_id"].to_list() == [events["subject_id"][0]]
+                scored += 1
+    assert scored >= 20 and any(x is None for row in alone for x in row)
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_answers(tiny_world):
+    """Requests arriving at once through `score_one` from many threads: fewer pipeline runs than requests,
+    and each request's risks are those of scoring it alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chronorisk.serving.patient_batch import PatientBatcher
+
+    models = scoring.load_models(["onset_2y", "complication_1y"], source="folder", model_dir=tiny_world.models,
+                                 required=True)
+    patients = _patients_with_edge_cases(tiny_world, 40)[:40]
+
+    def score(p):
+        return [(r.task, r.eligible, r.risk, r.factors) for r in scoring.score_one(
+            models, list(models), events=p[0], prediction_time=p[1], explain=True)]
+
+    expected = [score(p) for p in patients]  # one at a time: each alone in its run
+    batcher = scoring.PATIENTS
+    scoring.PATIENTS = PatientBatcher()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(score, patients))
+        runs, served = scoring.PATIENTS.runs, scoring.PATIENTS.patients
+    finally:
+        scoring.PATIENTS = batcher
+    assert got == expected
+    assert served == len(patients) and runs < len(patients)

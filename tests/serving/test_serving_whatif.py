@@ -64,6 +64,45 @@ def test_a_changed_value_enters_every_aggregate_that_sees_it(tiny_world):
     assert stopped.filter(~recent).height == events.filter(~recent).height
 
 
+def test_a_value_in_the_sites_unit_is_converted_and_refused_in_it(tiny_world):
+    """LDL in mmol/L and HbA1c in mmol/mol go into the record in the model's units (data/codes.py's
+    conversions); an implausible one is refused with the range in the unit the GP used."""
+    from polars.testing import assert_frame_equal
+
+    from chronorisk.data.codes import MEASUREMENTS
+    from chronorisk.data.meds_io import scan_site, site_ids
+    from chronorisk.errors import InputError
+
+    model = scoring.load_models(["complication_1y"], source="folder", model_dir=tiny_world.models)["complication_1y"]
+    events = scan_site(tiny_world.meds, site_ids(tiny_world.meds)[0]).collect()
+    events = events.filter(pl.col("subject_id") == events["subject_id"][0])
+    spec = model.spec
+    units = {"ldl": "mmol/l", "hba1c": "mmol/mol"}  # as a GP may spell them
+    in_mmol, said = whatif.changed_events(events, spec, WHEN, {"ldl": 3.0, "hba1c": 53}, units)
+    ldl_mg = MEASUREMENTS["ldl"].to_canonical(3.0, "mmol/L")
+    hba1c_pct = MEASUREMENTS["hba1c"].to_canonical(53, "mmol/mol")
+    assert ldl_mg == pytest.approx(116.0, abs=0.1) and hba1c_pct == pytest.approx(7.0, abs=0.01)
+    in_model_units, _ = whatif.changed_events(events, spec, WHEN, {"ldl": ldl_mg, "hba1c": hba1c_pct})
+    assert_frame_equal(in_mmol, in_model_units)
+    assert said == ["LDL cholesterol 3 mmol/L on 2023-12-31", "HbA1c 53 mmol/mol on 2023-12-31"]
+    refusals = [
+        ({"ldl": 30.0}, {"ldl": "mmol/L"}, "changes.ldl",
+         "30 mmol/L is outside the plausible range 0.129 to 20.7 mmol/L"),
+        ({"hba1c": 250}, {"hba1c": "mmol/mol"}, "changes.hba1c",
+         "250 mmol/mol is outside the plausible range 9.27 to 195 mmol/mol"),
+        ({"ldl": 3.0}, {"ldl": "furlongs"}, "units.ldl", None),
+        ({"ldl": 3.0}, {"sbp": "mmHg"}, "units.sbp", "names the unit of a value that is not changed"),
+        ({"statin": 1}, {"statin": "mmol/L"}, "units.statin", "a yes/no change has no unit"),
+    ]
+    for changes, units, field, problem in refusals:
+        with pytest.raises(InputError) as refused:
+            whatif.changed_events(events, spec, WHEN, changes, units)
+        assert refused.value.field == field and (problem is None or refused.value.problem == problem), refused.value
+    # the model's own unit named explicitly is the same as no unit
+    same, _ = whatif.changed_events(events, spec, WHEN, {"sbp": 150}, {"sbp": "mmHg"})
+    assert_frame_equal(same, whatif.changed_events(events, spec, WHEN, {"sbp": 150})[0])
+
+
 def test_whatif_over_http(scored_server):
     row = stored_patient(scored_server)
     sid = row["subject_id"]
@@ -80,6 +119,14 @@ def test_whatif_over_http(scored_server):
         # the same value again: the same risk (nothing else moved)
         again = c.post(path, json={"task": "complication_1y", "changes": {"hba1c": 12.0, "sbp": 165}}).json()
         assert again["what_if"] == body["what_if"]
+        # the same HbA1c in mmol/mol: the same estimate, described in the unit given
+        ifcc = c.post(path, json={"task": "complication_1y", "changes": {"hba1c": 107.65, "sbp": 165},
+                                  "units": {"hba1c": "mmol/mol"}}).json()
+        assert ifcc["changes"][0] == "HbA1c 107.65 mmol/mol on 2023-12-31"  # 12.0 %
+        assert ifcc["what_if"]["risk"] == pytest.approx(body["what_if"]["risk"], abs=0.02)
+        r = c.post(path, json={"task": "complication_1y", "changes": {"ldl": 30}, "units": {"ldl": "mmol/L"}})
+        assert r.status_code == 422 and r.json()["fields"][0] == {
+            "field": "changes.ldl", "problem": "30 mmol/L is outside the plausible range 0.129 to 20.7 mmol/L"}
         r = c.post(path, json={"task": "complication_1y", "changes": {"hba1c": 45}})
         assert r.status_code == 422 and r.json()["fields"][0] == {
             "field": "changes.hba1c", "problem": "45 is outside the plausible range 3 to 20 %"}
@@ -139,3 +186,30 @@ def test_patient_page_groups_factors_and_answers_what_if(scored_server, browser)
     error = page.eval("document.querySelector('#task-complication_1y .whatif-error').innerText")
     assert "outside the plausible range 3 to 20 %" in error
     page.close()
+
+
+def test_the_page_takes_values_in_the_sites_units(scored_server, tmp_path):
+    """With `serve.display_units` (LDL in mmol/L), the page's what-if form shows and takes LDL in mmol/L,
+    and refuses an implausible one with the range in mmol/L."""
+    from serving_support import Server, write_params
+
+    row = stored_patient(scored_server)
+    params = write_params(tmp_path / "params.yaml", display_units={"ldl": "mmol/L"})
+    server = Server(work=tmp_path / "w", store_url=scored_server.url, params=params,
+                    model_dir=scored_server.server.model_dir, meds_root=scored_server.meds).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60,
+                          headers={"Authorization": f"Bearer {scored_server.keys['gp']}"}) as c:
+            page = f"/ui/patients/{row['subject_id']}"
+            r = c.get(page)
+            assert r.status_code == 200, r.text[-500:]
+            form = r.text.split('id="whatif-complication_1y"')[1].split("</form>")[0]
+            ldl = form.split('name="ldl"')[1].split("</label>")[0]
+            assert "mmol/L" in ldl and "mg/dL" not in ldl
+            r = c.get(page, params={"whatif": "complication_1y", "ldl": "30"})
+            assert r.status_code == 422
+            assert "30 mmol/L is outside the plausible range 0.129 to 20.7 mmol/L" in r.text
+            r = c.get(page, params={"whatif": "complication_1y", "ldl": "3"})
+            assert r.status_code == 200 and "LDL cholesterol 3 mmol/L on 2023-12-31" in r.text
+    finally:
+        server.stop()
