@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -27,12 +27,18 @@ from pydantic import (
 )
 
 from chronorisk.data import codes as vocab
+from chronorisk.data.time_bounds import (  # noqa: F401  (re-exported: one rule for every path)
+    CLOCK_SKEW,
+    EARLIEST,
+    check_past,
+    check_past_date,
+    naive_utc,
+    utcnow_naive,
+)
 from chronorisk.serving.store import AGE_BANDS
 
 INT64_MAX = 2**63 - 1
 ID_MAX = INT64_MAX  # subject ids are positive int64 (data/pseudonym.py)
-EARLIEST = datetime(1900, 1, 1)
-CLOCK_SKEW = timedelta(days=1)  # sites' clocks and time zones: "in the future" means beyond a day
 MAX_EVENTS = 200_000
 MAX_FHIR_ENTRIES = 50_000
 MAX_FEATURES = 10_000
@@ -60,28 +66,6 @@ SPECIAL_CODES = (vocab.BIRTH, vocab.DEATH)
 CODE_PATTERN = "^(" + "|".join(
     [*SPECIAL_CODES, *(f"{v}//(?:{p.pattern[1:-1]})" for v, p in CODE_PATTERNS.items())]
 ) + ")$"
-
-
-def utcnow_naive() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def naive_utc(value: datetime) -> datetime:
-    """Aware datetimes become naive UTC (MEDS times are naive)."""
-    if value.tzinfo is not None:
-        return value.astimezone(UTC).replace(tzinfo=None)
-    return value
-
-
-def check_past(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    value = naive_utc(value)
-    if value > utcnow_naive() + CLOCK_SKEW:
-        raise ValueError("is in the future")
-    if value < EARLIEST:
-        raise ValueError("is before 1900")
-    return value
 
 
 def check_code(code: str) -> str:
@@ -396,11 +380,7 @@ class CohortQuery(_Strict):
     @field_validator("prediction_time")
     @classmethod
     def _not_future(cls, value: date | None) -> date | None:
-        if value is not None and value > (utcnow_naive() + CLOCK_SKEW).date():
-            raise ValueError("is in the future")
-        if value is not None and value < EARLIEST.date():
-            raise ValueError("is before 1900")
-        return value
+        return check_past_date(value)
 
 
 GroupDim = Literal["site", "tier", "age_band", "sex"]

@@ -63,6 +63,7 @@ from chronorisk.data.codes import (
     unit_of_spelling,
 )
 from chronorisk.data.pseudonym import Pseudonymizer
+from chronorisk.data.time_bounds import bounds_us
 
 Row = tuple[int, int | None, str, float | None, str | None, str | None]
 
@@ -118,8 +119,8 @@ class BundleContext:
     """
 
     __slots__ = (
-        "_times", "bundle_org", "displays", "export_patients", "max_text_bytes", "medications", "notes", "partial",
-        "patient_ids", "patient_urls", "pseudonymizer", "subjects",
+        "_times", "bundle_org", "displays", "earliest_us", "export_patients", "latest_us", "max_text_bytes",
+        "medications", "notes", "partial", "patient_ids", "patient_urls", "pseudonymizer", "subjects",
     )
 
     def __init__(self, pseudonymizer: Pseudonymizer, displays: dict[str, str], notes: dict[str, int],
@@ -136,6 +137,8 @@ class BundleContext:
         self.subjects: dict[str, int] = {}  # reference string -> subject id, within one bundle / file
         self.partial: list[Rejected] = []
         self._times: dict[str, int] = {}
+        # accepted dates (data/time_bounds.py: 1900 to now plus a day), fixed when the context is made
+        self.earliest_us, self.latest_us = bounds_us()
 
     def reset_bundle(self) -> None:
         """Forget the previous bundle (subjects are not checked until `index_bundle` or `reset_export`)."""
@@ -157,12 +160,16 @@ class BundleContext:
         self.notes[key] = self.notes.get(key, 0) + 1
 
     def time(self, value: object, field: str) -> int:
-        """Microseconds since the epoch (UTC) of a FHIR date or dateTime; Rejected if unparseable."""
+        """Microseconds since the epoch (UTC) of a FHIR date or dateTime; Rejected if unparseable or outside
+        the accepted dates (before 1900, after now plus a day: `implausible_date`)."""
         if isinstance(value, str):
             hit = self._times.get(value)
             if hit is not None:
                 return hit
         us = parse_time(value, field)
+        if not self.earliest_us <= us <= self.latest_us:
+            which = "is before 1900" if us < self.earliest_us else "is in the future"
+            raise Rejected("implausible_date", f"{field}: {value!r} {which}; accepted 1900 to now")
         self._times[value] = us  # type: ignore[index]
         return us
 
@@ -397,6 +404,9 @@ def _value_row(
     quantity = holder.get("valueQuantity")
     if quantity is not None:
         out_code, number = _quantity_row(code, quantity, where)
+        comparator = quantity.get("comparator")
+        if comparator is not None:  # "<5.5": the bound is kept as the value, and counted (never silently)
+            ctx.note(f"valueQuantity.comparator {str(comparator)[:8]!r}: the bound kept as the value ({out_code})")
         return (subject, time_us, out_code, number, None, None)
     concept = holder.get("valueCodeableConcept")
     if concept is not None:

@@ -141,6 +141,8 @@ def format_report(report: dict) -> str:
     if report["duplicates"]:
         lines += ["duplicates kept once (same type and id, one patient): "
                   + ", ".join(f"{k} {v}" for k, v in report["duplicates"].items())]
+    if report["notes"]:  # kept, or left out by design (gender other), but not silently
+        lines += ["converted with a note: " + "; ".join(f"{k}: {v}" for k, v in report["notes"].items())]
     if report["ndjson_line_problems"]:
         lines += ["NDJSON lines that could not be read: "
                   + ", ".join(f"{k} {v}" for k, v in report["ndjson_line_problems"].items())]

@@ -317,3 +317,36 @@ def test_light_workers_and_parquet_workers_write_the_same(bundles_run, tmp_path)
         frames.append(scan_site(out, "pilot").collect().sort(pl.all()))
     assert frames[0].equals(frames[1]) and frames[0].height == bundles_run["events"].height
     assert reports[0]["resources"] == reports[1]["resources"] == bundles_run["report"]["resources"]
+
+
+def test_dates_outside_1900_to_now_are_quarantined_and_comparators_are_counted(tmp_path):
+    """The same date bounds as the API (data/time_bounds.py): a birth in 2090 or an observation in 9999 or
+    1850 is quarantined `implausible_date`; a value sent as "<5.5" keeps its bound and is counted, not silent."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    future_birth = patient("p-born-later")
+    future_birth["birthDate"] = "2090-01-01"
+    write(inp / "born_later.json", bundle(future_birth))
+    bounded = quantity(5.5, "%")
+    bounded["comparator"] = "<"
+    write(inp / "dates.json", bundle(
+        patient("p-dates"),
+        observation("p-dates", "4548-4", "9999-01-01T00:00:00Z", valueQuantity=quantity(6.0, "%")),
+        observation("p-dates", "4548-4", "1850-06-01", valueQuantity=quantity(6.1, "%")),
+        observation("p-dates", "4548-4", day(1), valueQuantity=bounded),
+        observation("p-dates", "4548-4", day(2), valueQuantity=quantity(6.3, "%")),
+    ))
+    out = tmp_path / "meds"
+    done, report = run_cli(inp, out, tmp_path / "work")
+    lines = [q for q in read_quarantine(Path(report["quarantine_file"])) if q["category"] == "implausible_date"]
+    reasons = sorted(q["reason"] for q in lines)
+    assert reasons == ["birthDate: '2090-01-01' is in the future; accepted 1900 to now",
+                       "effectiveDateTime: '1850-06-01' is before 1900; accepted 1900 to now",
+                       "effectiveDateTime: '9999-01-01T00:00:00Z' is in the future; accepted 1900 to now"]
+    events = scan_site(out, "pilot").collect()
+    assert subject_events(events, "p-born-later").height == 0
+    hba1c = subject_events(events, "p-dates").filter(pl.col("code") == "LOINC//4548-4")
+    assert sorted(hba1c.get_column("numeric_value").to_list()) == pytest.approx([5.5, 6.3])
+    note = "valueQuantity.comparator '<': the bound kept as the value (LOINC//4548-4)"
+    assert report["notes"][note] == 1
+    assert "converted with a note: " in done.stdout and note in done.stdout
