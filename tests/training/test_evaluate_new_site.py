@@ -8,6 +8,7 @@ import math
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 from test_train_cli import chronorisk, small_params
 
 from chronorisk.data.synth.new_site import JOINS, NEW_SITE_ID
@@ -26,10 +27,15 @@ TASK = "onset_2y"
 
 @pytest.fixture(scope="module")
 def new_site_work(tmp_path_factory):
-    """A 1,500-patient cohort with the late-joining site, its features and a model trained with --no-mlflow."""
+    """A 1,500-patient cohort with the late-joining site, its features and a model trained with --no-mlflow
+    (LightGBM only, 60 rounds, Platt: the mechanics are tested, not the model)."""
     root = tmp_path_factory.mktemp("new-site")
     work = root / "work"
     params = small_params(root / "params.yaml")
+    raw = yaml.safe_load(params.read_text())
+    raw["model"].update(kind="lightgbm", num_boost_round=60, early_stopping_rounds=10, calibration="platt",
+                        calibration_folds=2)
+    params.write_text(yaml.safe_dump(raw))
     chronorisk(work, "generate", "--new-site", "--patients", "1500", params=params)
     chronorisk(work, "features", "--task", TASK, params=params)
     chronorisk(work, "train", "--task", TASK, "--no-mlflow", params=params)
