@@ -248,7 +248,7 @@ def local_and_evaluation_rows(times: np.ndarray, y: np.ndarray, subjects: np.nda
 
 
 def recalibration_runs(times: np.ndarray, y: np.ndarray, subjects: np.ndarray, risk: np.ndarray, *, site: str,
-                       cases: int, repeats: int, seed: int, update: str = "closed_test",
+                       cases: int, repeats: int, seed: int, update: str = "empirical_bayes",
                        resamples: int = RESAMPLES) -> RecalibrationAfter | None:
     """`repeats` random orders of the first `cases` local cases: recalibrate, judge on the other patients."""
     runs = []
@@ -291,7 +291,7 @@ def _summarized(cases: int, runs: list[RecalibrationRun]) -> RecalibrationAfter:
 
 
 def evaluate_new_site(rows: pl.DataFrame, global_risk: np.ndarray, *, site: str, since: str,
-                      cases: Sequence[int] = CASES, repeats: int = 5, seed: int = 0, update: str = "closed_test",
+                      cases: Sequence[int] = CASES, repeats: int = 5, seed: int = 0, update: str = "empirical_bayes",
                       min_window_rows: int = MIN_WINDOW_ROWS, resamples: int = RESAMPLES) -> NewSiteEvaluation:
     """The new site's figures from its rows since it joined (`prediction_time`, `boolean_value`,
     `subject_id`) and the global model's calibrated risk of each (no site layer)."""
