@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps({"before_labels": record["new_site"]["before_labels"], "targets": record["targets"]}, indent=1))
     if not args.no_save:
-        write_result(RESULTS / f"new_region{'_quick' if args.quick else ''}.json", record)
+        seed = "" if args.seed == 42 else f"_seed{args.seed}"  # another cohort: a file of its own
+        write_result(RESULTS / f"new_region{'_quick' if args.quick else ''}{seed}.json", record)
     return 0
 
 
