@@ -50,6 +50,7 @@ CASES = (25, 50, 100)
 MIN_WINDOW_ROWS = 500
 RESAMPLES = 200  # refits of a site recalibration for its estimate's uncertainty
 NOISE_FLOOR_DRAWS = 50
+ECE_FLOOR_NOTE = 0.015  # a note when the rows judged are so few that chance alone gives an ECE above this
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class RecalibrationRun:
     estimated_auroc_after_sd: float | None  # over refits of the recalibration
     realized_auroc: float | None
     realized_auroc_sd: float | None
+    estimate_within_2sd: bool | None  # |estimated - realized| <= 2 sqrt(estimated_after_sd^2 + realized_sd^2)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class RecalibrationAfter:
     observed_over_expected_mean: float | None
     updates: dict[str, int]
     estimated_minus_realized_auroc_mean: float | None
+    estimates_within_2sd: int
     runs: list[RecalibrationRun] = field(default_factory=list)
 
 
@@ -263,12 +266,17 @@ def recalibration_runs(times: np.ndarray, y: np.ndarray, subjects: np.ndarray, r
         refits = resampled_site_recalibrations(site, risk[local], y[local], draws=resamples, seed=seed + r,
                                                **options)
         refit_estimates = [expected_auroc(x.apply(risk[ev])) for x in refits]
+        estimated, realized = rounded(expected_auroc(after)), rounded(tm.auroc(y[ev], after))
+        estimated_sd = rounded(np.nanstd(refit_estimates, ddof=1)) if len(refit_estimates) > 1 else None
+        realized_sd = rounded(auroc_standard_error(y[ev], after))
+        within = None
+        if None not in (estimated, realized, realized_sd):
+            within = abs(estimated - realized) <= 2 * math.hypot(estimated_sd or 0.0, realized_sd)
         runs.append(RecalibrationRun(
             int(local.sum()), int(y[local].sum()), int(ev.sum()), str(recal.info.get("update", update)),
             round(recal.intercept, 4), round(recal.slope, 4), SiteFigures.of(y[ev], risk[ev]),
-            SiteFigures.of(y[ev], after), ece_noise_floor(after, seed=seed + r), rounded(expected_auroc(after)),
-            rounded(np.nanstd(refit_estimates, ddof=1)) if len(refit_estimates) > 1 else None,
-            rounded(tm.auroc(y[ev], after)), rounded(auroc_standard_error(y[ev], after))))
+            SiteFigures.of(y[ev], after), ece_noise_floor(after, seed=seed + r), estimated, estimated_sd, realized,
+            realized_sd, within))
     return _summarized(cases, runs)
 
 
@@ -287,7 +295,8 @@ def _summarized(cases: int, runs: list[RecalibrationRun]) -> RecalibrationAfter:
     return RecalibrationAfter(
         cases, len(runs), mean(slopes), (min(slopes, default=None), max(slopes, default=None)), mean(eces),
         (min(eces, default=None), max(eces, default=None)), mean(x.ece_noise_floor for x in runs),
-        mean(x.after.observed_over_expected for x in runs), updates, mean(gaps), runs)
+        mean(x.after.observed_over_expected for x in runs), updates, mean(gaps),
+        sum(1 for x in runs if x.estimate_within_2sd), runs)
 
 
 def evaluate_new_site(rows: pl.DataFrame, global_risk: np.ndarray, *, site: str, since: str,
@@ -311,6 +320,11 @@ def evaluate_new_site(rows: pl.DataFrame, global_risk: np.ndarray, *, site: str,
                          f"patients left to judge on)")
             continue
         recalibrated.append(after)
+        if after.ece_noise_floor_mean is not None and after.ece_noise_floor_mean > ECE_FLOOR_NOTE:
+            rows_judged = int(np.mean([r.eval_rows for r in after.runs]))
+            notes.append(f"{count} local cases: judged on ~{rows_judged:,} rows, where even exactly calibrated "
+                         f"risks show an ECE of {after.ece_noise_floor_mean:.3f} by chance: too few to judge "
+                         f"an ECE of 0.02 (more patients)")
     label_free_after = None
     if recalibrated:
         largest = recalibrated[-1].local_cases

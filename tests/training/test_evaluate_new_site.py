@@ -143,3 +143,7 @@ def test_recalibration_moves_a_shifted_site_and_its_estimate_carries_the_refits_
     assert recal is not None and recal.windows >= 1
     assert all(w.recalibration_sd is not None and w.recalibration_sd > 0 for w in recal.detail)
     assert all(w.error_sd >= w.realized_auroc_sd for w in recal.detail)
+    assert after.estimates_within_2sd == sum(1 for r in after.runs if r.estimate_within_2sd)
+    for r in after.runs:  # each run's gap judged against both spreads
+        bound = 2 * math.hypot(r.estimated_auroc_after_sd, r.realized_auroc_sd)
+        assert r.estimate_within_2sd == (abs(r.estimated_auroc_after - r.realized_auroc) <= bound)
