@@ -66,6 +66,30 @@ def prepare(work: Path, params: Path, patients: int, seed: int, task: str) -> di
     return steps
 
 
+def update_rules(joined: pl.DataFrame, risk, repeats: int, seed: int) -> dict:
+    """The site's ECE, slope and O/E after 25 / 50 / 100 cases under each update rule of
+    models/site_calibration.py (same local orders; few refits: only the figures, not the estimate's spread)."""
+    from chronorisk.models.site_calibration import UPDATES
+    from chronorisk.training.new_site_evaluation import CASES, recalibration_runs
+
+    times = joined["prediction_time"].to_numpy()
+    y = joined["boolean_value"].cast(pl.Float64).to_numpy()
+    subjects = joined["subject_id"].to_numpy()
+    out = {}
+    for rule in UPDATES:
+        out[rule] = {}
+        for cases in CASES:
+            r = recalibration_runs(times, y, subjects, risk, site="new", cases=cases, repeats=repeats, seed=seed,
+                                   update=rule, resamples=2)
+            if r is not None:
+                out[rule][str(cases)] = {"ece_mean": r.ece_mean, "ece_noise_floor_mean": r.ece_noise_floor_mean,
+                                         "calibration_slope_mean": r.calibration_slope_mean,
+                                         "calibration_slope_range": r.calibration_slope_range,
+                                         "observed_over_expected_mean": r.observed_over_expected_mean,
+                                         "updates": r.updates}
+    return out
+
+
 def federated_join(work: Path, params, task: str, site: str) -> dict:
     """Every site, the new one included, in federated training (simulation): the new site's held-out figures."""
     from chronorisk.federated.pipeline import train_federated
@@ -126,6 +150,9 @@ def run(args: argparse.Namespace) -> dict:
                                                                seed=args.seed)),
         "new_site": new_site.to_dict(),
         "new_site_cpu_seconds": round(time.process_time() - cpu, 1),
+        "global_model": "trained in this run" if train_seconds is not None
+        else "trained by an earlier run on this WORK (same cohort), loaded",
+        "update_rules": update_rules(joined, new_risk, args.repeats, args.seed),
     }
     if not args.skip_federated:
         record["federated"] = federated_join(work, params, args.task, NEW_SITE_ID)
