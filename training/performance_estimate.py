@@ -24,7 +24,14 @@ fall from the estimate by chance alone. The estimate is only as good as
 the calibration at the site: a site whose outcomes are not what its risks
 say (a new region) needs its own recalibration (`models/site_calibration.py`)
 before the estimate can be trusted, and the realized figures beside it
-show when it cannot.
+show when it cannot. A recalibration fitted on few local cases is itself
+uncertain, and the estimate from its risks inherits that: `chronorisk
+evaluate --new-site` (`training/new_site_evaluation.py`) reports that
+spread beside the one here.
+
+It lives in training/ so that evaluation (`evaluate --new-site`) and
+monitoring (`serving/monitoring/estimate.py`, which adds the floor and its
+alert) share one implementation under the one-way imports.
 """
 
 from __future__ import annotations
@@ -90,9 +97,6 @@ class PerformanceEstimate:
     realized_prevalence: float | None = None
     floor: float | None = None
     below_floor: str | None = None  # None, "warning" (below, within chance) or "alert" (below beyond chance)
-    # The estimate's spread from the site recalibration's own uncertainty (refits on resampled local cases),
-    # beside `auroc_spread` (outcomes drawn from the risks: the realized AUROC's chance spread at this size)
-    recalibration_auroc_sd: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
