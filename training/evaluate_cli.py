@@ -148,9 +148,17 @@ def _run_new_site(args, ctx, tasks: list[str]) -> int:
             raise InputError("--since", f"must be a date YYYY-MM-DD, got {args.since!r}") from None
     elif args.new_site == NEW_SITE_ID:
         since = JOINS
+    tracking = None
+    if args.version is not None or args.alias is not None:  # a registered version: the registry is needed
+        from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
+
+        tracking = configure_tracking(
+            ctx.paths, uri=resolve_tracking_uri(ctx.paths, args.tracking_uri, ctx.params.train.tracking_uri),
+            experiment=ctx.params.train.experiment,
+        )
     for task in tasks:
         name = load_task(task).name
-        bundle, _ = _bundle(name, args, ctx, None)
+        bundle, _ = _bundle(name, args, ctx, tracking)
         if args.meds is not None:
             data = tr.compute_task_data(args.meds, task, ctx.params.features, labels=args.labels, spec=bundle.spec)
         else:
