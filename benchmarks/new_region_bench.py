@@ -7,24 +7,20 @@ WORK, unless they are there. The global model is trained as `chronorisk
 train` does (`training.train.train_task`, params.yaml) on the founding sites
 only: the new site joins at `new_site.JOINS`, after it (saved in WORK and reused by later runs).
 
-Reported for the new site (its rows from the join date on, which the global
-model never saw):
+Reported (the new site's part by `training.new_site_evaluation.evaluate_new_site`, the code behind
+`chronorisk evaluate --new-site`; see its docstring for each figure):
 
-1. `before_labels`: the global model's realized AUROC, calibration slope,
-   ECE and observed / expected rate there (what the service cannot know yet);
-2. `label_free`: per window (one prediction time, >= 500 rows) the AUROC
-   estimated from the calibrated risks without labels
-   (serving/monitoring/estimate.py) beside the realized one, at the
-   founding sites (held-out rows) and at the new site, before and after its
-   recalibration;
-3. `recalibrated`: after the first 25, 50 and 100 local cases (positive
-   outcomes, with the non-cases seen alongside them, from the first
-   prediction time after joining; `--repeats` random orders of those rows),
-   the site recalibration (models/site_calibration.py) fitted on them and
-   judged on the site's other patients: slope, ECE, AUROC;
-4. `federated`: the site joins federated training (simulation, every site
-   with all its data): its held-out figures with the federated calibration,
-   and with its own site recalibration from its tuning bins.
+1. `founding_held_out` and `label_free.founding_sites`: the founding sites' held-out rows, realized
+   figures and per-window label-free AUROC estimates beside the realized ones;
+2. `new_site`: the new site's rows from the join date on, which the global model never saw: figures
+   before local labels (and per prediction time), label-free estimates per window from the global
+   calibration, the site recalibration after 25, 50 and 100 local cases (`--repeats` random orders)
+   judged on the site's other patients at later times (with the ECE a calibrated model would show on
+   as many rows), and the label-free estimates from the risks as served after the site layer, with
+   the recalibration's own uncertainty;
+3. `federated`: the site joins federated training (simulation, every site with all its data): its
+   held-out figures with the federated calibration, and with its own site recalibration from its
+   tuning bins.
 
 Targets (issue 15): label-free AUROC within 0.03 of realized for windows of
 >= 500 rows; new site slope 0.9-1.1 and ECE <= 0.02 after 100 local cases.
@@ -40,17 +36,15 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 from bench_common import children_cpu_seconds, public_argv, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-CASES = (25, 50, 100)
-MIN_WINDOW_ROWS = 500
 
 
 def _chronorisk(work: Path, params: Path, *args: str) -> float:
@@ -72,89 +66,27 @@ def prepare(work: Path, params: Path, patients: int, seed: int, task: str) -> di
     return steps
 
 
-def figures(y: np.ndarray, risk: np.ndarray) -> dict:
-    """Realized AUROC, calibration slope and intercept, ECE, observed / expected rate (training.metrics)."""
-    from chronorisk.training import metrics as tm
+def update_rules(joined: pl.DataFrame, risk, repeats: int, seed: int) -> dict:
+    """The site's ECE, slope and O/E after 25 / 50 / 100 cases under each update rule of
+    models/site_calibration.py (same local orders; few refits: only the figures, not the estimate's spread)."""
+    from chronorisk.models.site_calibration import UPDATES
+    from chronorisk.training.new_site_evaluation import CASES, recalibration_runs
 
-    return {"n": int(y.size), "cases": int(y.sum()), "auroc": round(float(tm.auroc(y, risk)), 4),
-            "calibration_slope": round(float(tm.calibration_slope(y, risk)), 3),
-            "calibration_intercept": round(float(tm.calibration_intercept(y, risk)), 3),
-            "ece": round(float(tm.ece(y, risk)), 4), "observed_over_expected": round(float(y.mean() / risk.mean()), 3)}
-
-
-def label_free_windows(rows: pl.DataFrame, risk: np.ndarray, seed: int) -> list[dict]:
-    """Per prediction time of >= MIN_WINDOW_ROWS rows: the estimate from the risks and the realized AUROC."""
-    from chronorisk.serving.monitoring.estimate import estimate_performance
-    from chronorisk.training import metrics as tm
-
-    frame = rows.select("prediction_time", "boolean_value").with_columns(pl.Series("risk", risk))
-    out = []
-    for (when,), part in frame.sort("prediction_time").group_by("prediction_time", maintain_order=True):
-        if part.height < MIN_WINDOW_ROWS:
-            continue
-        y = part["boolean_value"].cast(pl.Float64).to_numpy()
-        r = part["risk"].to_numpy()
-        est = estimate_performance(r, {}, draws=200, seed=seed)
-        realized = float(tm.auroc(y, r))
-        out.append({"window": str(when)[:10], "n": part.height, "estimated_auroc": est.auroc,
-                    "estimated_auroc_sd": est.auroc_spread.sd, "realized_auroc": round(realized, 4),
-                    "error": round(est.auroc - realized, 4)})
-    return out
-
-
-def _summary(windows: list[dict]) -> dict:
-    errors = np.abs([w["error"] for w in windows]) if windows else np.zeros(0)
-    return {"windows": len(windows), "max_abs_error": round(float(errors.max()), 4) if errors.size else None,
-            "mean_abs_error": round(float(errors.mean()), 4) if errors.size else None,
-            "within_0_03": int((errors <= 0.03).sum()), "detail": windows}
-
-
-def local_cases(rows: pl.DataFrame, risk: np.ndarray, cases: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(local rows, evaluation rows) masks: the first prediction times' rows in a random order until `cases`
-    cases; the evaluation rows are the later rows of the site's other patients."""
-    rng = np.random.default_rng(seed)
-    times = rows["prediction_time"].to_numpy()
-    y = rows["boolean_value"].cast(pl.Float64).to_numpy()
-    order = np.lexsort((rng.random(rows.height), times))  # earliest prediction time first, shuffled within
-    seen = np.cumsum(y[order])
-    k = int(np.searchsorted(seen, cases)) + 1
-    if k >= rows.height:
-        raise SystemExit(f"the new site has {int(y.sum())} cases after joining: fewer than {cases} (more patients)")
-    local = np.zeros(rows.height, dtype=bool)
-    local[order[:k]] = True
-    subjects = set(rows["subject_id"].filter(pl.Series(local)).to_list())
-    later = times > times[order[k - 1]]
-    evaluate = later & ~rows["subject_id"].is_in(list(subjects)).to_numpy()
-    return local, evaluate
-
-
-def recalibration_after(rows: pl.DataFrame, risk: np.ndarray, repeats: int) -> list[dict]:
-    from chronorisk.models.site_calibration import fit_site_recalibration
-    from chronorisk.serving.monitoring.estimate import expected_auroc
-    from chronorisk.training import metrics as tm
-
-    y = rows["boolean_value"].cast(pl.Float64).to_numpy()
-    out = []
-    for cases in CASES:
-        runs = []
-        for r in range(repeats):
-            local, evaluate = local_cases(rows, risk, cases, seed=1000 * cases + r)
-            recal = fit_site_recalibration("new", risk[local], y[local])
-            after = recal.apply(risk[evaluate])
-            runs.append({"local_rows": int(local.sum()), "eval_rows": int(evaluate.sum()),
-                         "intercept": round(recal.intercept, 3), "slope": round(recal.slope, 3),
-                         "before": figures(y[evaluate], risk[evaluate]), "after": figures(y[evaluate], after),
-                         "estimated_auroc_after": round(expected_auroc(after), 4),
-                         "realized_auroc": round(float(tm.auroc(y[evaluate], after)), 4)})
-        slopes = [x["after"]["calibration_slope"] for x in runs]
-        eces = [x["after"]["ece"] for x in runs]
-        out.append({"local_cases": cases, "repeats": repeats,
-                    "calibration_slope_mean": round(float(np.mean(slopes)), 3),
-                    "calibration_slope_range": [min(slopes), max(slopes)],
-                    "ece_mean": round(float(np.mean(eces)), 4), "ece_range": [min(eces), max(eces)],
-                    "estimated_minus_realized_auroc_mean": round(float(np.mean(
-                        [x["estimated_auroc_after"] - x["realized_auroc"] for x in runs])), 4),
-                    "runs": runs})
+    times = joined["prediction_time"].to_numpy()
+    y = joined["boolean_value"].cast(pl.Float64).to_numpy()
+    subjects = joined["subject_id"].to_numpy()
+    out = {}
+    for rule in UPDATES:
+        out[rule] = {}
+        for cases in CASES:
+            r = recalibration_runs(times, y, subjects, risk, site="new", cases=cases, repeats=repeats, seed=seed,
+                                   update=rule, resamples=2)
+            if r is not None:
+                out[rule][str(cases)] = {"ece_mean": r.ece_mean, "ece_noise_floor_mean": r.ece_noise_floor_mean,
+                                         "calibration_slope_mean": r.calibration_slope_mean,
+                                         "calibration_slope_range": r.calibration_slope_range,
+                                         "observed_over_expected_mean": r.observed_over_expected_mean,
+                                         "updates": r.updates}
     return out
 
 
@@ -182,6 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     from chronorisk.config import load_params
     from chronorisk.data.synth.new_site import JOINS, NEW_SITE_ID
     from chronorisk.models.bundle import ModelBundle
+    from chronorisk.training.new_site_evaluation import CASES, SiteFigures, evaluate_new_site, label_free_windows
     from chronorisk.training.train import HELD_OUT, load_feature_tables, train_task
 
     params = load_params(args.params)
@@ -204,31 +137,38 @@ def run(args: argparse.Namespace) -> dict:
         train_seconds = round(time.perf_counter() - started, 1)
     held = founding.filter(pl.col("split") == HELD_OUT)
     held_risk = bundle.predict_risk(held)
+    held_y = held["boolean_value"].cast(pl.Float64).to_numpy()
     new_risk = bundle.predict_risk(joined.drop("site"))  # the global calibration: no site layer yet
-    y_new = joined["boolean_value"].cast(pl.Float64).to_numpy()
+    cpu = time.process_time()
+    new_site = evaluate_new_site(joined, new_risk, site=NEW_SITE_ID, since=str(JOINS), cases=CASES,
+                                 repeats=args.repeats, seed=args.seed)
     record = {
-        "task": args.task, "new_site": NEW_SITE_ID, "joins": str(JOINS), "train_seconds": train_seconds,
+        "task": args.task, "site": NEW_SITE_ID, "joins": str(JOINS), "train_seconds": train_seconds,
         "preparation": steps, "rows": {"founding_held_out": held.height, "new_site_after_joining": joined.height},
-        "founding_held_out": figures(held["boolean_value"].cast(pl.Float64).to_numpy(), held_risk),
-        "before_labels": figures(y_new, new_risk),
-        "label_free": {"founding_sites": _summary(label_free_windows(held, held_risk, args.seed)),
-                       "new_site_global_calibration": _summary(label_free_windows(joined, new_risk, args.seed))},
-        "recalibrated": recalibration_after(joined, new_risk, args.repeats),
+        "founding_held_out": asdict(SiteFigures.of(held_y, held_risk)),
+        "label_free_founding_sites": asdict(label_free_windows(held["prediction_time"].to_numpy(), held_y, held_risk,
+                                                               seed=args.seed)),
+        "new_site": new_site.to_dict(),
+        "new_site_cpu_seconds": round(time.process_time() - cpu, 1),
+        "global_model": "trained in this run" if train_seconds is not None
+        else "trained by an earlier run on this WORK (same cohort), loaded",
+        "update_rules": update_rules(joined, new_risk, args.repeats, args.seed),
     }
-    best = record["recalibrated"][-1]
-    local, evaluate = local_cases(joined, new_risk, CASES[-1], seed=1000 * CASES[-1])
-    from chronorisk.models.site_calibration import fit_site_recalibration
-
-    recal = fit_site_recalibration(NEW_SITE_ID, new_risk[local], y_new[local])
-    record["label_free"]["new_site_after_100_cases"] = _summary(label_free_windows(
-        joined.filter(pl.Series(evaluate)), recal.apply(new_risk[evaluate]), args.seed))
     if not args.skip_federated:
         record["federated"] = federated_join(work, params, args.task, NEW_SITE_ID)
+    best = new_site.recalibrated[-1] if new_site.recalibrated else None
+    founding_error = record["label_free_founding_sites"]["max_abs_error"]
+    def all_within(summary) -> bool:  # every window within 0.03 (and at least one window)
+        return summary is not None and summary.windows > 0 and summary.within_0_03 == summary.windows
+
     record["targets"] = {
-        "label_free_within_0_03_founding": record["label_free"]["founding_sites"]["max_abs_error"] is not None
-        and record["label_free"]["founding_sites"]["max_abs_error"] <= 0.03,
-        "slope_0_9_to_1_1_after_100_cases": 0.9 <= best["calibration_slope_mean"] <= 1.1,
-        "ece_at_most_0_02_after_100_cases": best["ece_mean"] <= 0.02,
+        "label_free_within_0_03_founding": founding_error is not None and founding_error <= 0.03,
+        "label_free_within_0_03_new_site_global": all_within(new_site.label_free_global),
+        "label_free_within_0_03_new_site_recalibrated": all_within(new_site.label_free_recalibrated),
+        "slope_0_9_to_1_1_after_100_cases": best is not None and best.local_cases == CASES[-1]
+        and 0.9 <= best.calibration_slope_mean <= 1.1,
+        "ece_at_most_0_02_after_100_cases": best is not None and best.local_cases == CASES[-1]
+        and best.ece_mean <= 0.02,
     }
     return record
 
@@ -238,16 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--patients", type=int, default=30000)
-    parser.add_argument("--quick", action="store_true", help="12,000 patients, 2 repeats, no federated run")
+    parser.add_argument("--quick", action="store_true", help="12,000 patients, 5 repeats, no federated run")
     parser.add_argument("--task", default="onset_2y")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-federated", action="store_true")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.patients, args.repeats, args.skip_federated = 12000, 2, True
+        args.patients, args.repeats, args.skip_federated = 12000, 5, True
     started = time.perf_counter()
     record = {"benchmark": "new_region", "mode": "quick" if args.quick else "full",
               "command": " ".join(["benchmarks/new_region_bench.py", *public_argv(sys.argv[1:])]),
@@ -256,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                           "load_average_at_start": round(os.getloadavg()[0], 2)},
               "patients": args.patients, **run(args)}
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps({k: record[k] for k in ("before_labels", "targets")}, indent=1))
+    print(json.dumps({"before_labels": record["new_site"]["before_labels"], "targets": record["targets"]}, indent=1))
     if not args.no_save:
-        write_result(RESULTS / f"new_region{'_quick' if args.quick else ''}.json", record)
+        seed = "" if args.seed == 42 else f"_seed{args.seed}"  # another cohort: a file of its own
+        write_result(RESULTS / f"new_region{'_quick' if args.quick else ''}{seed}.json", record)
     return 0
 
 

@@ -165,14 +165,14 @@ def fit_from_tables(folds: list[BinnedScores], method: str = "auto") -> tuple[Ca
     return cal, cal.info
 
 
-def site_layer_from_tables(cal: Calibrator, tables: dict[str, BinnedScores],
-                           prior_cases: float | None = None) -> SiteLayer:
+def site_layer_from_tables(cal: Calibrator, tables: dict[str, BinnedScores]) -> SiteLayer:
     """Each site's recalibration on the global calibrated log-odds, from its binned (tuning) table.
 
-    Sites with too few cases (or non-cases) for a recalibration keep the global calibration.
+    Sites with too few cases (or non-cases) for a recalibration keep the global calibration; the update
+    itself (none, intercept, or intercept and slope) is chosen as for rows (`fit_site_recalibration_from_cells`).
     """
     from chronorisk.models.calibration import WeightedOutcomes, logit
-    from chronorisk.models.site_calibration import PRIOR_CASES, SiteLayer, fit_site_recalibration_from_cells
+    from chronorisk.models.site_calibration import SiteLayer, fit_site_recalibration_from_cells
 
     layer = SiteLayer()
     for site, table in sorted(tables.items()):
@@ -181,8 +181,7 @@ def site_layer_from_tables(cal: Calibrator, tables: dict[str, BinnedScores],
             continue
         cells = WeightedOutcomes.from_cells(logit(cal.predict(s)), n, k)
         try:
-            recal = fit_site_recalibration_from_cells(site, cells, prior_cases=PRIOR_CASES
-                                                      if prior_cases is None else prior_cases)
+            recal = fit_site_recalibration_from_cells(site, cells)
         except ValueError:
             continue
         layer = layer.with_site(recal)

@@ -13,6 +13,12 @@ the model's own spec). Writes per task:
 
 logs them to the model's training run in MLflow, and prints the headline
 table per task and site.
+
+`--new-site SITE` evaluates a site that joined late instead
+(`training/new_site_evaluation.py`): the global model's figures there
+before local labels, the label-free estimate beside the realized figures
+per window, and the site recalibration after `--cases` local cases; written
+to `<work>/reports/new_site_<site>_<task>.json` and printed.
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, metavar="URI",
                         help="MLflow tracking server or database (default: sqlite in the work folder)")
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only, log nothing to MLflow")
+    new = parser.add_argument_group("a site that joined late (--new-site)")
+    new.add_argument("--new-site", default=None, metavar="SITE",
+                     help="evaluate the model at this site before and after its first local labels")
+    new.add_argument("--since", default=None, metavar="YYYY-MM-DD",
+                     help="the site's rows from this prediction time on (default: the generator's join date for "
+                          "its new site, else all the site's rows)")
+    new.add_argument("--cases", default="25,50,100", metavar="N,N,...",
+                     help="recalibrate after this many local cases (default: 25,50,100)")
+    new.add_argument("--repeats", type=int, default=5, help="random orders of the local cases (default: 5)")
 
 
 def run(args: argparse.Namespace, ctx) -> int:
@@ -51,6 +66,8 @@ def run(args: argparse.Namespace, ctx) -> int:
         if path is not None and not path.exists():
             raise InputError(flag, f"{path} does not exist")
     check_labels_argument(args, tasks)
+    if args.new_site is not None:
+        return _run_new_site(args, ctx, tasks)
     update: dict = {}
     if args.bootstrap is not None:
         update["bootstrap"] = args.bootstrap
@@ -99,6 +116,77 @@ def _evaluate_one(task: str, args, ctx, config, tracking, *, log_to_mlflow: bool
         print(f"{name}: {note}")
     print(f"{name}: report {files['html']}, model card {files['card']}")
     return headline_table(result.records, groups=("all", "site"))
+
+
+def _run_new_site(args, ctx, tasks: list[str]) -> int:
+    """`--new-site SITE`: each task's bundle at the site from `--since` on (training/new_site_evaluation.py)."""
+    import json
+    from datetime import date, datetime
+
+    import polars as pl
+
+    from chronorisk.data.files import write_text_atomic
+    from chronorisk.data.synth.new_site import JOINS, NEW_SITE_ID
+    from chronorisk.errors import InputError
+    from chronorisk.features.tasks import load_task
+    from chronorisk.training import train as tr
+    from chronorisk.training.new_site_evaluation import evaluate_new_site, new_site_table
+
+    try:
+        cases = sorted({int(c) for c in str(args.cases).split(",") if c.strip()})
+    except ValueError:
+        raise InputError("--cases", f"must be whole numbers separated by commas, got {args.cases!r}") from None
+    if not cases or min(cases) < 5:
+        raise InputError("--cases", f"each count must be 5 or more, got {args.cases!r}")
+    if args.repeats < 1:
+        raise InputError("--repeats", f"must be 1 or more, got {args.repeats}")
+    since = None
+    if args.since is not None:
+        try:
+            since = date.fromisoformat(args.since)
+        except ValueError:
+            raise InputError("--since", f"must be a date YYYY-MM-DD, got {args.since!r}") from None
+    elif args.new_site == NEW_SITE_ID:
+        since = JOINS
+    tracking = None
+    if args.version is not None or args.alias is not None:  # a registered version: the registry is needed
+        from chronorisk.training.tracking import configure_tracking, resolve_tracking_uri
+
+        tracking = configure_tracking(
+            ctx.paths, uri=resolve_tracking_uri(ctx.paths, args.tracking_uri, ctx.params.train.tracking_uri),
+            experiment=ctx.params.train.experiment,
+        )
+    for task in tasks:
+        name = load_task(task).name
+        bundle, _ = _bundle(name, args, ctx, tracking)
+        if args.meds is not None:
+            data = tr.compute_task_data(args.meds, task, ctx.params.features, labels=args.labels, spec=bundle.spec)
+        else:
+            data = tr.load_feature_tables(args.features or ctx.paths.features, task)
+            data = tr.with_spec(data, bundle.spec, data.meds_root or _default_meds(ctx))
+        sites = sorted(data.frame["site"].unique().to_list())
+        if args.new_site not in sites:
+            raise InputError("--new-site", f"no rows of site {args.new_site!r}; the data's sites are "
+                                           f"{', '.join(sites)}")
+        rows = data.frame.filter(pl.col("site") == args.new_site)
+        if since is not None:
+            rows = rows.filter(pl.col("prediction_time") >= datetime.combine(since, datetime.min.time()))
+        if rows.height == 0:
+            raise InputError("--since", f"site {args.new_site} has no rows from {since} on")
+        start = since.isoformat() if since is not None else str(rows["prediction_time"].min())[:10]
+        risk = bundle.predict_risk(rows.drop("site"))  # the global calibration: no site layer yet
+        result = evaluate_new_site(rows, risk, site=args.new_site, since=start, cases=cases, repeats=args.repeats,
+                                   seed=0)
+        training = bundle.metadata.get("training") or {}
+        last_trained = str(training.get("last_prediction_time", ""))[:10]
+        if args.new_site in (training.get("sites") or []) and last_trained >= start:
+            result.notes.append(f"the model was trained on rows of {args.new_site} from {start} on: its figures "
+                                f"there are optimistic (train without them for a fair picture)")
+        out = Path(ctx.paths.reports) / f"new_site_{args.new_site}_{name}.json"
+        write_text_atomic(out, json.dumps({"task": name, **result.to_dict()}, indent=1, default=str))
+        print(f"{name}: {new_site_table(result)}")
+        print(f"{name}: written {out}")
+    return 0
 
 
 def _default_meds(ctx) -> Path | None:

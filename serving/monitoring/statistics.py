@@ -21,6 +21,8 @@ import numpy as np
 import polars as pl
 from scipy.special import kolmogorov
 
+from chronorisk.training.performance_estimate import rounded  # one rounding rule for reports
+
 if TYPE_CHECKING:
     from chronorisk.serving.config import MonitorConfig
     from chronorisk.serving.monitoring.reference import FeatureBaseline, SiteBaseline
@@ -198,13 +200,6 @@ def ks_p(ref_sorted: np.ndarray, cur_sorted: np.ndarray) -> float:
     from scipy.stats import ks_2samp
 
     return float(ks_2samp(ref_sorted, cur_sorted, method="asymp").pvalue)
-
-
-def rounded(value, digits: int = 4):
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) or math.isinf(value) else round(value, digits)
 
 
 def p_value(value) -> float | None:
