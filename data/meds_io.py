@@ -50,14 +50,15 @@ def site_ids(root: Path) -> list[str]:
 
 
 def conform_events(df: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
-    """Cast to the MEDS event schema and sort (subject, time with statics first, code)."""
+    """Cast to the MEDS event schema and sort (subject, time with statics first, code); rows equal on those
+    keep their order (a stable sort: a writer that orders them itself gets its order)."""
     frame = df.lazy() if isinstance(df, pl.DataFrame) else df
     for col, dtype in EVENT_SCHEMA.items():
         if col not in frame.collect_schema().names():
             frame = frame.with_columns(pl.lit(None, dtype=dtype).alias(col))
     return (
         frame.select([pl.col(c).cast(t) for c, t in EVENT_SCHEMA.items()])
-        .sort(["subject_id", "time", "code"], nulls_last=False)
+        .sort(["subject_id", "time", "code"], nulls_last=False, maintain_order=True)
         .collect()
     )
 

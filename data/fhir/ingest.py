@@ -8,7 +8,8 @@
    go to the quarantine. Memory stays flat: a worker holds at most
    `flush_rows` rows, the parent only counts (and holds one bucket when
    writing). Small inputs run in-process (`inline_below_mb`), or with workers
-   that hand their rows to the parent (`light_workers_below_mb`).
+   that hand their rows to the parent, which keeps them in memory
+   (`light_workers_below_mb`).
 3. Sites. With `--site`, every patient goes there. Otherwise each encounter's
    serviceProvider names an Organization (found in any input file: Synthea
    writes them in the patient bundle and in `hospitalInformation*.json`); its
@@ -50,7 +51,7 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 from chronorisk.data.config import IngestConfig
-from chronorisk.data.fhir.convert import CORE_TYPES
+from chronorisk.data.fhir.convert import CORE_TYPES, keep_display
 from chronorisk.data.fhir.quarantine import QUARANTINE_FILE, merge_parts
 from chronorisk.data.fhir.report import REPORT_FILE, build_report, report_json
 from chronorisk.data.fhir.sources import Source, discover, export_patient_ids, plan_tasks
@@ -61,8 +62,8 @@ from chronorisk.data.fhir.worker import (
     WorkerSettings,
     init_worker,
     peak_rss_mb,
+    read_light_staging,
     run_task,
-    write_light_staging,
 )
 from chronorisk.data.files import write_text_atomic
 from chronorisk.errors import ChronoriskError, InputError
@@ -173,18 +174,44 @@ def _merge(results: list[TaskResult]) -> dict:
             if merged["orgs"].get(k) is None:
                 merged["orgs"][k] = v
         for k, v in r.displays.items():
-            merged["displays"].setdefault(k, v)
+            keep_display(merged["displays"], k, v)
     return merged
 
 
-def _duplicates(staging: Path):
+@dataclass(frozen=True)
+class _Staged:
+    """The staged rows: event frames per bucket (`b<bucket>` -> LazyFrame; a patient's rows all in one bucket),
+    and the per-subject outcome counts (None: none)."""
+
+    buckets: dict
+    counts: object
+
+    @staticmethod
+    def on_disk(staging: Path) -> _Staged:
+        import polars as pl
+
+        buckets = {d.name: pl.scan_parquet(sorted(d.glob("*.parquet")))
+                   for d in sorted((staging / "events").glob("b*"))}
+        files = sorted((staging / "counts").glob("*.parquet"))
+        return _Staged(buckets, pl.scan_parquet(files) if files else None)
+
+    @staticmethod
+    def in_memory(events: dict[str, list], counts: list) -> _Staged:
+        """Light workers' rows, never written as parquet (small inputs: the parent holds them all)."""
+        import polars as pl
+
+        buckets = {name: pl.concat(events[name]).lazy() for name in sorted(events)}
+        return _Staged(buckets, pl.concat(counts).lazy() if counts else None)
+
+
+def _duplicates(staged: _Staged):
     """(subject_id, rtype, occ) of the copies to drop: of a resource (type and id) staged more than once
     for a patient, every occurrence but the one with the latest meta.lastUpdated, else the first."""
     import polars as pl
 
     found = [pl.DataFrame(schema={"subject_id": pl.Int64, "rtype": pl.Int8, "occ": pl.Int64})]
-    for bucket_dir in sorted((staging / "events").glob("b*")):  # a patient's rows are all in one bucket
-        rows = pl.scan_parquet(sorted(bucket_dir.glob("*.parquet"))).filter(pl.col("rid").is_not_null())
+    for bucket in staged.buckets.values():  # a patient's rows are all in one bucket
+        rows = bucket.filter(pl.col("rid").is_not_null())
         # a 64-bit hash of (patient, type, id) finds the candidates in one light pass (usually none);
         # the candidates are then compared on the exact values (a hash collision costs nothing)
         key = pl.struct("subject_id", "rtype", "rid").hash(seed=1).alias("key")
@@ -211,19 +238,18 @@ def _without(frame, duplicates):
     return frame if duplicates.is_empty() else frame.join(duplicates.lazy().select("occ"), on="occ", how="anti")
 
 
-def _site_map(staging: Path, orgs: dict[str, str | None], site: str | None, duplicates):
+def _site_map(staged: _Staged, orgs: dict[str, str | None], site: str | None, duplicates):
     """subject_id -> site (most encounters at that site's organizations; ties: first by name)."""
     import polars as pl
 
     schema = {"subject_id": pl.Int64, "site": pl.String}
-    files = sorted((staging / "events").glob("b*/*.parquet"))
-    if site is not None or not files:
+    if site is not None or not staged.buckets:
         return pl.DataFrame(schema=schema)
     org_table = pl.DataFrame(
         {"org": list(orgs), "site": list(orgs.values())}, schema={"org": pl.String, "site": pl.String}
     ).drop_nulls()
     votes = (
-        _without(pl.scan_parquet(files), duplicates)
+        _without(pl.concat(list(staged.buckets.values())), duplicates)
         .drop_nulls("org")
         .select(
             "subject_id", "org",
@@ -241,7 +267,7 @@ def _site_map(staging: Path, orgs: dict[str, str | None], site: str | None, dupl
     return votes.collect()
 
 
-def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unassigned: str, displays: dict,
+def _write_sites(tmp_out: Path, staged: _Staged, site_map, site: str | None, unassigned: str, displays: dict,
                  run_id: str, duplicates) -> dict[str, dict]:
     """One MEDS shard per (bucket, site) plus metadata per site; returns per-site subjects/events."""
     import polars as pl
@@ -256,8 +282,8 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
     # many small sites: their files are written by 2 threads (parquet writes release the GIL)
     writers = ThreadPoolExecutor(max_workers=2)
     pending = []
-    for bucket_dir in sorted((staging / "events").glob("b*")):
-        frame = _without(pl.scan_parquet(sorted(bucket_dir.glob("*.parquet"))), duplicates)
+    for bucket_name, bucket in staged.buckets.items():
+        frame = _without(bucket, duplicates)
         if site is not None:
             frame = frame.with_columns(pl.lit(site).alias("site"))
         else:
@@ -265,10 +291,15 @@ def _write_sites(tmp_out: Path, staging: Path, site_map, site: str | None, unass
                 pl.col("site").fill_null(unassigned)
             )
         # one bucket in memory at a time (about shard_input_mb of input: a few MB of rows), read once
-        by_site = frame.select("site", *EVENT_SCHEMA).collect().partition_by("site", as_dict=True)
+        # rows ordered on every column: equal subject, time and code (two readings at one instant) then come
+        # in one order whatever the order of the input files and of the engine's work
+        by_site = (
+            frame.select("site", *EVENT_SCHEMA).sort(list(EVENT_SCHEMA), nulls_last=False).collect()
+            .partition_by("site", as_dict=True)
+        )
         for (site_id,), part in sorted(by_site.items()):
             part = part.drop("site")
-            target = site_root(tmp_out, site_id) / "data" / f"{bucket_dir.name[1:]}.parquet"
+            target = site_root(tmp_out, site_id) / "data" / f"{bucket_name[1:]}.parquet"
             pending.append(writers.submit(write_events, part, target))
             subjects.setdefault(site_id, []).append(part.get_column("subject_id").unique())
             codes.setdefault(site_id, set()).update(part.get_column("code").unique().to_list())
@@ -313,14 +344,13 @@ def _duplicate_counts(duplicates):
     ])
 
 
-def _site_outcomes(staging: Path, site_map, site: str | None, unassigned: str, duplicates) -> dict:
+def _site_outcomes(staged: _Staged, site_map, site: str | None, unassigned: str, duplicates) -> dict:
     """{site: {resource_type: {outcome: n}}} from the per-subject outcome counts."""
     import polars as pl
 
-    files = sorted((staging / "counts").glob("*.parquet"))
-    if not files:
+    if staged.counts is None:
         return {}
-    frame = pl.scan_parquet(files)
+    frame = staged.counts
     if not duplicates.is_empty():
         frame = pl.concat([frame, _duplicate_counts(duplicates).lazy()], how="vertical_relaxed")
     if site is not None:
@@ -376,17 +406,18 @@ def ingest(options: IngestOptions, config: IngestConfig, key: bytes, key_source:
     try:
         context = _pool_context() if workers > 1 else None
         results = _run_tasks(tasks, key, settings, workers, context)
-        write_light_staging(staging, n_buckets)
+        staged = (_Staged.in_memory(*read_light_staging(staging, n_buckets)) if settings.light
+                  else _Staged.on_disk(staging))
         t_convert = time.perf_counter() - t0
         merged = _merge(results)
-        duplicates = _duplicates(staging)
+        duplicates = _duplicates(staged)
         for rtype_index, n in duplicates.group_by("rtype").len().iter_rows():
             merged["outcomes"][(CORE_TYPES[rtype_index], CONVERTED)] -= n
             merged["outcomes"][(CORE_TYPES[rtype_index], DUPLICATE)] += n
-        site_map = _site_map(staging, merged["orgs"], options.site, duplicates)
-        sites = _write_sites(tmp_out, staging, site_map, options.site, config.unassigned_site,
+        site_map = _site_map(staged, merged["orgs"], options.site, duplicates)
+        sites = _write_sites(tmp_out, staged, site_map, options.site, config.unassigned_site,
                              merged["displays"], run_id, duplicates)
-        per_site = _site_outcomes(staging, site_map, options.site, config.unassigned_site, duplicates)
+        per_site = _site_outcomes(staged, site_map, options.site, config.unassigned_site, duplicates)
         shutil.rmtree(staging, ignore_errors=True)
         quarantined_lines = merge_parts(quarantine_dir / ".parts", quarantine_dir / QUARANTINE_FILE)
         seconds = time.perf_counter() - t0

@@ -31,6 +31,8 @@ import orjson
 from chronorisk.data.fhir.convert import (
     CONVERTERS,
     CORE_TYPES,
+    READ_WHOLE,
+    SUBJECT_KEYS,
     BundleContext,
     Rejected,
     Row,
@@ -98,11 +100,11 @@ def init_worker(key: bytes, settings: WorkerSettings, single_threaded: bool = Tr
     _STATE["settings"] = settings
 
 
-def write_staging(staging: Path, name: str, rows: list[Row], keys: list, outcomes: dict, n_buckets: int) -> None:
-    """Staging parquet of spilled rows (bucketed by subject: `events/b<bucket>/<name>.parquet`) and of the
-    per-subject outcome counts (`counts/<name>.parquet`)."""
+def staging_frames(rows: list[Row], keys: list, outcomes: dict, n_buckets: int) -> tuple[dict, object]:
+    """Spilled rows as staging frames: ({bucket: event rows of its subjects}, per-subject outcome counts or None)."""
     import polars as pl
 
+    events: dict[int, pl.DataFrame] = {}
     if rows:
         subject, times, code, number, text, org = zip(*rows, strict=True)
         rtype, rid, occ, updated = zip(*keys, strict=True)
@@ -122,9 +124,8 @@ def write_staging(staging: Path, name: str, rows: list[Row], keys: list, outcome
         )
         buckets = frame.get_column("subject_id") % n_buckets
         for (bucket,), part in frame.with_columns(buckets.alias("_b")).partition_by("_b", as_dict=True).items():
-            target = staging / "events" / f"b{bucket:05d}" / f"{name}.parquet"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            part.drop("_b").write_parquet(target, compression="lz4", statistics=False)
+            events[bucket] = part.drop("_b")
+    counts = None
     if outcomes:
         counts = pl.DataFrame(
             {
@@ -134,18 +135,38 @@ def write_staging(staging: Path, name: str, rows: list[Row], keys: list, outcome
                 "n": pl.Series(list(outcomes.values()), dtype=pl.Int64),
             }
         )
+    return events, counts
+
+
+def write_staging(staging: Path, name: str, rows: list[Row], keys: list, outcomes: dict, n_buckets: int) -> None:
+    """Staging parquet of spilled rows (bucketed by subject: `events/b<bucket>/<name>.parquet`) and of the
+    per-subject outcome counts (`counts/<name>.parquet`)."""
+    events, counts = staging_frames(rows, keys, outcomes, n_buckets)
+    for bucket, part in events.items():
+        target = staging / "events" / f"b{bucket:05d}" / f"{name}.parquet"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part.write_parquet(target, compression="lz4", statistics=False)
+    if counts is not None:
         target = staging / "counts" / f"{name}.parquet"
         target.parent.mkdir(parents=True, exist_ok=True)
         counts.write_parquet(target, compression="lz4", statistics=False)
 
 
-def write_light_staging(staging: Path, n_buckets: int) -> None:
-    """In the parent: the pickled rows of light workers -> the same staging parquet (then removed)."""
+def read_light_staging(staging: Path, n_buckets: int) -> tuple[dict[str, list], list]:
+    """In the parent: the pickled rows of light workers as in-memory staging frames, in the order (and with the
+    bucket names) the staging parquet would have: ({"b<bucket>": [frames]}, [count frames]). Pickles removed."""
+    events: dict[str, list] = {}
+    counts: list = []
     for path in sorted((Path(staging) / "light").glob("*.pickle")):
         with open(path, "rb") as fh:
             rows, keys, outcomes = pickle.load(fh)  # written by this run's own workers, in its staging folder
-        write_staging(Path(staging), path.stem, rows, keys, outcomes, n_buckets)
+        parts, part_counts = staging_frames(rows, keys, outcomes, n_buckets)
+        for bucket, part in parts.items():
+            events.setdefault(f"b{bucket:05d}", []).append(part)
+        if part_counts is not None:
+            counts.append(part_counts)
         path.unlink()
+    return events, counts
 
 
 class _Spill:
@@ -248,7 +269,8 @@ class _Task:
 
     def bundle(self, source: Source) -> None:
         try:
-            doc = read_bundle(source, self.settings.max_bytes)
+            # resources of other types are only counted (by subject): they need not be built whole
+            doc = read_bundle(source, self.settings.max_bytes, whole=READ_WHOLE, kept_keys=SUBJECT_KEYS)
         except FileProblem as problem:
             self.quarantine.file_problem(source.name, problem.category, problem.detail)
             self.result.file_problems[problem.category] += 1
