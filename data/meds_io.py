@@ -63,12 +63,21 @@ def conform_events(df: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
     )
 
 
-def write_events(df: pl.DataFrame, path: Path) -> None:
-    """Write one MEDS data shard atomically, with the exact MEDS arrow schema."""
-    table = conform_events(df).to_arrow()
-    table = table.cast(pa.schema([_ARROW_EVENTS.field(n) for n in table.column_names]))
+def events_table(df: pl.DataFrame) -> pa.Table:
+    """Events already in the MEDS event schema as an arrow table with the exact MEDS arrow schema."""
+    table = df.to_arrow()
+    return table.cast(pa.schema([_ARROW_EVENTS.field(n) for n in table.column_names]))
+
+
+def write_events_table(table: pa.Table, path: Path) -> None:
+    """Write one MEDS data shard atomically from an `events_table` (or a slice of one) already in MEDS order."""
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+def write_events(df: pl.DataFrame, path: Path) -> None:
+    """Write one MEDS data shard atomically, with the exact MEDS arrow schema."""
+    write_events_table(events_table(conform_events(df)), path)
 
 
 def write_labels(df: pl.DataFrame, path: Path) -> None:
@@ -110,16 +119,15 @@ def write_metadata(
     )
     with atomic_output(meta / "subject_splits.parquet") as tmp:
         pq.write_table(splits.to_arrow().cast(meds.SubjectSplitSchema.schema()), tmp)
-    codes = pl.DataFrame(
+    codes = pa.table(
         {
-            "code": list(code_descriptions),
-            "description": list(code_descriptions.values()),
-            "parent_codes": [[] for _ in code_descriptions],
-        },
-        schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
+            "code": pa.array(list(code_descriptions), pa.string()),
+            "description": pa.array(list(code_descriptions.values()), pa.string()),
+            "parent_codes": pa.array([[] for _ in code_descriptions], pa.list_(pa.string())),
+        }
     )
     with atomic_output(meta / "codes.parquet") as tmp:
-        pq.write_table(codes.to_arrow().cast(meds.CodeMetadataSchema.schema()), tmp)
+        pq.write_table(codes.cast(meds.CodeMetadataSchema.schema()), tmp)
     dataset = {
         "dataset_name": dataset_name,
         "dataset_version": "1",

@@ -273,7 +273,7 @@ def _write_sites(tmp_out: Path, staged: _Staged, site_map, site: str | None, una
     import polars as pl
 
     from chronorisk.data.codes import display_for
-    from chronorisk.data.meds_io import EVENT_SCHEMA, site_root, write_events, write_metadata
+    from chronorisk.data.meds_io import EVENT_SCHEMA, events_table, site_root, write_events_table, write_metadata
 
     subjects: dict[str, list] = {}
     codes: dict[str, set[str]] = {}
@@ -290,27 +290,30 @@ def _write_sites(tmp_out: Path, staged: _Staged, site_map, site: str | None, una
             frame = frame.join(site_map.lazy(), on="subject_id", how="left").with_columns(
                 pl.col("site").fill_null(unassigned)
             )
-        # one bucket in memory at a time (about shard_input_mb of input: a few MB of rows), read once
-        # rows ordered on every column: equal subject, time and code (two readings at one instant) then come
-        # in one order whatever the order of the input files and of the engine's work
-        by_site = (
-            frame.select("site", *EVENT_SCHEMA).sort(list(EVENT_SCHEMA), nulls_last=False).collect()
-            .partition_by("site", as_dict=True)
+        # one bucket in memory at a time (about shard_input_mb of input: a few MB of rows), read once, sorted
+        # once: by site, then in MEDS order (subject, time with statics first, code), then on the values, so
+        # that equal subject, time and code (two readings at one instant) come in one order whatever the
+        # order of the input files and of the engine's work. Each site's rows are then one slice.
+        rows = frame.select("site", *EVENT_SCHEMA).sort(["site", *EVENT_SCHEMA], nulls_last=False).collect()
+        per_site = rows.group_by("site", maintain_order=True).agg(
+            pl.len().alias("n"), pl.col("subject_id").unique().alias("ids"), pl.col("code").unique().alias("codes")
         )
-        for (site_id,), part in sorted(by_site.items()):
-            part = part.drop("site")
+        table = events_table(rows.drop("site"))
+        offset = 0
+        for site_id, n, ids, site_codes in per_site.iter_rows():
             target = site_root(tmp_out, site_id) / "data" / f"{bucket_name[1:]}.parquet"
-            pending.append(writers.submit(write_events, part, target))
-            subjects.setdefault(site_id, []).append(part.get_column("subject_id").unique())
-            codes.setdefault(site_id, set()).update(part.get_column("code").unique().to_list())
-            events[site_id] += part.height
+            pending.append(writers.submit(write_events_table, table.slice(offset, n), target))
+            offset += n
+            subjects.setdefault(site_id, []).extend(ids)
+            codes.setdefault(site_id, set()).update(site_codes)
+            events[site_id] += n
             shards[site_id] += 1
         for future in pending:  # this bucket written before the next is read: one bucket in memory
             future.result()
-        pending, by_site = [], None
+        pending, rows, table = [], None, None
     summary = {}
     for site_id in sorted(subjects):
-        ids = pl.concat(subjects[site_id]).unique().sort()
+        ids = pl.Series("subject_id", subjects[site_id], dtype=pl.Int64).unique().sort()
         pending.append(writers.submit(
             write_metadata,
             site_root(tmp_out, site_id),
