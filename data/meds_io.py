@@ -119,15 +119,16 @@ def write_metadata(
     )
     with atomic_output(meta / "subject_splits.parquet") as tmp:
         pq.write_table(splits.to_arrow().cast(meds.SubjectSplitSchema.schema()), tmp)
-    codes = pa.table(
+    codes = pl.DataFrame(
         {
-            "code": pa.array(list(code_descriptions), pa.string()),
-            "description": pa.array(list(code_descriptions.values()), pa.string()),
-            "parent_codes": pa.array([[] for _ in code_descriptions], pa.list_(pa.string())),
-        }
+            "code": list(code_descriptions),
+            "description": list(code_descriptions.values()),
+            "parent_codes": [[] for _ in code_descriptions],
+        },
+        schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
     )
     with atomic_output(meta / "codes.parquet") as tmp:
-        pq.write_table(codes.cast(meds.CodeMetadataSchema.schema()), tmp)
+        pq.write_table(codes.to_arrow().cast(meds.CodeMetadataSchema.schema()), tmp)
     dataset = {
         "dataset_name": dataset_name,
         "dataset_version": "1",
