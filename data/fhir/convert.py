@@ -217,7 +217,9 @@ def pick_code(concept: object, field: str, ctx: BundleContext | None = None) -> 
             code = f"{vocab}//{value}"
             if ctx is not None:
                 display = coding.get("display")
-                keep_display(ctx.displays, code, display if isinstance(display, str) else "")
+                display = display if isinstance(display, str) else ""
+                if ctx.displays.get(code) != display:  # (nearly always equal: the rule only for another one)
+                    keep_display(ctx.displays, code, display)
             return code
     systems = sorted({str(c.get("system")) for c in codings if isinstance(c, dict)})
     raise Rejected(
