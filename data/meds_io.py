@@ -6,6 +6,11 @@ by subject then time, static rows with null time first), plus
 `metadata/codes.parquet`, `metadata/dataset.json` and
 `metadata/subject_splits.parquet`. Readers return polars LazyFrames so that
 feature pipelines stay lazy end to end.
+
+The MEDS layout and arrow schemas are the `meds` package's (`meds.DataSchema` ...), written out here so that
+writing a dataset does not import `meds` (it imports jsonschema and pyarrow.compute: ~0.08 CPU-s, a tenth of
+a small `chronorisk ingest`); tests/data/test_meds_io_schemas.py checks that they equal the package's, and
+`validate_site` validates with the package itself.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import hashlib
 import json
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import meds
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,8 +38,25 @@ EVENT_SCHEMA = pl.Schema(
     }
 )
 LABEL_SCHEMA = pl.Schema({"subject_id": pl.Int64, "prediction_time": pl.Datetime("us"), "boolean_value": pl.Boolean})
-SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
-_ARROW_EVENTS = meds.DataSchema.schema()
+# MEDS 0.4 (the `meds` package's values; tests/data/test_meds_io_schemas.py checks them against it)
+TRAIN_SPLIT, TUNING_SPLIT, HELD_OUT_SPLIT = "train", "tuning", "held_out"
+SPLITS = (TRAIN_SPLIT, TUNING_SPLIT, HELD_OUT_SPLIT)
+DATA_SUBDIRECTORY = "data"
+CODE_METADATA_FILEPATH = "metadata/codes.parquet"
+SUBJECT_SPLITS_FILEPATH = "metadata/subject_splits.parquet"
+DATASET_METADATA_FILEPATH = "metadata/dataset.json"
+DATA_ARROW_SCHEMA = pa.schema([
+    ("subject_id", pa.int64()), ("time", pa.timestamp("us")), ("code", pa.string()),
+    ("numeric_value", pa.float32()), ("text_value", pa.large_string()),
+])
+SUBJECT_SPLIT_ARROW_SCHEMA = pa.schema([("subject_id", pa.int64()), ("split", pa.string())])
+CODE_METADATA_ARROW_SCHEMA = pa.schema([
+    ("code", pa.string()), ("description", pa.string()), ("parent_codes", pa.list_(pa.string())),
+])
+LABEL_ARROW_SCHEMA = pa.schema([
+    ("subject_id", pa.int64()), ("prediction_time", pa.timestamp("us")), ("boolean_value", pa.bool_()),
+    ("integer_value", pa.int64()), ("float_value", pa.float32()), ("categorical_value", pa.string()),
+])
 
 
 def site_root(root: Path, site_id: str) -> Path:
@@ -46,7 +68,7 @@ def site_ids(root: Path) -> list[str]:
     sites = Path(root) / "sites"
     if not sites.is_dir():
         return []
-    return sorted(p.name for p in sites.iterdir() if (p / meds.data_subdirectory).is_dir())
+    return sorted(p.name for p in sites.iterdir() if (p / DATA_SUBDIRECTORY).is_dir())
 
 
 def conform_events(df: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
@@ -66,7 +88,7 @@ def conform_events(df: pl.DataFrame | pl.LazyFrame) -> pl.DataFrame:
 def events_table(df: pl.DataFrame) -> pa.Table:
     """Events already in the MEDS event schema as an arrow table with the exact MEDS arrow schema."""
     table = df.to_arrow()
-    return table.cast(pa.schema([_ARROW_EVENTS.field(n) for n in table.column_names]))
+    return table.cast(pa.schema([DATA_ARROW_SCHEMA.field(n) for n in table.column_names]))
 
 
 def write_events_table(table: pa.Table, path: Path) -> None:
@@ -83,8 +105,7 @@ def write_events(df: pl.DataFrame, path: Path) -> None:
 def write_labels(df: pl.DataFrame, path: Path) -> None:
     """Write MEDS label parquet (subject_id, prediction_time, boolean_value) atomically."""
     table = df.select([pl.col(c).cast(t) for c, t in LABEL_SCHEMA.items()]).to_arrow()
-    full = meds.LabelSchema.schema()
-    table = table.cast(pa.schema([full.field(n).with_nullable(False) for n in table.column_names]))
+    table = table.cast(pa.schema([LABEL_ARROW_SCHEMA.field(n).with_nullable(False) for n in table.column_names]))
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -94,10 +115,10 @@ def split_of(subject_ids: pl.Expr, seed: int = 0) -> pl.Expr:
     bucket = (subject_ids.hash(seed=seed) % 100).cast(pl.Int32)
     return (
         pl.when(bucket < 70)
-        .then(pl.lit(meds.train_split))
+        .then(pl.lit(TRAIN_SPLIT))
         .when(bucket < 85)
-        .then(pl.lit(meds.tuning_split))
-        .otherwise(pl.lit(meds.held_out_split))
+        .then(pl.lit(TUNING_SPLIT))
+        .otherwise(pl.lit(HELD_OUT_SPLIT))
     )
 
 
@@ -118,7 +139,7 @@ def write_metadata(
         split_of(pl.col("subject_id"), split_seed).alias("split")
     )
     with atomic_output(meta / "subject_splits.parquet") as tmp:
-        pq.write_table(splits.to_arrow().cast(meds.SubjectSplitSchema.schema()), tmp)
+        pq.write_table(splits.to_arrow().cast(SUBJECT_SPLIT_ARROW_SCHEMA), tmp)
     codes = pl.DataFrame(
         {
             "code": list(code_descriptions),
@@ -128,17 +149,25 @@ def write_metadata(
         schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
     )
     with atomic_output(meta / "codes.parquet") as tmp:
-        pq.write_table(codes.to_arrow().cast(meds.CodeMetadataSchema.schema()), tmp)
+        pq.write_table(codes.to_arrow().cast(CODE_METADATA_ARROW_SCHEMA), tmp)
     dataset = {
         "dataset_name": dataset_name,
         "dataset_version": "1",
         "etl_name": etl_name,
         "etl_version": _package_version(),
-        "meds_version": getattr(meds, "__version__", "0.4"),
+        "meds_version": meds_version(),
         "created_at": datetime.now(UTC).isoformat(),
         **(extra or {}),
     }
     write_text_atomic(meta / "dataset.json", json.dumps(dataset, indent=2, default=str))
+
+
+def meds_version() -> str:
+    """The installed `meds` package's version (read from its distribution metadata: no import of `meds`)."""
+    try:
+        return version("meds")
+    except PackageNotFoundError:
+        return "0.4"
 
 
 def _package_version() -> str:
@@ -149,7 +178,7 @@ def _package_version() -> str:
 
 def scan_site(root: Path, site_id: str) -> pl.LazyFrame:
     """All events of one site as a LazyFrame in the MEDS event schema."""
-    data = site_root(root, site_id) / meds.data_subdirectory
+    data = site_root(root, site_id) / DATA_SUBDIRECTORY
     files = sorted(data.glob("**/*.parquet"))
     if not files:
         return pl.LazyFrame(schema=EVENT_SCHEMA)
@@ -166,17 +195,19 @@ def scan_sites(root: Path, sites: Iterable[str] | None = None) -> pl.LazyFrame:
 
 
 def read_splits(root: Path, site_id: str) -> pl.DataFrame:
-    path = site_root(root, site_id) / meds.subject_splits_filepath
+    path = site_root(root, site_id) / SUBJECT_SPLITS_FILEPATH
     return pl.read_parquet(path)
 
 
 def read_dataset_metadata(root: Path, site_id: str) -> dict:
-    path = site_root(root, site_id) / meds.dataset_metadata_filepath
+    path = site_root(root, site_id) / DATASET_METADATA_FILEPATH
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def validate_site(root: Path, site_id: str) -> None:
     """Check every shard and metadata file against the `meds` package's schemas (raises on failure)."""
+    import meds
+
     base = site_root(root, site_id)
     for shard in sorted((base / meds.data_subdirectory).glob("**/*.parquet")):
         meds.DataSchema.validate(pq.read_table(shard))
