@@ -15,6 +15,7 @@ a small `chronorisk ingest`); tests/data/test_meds_io_schemas.py checks that the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from chronorisk.data.files import atomic_output, write_text_atomic
@@ -122,6 +124,50 @@ def split_of(subject_ids: pl.Expr, seed: int = 0) -> pl.Expr:
     )
 
 
+def subject_splits_table(subjects: pl.DataFrame, split_seed: int = 0) -> pa.Table:
+    """The subject_splits rows of `subjects` (its `subject_id` column, in its order) as arrow with the MEDS
+    schema; a slice of it is one site's when the frame holds several."""
+    splits = subjects.select(pl.col("subject_id").cast(pl.Int64)).with_columns(
+        split_of(pl.col("subject_id"), split_seed).alias("split")
+    )
+    return splits.to_arrow().cast(SUBJECT_SPLIT_ARROW_SCHEMA)
+
+
+_NO_PARENT_CODES = pl.lit(pl.Series([[]], dtype=pl.List(pl.String))).first()
+
+
+def codes_table(codes: pl.DataFrame) -> pa.Table:
+    """The codes metadata rows of `codes` (`code`, `description` columns, in its order; no parent codes) as
+    arrow with the MEDS schema; a slice of it is one site's when the frame holds several."""
+    frame = codes.select(pl.col("code").cast(pl.String), pl.col("description").cast(pl.String),
+                         _NO_PARENT_CODES.alias("parent_codes"))
+    return frame.to_arrow().cast(CODE_METADATA_ARROW_SCHEMA)
+
+
+def dataset_metadata(dataset_name: str, etl_name: str, extra: dict | None = None) -> dict:
+    """The content of one site's dataset.json."""
+    return {
+        "dataset_name": dataset_name,
+        "dataset_version": "1",
+        "etl_name": etl_name,
+        "etl_version": _package_version(),
+        "meds_version": meds_version(),
+        "created_at": datetime.now(UTC).isoformat(),
+        **(extra or {}),
+    }
+
+
+def write_metadata_tables(site_dir: Path, splits: pa.Table, codes: pa.Table, dataset: dict) -> None:
+    """Write one site's subject_splits.parquet and codes.parquet (from `subject_splits_table` / `codes_table`,
+    or slices of them) and dataset.json (`dataset_metadata`), each atomically."""
+    site_dir = Path(site_dir)
+    with atomic_output(site_dir / SUBJECT_SPLITS_FILEPATH) as tmp:
+        pq.write_table(splits, tmp)
+    with atomic_output(site_dir / CODE_METADATA_FILEPATH) as tmp:
+        pq.write_table(codes, tmp)
+    write_text_atomic(site_dir / DATASET_METADATA_FILEPATH, json.dumps(dataset, indent=2, default=str))
+
+
 def write_metadata(
     site_dir: Path,
     *,
@@ -133,35 +179,14 @@ def write_metadata(
     split_seed: int = 0,
 ) -> None:
     """Write codes.parquet, dataset.json and subject_splits.parquet for one site."""
-    meta = Path(site_dir) / "metadata"
     ids = pl.Series("subject_id", list(subject_ids) if not isinstance(subject_ids, pl.Series) else subject_ids)
-    splits = pl.DataFrame({"subject_id": ids.cast(pl.Int64)}).with_columns(
-        split_of(pl.col("subject_id"), split_seed).alias("split")
-    )
-    with atomic_output(meta / "subject_splits.parquet") as tmp:
-        pq.write_table(splits.to_arrow().cast(SUBJECT_SPLIT_ARROW_SCHEMA), tmp)
-    codes = pl.DataFrame(
-        {
-            "code": list(code_descriptions),
-            "description": list(code_descriptions.values()),
-            "parent_codes": [[] for _ in code_descriptions],
-        },
-        schema={"code": pl.String, "description": pl.String, "parent_codes": pl.List(pl.String)},
-    )
-    with atomic_output(meta / "codes.parquet") as tmp:
-        pq.write_table(codes.to_arrow().cast(CODE_METADATA_ARROW_SCHEMA), tmp)
-    dataset = {
-        "dataset_name": dataset_name,
-        "dataset_version": "1",
-        "etl_name": etl_name,
-        "etl_version": _package_version(),
-        "meds_version": meds_version(),
-        "created_at": datetime.now(UTC).isoformat(),
-        **(extra or {}),
-    }
-    write_text_atomic(meta / "dataset.json", json.dumps(dataset, indent=2, default=str))
+    codes = pl.DataFrame({"code": list(code_descriptions), "description": list(code_descriptions.values())},
+                         schema={"code": pl.String, "description": pl.String})
+    write_metadata_tables(site_dir, subject_splits_table(ids.to_frame("subject_id"), split_seed), codes_table(codes),
+                          dataset_metadata(dataset_name, etl_name, extra))
 
 
+@functools.cache
 def meds_version() -> str:
     """The installed `meds` package's version (read from its distribution metadata: no import of `meds`)."""
     try:
