@@ -101,14 +101,28 @@ def init_worker(key: bytes, settings: WorkerSettings, single_threaded: bool = Tr
     _STATE["settings"] = settings
 
 
-def staging_frames(rows: list[Row], keys: list, outcomes: dict, n_buckets: int) -> tuple[dict, object]:
-    """Spilled rows as staging frames: ({bucket: event rows of its subjects}, per-subject outcome counts or None)."""
+def staging_columns(rows: list[Row], keys: list, outcomes: dict) -> tuple:
+    """Spilled rows as columns (what `staging_frames` takes; transposed in the worker, where it runs in
+    parallel, rather than in the parent): (event columns or None, outcome columns or None)."""
+    events = None
+    if rows:
+        events = (*zip(*rows, strict=True), *zip(*keys, strict=True))
+    counts = None
+    if outcomes:
+        subject, rtype, outcome = zip(*outcomes, strict=True)
+        counts = (subject, rtype, outcome, tuple(outcomes.values()))
+    return events, counts
+
+
+def staging_frames(columns: tuple, n_buckets: int) -> tuple[dict, object]:
+    """Staging frames of `staging_columns`: ({bucket: event rows of its subjects}, per-subject outcome counts
+    or None)."""
     import polars as pl
 
+    event_columns, count_columns = columns
     events: dict[int, pl.DataFrame] = {}
-    if rows:
-        subject, times, code, number, text, org = zip(*rows, strict=True)
-        rtype, rid, occ, updated = zip(*keys, strict=True)
+    if event_columns is not None:
+        subject, times, code, number, text, org, rtype, rid, occ, updated = event_columns
         frame = pl.DataFrame(
             {
                 "subject_id": pl.Series(subject, dtype=pl.Int64),
@@ -123,17 +137,21 @@ def staging_frames(rows: list[Row], keys: list, outcomes: dict, n_buckets: int) 
                 "updated": pl.Series(updated, dtype=pl.Int64),
             }
         )
-        buckets = frame.get_column("subject_id") % n_buckets
-        for (bucket,), part in frame.with_columns(buckets.alias("_b")).partition_by("_b", as_dict=True).items():
-            events[bucket] = part.drop("_b")
+        if n_buckets == 1:  # (small inputs)
+            events[0] = frame
+        else:
+            buckets = frame.get_column("subject_id") % n_buckets
+            for (bucket,), part in frame.with_columns(buckets.alias("_b")).partition_by("_b", as_dict=True).items():
+                events[bucket] = part.drop("_b")
     counts = None
-    if outcomes:
+    if count_columns is not None:
+        subject, rtype, outcome, n = count_columns
         counts = pl.DataFrame(
             {
-                "subject_id": pl.Series([k[0] for k in outcomes], dtype=pl.Int64),
-                "resource_type": pl.Series([k[1] for k in outcomes], dtype=pl.String),
-                "outcome": pl.Series([k[2] for k in outcomes], dtype=pl.String),
-                "n": pl.Series(list(outcomes.values()), dtype=pl.Int64),
+                "subject_id": pl.Series(subject, dtype=pl.Int64),
+                "resource_type": pl.Series(rtype, dtype=pl.String),
+                "outcome": pl.Series(outcome, dtype=pl.String),
+                "n": pl.Series(n, dtype=pl.Int64),
             }
         )
     return events, counts
@@ -142,7 +160,7 @@ def staging_frames(rows: list[Row], keys: list, outcomes: dict, n_buckets: int) 
 def write_staging(staging: Path, name: str, rows: list[Row], keys: list, outcomes: dict, n_buckets: int) -> None:
     """Staging parquet of spilled rows (bucketed by subject: `events/b<bucket>/<name>.parquet`) and of the
     per-subject outcome counts (`counts/<name>.parquet`)."""
-    events, counts = staging_frames(rows, keys, outcomes, n_buckets)
+    events, counts = staging_frames(staging_columns(rows, keys, outcomes), n_buckets)
     for bucket, part in events.items():
         target = staging / "events" / f"b{bucket:05d}" / f"{name}.parquet"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +178,8 @@ def read_light_staging(staging: Path, n_buckets: int) -> tuple[dict[str, list], 
     counts: list = []
     for path in sorted((Path(staging) / "light").glob("*.pickle")):
         with open(path, "rb") as fh:
-            rows, keys, outcomes = pickle.load(fh)  # written by this run's own workers, in its staging folder
-        parts, part_counts = staging_frames(rows, keys, outcomes, n_buckets)
+            columns = pickle.load(fh)  # written by this run's own workers, in its staging folder
+        parts, part_counts = staging_frames(columns, n_buckets)
         for bucket, part in parts.items():
             events.setdefault(f"b{bucket:05d}", []).append(part)
         if part_counts is not None:
@@ -198,7 +216,8 @@ class _Spill:
             target = staging / "light" / f"{name}.pickle"
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target, "wb") as fh:
-                pickle.dump((self.rows, self.keys, dict(self.subject_outcomes)), fh, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump(staging_columns(self.rows, self.keys, self.subject_outcomes), fh,
+                            protocol=pickle.HIGHEST_PROTOCOL)
         else:
             write_staging(staging, name, self.rows, self.keys, self.subject_outcomes, self.settings.n_buckets)
         self.total += len(self.rows)
