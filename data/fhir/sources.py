@@ -195,17 +195,21 @@ def _lean_bundle(data: bytes, whole: frozenset[str], kept_keys: tuple[str, ...])
                 lean.append(_python(entry))
                 continue
             resource = entry.get("resource")
-            rtype = resource.get("resourceType") if isinstance(resource, simdjson.Object) else None
-            if isinstance(rtype, str) and rtype and rtype not in whole:
-                part = {"resourceType": rtype}
-                present = set(resource.keys())  # (a missing key costs simdjson an exception: look once)
-                for key in kept_keys:
-                    if key in present:
-                        part[key] = _python(resource[key])
-                resource = part
+            if isinstance(resource, simdjson.Object):
+                rtype = resource.get("resourceType")
+                if isinstance(rtype, str) and rtype and rtype not in whole:
+                    part = {"resourceType": rtype}
+                    present = set(resource.keys())  # (a missing key costs simdjson an exception: look once)
+                    for key in kept_keys:
+                        if key in present:
+                            part[key] = _python(resource[key])
+                    resource = part
+                else:
+                    resource = resource.as_dict()
             else:
                 resource = _python(resource)
-            lean.append({"fullUrl": _python(entry.get("fullUrl")), "resource": resource})
+            url = entry.get("fullUrl")  # (a string, or None, but for a malformed entry)
+            lean.append({"fullUrl": url if url is None or isinstance(url, str) else _python(url), "resource": resource})
         return {"resourceType": "Bundle", "entry": lean}
     except (ValueError, RuntimeError, KeyError, TypeError):  # invalid JSON (UnicodeDecodeError is a ValueError)
         return None
