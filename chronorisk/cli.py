@@ -2,7 +2,9 @@
 
 Each subcommand lives in its package as a module exposing
 `add_arguments(parser)` (argparse only, cheap to import) and
-`run(args, ctx) -> int` (imports the heavy libraries it needs). The entry
+`run(args, ctx) -> int` (imports the heavy libraries it needs); a module
+that reads one section of params.yaml only may say so (`PARAMS_SECTION`):
+its `ctx.params` then holds that section alone, validated alone. The entry
 point parses params.yaml once, sets the health-data environment, and turns
 errors into one clear line and a non-zero exit: never a traceback.
 """
@@ -73,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _context(args: argparse.Namespace) -> Context:
-    from chronorisk.config import load_params
     from chronorisk.environment import configure_environment
+    from chronorisk.params_file import SectionParams, load_section
     from chronorisk.paths import WorkPaths, default_work_dir, project_root
 
     params_path = args.params if args.params is not None else project_root() / "params.yaml"
@@ -83,7 +85,14 @@ def _context(args: argparse.Namespace) -> Context:
     work = (args.work.resolve() if args.work else default_work_dir())
     work.mkdir(parents=True, exist_ok=True)
     configure_environment(work)
-    return Context(params=load_params(params_path), paths=WorkPaths(work), params_path=params_path)
+    section = getattr(sys.modules.get(args._module), "PARAMS_SECTION", None)
+    if section is None:
+        from chronorisk.config import load_params  # (every section's model)
+
+        params = load_params(params_path)
+    else:
+        params = SectionParams(section, load_section(params_path, section))
+    return Context(params=params, paths=WorkPaths(work), params_path=params_path)
 
 
 def main(argv: list[str] | None = None) -> int:
