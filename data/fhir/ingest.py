@@ -294,6 +294,9 @@ def _write_sites(tmp_out: Path, staged: _Staged, site_map, site: str | None, una
     pending = []
     try:
         for bucket_name, bucket in staged.buckets.items():
+            for future in pending:  # the previous bucket written before this one is read: one bucket in memory
+                future.result()
+            pending = []
             frame = _without(bucket, duplicates)
             if site is not None:
                 frame = frame.with_columns(pl.lit(site).alias("site"))
@@ -316,12 +319,11 @@ def _write_sites(tmp_out: Path, staged: _Staged, site_map, site: str | None, una
                 shards[site_id] += 1
             site_subjects.append(rows.select("site", "subject_id").unique())
             site_codes.append(rows.select("site", "code").unique())
-            for future in pending:  # this bucket written before the next is read: one bucket in memory
-                future.result()
-            pending, rows, table = [], None, None
+            rows, table = None, None
         if not site_subjects:
             return {}
-        # every site's metadata rows built at once (sorted by site: each site's rows are one slice), then written
+        # every site's metadata rows built at once (sorted by site: each site's rows are one slice; while the
+        # last bucket's shards are being written), then written
         subjects = pl.concat(site_subjects).unique().sort("site", "subject_id")
         codes = pl.concat(site_codes).unique().sort("site", "code")
         codes = codes.with_columns(pl.Series("description", [
