@@ -159,7 +159,8 @@ def generated_corpus(work: Path, patients: int) -> tuple[Path | None, str]:
         return None, f"generator not available or failed: {(done.stderr or done.stdout).strip()[-300:]}"
     if not fhir.is_dir() or not any(fhir.rglob("*.json*")):
         return None, "generator wrote no FHIR bundles under <work>/fhir"
-    return fhir, "generated: " + " ".join(cmd[2:])
+    # (the work folder as <work>: a result names no path of the machine it ran on)
+    return fhir, "generated: " + " ".join(cmd[2:]).replace(str(work), "<work>")
 
 
 def main(argv: list[str] | None = None) -> int:
