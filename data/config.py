@@ -117,8 +117,8 @@ class IngestConfig(_Strict):
     )
     flush_rows: int = Field(250_000, gt=0, description="rows a worker holds before spilling to staging")
     light_workers_below_mb: float = Field(
-        16.0, ge=0, description="inputs smaller than this: workers hand their rows to the parent, which writes "
-        "the staging parquet (a worker then never imports polars: ~0.15 s of CPU each)"
+        16.0, ge=0, description="inputs smaller than this: workers hand their rows to the parent, which keeps "
+        "them in memory (a worker then never imports polars: ~0.15 s of CPU each)"
     )
     max_text_kib: float = Field(
         64.0, gt=0, description="largest text value written to MEDS (KiB, UTF-8); a record over it is quarantined"

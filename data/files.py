@@ -13,7 +13,9 @@ from pathlib import Path
 def atomic_output(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():  # (one stat; mkdir of an existing folder fails and raises first)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp: the file is created 0600, and so is what replaces `path` (MEDS, quarantine and exports stay private)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)

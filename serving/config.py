@@ -103,6 +103,8 @@ class ServeConfig(BaseModel):
 
 
 def _check_display_units(config: ServeConfig) -> None:
+    if not config.display_units:  # nothing to check: spares every command (ingest too) importing numpy here
+        return
     from chronorisk.errors import InputError
     from chronorisk.serving.explanations import site_units
 

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 _SITE = re.compile(r"^[A-Za-z0-9_.-]+$")
+PARAMS_SECTION = "ingest"  # the one section of params.yaml this command reads (the CLI validates it alone)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -200,6 +200,14 @@ def parse_time(value: object, field: str) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def keep_display(displays: dict[str, str], code: str, display: str) -> None:
+    """Record `display` for `code` if it is the one to keep: of the displays files give a code (Synthea's vary),
+    the first in sort order that is not empty, whatever the order the files are read in."""
+    seen = displays.get(code)
+    if seen is None or (display and (not seen or display < seen)):
+        displays[code] = display
+
+
 def pick_code(concept: object, field: str, ctx: BundleContext | None = None) -> str:
     """`VOCAB//code` of the first coding in a known vocabulary; Rejected if none."""
     codings = concept.get("coding") if isinstance(concept, dict) else None
@@ -214,9 +222,11 @@ def pick_code(concept: object, field: str, ctx: BundleContext | None = None) -> 
             if ctx is not None:
                 _check_text_size(value, f"{field} code", ctx.max_text_bytes)
             code = f"{vocab}//{value}"
-            if ctx is not None and code not in ctx.displays:
+            if ctx is not None:
                 display = coding.get("display")
-                ctx.displays[code] = display if isinstance(display, str) else ""
+                display = display if isinstance(display, str) else ""
+                if ctx.displays.get(code) != display:  # (nearly always equal: the rule only for another one)
+                    keep_display(ctx.displays, code, display)
             return code
     systems = sorted({str(c.get("system")) for c in codings if isinstance(c, dict)})
     raise Rejected(
@@ -616,6 +626,11 @@ CONVERTERS: dict[str, Callable[[dict, BundleContext], list[Row]]] = {
     "Observation": observation_rows,
     "MedicationRequest": medication_request_rows,
 }
+# Where `subject_if_any` looks for the patient of a resource of any type.
+SUBJECT_KEYS = ("subject", "patient", "beneficiary")
+# The types whose content conversion reads beyond those keys: the converted ones, and what `index_bundle`
+# and site resolution read (Medication codes, Organizations). Ingestion need not build the rest whole.
+READ_WHOLE = frozenset(CONVERTERS) | {"Medication", "Organization"}
 
 
 def convert_resource(resource: dict, ctx: BundleContext, full_url: object = None) -> list[Row]:
@@ -696,7 +711,7 @@ def subject_if_any(resource: dict, ctx: BundleContext) -> int | None:
     if resource.get("resourceType") == "Patient":
         rid = resource.get("id")
         return ctx.pseudonymizer.subject_id(rid) if isinstance(rid, str) and rid else None
-    for key in ("subject", "patient", "beneficiary"):
+    for key in SUBJECT_KEYS:
         if key in resource:
             try:
                 return subject_of(resource, ctx, key)
