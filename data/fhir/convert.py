@@ -436,8 +436,11 @@ def _value_row(
         return (subject, time_us, code, 1.0 if flag else 0.0, None, None)
     integer = holder.get("valueInteger")
     if integer is not None:
-        if isinstance(integer, bool) or not isinstance(integer, int):
-            raise Rejected("bad_value", f"{where}: valueInteger is not an integer")
+        if isinstance(integer, bool) or not isinstance(integer, int | float) or integer != int(integer):
+            raise Rejected("bad_value", f"{where}: valueInteger {str(integer)[:40]} is not an integer")
+        if not -(2**31) <= integer < 2**31:  # FHIR's integer is a signed 32-bit number
+            raise Rejected("bad_value", f"{where}: valueInteger {integer:.6g} is outside FHIR's integer range "
+                                        "(-2,147,483,648 to 2,147,483,647)")
         return (subject, time_us, code, float(integer), None, None)
     for key in _UNSUPPORTED_VALUES:
         if key in holder:

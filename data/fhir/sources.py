@@ -39,6 +39,18 @@ UTF8_BOM = b"\xef\xbb\xbf"
 _PATIENT_LINE = re.compile(rb'"resourceType"\s*:\s*"Patient"')
 
 
+def json_problem(data: bytes, exc: Exception) -> str:
+    """Why `data` is not JSON, in words: UTF-16 or other non-UTF-8 text is named as such (RFC 8259 8.1: JSON
+    exchanged between systems is UTF-8), else the parser's message."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) >= 2 and (data[0] == 0 or data[1] == 0)):
+        return "UTF-16 text, not UTF-8: JSON must be sent as UTF-8 (RFC 8259 8.1)"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"not UTF-8 text: byte 0x{data[bad.start]:02x} at offset {bad.start} (JSON must be UTF-8, RFC 8259 8.1)"
+    return f"not valid JSON ({exc})"
+
+
 class FileProblem(Exception):
     """A whole file (or NDJSON line) that cannot be read: `category` and a detail naming the problem."""
 
@@ -243,7 +255,7 @@ def read_bundle(source: Source, max_bytes: int, whole: frozenset[str] | None = N
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise FileProblem("not_json", f"not valid JSON ({exc})") from None
+        raise FileProblem("not_json", json_problem(data, exc)) from None
     if not isinstance(doc, dict):
         raise FileProblem("not_a_bundle", f"JSON {type(doc).__name__} is not a FHIR Bundle object")
     if doc.get("resourceType") != "Bundle":

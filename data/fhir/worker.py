@@ -43,7 +43,7 @@ from chronorisk.data.fhir.convert import (
     subject_if_any,
 )
 from chronorisk.data.fhir.quarantine import QuarantineWriter
-from chronorisk.data.fhir.sources import FileProblem, Source, ndjson_lines, read_bundle
+from chronorisk.data.fhir.sources import FileProblem, Source, json_problem, ndjson_lines, read_bundle
 from chronorisk.data.pseudonym import Pseudonymizer
 
 CONVERTED, QUARANTINED, SKIPPED, DUPLICATE = "converted", "quarantined", "skipped", "duplicate"
@@ -332,7 +332,7 @@ class _Task:
                 try:
                     resource = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
-                    self.quarantine.file_problem(source.name, "not_json", f"line is not valid JSON ({exc})",
+                    self.quarantine.file_problem(source.name, "not_json", "line: " + json_problem(line, exc),
                                                  location, raw_line=line)
                     self.result.line_problems["not_json"] += 1
                     continue

@@ -350,3 +350,24 @@ def test_dates_outside_1900_to_now_are_quarantined_and_comparators_are_counted(t
     note = "valueQuantity.comparator '<': the bound kept as the value (LOINC//4548-4)"
     assert report["notes"][note] == 1
     assert "converted with a note: " in done.stdout and note in done.stdout
+
+
+def test_text_that_is_not_utf8_and_integers_out_of_range_are_named(tmp_path):
+    """UTF-16 and stray bytes are named as encodings (RFC 8259: JSON is UTF-8), not as a parser's guess;
+    a valueInteger beyond FHIR's 32-bit range is quarantined saying so; the rest of the batch converts."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = bundle(patient("p-good"), observation("p-good", "4548-4", day(1), valueQuantity=quantity(6.0, "%")))
+    (inp / "utf16.json").write_bytes(json.dumps(good).encode("utf-16"))
+    (inp / "latin1.json").write_bytes(json.dumps(good).replace("p-good", "p-caf\u00e9").encode("latin-1"))
+    write(inp / "good.json", bundle(patient("p-good"), observation("p-good", "8251-1", day(1), valueInteger=12),
+                                    observation("p-good", "8251-1", day(2), valueInteger=2**40)))
+    out = tmp_path / "meds"
+    _, report = run_cli(inp, out, tmp_path / "work")
+    reasons = {q["file"]: q["reason"] for q in read_quarantine(Path(report["quarantine_file"]))}
+    assert reasons["utf16.json"] == "UTF-16 text, not UTF-8: JSON must be sent as UTF-8 (RFC 8259 8.1)"
+    assert reasons["latin1.json"].startswith("not UTF-8 text: byte 0xe9 at offset ")
+    assert reasons["good.json"] == ("value: valueInteger 1.09951e+12 is outside FHIR's integer range "
+                                    "(-2,147,483,648 to 2,147,483,647)")
+    events = subject_events(scan_site(out, "pilot").collect(), "p-good").filter(pl.col("code") == "LOINC//8251-1")
+    assert events.get_column("numeric_value").to_list() == [12.0]
