@@ -350,21 +350,22 @@ def transform(
 def _features(
     spec: FeatureSpec, events: pl.DataFrame, idx: pl.DataFrame, chosen: dict[str, set[str]], names: list[str]
 ) -> pl.DataFrame:
-    """The features of every index row from the (materialized) events: tag once, run the families."""
+    """The features of every index row from the (materialized) events: tag once, run the families.
+
+    Every family part is a frame keyed by `_ix` (only the rows it has events of). For a few rows (one
+    patient being served) the parts are collected in one go and placed by `_ix` with numpy; for many,
+    each part is left-joined to the index rows and finished by polars expressions. Same values."""
     with_ix = idx.with_row_index("_ix")
     kinds = None if chosen["compute"] >= {f.__name__ for f in FAMILIES} else fam.kinds_of(chosen["compute"])
     tagged = tag_events(spec, events, with_ix.select("_ix", "subject_id", "prediction_time"), kinds).lazy()
-    ixs = with_ix.lazy().select("_ix")
-    aligned = [
-        ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix")
-        for family in FAMILIES
-        if family.__name__ in chosen["compute"]
-        for part in family(spec, tagged)
-    ]
-    out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
+    parts = [part for family in FAMILIES if family.__name__ in chosen["compute"] for part in family(spec, tagged)]
     plan = _final_plan(spec, tuple(names))
-    if out.height <= fam.FEW_ROWS:
-        return pl.concat([idx, _finish_small(out, plan)], how="horizontal")
+    if idx.height <= fam.FEW_ROWS:
+        frames = pl.collect_all(parts, **run_options(idx.height))
+        return pl.concat([idx, _finish_matrix(_placed_sources(frames, idx.height, plan), plan)], how="horizontal")
+    ixs = with_ix.lazy().select("_ix")
+    aligned = [ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix") for part in parts]
+    out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
     return out.select(*idx.columns, *plan.exprs)
 
 
@@ -395,6 +396,19 @@ class _FinalPlan:
     gather: np.ndarray  # position in `sources` of each output's source column
     zero: np.ndarray  # bool per output
     never: np.ndarray  # bool per output
+
+    def positions(self, columns: tuple[str, ...]) -> np.ndarray:
+        """Position in `sources` of each of a family part's columns: -2 for `_ix`, -1 for one not used."""
+        hit = self._positions.get(columns)
+        if hit is None:
+            at = {s: i for i, s in enumerate(self.sources)}
+            hit = np.array([-2 if c == "_ix" else at.get(c, -1) for c in columns], dtype=np.intp)
+            self._positions[columns] = hit
+        return hit
+
+    @cached_property
+    def _positions(self) -> dict[tuple[str, ...], np.ndarray]:
+        return {}
 
     @cached_property
     def exprs(self) -> list[pl.Expr]:
@@ -436,6 +450,30 @@ def _finish_small(out: pl.DataFrame, plan: _FinalPlan) -> pl.DataFrame:
     values = np.column_stack([by_name[name].to_numpy() for name in plan.sources])
     if values.dtype != np.float64:  # the families give Float64 (null -> NaN); any other type is cast
         values = out.select(plan.sources).cast(pl.Float64).to_numpy()
+    return _finish_matrix(values, plan)
+
+
+def _placed_sources(parts: list[pl.DataFrame], n_rows: int, plan: _FinalPlan) -> np.ndarray:
+    """The (row, source column) matrix of the family parts (each keyed by `_ix`, rows it has events of),
+    NaN where a part has no row: what left-joining each part to the index rows gives (null -> NaN)."""
+    values = np.full((n_rows, len(plan.sources)), np.nan)
+    for part in parts:
+        if part.height == 0:
+            continue
+        where = plan.positions(tuple(part.columns))  # position of each column in `plan.sources`, -1 if unused
+        used = where >= 0
+        if not used.any():
+            continue
+        matrix = part.to_numpy()  # `_ix` (UInt32) and Float64 columns: one Float64 matrix, null -> NaN
+        if matrix.dtype != np.float64:  # the families give Float64; any other type is cast
+            matrix = part.cast(pl.Float64).to_numpy()
+        rows = matrix[:, where == -2][:, 0].astype(np.intp)
+        values[np.ix_(rows, where[used])] = matrix[:, used]
+    return values
+
+
+def _finish_matrix(values: np.ndarray, plan: _FinalPlan) -> pl.DataFrame:
+    """The output features from the (row, source column) matrix (see `_FinalPlan`)."""
     values = values[:, plan.gather]
     missing = np.isnan(values)
     values = np.where(plan.never, missing, np.where(plan.zero & missing, 0.0, values)).astype(np.float32)
