@@ -196,11 +196,21 @@ class ConceptMap(BaseModel):
             if name not in self.conditions:
                 raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
         distinct = codes.select(pl.col("code").drop_nulls()).unique()
-        form = pl.col("_form")  # each code's match form, made once for every concept
-        flags = distinct.with_columns(match_form_expr(pl.col("code")).alias("_form")).with_columns(
-            self._form_in(name, form).alias(name) for name in chosen)
+        form_expr, flag_exprs = self._concept_flag_exprs(tuple(chosen))
+        flags = distinct.with_columns(form_expr).with_columns(flag_exprs)
         return (flags.unpivot(on=chosen, index="code", variable_name="concept", value_name="_hit")
                 .filter(pl.col("_hit")).select("code", "concept"))
+
+    def _concept_flag_exprs(self, chosen: tuple[str, ...]) -> tuple[pl.Expr, list[pl.Expr]]:
+        """The `_form` column (each code's match form, made once for every concept) and a flag per concept
+        of `chosen` on it: built once per concept list (expressions are immutable; building them costs
+        more than running them on one patient's codes)."""
+        hit = _EXPR_CACHE.get((self,), ("flags", chosen))
+        if hit is not None:
+            return hit
+        form = pl.col("_form")
+        exprs = (match_form_expr(pl.col("code")).alias("_form"), [self._form_in(n, form).alias(n) for n in chosen])
+        return _EXPR_CACHE.put((self,), ("flags", chosen), exprs)
 
     def known_codes(self) -> set[str]:
         """Exact codes the map knows (conditions, measurements, drugs), for vocabulary selection."""

@@ -48,7 +48,7 @@ from chronorisk.features.spec import (
 from chronorisk.features.tasks import TaskDefinition
 from chronorisk.features.vocabulary import code_summary, merge_summaries, select_codes
 
-__all__ = ["code_summary", "fit_spec", "merge_summaries", "transform", "transform_shards"]
+__all__ = ["code_summary", "fit_spec", "merge_summaries", "transform", "transform_frame", "transform_shards"]
 
 FAMILIES = (*fam.FAMILIES, code_features)  # each a (spec, tagged events) -> LazyFrames function
 _US = pl.Datetime("us")
@@ -345,6 +345,18 @@ def transform(
     return conform_events_lazy(events).map_batches(
         lambda ev: _features(spec, ev, idx, chosen, names), schema=schema
     )
+
+
+def transform_frame(
+    spec: FeatureSpec, events: pl.DataFrame, index: pl.DataFrame, families: Iterable[str] | None = None
+) -> pl.DataFrame:
+    """`transform(spec, events, index, families).collect()` for events already in memory (a patient being
+    served): the same computation without the lazy plan around it, which for a few rows costs as much
+    as a family (the events are conformed once, by `tag_events`)."""
+    chosen = _chosen_families(families)
+    idx = _conform_index(index).collect(**run_options(index.height))
+    names = [n for n in spec.feature_names if spec.features[n].family in chosen["output"]]
+    return _features(spec, events, idx, chosen, names)
 
 
 def _features(
