@@ -294,8 +294,19 @@ def tag_events(
 def _row_of_subject(subjects: pl.Series, index_subjects: pl.Series) -> pl.Series:
     """Each event's index row (null when its subject is not in the index), when subjects are unique.
 
-    Events come grouped by subject (MEDS), so the lookup runs once per run of equal subjects.
+    Events come grouped by subject (MEDS), so the lookup runs once per run of equal subjects; for the
+    index of a few patients (serving) a binary search over it is cheaper than finding the runs.
     """
+    if 0 < len(index_subjects) <= fam.FEW_ROWS:
+        keys = index_subjects.to_numpy()
+        order = np.argsort(keys, kind="stable")
+        values = subjects.to_numpy()
+        at = np.minimum(np.searchsorted(keys, values, sorter=order), len(keys) - 1)
+        row = order[at]
+        found = keys[row] == values
+        if found.all():
+            return pl.Series("_ix", row, dtype=pl.UInt32)
+        return pl.Series("_ix", np.where(found, row, np.nan), nan_to_null=True).cast(pl.UInt32)
     runs = subjects.rle_id()
     run_subject = subjects.rle().struct.field("value")
     rows = pl.Series(range(len(index_subjects)), dtype=pl.UInt32)
@@ -369,12 +380,17 @@ def _features(
     each part is left-joined to the index rows and finished by polars expressions. Same values."""
     with_ix = idx.with_row_index("_ix")
     kinds = None if chosen["compute"] >= {f.__name__ for f in FAMILIES} else fam.kinds_of(chosen["compute"])
-    tagged = tag_events(spec, events, with_ix.select("_ix", "subject_id", "prediction_time"), kinds).lazy()
-    parts = [part for family in FAMILIES if family.__name__ in chosen["compute"] for part in family(spec, tagged)]
+    tagged = tag_events(spec, events, with_ix.select("_ix", "subject_id", "prediction_time"), kinds)
     plan = _final_plan(spec, tuple(names))
     if idx.height <= fam.FEW_ROWS:
+        # a family without events of its kinds gives no row (all "no value"): not run at all
+        present = set(tagged.get_column("kind").unique().to_list())
+        parts = [part for family in FAMILIES if family.__name__ in chosen["compute"]
+                 and fam.kinds_of({family.__name__}) & present for part in family(spec, tagged.lazy())]
         frames = pl.collect_all(parts, **run_options(idx.height))
         return pl.concat([idx, _finish_matrix(_placed_sources(frames, idx.height, plan), plan)], how="horizontal")
+    lazy = tagged.lazy()
+    parts = [part for family in FAMILIES if family.__name__ in chosen["compute"] for part in family(spec, lazy)]
     ixs = with_ix.lazy().select("_ix")
     aligned = [ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix") for part in parts]
     out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
