@@ -158,6 +158,23 @@ class _CodeSlots:
     exact: pl.DataFrame  # (code, kind, idx): every exact mapping
     prefix_vocabs: tuple[str, ...]
 
+    def extra_of(self, slot_type: pl.DataType) -> tuple[pl.DataFrame, pl.Series]:
+        """`extra` with its slot column of `slot_type`, and its distinct slots as one list (made once)."""
+        hit = self._extra_by_type.get(slot_type)
+        if hit is None:
+            extra = self.extra.with_columns(pl.col("slot").cast(slot_type))
+            hit = self._extra_by_type[slot_type] = (extra, extra.get_column("slot").unique().implode())
+        return hit
+
+    @cached_property
+    def _extra_by_type(self) -> dict:
+        return {}
+
+    @cached_property
+    def exact_conditions(self) -> set[tuple[str, int, int]]:
+        """(code, kind, idx) of the exact condition mappings."""
+        return set(self.exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "kind", "idx").iter_rows())
+
     @classmethod
     def of(cls, spec: FeatureSpec, kinds: set[int] | None = None) -> _CodeSlots:
         """Slots of the codes feeding `kinds` (default: every family); cached per spec object."""
@@ -195,11 +212,14 @@ class _CodeSlots:
         )
 
 
-def _prefix_table(spec: FeatureSpec, codes: pl.Series, exact: pl.DataFrame) -> pl.DataFrame:
+def _prefix_table(spec: FeatureSpec, codes: pl.Series | list[str], exact: pl.DataFrame,
+                  known: set | None = None) -> pl.DataFrame:
     """(code, kind, idx) of condition matches (prefixes, ICD codes with or without dots) among the
-    distinct `codes`, beyond exact ones."""
-    known = set(exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "kind", "idx").iter_rows())
-    rows = _condition_matches(spec, codes.unique().drop_nulls().to_list(), known)
+    distinct `codes`, beyond exact ones (`known`: the exact condition rows of `exact`, when known)."""
+    if known is None:
+        known = set(exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "kind", "idx").iter_rows())
+    distinct = codes.unique().drop_nulls().to_list() if isinstance(codes, pl.Series) else codes
+    rows = _condition_matches(spec, distinct, known)
     return pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row")
 
 
@@ -272,17 +292,14 @@ def tag_events(
         )
     ]
     if slots.extra.height:
-        extra = slots.extra.with_columns(pl.col("slot").cast(ev.schema["slot"]))
-        several = exact.filter(pl.col("slot").is_in(extra.get_column("slot").unique().implode()))
+        extra, extra_slots = slots.extra_of(ev.schema["slot"])
+        several = exact.filter(pl.col("slot").is_in(extra_slots))
         parts.append(several.join(extra.lazy(), on="slot", how="inner"))
     if slots.prefix_vocabs:
         # codes the spec does not know exactly, but which may fall in a condition's code family
         unknown = ev.filter(pl.col("slot").is_null()).get_column("code").unique()
-        in_family = unknown.str.starts_with(slots.prefix_vocabs[0])
-        for v in slots.prefix_vocabs[1:]:
-            in_family = in_family | unknown.str.starts_with(v)
-        candidates = unknown.filter(in_family)
-        table = _prefix_table(spec, candidates, slots.exact) if len(candidates) else None
+        candidates = [c for c in unknown.to_list() if c is not None and c.startswith(slots.prefix_vocabs)]
+        table = _prefix_table(spec, candidates, slots.exact, slots.exact_conditions) if candidates else None
         if table is not None and table.height:
             parts.append(ev.lazy().filter(pl.col("slot").is_null()).join(table.lazy(), on="code"))
     if not one_time_each:
