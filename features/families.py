@@ -22,6 +22,8 @@ date the values of their family (FeatureInfo.date_feature).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -42,7 +44,7 @@ WINDOW_STATS = ("mean", "min", "max", "std", "count", "slope")
 SMOKING_STATES = ("never", "former", "current")  # coded 0, 1, 2
 
 Declared = dict[str, FeatureInfo]
-Parts = list[pl.LazyFrame]
+Parts = list["pl.LazyFrame | NumpyPart"]
 
 
 def feature_safe(text: str) -> str:
@@ -219,16 +221,46 @@ def _keyed(frame: pl.LazyFrame, n: int) -> pl.LazyFrame:
     return frame.with_columns((pl.col("_ix").cast(pl.UInt64) * n + pl.col("idx").cast(pl.UInt64)).alias("key"))
 
 
-def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]], values: dict[str, np.ndarray]) -> pl.DataFrame:
-    """Long rows (key = ix * n + idx) -> one row per ix present, one column per (value, idx)."""
+def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]],
+             values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Long rows (key = ix * n + idx) -> (the ix present, a (column, row) matrix: one column per (value, idx))."""
     rows, inverse = np.unique(keys // n, return_inverse=True)
     j = (keys % n).astype(np.intp)
     dense = np.full((len(columns) * n, len(rows)), np.nan)
     for c, col in enumerate(columns):
         dense[c * n + j, inverse] = values[col]
-    names = [name for feats in columns.values() for name in feats]
-    frame = frame_of_columns(dense, names)
-    return frame.insert_column(0, pl.Series("_ix", rows, dtype=pl.UInt32))
+    return rows, dense
+
+
+@dataclass(frozen=True)
+class NumpyPart:
+    """A family part computed with numpy from the rows of one plan: `compute(rows frame)` gives the `_ix`
+    present and a (column, row) matrix of Float64 columns `names` (NaN: no value).
+
+    `frame()` is the part as a LazyFrame keyed by `_ix` (one column per name), as every other part; for a
+    few rows the pipeline runs `rows` and places the matrix itself (building a frame of some hundred
+    columns, only to read them back, costs more than the arithmetic)."""
+
+    rows: pl.LazyFrame
+    compute: Callable[[pl.DataFrame], tuple[np.ndarray, np.ndarray]]
+    names: tuple[str, ...]
+
+    def frame(self) -> pl.LazyFrame:
+        schema = {"_ix": pl.UInt32, **dict.fromkeys(self.names, pl.Float64)}
+        names = list(self.names)
+
+        def run(df: pl.DataFrame) -> pl.DataFrame:
+            ix, matrix = self.compute(df)
+            if len(ix) == 0:
+                return pl.DataFrame(schema=schema)
+            return frame_of_columns(matrix, names).insert_column(0, pl.Series("_ix", ix, dtype=pl.UInt32))
+
+        return self.rows.map_batches(run, schema=schema)
+
+
+def no_rows(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a NumpyPart's `compute` gives when no row has a value."""
+    return np.zeros(0, dtype=np.intp), np.zeros((width, 0))
 
 
 FEW_ROWS = 256  # up to this many rows (one patient being served), per-column and per-expression costs dominate
@@ -251,20 +283,20 @@ def frame_of_columns(matrix: np.ndarray, names: list[str], *, nan_to_null: bool 
     return flat.reshape((matrix.shape[1], matrix.shape[0])).arr.to_struct(fields=names).struct.unnest()
 
 
-def _widen(long: pl.LazyFrame, n: int, columns: dict[str, list[str]]) -> pl.LazyFrame:
+def _widen(long: pl.LazyFrame, n: int, columns: dict[str, list[str]]) -> NumpyPart:
     """(key, aggregates) rows -> one row per `_ix` present, one column per (aggregate, idx).
 
     `columns[agg]` lists the feature name of `agg` for idx 0..n-1.
     """
-    schema = {"_ix": pl.UInt32, **{name: pl.Float64 for feats in columns.values() for name in feats}}
+    names = tuple(name for feats in columns.values() for name in feats)
 
-    def scatter(df: pl.DataFrame) -> pl.DataFrame:
+    def scatter(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         if df.height == 0:
-            return pl.DataFrame(schema=schema)
+            return no_rows(len(names))
         values = {col: df[col].cast(pl.Float64).to_numpy() for col in columns}
         return _scatter(df["key"].to_numpy(), n, columns, values)
 
-    return long.map_batches(scatter, schema=schema)
+    return NumpyPart(long, scatter, names)
 
 
 def demographics(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
@@ -326,14 +358,13 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     for w in windows:
         for stat in WINDOW_STATS:
             columns[f"{stat}_{w}"] = [f"meas_{m}_{stat}_{w}d" for m in names]
-    feature_names = [f for feats in columns.values() for f in feats]
-    schema = {"_ix": pl.UInt32, **dict.fromkeys(feature_names, pl.Float64)}
+    feature_names = tuple(f for feats in columns.values() for f in feats)
 
-    def compute(df: pl.DataFrame) -> pl.DataFrame:
+    def compute(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         idx, value = df["idx"].to_numpy().astype(np.intp), df["value"].to_numpy()
         plausible = (value >= lo[idx]) & (value <= hi[idx])  # impossible values are dropped (and counted)
         if not plausible.any():
-            return pl.DataFrame(schema=schema)
+            return no_rows(len(feature_names))
         ix = df["_ix"].to_numpy().astype(np.intp)[plausible]
         n_rows = int(ix.max()) + 1
         stats = _measurement_stats(
@@ -341,10 +372,9 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         )
         present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
         matrix = np.concatenate([stats[stat].reshape(n, n_rows)[:, present] for stat in columns])
-        frame = frame_of_columns(matrix, feature_names)
-        return frame.insert_column(0, pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32))
+        return np.flatnonzero(present), matrix
 
-    return [rows.map_batches(compute, schema=schema)]
+    return [NumpyPart(rows, compute, feature_names)]
 
 
 def plausible_arrays(measurements: tuple[MeasurementSpec, ...]) -> tuple[np.ndarray, np.ndarray]:

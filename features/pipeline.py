@@ -404,10 +404,13 @@ def _features(
         present = set(tagged.get_column("kind").unique().to_list())
         parts = [part for family in FAMILIES if family.__name__ in chosen["compute"]
                  and fam.kinds_of({family.__name__}) & present for part in family(spec, tagged.lazy())]
-        frames = pl.collect_all(parts, **run_options(idx.height))
-        return pl.concat([idx, _finish_matrix(_placed_sources(frames, idx.height, plan), plan)], how="horizontal")
+        plans = [part.rows if isinstance(part, fam.NumpyPart) else part for part in parts]
+        frames = pl.collect_all(plans, **run_options(idx.height))
+        return pl.concat([idx, _finish_matrix(_placed_sources(parts, frames, idx.height, plan), plan)],
+                         how="horizontal")
     lazy = tagged.lazy()
-    parts = [part for family in FAMILIES if family.__name__ in chosen["compute"] for part in family(spec, lazy)]
+    parts = [part.frame() if isinstance(part, fam.NumpyPart) else part
+             for family in FAMILIES if family.__name__ in chosen["compute"] for part in family(spec, lazy)]
     ixs = with_ix.lazy().select("_ix")
     aligned = [ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix") for part in parts]
     out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
@@ -498,22 +501,27 @@ def _finish_small(out: pl.DataFrame, plan: _FinalPlan) -> pl.DataFrame:
     return _finish_matrix(values, plan)
 
 
-def _placed_sources(parts: list[pl.DataFrame], n_rows: int, plan: _FinalPlan) -> np.ndarray:
-    """The (row, source column) matrix of the family parts (each keyed by `_ix`, rows it has events of),
-    NaN where a part has no row: what left-joining each part to the index rows gives (null -> NaN)."""
+def _placed_sources(parts: list, frames: list[pl.DataFrame], n_rows: int, plan: _FinalPlan) -> np.ndarray:
+    """The (row, source column) matrix of the family parts, from `frames` (each part's plan collected: the
+    part itself, keyed by `_ix` with the rows it has events of, or a NumpyPart's rows, which its `compute`
+    turns into a matrix), NaN where a part has no row: what left-joining each part to the index rows gives."""
     values = np.full((n_rows, len(plan.sources)), np.nan)
-    for part in parts:
-        if part.height == 0:
+    for part, frame in zip(parts, frames, strict=True):
+        if frame.height == 0:
             continue
-        where = plan.positions(tuple(part.columns))  # position of each column in `plan.sources`, -1 if unused
-        used = where >= 0
-        if not used.any():
-            continue
-        matrix = part.to_numpy()  # `_ix` (UInt32) and Float64 columns: one Float64 matrix, null -> NaN
-        if matrix.dtype != np.float64:  # the families give Float64; any other type is cast
-            matrix = part.cast(pl.Float64).to_numpy()
-        rows = matrix[:, where == -2][:, 0].astype(np.intp)
-        values[np.ix_(rows, where[used])] = matrix[:, used]
+        if isinstance(part, fam.NumpyPart):
+            ix, matrix = part.compute(frame)
+            where = plan.positions(part.names)
+            rows, matrix = ix.astype(np.intp), matrix.T
+        else:
+            where = plan.positions(tuple(frame.columns))  # position of each column in `plan.sources`
+            matrix = frame.to_numpy()  # `_ix` (UInt32) and Float64 columns: one Float64 matrix, null -> NaN
+            if matrix.dtype != np.float64:  # the families give Float64; any other type is cast
+                matrix = frame.cast(pl.Float64).to_numpy()
+            rows = matrix[:, where == -2][:, 0].astype(np.intp)
+        used = where >= 0  # -1: a column not used by the features asked for; -2: `_ix`
+        if len(rows) and used.any():
+            values[np.ix_(rows, where[used])] = matrix[:, used]
     return values
 
 
