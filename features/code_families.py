@@ -84,7 +84,7 @@ def codes(spec: FeatureSpec, ev: pl.LazyFrame) -> fam.Parts:
     if not spec.codes:
         return []
     rows = ev.filter(pl.col("kind") == fam.KIND_CODE)
-    bases = code_base_names(spec.codes)
+    bases = fam.per_spec(spec, "code_bases", lambda: code_base_names(spec.codes))
     return [*_counts(spec, rows, bases), *_values(spec, rows, bases), *_texts(spec, rows, bases)]
 
 

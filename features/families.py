@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.features.spec import (
     ConditionSpec,
@@ -209,6 +210,16 @@ def declare_smoking() -> Declared:
 # two orders of magnitude slower.
 
 
+_PER_SPEC = IdentityCache(64)  # (spec, what) -> names and arrays a family derives from the spec alone
+
+
+def per_spec(spec: FeatureSpec, what: str, build: Callable[[], object]):
+    """`build()`, made once per spec object (a spec never changes): a family's names and arrays, which
+    for one patient being served would otherwise be rebuilt on every call."""
+    hit = _PER_SPEC.get((spec,), what)
+    return hit if hit is not None else _PER_SPEC.put((spec,), what, build())
+
+
 def _of(ev: pl.LazyFrame, kind: int) -> pl.LazyFrame:
     return ev.filter(pl.col("kind") == kind)
 
@@ -347,18 +358,8 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         return []
     rows = _of(ev, KIND_MEAS).filter(pl.col("value").is_not_null() & pl.col("value").is_finite())
     rows = rows.select("_ix", "idx", "days", "value")
-    lo, hi = plausible_arrays(spec.measurements)
-    names = [m.name for m in spec.measurements]
     windows = tuple(spec.windows_days)
-    columns = {
-        "last": [f"meas_{m}_last" for m in names],
-        "days_since_last": [f"meas_{m}_days_since_last" for m in names],
-        "n_all": [f"miss_{m}_count" for m in names],
-    }
-    for w in windows:
-        for stat in WINDOW_STATS:
-            columns[f"{stat}_{w}"] = [f"meas_{m}_{stat}_{w}d" for m in names]
-    feature_names = tuple(f for feats in columns.values() for f in feats)
+    lo, hi, columns, feature_names = per_spec(spec, "measurements", lambda: _measurement_columns(spec))
 
     def compute(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         idx, value = df["idx"].to_numpy().astype(np.intp), df["value"].to_numpy()
@@ -375,6 +376,21 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         return np.flatnonzero(present), matrix
 
     return [NumpyPart(rows, compute, feature_names)]
+
+
+def _measurement_columns(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]], tuple[str, ...]]:
+    """(lowest and highest plausible values, feature names per statistic, every name in order)."""
+    lo, hi = plausible_arrays(spec.measurements)
+    names = [m.name for m in spec.measurements]
+    columns = {
+        "last": [f"meas_{m}_last" for m in names],
+        "days_since_last": [f"meas_{m}_days_since_last" for m in names],
+        "n_all": [f"miss_{m}_count" for m in names],
+    }
+    for w in spec.windows_days:
+        for stat in WINDOW_STATS:
+            columns[f"{stat}_{w}"] = [f"meas_{m}_{stat}_{w}d" for m in names]
+    return lo, hi, columns, tuple(f for feats in columns.values() for f in feats)
 
 
 def plausible_arrays(measurements: tuple[MeasurementSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
