@@ -228,8 +228,12 @@ def _in(days: int) -> pl.Expr:
     return pl.col("days") <= days
 
 
+def _key_expr(n: int) -> pl.Expr:
+    return (pl.col("_ix").cast(pl.UInt64) * n + pl.col("idx").cast(pl.UInt64)).alias("key")
+
+
 def _keyed(frame: pl.LazyFrame, n: int) -> pl.LazyFrame:
-    return frame.with_columns((pl.col("_ix").cast(pl.UInt64) * n + pl.col("idx").cast(pl.UInt64)).alias("key"))
+    return frame.with_columns(_key_expr(n))
 
 
 def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]],
@@ -488,38 +492,45 @@ def medications(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     e_i = C_i + max_{j<=i}(s_j - C_{j-1}) with C the cumulative supply: a
     cumulative max per group, no loop. Covered days are counted in [t - P, t).
     """
-    n = len(spec.drug_classes)
-    if n == 0:
+    if not spec.drug_classes:
         return []
+    x = per_spec(spec, "medications", lambda: _medication_exprs(spec))
+    rows = _of(ev, KIND_MED).with_columns(x["key"]).with_columns(x["supply"]).sort("key", "start", "supply")
+    chained = rows.with_columns(x["cum"]).with_columns(x["end"])
+    long = chained.with_columns(x["covered"]).group_by("key").agg(x["aggs"])
+    return [_widen(long, len(spec.drug_classes), x["columns"])]
+
+
+def _medication_exprs(spec: FeatureSpec) -> dict:
+    """The expressions of `medications` (a spec's: built once, expressions never change)."""
+    n = len(spec.drug_classes)
     P = spec.pdc_days
     supply = pl.col("value").fill_nan(None).fill_null(vocab.DEFAULT_DAYS_SUPPLY).clip(0, 3650)
-    rows = (
-        _keyed(_of(ev, KIND_MED), n)
-        .with_columns(supply.alias("supply"), (-pl.col("days")).alias("start"))
-        .sort("key", "start", "supply")
-    )
     cum = pl.col("supply").cum_sum().over("key")
-    chained = rows.with_columns(cum.alias("cum")).with_columns(
-        (pl.col("cum") + (pl.col("start") - (pl.col("cum") - pl.col("supply"))).cum_max().over("key")).alias("end")
-    )
     covered = (
         pl.col("end").clip(upper_bound=0) - (pl.col("end") - pl.col("supply")).clip(lower_bound=-P)
     ).clip(lower_bound=0)
-    long = chained.with_columns(covered.alias("covered"), _in(P).alias("in_p")).group_by("key").agg(
-        (pl.col("end").max() > 0).cast(pl.Float64).alias("active"),
-        pl.col("in_p").sum().alias("count"),
-        pl.col("days").min().alias("last"),
-        (pl.col("covered").sum() / P).clip(upper_bound=1.0).alias("pdc"),
-    )
     names = [k.name for k in spec.drug_classes]
-    return [
-        _widen(long, n, {
+    return {
+        "key": _key_expr(n),
+        "supply": [supply.alias("supply"), (-pl.col("days")).alias("start")],
+        "cum": cum.alias("cum"),
+        "end": (pl.col("cum") + (pl.col("start") - (pl.col("cum") - pl.col("supply"))).cum_max().over("key")
+                ).alias("end"),
+        "covered": [covered.alias("covered"), _in(P).alias("in_p")],
+        "aggs": [
+            (pl.col("end").max() > 0).cast(pl.Float64).alias("active"),
+            pl.col("in_p").sum().alias("count"),
+            pl.col("days").min().alias("last"),
+            (pl.col("covered").sum() / P).clip(upper_bound=1.0).alias("pdc"),
+        ],
+        "columns": {
             "active": [f"med_{k}_active" for k in names],
             "count": [f"med_{k}_count_{P}d" for k in names],
             "last": [f"med_{k}_days_since_last" for k in names],
             "pdc": [f"med_{k}_pdc_{P}d" for k in names],
-        })
-    ]
+        },
+    }
 
 
 def encounters(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
@@ -553,17 +564,25 @@ def smoking_status_expr(text: pl.Expr) -> pl.Expr:
 
 def smoking(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     """Latest recorded smoking status before t (same-time ties: the worse status)."""
-    rows = _of(ev, KIND_SMOKE).with_columns(smoking_status_expr(pl.col("text_value")).alias("status"))
-    rows = rows.filter(pl.col("status").is_not_null()).with_columns(
-        pl.when(pl.col("days") == pl.col("days").min().over("_ix")).then(pl.col("status")).alias("latest")
-    )
+    rows = _of(ev, KIND_SMOKE).with_columns(_SMOKING["status"])
+    rows = rows.filter(pl.col("status").is_not_null()).with_columns(_SMOKING["latest"])
+    return [rows.group_by("_ix").agg(_SMOKING["aggs"])]
+
+
+def _smoking_exprs() -> dict:
+    """The expressions of `smoking` (the same for every spec: built once)."""
     status = pl.col("latest").max()
-    return [
-        rows.group_by("_ix").agg(
+    return {
+        "status": smoking_status_expr(pl.col("text_value")).alias("status"),
+        "latest": pl.when(pl.col("days") == pl.col("days").min().over("_ix")).then(pl.col("status")).alias("latest"),
+        "aggs": [
             *[(status == code).cast(pl.Float64).alias(f"smoking_{s}") for code, s in enumerate(SMOKING_STATES)],
             pl.col("days").min().alias("smoking_days_since_last"),
-        )
-    ]
+        ],
+    }
+
+
+_SMOKING = _smoking_exprs()
 
 
 FAMILIES = (demographics, conditions, measurements, medications, encounters, smoking)  # + code_families.codes
