@@ -293,8 +293,9 @@ def tag_events(
     ]
     if slots.extra.height:
         extra, extra_slots = slots.extra_of(ev.schema["slot"])
-        several = exact.filter(pl.col("slot").is_in(extra_slots))
-        parts.append(several.join(extra.lazy(), on="slot", how="inner"))
+        if ev.get_column("slot").is_in(extra_slots).any():  # codes with several mappings: their other rows
+            several = exact.filter(pl.col("slot").is_in(extra_slots))
+            parts.append(several.join(extra.lazy(), on="slot", how="inner"))
     if slots.prefix_vocabs:
         # codes the spec does not know exactly, but which may fall in a condition's code family
         unknown = ev.filter(pl.col("slot").is_null()).get_column("code").unique()
