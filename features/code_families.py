@@ -84,7 +84,7 @@ def codes(spec: FeatureSpec, ev: pl.LazyFrame) -> fam.Parts:
     if not spec.codes:
         return []
     rows = ev.filter(pl.col("kind") == fam.KIND_CODE)
-    bases = code_base_names(spec.codes)
+    bases = fam.per_spec(spec, "code_bases", lambda: code_base_names(spec.codes))
     return [*_counts(spec, rows, bases), *_values(spec, rows, bases), *_texts(spec, rows, bases)]
 
 
@@ -128,16 +128,15 @@ def _values(spec: FeatureSpec, rows: pl.LazyFrame, bases: list[str]) -> fam.Part
         for stat in VALUE_STATS:
             columns[f"{stat}_{w}"] = [f"{b}_{stat}_{w}d" for b in names]
     columns["trend"] = [f"{b}_trend" for b in names]
-    feature_names = [f for feats in columns.values() for f in feats]
-    schema = {"_ix": pl.UInt32, **dict.fromkeys(feature_names, pl.Float64)}
+    feature_names = tuple(f for feats in columns.values() for f in feats)
     valued = rows.filter(pl.col("value").is_not_null() & pl.col("value").is_finite()).select(
         "_ix", "idx", "days", "value")
 
-    def compute(df: pl.DataFrame) -> pl.DataFrame:
+    def compute(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         s = slot[df["idx"].to_numpy().astype(np.intp)]
         keep = s >= 0
         if not keep.any():
-            return pl.DataFrame(schema=schema)
+            return fam.no_rows(len(feature_names))
         s = s[keep]
         ix = df["_ix"].to_numpy()[keep].astype(np.intp)
         v = np.clip(df["value"].to_numpy()[keep], lo[s], hi[s])
@@ -146,10 +145,9 @@ def _values(spec: FeatureSpec, rows: pl.LazyFrame, bases: list[str]) -> fam.Part
         stats["trend"] = np.where(stats[f"count_{longest}"] >= TREND_MIN_VALUES, stats[f"slope_{longest}"], np.nan)
         present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
         matrix = np.concatenate([stats[stat].reshape(n, n_rows)[:, present] for stat in columns])
-        frame = fam.frame_of_columns(matrix, feature_names)
-        return frame.insert_column(0, pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32))
+        return np.flatnonzero(present), matrix
 
-    return [valued.map_batches(compute, schema=schema)]
+    return [fam.NumpyPart(valued, compute, feature_names)]
 
 
 def _texts(spec: FeatureSpec, rows: pl.LazyFrame, bases: list[str]) -> fam.Parts:
@@ -169,7 +167,6 @@ def _texts(spec: FeatureSpec, rows: pl.LazyFrame, bases: list[str]) -> fam.Parts
         if count[i] == 0:
             first[i] = c
         count[i] += 1
-    schema = {"_ix": pl.UInt32, **dict.fromkeys(names, pl.Float64)}
     with_text = rows.filter(pl.col("text_value").is_not_null() & pl.col("idx").is_in(sorted({i for i, _, _ in cats})))
     latest = (
         with_text.filter(pl.col("days") == pl.col("days").min().over("_ix", "idx"))
@@ -177,9 +174,9 @@ def _texts(spec: FeatureSpec, rows: pl.LazyFrame, bases: list[str]) -> fam.Parts
         .join(table.lazy(), on=["idx", "text_value"], how="left")
     )
 
-    def compute(df: pl.DataFrame) -> pl.DataFrame:
+    def compute(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         if df.height == 0:
-            return pl.DataFrame(schema=schema)
+            return fam.no_rows(n_cat)
         ix = df["_ix"].to_numpy().astype(np.intp)
         rows_present, row = np.unique(ix, return_inverse=True)
         dense = np.full((n_cat, len(rows_present)), np.nan)
@@ -190,7 +187,6 @@ def _texts(spec: FeatureSpec, rows: pl.LazyFrame, bases: list[str]) -> fam.Parts
         hit = df["cat"].to_numpy(allow_copy=True)  # ... and the latest text's category 1
         ok = ~np.isnan(hit.astype(np.float64))
         dense[hit[ok].astype(np.intp), row[ok]] = 1.0
-        frame = fam.frame_of_columns(dense, names)
-        return frame.insert_column(0, pl.Series("_ix", rows_present, dtype=pl.UInt32))
+        return rows_present, dense
 
-    return [latest.map_batches(compute, schema=schema)]
+    return [fam.NumpyPart(latest, compute, tuple(names))]

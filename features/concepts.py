@@ -14,6 +14,7 @@ match exact codes only.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
@@ -111,6 +112,8 @@ class DrugClass(BaseModel):
 
 # (map, concept) -> expression: one patient's eligibility plan is rebuilt per request
 _EXPR_CACHE = IdentityCache(256)
+_CONCEPTS_OF_CODE = IdentityCache(16)  # (concept map, concept list) -> {code: its concepts}
+_CONCEPT_MEMO_MAX = 200_000  # codes remembered per concept list (a memo past it starts again)
 
 
 class ConceptMap(BaseModel):
@@ -196,11 +199,40 @@ class ConceptMap(BaseModel):
             if name not in self.conditions:
                 raise InputError("concept", f"unknown concept {name!r}; known: {', '.join(self.conditions)}")
         distinct = codes.select(pl.col("code").drop_nulls()).unique()
-        form = pl.col("_form")  # each code's match form, made once for every concept
-        flags = distinct.with_columns(match_form_expr(pl.col("code")).alias("_form")).with_columns(
-            self._form_in(name, form).alias(name) for name in chosen)
+        form_expr, flag_exprs = self._concept_flag_exprs(tuple(chosen))
+        flags = distinct.with_columns(form_expr).with_columns(flag_exprs)
         return (flags.unpivot(on=chosen, index="code", variable_name="concept", value_name="_hit")
                 .filter(pl.col("_hit")).select("code", "concept"))
+
+    def concept_table_of_codes(self, codes: Iterable[str], names: list[str]) -> pl.DataFrame:
+        """`concept_table` of these codes, from what it gave each code before: the codes a service meets
+        repeat, and one patient's few codes cost a plan start each time otherwise. A code not seen yet is
+        run through `concept_table` itself (one rule)."""
+        chosen = tuple(dict.fromkeys(names))
+        memo = _CONCEPTS_OF_CODE.get((self,), chosen)
+        if memo is None or len(memo) > _CONCEPT_MEMO_MAX:
+            memo = _CONCEPTS_OF_CODE.put((self,), chosen, {})
+        codes = [c for c in dict.fromkeys(codes) if c is not None]
+        unseen = [c for c in codes if c not in memo]
+        if unseen:
+            found: dict[str, list[str]] = {}
+            table = self.concept_table(pl.LazyFrame({"code": unseen}, schema={"code": pl.String}), list(chosen))
+            for code, concept in table.collect().iter_rows():
+                found.setdefault(code, []).append(concept)
+            memo.update({c: tuple(found.get(c, ())) for c in unseen})
+        rows = [(c, concept) for c in codes for concept in memo[c]]
+        return pl.DataFrame(rows, schema={"code": pl.String, "concept": pl.String}, orient="row")
+
+    def _concept_flag_exprs(self, chosen: tuple[str, ...]) -> tuple[pl.Expr, list[pl.Expr]]:
+        """The `_form` column (each code's match form, made once for every concept) and a flag per concept
+        of `chosen` on it: built once per concept list (expressions are immutable; building them costs
+        more than running them on one patient's codes)."""
+        hit = _EXPR_CACHE.get((self,), ("flags", chosen))
+        if hit is not None:
+            return hit
+        form = pl.col("_form")
+        exprs = (match_form_expr(pl.col("code")).alias("_form"), [self._form_in(n, form).alias(n) for n in chosen])
+        return _EXPR_CACHE.put((self,), ("flags", chosen), exprs)
 
     def known_codes(self) -> set[str]:
         """Exact codes the map knows (conditions, measurements, drugs), for vocabulary selection."""

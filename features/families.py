@@ -22,10 +22,13 @@ date the values of their family (FeatureInfo.date_feature).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.features.spec import (
     ConditionSpec,
@@ -42,7 +45,7 @@ WINDOW_STATS = ("mean", "min", "max", "std", "count", "slope")
 SMOKING_STATES = ("never", "former", "current")  # coded 0, 1, 2
 
 Declared = dict[str, FeatureInfo]
-Parts = list[pl.LazyFrame]
+Parts = list["pl.LazyFrame | NumpyPart"]
 
 
 def feature_safe(text: str) -> str:
@@ -207,6 +210,16 @@ def declare_smoking() -> Declared:
 # two orders of magnitude slower.
 
 
+_PER_SPEC = IdentityCache(64)  # (spec, what) -> names and arrays a family derives from the spec alone
+
+
+def per_spec(spec: FeatureSpec, what: str, build: Callable[[], object]):
+    """`build()`, made once per spec object (a spec never changes): a family's names and arrays, which
+    for one patient being served would otherwise be rebuilt on every call."""
+    hit = _PER_SPEC.get((spec,), what)
+    return hit if hit is not None else _PER_SPEC.put((spec,), what, build())
+
+
 def _of(ev: pl.LazyFrame, kind: int) -> pl.LazyFrame:
     return ev.filter(pl.col("kind") == kind)
 
@@ -215,20 +228,54 @@ def _in(days: int) -> pl.Expr:
     return pl.col("days") <= days
 
 
+def _key_expr(n: int) -> pl.Expr:
+    return (pl.col("_ix").cast(pl.UInt64) * n + pl.col("idx").cast(pl.UInt64)).alias("key")
+
+
 def _keyed(frame: pl.LazyFrame, n: int) -> pl.LazyFrame:
-    return frame.with_columns((pl.col("_ix").cast(pl.UInt64) * n + pl.col("idx").cast(pl.UInt64)).alias("key"))
+    return frame.with_columns(_key_expr(n))
 
 
-def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]], values: dict[str, np.ndarray]) -> pl.DataFrame:
-    """Long rows (key = ix * n + idx) -> one row per ix present, one column per (value, idx)."""
+def _scatter(keys: np.ndarray, n: int, columns: dict[str, list[str]],
+             values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Long rows (key = ix * n + idx) -> (the ix present, a (column, row) matrix: one column per (value, idx))."""
     rows, inverse = np.unique(keys // n, return_inverse=True)
     j = (keys % n).astype(np.intp)
     dense = np.full((len(columns) * n, len(rows)), np.nan)
     for c, col in enumerate(columns):
         dense[c * n + j, inverse] = values[col]
-    names = [name for feats in columns.values() for name in feats]
-    frame = frame_of_columns(dense, names)
-    return frame.insert_column(0, pl.Series("_ix", rows, dtype=pl.UInt32))
+    return rows, dense
+
+
+@dataclass(frozen=True)
+class NumpyPart:
+    """A family part computed with numpy from the rows of one plan: `compute(rows frame)` gives the `_ix`
+    present and a (column, row) matrix of Float64 columns `names` (NaN: no value).
+
+    `frame()` is the part as a LazyFrame keyed by `_ix` (one column per name), as every other part; for a
+    few rows the pipeline runs `rows` and places the matrix itself (building a frame of some hundred
+    columns, only to read them back, costs more than the arithmetic)."""
+
+    rows: pl.LazyFrame
+    compute: Callable[[pl.DataFrame], tuple[np.ndarray, np.ndarray]]
+    names: tuple[str, ...]
+
+    def frame(self) -> pl.LazyFrame:
+        schema = {"_ix": pl.UInt32, **dict.fromkeys(self.names, pl.Float64)}
+        names = list(self.names)
+
+        def run(df: pl.DataFrame) -> pl.DataFrame:
+            ix, matrix = self.compute(df)
+            if len(ix) == 0:
+                return pl.DataFrame(schema=schema)
+            return frame_of_columns(matrix, names).insert_column(0, pl.Series("_ix", ix, dtype=pl.UInt32))
+
+        return self.rows.map_batches(run, schema=schema)
+
+
+def no_rows(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """What a NumpyPart's `compute` gives when no row has a value."""
+    return np.zeros(0, dtype=np.intp), np.zeros((width, 0))
 
 
 FEW_ROWS = 256  # up to this many rows (one patient being served), per-column and per-expression costs dominate
@@ -251,20 +298,20 @@ def frame_of_columns(matrix: np.ndarray, names: list[str], *, nan_to_null: bool 
     return flat.reshape((matrix.shape[1], matrix.shape[0])).arr.to_struct(fields=names).struct.unnest()
 
 
-def _widen(long: pl.LazyFrame, n: int, columns: dict[str, list[str]]) -> pl.LazyFrame:
+def _widen(long: pl.LazyFrame, n: int, columns: dict[str, list[str]]) -> NumpyPart:
     """(key, aggregates) rows -> one row per `_ix` present, one column per (aggregate, idx).
 
     `columns[agg]` lists the feature name of `agg` for idx 0..n-1.
     """
-    schema = {"_ix": pl.UInt32, **{name: pl.Float64 for feats in columns.values() for name in feats}}
+    names = tuple(name for feats in columns.values() for name in feats)
 
-    def scatter(df: pl.DataFrame) -> pl.DataFrame:
+    def scatter(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         if df.height == 0:
-            return pl.DataFrame(schema=schema)
+            return no_rows(len(names))
         values = {col: df[col].cast(pl.Float64).to_numpy() for col in columns}
         return _scatter(df["key"].to_numpy(), n, columns, values)
 
-    return long.map_batches(scatter, schema=schema)
+    return NumpyPart(long, scatter, names)
 
 
 def demographics(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
@@ -315,25 +362,14 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         return []
     rows = _of(ev, KIND_MEAS).filter(pl.col("value").is_not_null() & pl.col("value").is_finite())
     rows = rows.select("_ix", "idx", "days", "value")
-    lo, hi = plausible_arrays(spec.measurements)
-    names = [m.name for m in spec.measurements]
     windows = tuple(spec.windows_days)
-    columns = {
-        "last": [f"meas_{m}_last" for m in names],
-        "days_since_last": [f"meas_{m}_days_since_last" for m in names],
-        "n_all": [f"miss_{m}_count" for m in names],
-    }
-    for w in windows:
-        for stat in WINDOW_STATS:
-            columns[f"{stat}_{w}"] = [f"meas_{m}_{stat}_{w}d" for m in names]
-    feature_names = [f for feats in columns.values() for f in feats]
-    schema = {"_ix": pl.UInt32, **dict.fromkeys(feature_names, pl.Float64)}
+    lo, hi, columns, feature_names = per_spec(spec, "measurements", lambda: _measurement_columns(spec))
 
-    def compute(df: pl.DataFrame) -> pl.DataFrame:
+    def compute(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         idx, value = df["idx"].to_numpy().astype(np.intp), df["value"].to_numpy()
         plausible = (value >= lo[idx]) & (value <= hi[idx])  # impossible values are dropped (and counted)
         if not plausible.any():
-            return pl.DataFrame(schema=schema)
+            return no_rows(len(feature_names))
         ix = df["_ix"].to_numpy().astype(np.intp)[plausible]
         n_rows = int(ix.max()) + 1
         stats = _measurement_stats(
@@ -341,10 +377,24 @@ def measurements(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
         )
         present = np.nan_to_num(stats["n_all"]).reshape(n, n_rows).sum(axis=0) > 0
         matrix = np.concatenate([stats[stat].reshape(n, n_rows)[:, present] for stat in columns])
-        frame = frame_of_columns(matrix, feature_names)
-        return frame.insert_column(0, pl.Series("_ix", np.flatnonzero(present), dtype=pl.UInt32))
+        return np.flatnonzero(present), matrix
 
-    return [rows.map_batches(compute, schema=schema)]
+    return [NumpyPart(rows, compute, feature_names)]
+
+
+def _measurement_columns(spec: FeatureSpec) -> tuple[np.ndarray, np.ndarray, dict[str, list[str]], tuple[str, ...]]:
+    """(lowest and highest plausible values, feature names per statistic, every name in order)."""
+    lo, hi = plausible_arrays(spec.measurements)
+    names = [m.name for m in spec.measurements]
+    columns = {
+        "last": [f"meas_{m}_last" for m in names],
+        "days_since_last": [f"meas_{m}_days_since_last" for m in names],
+        "n_all": [f"miss_{m}_count" for m in names],
+    }
+    for w in spec.windows_days:
+        for stat in WINDOW_STATS:
+            columns[f"{stat}_{w}"] = [f"meas_{m}_{stat}_{w}d" for m in names]
+    return lo, hi, columns, tuple(f for feats in columns.values() for f in feats)
 
 
 def plausible_arrays(measurements: tuple[MeasurementSpec, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -442,38 +492,45 @@ def medications(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     e_i = C_i + max_{j<=i}(s_j - C_{j-1}) with C the cumulative supply: a
     cumulative max per group, no loop. Covered days are counted in [t - P, t).
     """
-    n = len(spec.drug_classes)
-    if n == 0:
+    if not spec.drug_classes:
         return []
+    x = per_spec(spec, "medications", lambda: _medication_exprs(spec))
+    rows = _of(ev, KIND_MED).with_columns(x["key"]).with_columns(x["supply"]).sort("key", "start", "supply")
+    chained = rows.with_columns(x["cum"]).with_columns(x["end"])
+    long = chained.with_columns(x["covered"]).group_by("key").agg(x["aggs"])
+    return [_widen(long, len(spec.drug_classes), x["columns"])]
+
+
+def _medication_exprs(spec: FeatureSpec) -> dict:
+    """The expressions of `medications` (a spec's: built once, expressions never change)."""
+    n = len(spec.drug_classes)
     P = spec.pdc_days
     supply = pl.col("value").fill_nan(None).fill_null(vocab.DEFAULT_DAYS_SUPPLY).clip(0, 3650)
-    rows = (
-        _keyed(_of(ev, KIND_MED), n)
-        .with_columns(supply.alias("supply"), (-pl.col("days")).alias("start"))
-        .sort("key", "start", "supply")
-    )
     cum = pl.col("supply").cum_sum().over("key")
-    chained = rows.with_columns(cum.alias("cum")).with_columns(
-        (pl.col("cum") + (pl.col("start") - (pl.col("cum") - pl.col("supply"))).cum_max().over("key")).alias("end")
-    )
     covered = (
         pl.col("end").clip(upper_bound=0) - (pl.col("end") - pl.col("supply")).clip(lower_bound=-P)
     ).clip(lower_bound=0)
-    long = chained.with_columns(covered.alias("covered"), _in(P).alias("in_p")).group_by("key").agg(
-        (pl.col("end").max() > 0).cast(pl.Float64).alias("active"),
-        pl.col("in_p").sum().alias("count"),
-        pl.col("days").min().alias("last"),
-        (pl.col("covered").sum() / P).clip(upper_bound=1.0).alias("pdc"),
-    )
     names = [k.name for k in spec.drug_classes]
-    return [
-        _widen(long, n, {
+    return {
+        "key": _key_expr(n),
+        "supply": [supply.alias("supply"), (-pl.col("days")).alias("start")],
+        "cum": cum.alias("cum"),
+        "end": (pl.col("cum") + (pl.col("start") - (pl.col("cum") - pl.col("supply"))).cum_max().over("key")
+                ).alias("end"),
+        "covered": [covered.alias("covered"), _in(P).alias("in_p")],
+        "aggs": [
+            (pl.col("end").max() > 0).cast(pl.Float64).alias("active"),
+            pl.col("in_p").sum().alias("count"),
+            pl.col("days").min().alias("last"),
+            (pl.col("covered").sum() / P).clip(upper_bound=1.0).alias("pdc"),
+        ],
+        "columns": {
             "active": [f"med_{k}_active" for k in names],
             "count": [f"med_{k}_count_{P}d" for k in names],
             "last": [f"med_{k}_days_since_last" for k in names],
             "pdc": [f"med_{k}_pdc_{P}d" for k in names],
-        })
-    ]
+        },
+    }
 
 
 def encounters(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
@@ -507,17 +564,25 @@ def smoking_status_expr(text: pl.Expr) -> pl.Expr:
 
 def smoking(spec: FeatureSpec, ev: pl.LazyFrame) -> Parts:
     """Latest recorded smoking status before t (same-time ties: the worse status)."""
-    rows = _of(ev, KIND_SMOKE).with_columns(smoking_status_expr(pl.col("text_value")).alias("status"))
-    rows = rows.filter(pl.col("status").is_not_null()).with_columns(
-        pl.when(pl.col("days") == pl.col("days").min().over("_ix")).then(pl.col("status")).alias("latest")
-    )
+    rows = _of(ev, KIND_SMOKE).with_columns(_SMOKING["status"])
+    rows = rows.filter(pl.col("status").is_not_null()).with_columns(_SMOKING["latest"])
+    return [rows.group_by("_ix").agg(_SMOKING["aggs"])]
+
+
+def _smoking_exprs() -> dict:
+    """The expressions of `smoking` (the same for every spec: built once)."""
     status = pl.col("latest").max()
-    return [
-        rows.group_by("_ix").agg(
+    return {
+        "status": smoking_status_expr(pl.col("text_value")).alias("status"),
+        "latest": pl.when(pl.col("days") == pl.col("days").min().over("_ix")).then(pl.col("status")).alias("latest"),
+        "aggs": [
             *[(status == code).cast(pl.Float64).alias(f"smoking_{s}") for code, s in enumerate(SMOKING_STATES)],
             pl.col("days").min().alias("smoking_days_since_last"),
-        )
-    ]
+        ],
+    }
+
+
+_SMOKING = _smoking_exprs()
 
 
 FAMILIES = (demographics, conditions, measurements, medications, encounters, smoking)  # + code_families.codes

@@ -42,8 +42,11 @@ def subject_table(events: pl.LazyFrame, task: TaskDefinition, concepts: ConceptM
 
 
 def _subject_table_of_roles(events: pl.LazyFrame, roles: dict[str, tuple[str, ...]],
-                            concepts: ConceptMap | None = None) -> pl.LazyFrame:
-    """`subject_table` with a `first_<role>` column per entry of `roles` (role -> concept group)."""
+                            concepts: ConceptMap | None = None, codes: pl.Series | None = None) -> pl.LazyFrame:
+    """`subject_table` with a `first_<role>` column per entry of `roles` (role -> concept group).
+
+    `codes`, when the events' distinct codes are known already (events in memory), are matched to
+    concepts from the concept map's memo instead of in the plan."""
     cmap = concepts or load_concepts()
     timed = events.select("subject_id", "time", "code").filter(pl.col("time").is_not_null())
     base = timed.group_by("subject_id").agg(
@@ -55,7 +58,10 @@ def _subject_table_of_roles(events: pl.LazyFrame, roles: dict[str, tuple[str, ..
     needed = sorted({c for group in roles.values() for c in group})
     if not needed:
         return base
-    table = cmap.concept_table(timed, needed)
+    if codes is None:
+        table = cmap.concept_table(timed, needed)
+    else:
+        table = cmap.concept_table_of_codes(codes.to_list(), needed).lazy()
     tagged = timed.join(table, on="code", how="inner")
     firsts = tagged.group_by("subject_id").agg(
         pl.col("time").filter(pl.col("concept").is_in(list(group))).min().alias(f"first_{role}")
@@ -132,7 +138,8 @@ def eligible_indexes(
     one pass over the events instead of one per task (serving decides every task of a patient at once).
     The same rules (`_eligible`) on the same per-subject facts; `collect_options` go to polars' collect."""
     roles = {f"{i}_{role}": group for i, task in enumerate(tasks) for role, group in _role_concepts(task).items()}
-    subjects = _subject_table_of_roles(events.lazy(), roles, concepts).collect(**collect_options)
+    codes = events.get_column("code").unique() if isinstance(events, pl.DataFrame) else None
+    subjects = _subject_table_of_roles(events.lazy(), roles, concepts, codes).collect(**collect_options)
     base = ["subject_id", "birth", "death", "first_event", "last_event"]
     times_frame = _times_frame(times)
     plans = []

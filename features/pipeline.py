@@ -48,7 +48,7 @@ from chronorisk.features.spec import (
 from chronorisk.features.tasks import TaskDefinition
 from chronorisk.features.vocabulary import code_summary, merge_summaries, select_codes
 
-__all__ = ["code_summary", "fit_spec", "merge_summaries", "transform", "transform_shards"]
+__all__ = ["code_summary", "fit_spec", "merge_summaries", "transform", "transform_frame", "transform_shards"]
 
 FAMILIES = (*fam.FAMILIES, code_features)  # each a (spec, tagged events) -> LazyFrames function
 _US = pl.Datetime("us")
@@ -158,6 +158,23 @@ class _CodeSlots:
     exact: pl.DataFrame  # (code, kind, idx): every exact mapping
     prefix_vocabs: tuple[str, ...]
 
+    def extra_of(self, slot_type: pl.DataType) -> tuple[pl.DataFrame, pl.Series]:
+        """`extra` with its slot column of `slot_type`, and its distinct slots as one list (made once)."""
+        hit = self._extra_by_type.get(slot_type)
+        if hit is None:
+            extra = self.extra.with_columns(pl.col("slot").cast(slot_type))
+            hit = self._extra_by_type[slot_type] = (extra, extra.get_column("slot").unique().implode())
+        return hit
+
+    @cached_property
+    def _extra_by_type(self) -> dict:
+        return {}
+
+    @cached_property
+    def exact_conditions(self) -> set[tuple[str, int, int]]:
+        """(code, kind, idx) of the exact condition mappings."""
+        return set(self.exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "kind", "idx").iter_rows())
+
     @classmethod
     def of(cls, spec: FeatureSpec, kinds: set[int] | None = None) -> _CodeSlots:
         """Slots of the codes feeding `kinds` (default: every family); cached per spec object."""
@@ -195,11 +212,14 @@ class _CodeSlots:
         )
 
 
-def _prefix_table(spec: FeatureSpec, codes: pl.Series, exact: pl.DataFrame) -> pl.DataFrame:
+def _prefix_table(spec: FeatureSpec, codes: pl.Series | list[str], exact: pl.DataFrame,
+                  known: set | None = None) -> pl.DataFrame:
     """(code, kind, idx) of condition matches (prefixes, ICD codes with or without dots) among the
-    distinct `codes`, beyond exact ones."""
-    known = set(exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "kind", "idx").iter_rows())
-    rows = _condition_matches(spec, codes.unique().drop_nulls().to_list(), known)
+    distinct `codes`, beyond exact ones (`known`: the exact condition rows of `exact`, when known)."""
+    if known is None:
+        known = set(exact.filter(pl.col("kind") == fam.KIND_COND).select("code", "kind", "idx").iter_rows())
+    distinct = codes.unique().drop_nulls().to_list() if isinstance(codes, pl.Series) else codes
+    rows = _condition_matches(spec, distinct, known)
     return pl.DataFrame(rows, schema={"code": pl.String, "kind": pl.UInt8, "idx": pl.Int32}, orient="row")
 
 
@@ -272,17 +292,15 @@ def tag_events(
         )
     ]
     if slots.extra.height:
-        extra = slots.extra.with_columns(pl.col("slot").cast(ev.schema["slot"]))
-        several = exact.filter(pl.col("slot").is_in(extra.get_column("slot").unique().implode()))
-        parts.append(several.join(extra.lazy(), on="slot", how="inner"))
+        extra, extra_slots = slots.extra_of(ev.schema["slot"])
+        if ev.get_column("slot").is_in(extra_slots).any():  # codes with several mappings: their other rows
+            several = exact.filter(pl.col("slot").is_in(extra_slots))
+            parts.append(several.join(extra.lazy(), on="slot", how="inner"))
     if slots.prefix_vocabs:
         # codes the spec does not know exactly, but which may fall in a condition's code family
         unknown = ev.filter(pl.col("slot").is_null()).get_column("code").unique()
-        in_family = unknown.str.starts_with(slots.prefix_vocabs[0])
-        for v in slots.prefix_vocabs[1:]:
-            in_family = in_family | unknown.str.starts_with(v)
-        candidates = unknown.filter(in_family)
-        table = _prefix_table(spec, candidates, slots.exact) if len(candidates) else None
+        candidates = [c for c in unknown.to_list() if c is not None and c.startswith(slots.prefix_vocabs)]
+        table = _prefix_table(spec, candidates, slots.exact, slots.exact_conditions) if candidates else None
         if table is not None and table.height:
             parts.append(ev.lazy().filter(pl.col("slot").is_null()).join(table.lazy(), on="code"))
     if not one_time_each:
@@ -294,8 +312,19 @@ def tag_events(
 def _row_of_subject(subjects: pl.Series, index_subjects: pl.Series) -> pl.Series:
     """Each event's index row (null when its subject is not in the index), when subjects are unique.
 
-    Events come grouped by subject (MEDS), so the lookup runs once per run of equal subjects.
+    Events come grouped by subject (MEDS), so the lookup runs once per run of equal subjects; for the
+    index of a few patients (serving) a binary search over it is cheaper than finding the runs.
     """
+    if 0 < len(index_subjects) <= fam.FEW_ROWS:
+        keys = index_subjects.to_numpy()
+        order = np.argsort(keys, kind="stable")
+        values = subjects.to_numpy()
+        at = np.minimum(np.searchsorted(keys, values, sorter=order), len(keys) - 1)
+        row = order[at]
+        found = keys[row] == values
+        if found.all():
+            return pl.Series("_ix", row, dtype=pl.UInt32)
+        return pl.Series("_ix", np.where(found, row, np.nan), nan_to_null=True).cast(pl.UInt32)
     runs = subjects.rle_id()
     run_subject = subjects.rle().struct.field("value")
     rows = pl.Series(range(len(index_subjects)), dtype=pl.UInt32)
@@ -347,24 +376,45 @@ def transform(
     )
 
 
+def transform_frame(
+    spec: FeatureSpec, events: pl.DataFrame, index: pl.DataFrame, families: Iterable[str] | None = None
+) -> pl.DataFrame:
+    """`transform(spec, events, index, families).collect()` for events already in memory (a patient being
+    served): the same computation without the lazy plan around it, which for a few rows costs as much
+    as a family (the events are conformed once, by `tag_events`)."""
+    chosen = _chosen_families(families)
+    idx = _conform_index(index).collect(**run_options(index.height))
+    names = [n for n in spec.feature_names if spec.features[n].family in chosen["output"]]
+    return _features(spec, events, idx, chosen, names)
+
+
 def _features(
     spec: FeatureSpec, events: pl.DataFrame, idx: pl.DataFrame, chosen: dict[str, set[str]], names: list[str]
 ) -> pl.DataFrame:
-    """The features of every index row from the (materialized) events: tag once, run the families."""
+    """The features of every index row from the (materialized) events: tag once, run the families.
+
+    Every family part is a frame keyed by `_ix` (only the rows it has events of). For a few rows (one
+    patient being served) the parts are collected in one go and placed by `_ix` with numpy; for many,
+    each part is left-joined to the index rows and finished by polars expressions. Same values."""
     with_ix = idx.with_row_index("_ix")
     kinds = None if chosen["compute"] >= {f.__name__ for f in FAMILIES} else fam.kinds_of(chosen["compute"])
-    tagged = tag_events(spec, events, with_ix.select("_ix", "subject_id", "prediction_time"), kinds).lazy()
-    ixs = with_ix.lazy().select("_ix")
-    aligned = [
-        ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix")
-        for family in FAMILIES
-        if family.__name__ in chosen["compute"]
-        for part in family(spec, tagged)
-    ]
-    out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
+    tagged = tag_events(spec, events, with_ix.select("_ix", "subject_id", "prediction_time"), kinds)
     plan = _final_plan(spec, tuple(names))
-    if out.height <= fam.FEW_ROWS:
-        return pl.concat([idx, _finish_small(out, plan)], how="horizontal")
+    if idx.height <= fam.FEW_ROWS:
+        # a family without events of its kinds gives no row (all "no value"): not run at all
+        present = set(tagged.get_column("kind").unique().to_list())
+        parts = [part for family in FAMILIES if family.__name__ in chosen["compute"]
+                 and fam.kinds_of({family.__name__}) & present for part in family(spec, tagged.lazy())]
+        plans = [part.rows if isinstance(part, fam.NumpyPart) else part for part in parts]
+        frames = pl.collect_all(plans, **run_options(idx.height))
+        return pl.concat([idx, _finish_matrix(_placed_sources(parts, frames, idx.height, plan), plan)],
+                         how="horizontal")
+    lazy = tagged.lazy()
+    parts = [part.frame() if isinstance(part, fam.NumpyPart) else part
+             for family in FAMILIES if family.__name__ in chosen["compute"] for part in family(spec, lazy)]
+    ixs = with_ix.lazy().select("_ix")
+    aligned = [ixs.join(part, on="_ix", how="left", maintain_order="left").drop("_ix") for part in parts]
+    out = pl.concat([idx, *pl.collect_all(aligned, **run_options(idx.height))], how="horizontal")
     return out.select(*idx.columns, *plan.exprs)
 
 
@@ -395,6 +445,19 @@ class _FinalPlan:
     gather: np.ndarray  # position in `sources` of each output's source column
     zero: np.ndarray  # bool per output
     never: np.ndarray  # bool per output
+
+    def positions(self, columns: tuple[str, ...]) -> np.ndarray:
+        """Position in `sources` of each of a family part's columns: -2 for `_ix`, -1 for one not used."""
+        hit = self._positions.get(columns)
+        if hit is None:
+            at = {s: i for i, s in enumerate(self.sources)}
+            hit = np.array([-2 if c == "_ix" else at.get(c, -1) for c in columns], dtype=np.intp)
+            self._positions[columns] = hit
+        return hit
+
+    @cached_property
+    def _positions(self) -> dict[tuple[str, ...], np.ndarray]:
+        return {}
 
     @cached_property
     def exprs(self) -> list[pl.Expr]:
@@ -436,6 +499,35 @@ def _finish_small(out: pl.DataFrame, plan: _FinalPlan) -> pl.DataFrame:
     values = np.column_stack([by_name[name].to_numpy() for name in plan.sources])
     if values.dtype != np.float64:  # the families give Float64 (null -> NaN); any other type is cast
         values = out.select(plan.sources).cast(pl.Float64).to_numpy()
+    return _finish_matrix(values, plan)
+
+
+def _placed_sources(parts: list, frames: list[pl.DataFrame], n_rows: int, plan: _FinalPlan) -> np.ndarray:
+    """The (row, source column) matrix of the family parts, from `frames` (each part's plan collected: the
+    part itself, keyed by `_ix` with the rows it has events of, or a NumpyPart's rows, which its `compute`
+    turns into a matrix), NaN where a part has no row: what left-joining each part to the index rows gives."""
+    values = np.full((n_rows, len(plan.sources)), np.nan)
+    for part, frame in zip(parts, frames, strict=True):
+        if frame.height == 0:
+            continue
+        if isinstance(part, fam.NumpyPart):
+            ix, matrix = part.compute(frame)
+            where = plan.positions(part.names)
+            rows, matrix = ix.astype(np.intp), matrix.T
+        else:
+            where = plan.positions(tuple(frame.columns))  # position of each column in `plan.sources`
+            matrix = frame.to_numpy()  # `_ix` (UInt32) and Float64 columns: one Float64 matrix, null -> NaN
+            if matrix.dtype != np.float64:  # the families give Float64; any other type is cast
+                matrix = frame.cast(pl.Float64).to_numpy()
+            rows = matrix[:, where == -2][:, 0].astype(np.intp)
+        used = where >= 0  # -1: a column not used by the features asked for; -2: `_ix`
+        if len(rows) and used.any():
+            values[np.ix_(rows, where[used])] = matrix[:, used]
+    return values
+
+
+def _finish_matrix(values: np.ndarray, plan: _FinalPlan) -> pl.DataFrame:
+    """The output features from the (row, source column) matrix (see `_FinalPlan`)."""
     values = values[:, plan.gather]
     missing = np.isnan(values)
     values = np.where(plan.never, missing, np.where(plan.zero & missing, 0.0, values)).astype(np.float32)

@@ -244,19 +244,13 @@ def features_from_events(model: ServedModel, events: pl.DataFrame, prediction_ti
 
 
 def features_of_events(models: Sequence[ServedModel], events: pl.DataFrame, indexes: Sequence[pl.DataFrame]):
-    """Each model's feature frame from one patient's events, every task in one polars run; None where the
-    patient is not in that task's population. One run instead of one per task: for a single patient the
-    plan start, not the arithmetic, is most of the cost."""
-    from chronorisk.features.pipeline import run_options, transform
+    """Each model's feature frame from the events (one patient's, or a few patients' run together); None
+    where no one is in that task's population. The batch transform on frames in memory (`transform_frame`):
+    for a few patients the plan around it, not the arithmetic, would be most of the cost."""
+    from chronorisk.features.pipeline import transform_frame
 
-    lazy = events.lazy()
-    todo = [i for i, index in enumerate(indexes) if index.height]
-    plans = [transform(models[i].spec, lazy, indexes[i].lazy()) for i in todo]
-    frames = pl.collect_all(plans, **run_options(1))
-    found: list[pl.DataFrame | None] = [None] * len(models)
-    for i, frame in zip(todo, frames, strict=True):
-        found[i] = frame
-    return found
+    return [transform_frame(model.spec, events, index) if index.height else None
+            for model, index in zip(models, indexes, strict=True)]
 
 
 def eligible_indexes(models: Sequence[ServedModel], events: pl.DataFrame,

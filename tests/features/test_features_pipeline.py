@@ -13,7 +13,15 @@ from polars.testing import assert_frame_equal
 
 from chronorisk.errors import InputError
 from chronorisk.features.config import FeatureConfig
-from chronorisk.features.pipeline import code_summary, fit_spec, merge_summaries, transform, transform_shards
+from chronorisk.features.families import FEW_ROWS
+from chronorisk.features.pipeline import (
+    code_summary,
+    fit_spec,
+    merge_summaries,
+    transform,
+    transform_frame,
+    transform_shards,
+)
 from chronorisk.features.spec import FeatureSpec
 from chronorisk.features.tasks import load_task
 
@@ -121,14 +129,20 @@ def test_deterministic(meds, spec, index):
 
 
 def test_serving_single_patient_equals_batch(meds, spec, index):
+    """Serving (`transform_frame` on one patient's events, and a few patients at once) gives exactly the
+    batch's features (a batch of this size takes the many-rows path: joins and polars expressions)."""
     batch = transform(spec, pl.scan_parquet(meds), index.lazy()).collect()
+    assert batch.height > FEW_ROWS
     all_events = pl.read_parquet(meds)
-    for i in (0, 7, 123, index.height - 1):
+    for i in [*range(0, index.height, 37), index.height - 1]:
         row = index.slice(i, 1)
         mine = all_events.filter(pl.col("subject_id") == row["subject_id"][0])
         # serving gets a small DataFrame, in any order
-        single = transform(spec, mine.sample(fraction=1.0, shuffle=True, seed=i), row).collect()
-        assert_frame_equal(single, batch.slice(i, 1))
+        shuffled = mine.sample(fraction=1.0, shuffle=True, seed=i)
+        assert_frame_equal(transform(spec, shuffled, row).collect(), batch.slice(i, 1), check_exact=True)
+        assert_frame_equal(transform_frame(spec, shuffled, row), batch.slice(i, 1), check_exact=True)
+    few = index.slice(40, 12)  # a few rows over every patient's events: most events belong to no row
+    assert_frame_equal(transform_frame(spec, all_events, few), batch.slice(40, 12), check_exact=True)
 
 
 @pytest.mark.parametrize(
