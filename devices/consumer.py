@@ -49,6 +49,8 @@ class Consumer:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self._session_present = False
         self.client.on_publish = self._on_publish
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.totals = BatchResult()
@@ -61,9 +63,18 @@ class Consumer:
             return
         with self._lock:
             self.generation += 1
+        self._session_present = bool(flags.session_present)
+        # Ready only once the broker has granted the subscription (SUBACK, `_on_subscribe`): a reading published
+        # between CONNACK and SUBACK of a first session would match no subscription and be lost to this consumer.
         client.subscribe([(topic, 1) for topic in subscription(self.cfg.topic_prefix, self.sites)])
+
+    def _on_subscribe(self, _client, _userdata, _mid, reason_codes, _props):
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("MQTT subscription refused: %s", ", ".join(refused))
+            return
         self.connected.set()
-        log.info("connected (session present: %s)", bool(flags.session_present))
+        log.info("connected (session present: %s), subscribed", self._session_present)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props):
         self.connected.clear()
@@ -93,7 +104,7 @@ class Consumer:
         try:
             if not self.connected.wait(15):
                 raise ChronoriskError(f"MQTT broker {self.cfg.host}:{self.cfg.port} did not accept the connection "
-                                      "(credentials?)")
+                                      "or the subscription (credentials? topic ACL?)")
             self._publish_alerts()
             idle_since = time.monotonic()
             while not self.stopping.is_set():
