@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from cdp import Chromium, chromium_path
 from serving_support import SECRET, SITES, Server, make_keys, pg_schema, seed_store, write_params
 
 from chronorisk.serving.store import ScoreStore
@@ -128,3 +129,13 @@ def scored_server(tiny_world, tmp_path_factory):
     yield SimpleNamespace(server=server, keys=keys, url=url, site=site, score_output=out.stdout, work=work,
                           params=params, cmd=cmd, meds=meds)
     server.stop()
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium (Debian's, driven over the DevTools protocol) for the page tests."""
+    if chromium_path() is None:
+        pytest.fail("chromium is not installed: apt-get install chromium (the test set-up installs it)")
+    chrome = Chromium(tmp_path / "profile")
+    yield chrome
+    chrome.close()

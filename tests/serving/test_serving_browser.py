@@ -9,19 +9,9 @@ import time
 
 import polars as pl
 import pytest
-from cdp import Chromium, chromium_path
 from serving_support import subject_id
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if chromium_path() is None:
-        pytest.fail("chromium is not installed: apt-get install chromium (the test set-up installs it)")
-    chrome = Chromium(tmp_path / "profile")
-    yield chrome
-    chrome.close()
 
 
 def sign_in(page, base: str, key: str, landing: str) -> None:

@@ -12,7 +12,6 @@ from datetime import datetime
 import httpx
 import polars as pl
 import pytest
-from cdp import Chromium, chromium_path
 
 from chronorisk.serving import scoring, whatif
 from chronorisk.serving.store import ScoreStore, scores
@@ -140,15 +139,6 @@ def test_whatif_over_http(scored_server):
         assert c.post(path, json={"task": "complication_1y", "changes": {"hba1c": 7}}).status_code == 403
     with httpx.Client(base_url=scored_server.server.url) as c:
         assert c.post(path, json={"task": "complication_1y", "changes": {"hba1c": 7}}).status_code == 401
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if chromium_path() is None:
-        pytest.fail("chromium is not installed: apt-get install chromium (the test set-up installs it)")
-    chrome = Chromium(tmp_path / "profile")
-    yield chrome
-    chrome.close()
 
 
 @pytest.mark.browser

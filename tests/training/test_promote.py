@@ -101,20 +101,7 @@ def test_never_worse_beyond_tolerance_when_accepted(a1, e1, b1, a2, e2, b2):
 TASK = "complication_1y"
 
 
-@pytest.fixture(scope="module")
-def meds(tmp_path_factory):
-    import os
-    import subprocess
-    import sys
-
-    work = tmp_path_factory.mktemp("promote") / "work"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(work), "generate", "--patients", "600"],
-                   check=True, capture_output=True, env=env)
-    return work / "meds"
-
-
-def test_champion_with_another_spec_is_scored_on_the_same_rows(meds, tmp_path):
+def test_champion_with_another_spec_is_scored_on_the_same_rows(generated_meds_600, tmp_path):
     from chronorisk.errors import ChronoriskError
     from chronorisk.features.config import FeatureConfig
     from chronorisk.models.config import ModelConfig
@@ -127,8 +114,8 @@ def test_champion_with_another_spec_is_scored_on_the_same_rows(meds, tmp_path):
     paths = WorkPaths(tmp_path / "work")
     track = tracking.configure_tracking(paths, experiment="promote-test")
     model_config = ModelConfig(num_boost_round=60, early_stopping_rounds=10)
-    data_a = compute_task_data(meds, TASK, FeatureConfig(windows_days=[365]))  # one window: fewer columns
-    data_b = compute_task_data(meds, TASK, FeatureConfig())
+    data_a = compute_task_data(generated_meds_600, TASK, FeatureConfig(windows_days=[365]))  # one window: fewer columns
+    data_b = compute_task_data(generated_meds_600, TASK, FeatureConfig())
     assert not same_spec(data_a.spec, data_b.spec)
     bundles = []
     for tag, data in (("a", data_a), ("b", data_b)):
@@ -138,7 +125,7 @@ def test_champion_with_another_spec_is_scored_on_the_same_rows(meds, tmp_path):
         registry.register_bundle(track, tmp_path / tag, task=TASK)
     registry.set_alias(track, TASK, "champion", 1)
 
-    decision = promote_task(track, paths, TASK, data_b, PromoteConfig(), meds_root=meds)
+    decision = promote_task(track, paths, TASK, data_b, PromoteConfig(), meds_root=generated_meds_600)
     held_a, held_b = data_a.split(HELD_OUT), data_b.split(HELD_OUT)
     assert decision.candidate.version == 2 and decision.champion.version == 1
     assert decision.candidate.n == decision.champion.n == held_b.height == held_a.height

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 TASK = "onset_2y"
 
 
-@pytest.fixture(scope="module")
-def meds(tmp_path_factory):
-    work = tmp_path_factory.mktemp("tiers") / "work"
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    subprocess.run([sys.executable, "-m", "chronorisk.cli", "--work", str(work), "generate", "--patients", "600"],
-                   check=True, capture_output=True, env=env)
-    return work / "meds"
-
-
-def test_a_top_percent_rule_is_fitted_on_the_tuning_rows_and_reported(meds, tmp_path):
+def test_a_top_percent_rule_is_fitted_on_the_tuning_rows_and_reported(generated_meds_600, tmp_path):
     from chronorisk.features.config import FeatureConfig
     from chronorisk.models.bundle import ModelBundle
     from chronorisk.models.config import ModelConfig, TierRule
@@ -29,7 +16,7 @@ def test_a_top_percent_rule_is_fitted_on_the_tuning_rows_and_reported(meds, tmp_
     from chronorisk.training.config import TrainConfig
     from chronorisk.training.train import compute_task_data, train_task, training_rows
 
-    data = compute_task_data(meds, TASK, FeatureConfig(windows_days=[365]))
+    data = compute_task_data(generated_meds_600, TASK, FeatureConfig(windows_days=[365]))
     config = ModelConfig(num_boost_round=40, early_stopping_rounds=10,
                          tier_rules={TASK: TierRule(rule="top_percent", high=5, medium=20)})
     bundle = train_task(data, config, TrainConfig()).bundle
