@@ -137,7 +137,8 @@ class BundleContext:
         self.subjects: dict[str, int] = {}  # reference string -> subject id, within one bundle / file
         self.partial: list[Rejected] = []
         self._times: dict[str, int] = {}
-        # accepted dates (data/time_bounds.py: 1900 to now plus a day), fixed when the context is made
+        # accepted dates (data/time_bounds.py: 1900 to now plus a day), read again at each bundle: a context
+        # may live for days (the device stream's), and "now" must move with it
         self.earliest_us, self.latest_us = bounds_us()
 
     def reset_bundle(self) -> None:
@@ -148,6 +149,7 @@ class BundleContext:
         self.medications = {}
         self.bundle_org = None
         self.subjects = {}
+        self.earliest_us, self.latest_us = bounds_us()
         if len(self._times) > 100_000:
             self._times = {}
 

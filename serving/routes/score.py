@@ -66,8 +66,6 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
         events = scoring.events_frame([e.__dict__ for e in body.events], subject or 0)
     elif body.fhir is not None:
         events = scoring.fhir_events(body.fhir.model_dump(exclude_none=True))
-    if body.events is None:  # FHIR bundles (here, $score, CDS prefetch): the events path's date bounds
-        check_event_dates(events)
     tasks = _served_tasks(state, body.tasks)
 
     def log_for_monitoring(model, feats, risk, tiers) -> None:
@@ -115,20 +113,3 @@ def _served_tasks(state: ServingState, asked: list[str] | None) -> list[str]:
         if task not in state.models:
             raise HTTPException(503, f"no model is loaded for task {task}")
     return list(dict.fromkeys(asked))
-
-
-
-def check_event_dates(events) -> None:
-    """The bounds of `schemas.check_past` (1900 to now plus a day of clock skew) on converted FHIR events,
-    as on the events path: one rule for every path."""
-    if events is None or events.height == 0 or "time" not in events.columns:
-        return
-    times = events.get_column("time").drop_nulls()
-    if times.len() == 0:
-        return
-    for value in (times.min(), times.max()):
-        try:
-            S.check_past(value)
-        except ValueError as exc:
-            raise InputError("fhir", f"a resource is dated {value:%Y-%m-%d}, which {exc}; accepted 1900 to now") \
-                from None

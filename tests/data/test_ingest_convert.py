@@ -418,3 +418,22 @@ def test_subjects_must_be_patients_of_the_bundle():
     [(entry, rtype, rejected)] = problems
     assert (entry, rtype, rejected.category) == (3, "Observation", "subject_not_in_bundle")
     assert rejected.detail.startswith("subject not in bundle")
+
+
+def test_a_long_lived_context_reads_the_clock_at_each_bundle(monkeypatch):
+    """The date bounds follow the clock: a context kept for days (the device stream keeps one) accepts
+    today's readings after `reset_bundle`, not only those of the day it was made."""
+    from datetime import datetime, timedelta
+
+    from chronorisk.data import time_bounds
+    from chronorisk.data.fhir.convert import BundleContext, Rejected
+    from chronorisk.data.pseudonym import Pseudonymizer
+
+    made = datetime(2026, 1, 1)
+    monkeypatch.setattr(time_bounds, "utcnow_naive", lambda: made)
+    ctx = BundleContext(Pseudonymizer(b"k" * 32), {}, {})
+    with pytest.raises(Rejected, match="is in the future"):
+        ctx.time("2026-01-10", "effectiveDateTime")
+    monkeypatch.setattr(time_bounds, "utcnow_naive", lambda: made + timedelta(days=30))
+    ctx.reset_bundle()
+    assert ctx.time("2026-01-10", "effectiveDateTime") == ctx.time("2026-01-10T00:00:00Z", "effectiveDateTime")
