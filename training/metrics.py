@@ -381,6 +381,14 @@ def bias_corrected_interval(replicates: np.ndarray, point: float, level: float =
     return float(min(lo, point)), float(max(hi, point))
 
 
+def auroc_standard_error(auc: float, n_cases: float, n_noncases: float) -> float:
+    """Standard error of an AUROC of `auc` over this many cases and non-cases (Hanley and McNeil, 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_cases - 1) * (q1 - auc * auc) + (n_noncases - 1) * (q2 - auc * auc)) \
+        / (n_cases * n_noncases)
+    return math.sqrt(max(var, 0.0))
+
+
 def within_group_auroc(y: object, score: object, groups: object) -> float:
     """AUROC over case/non-case pairs of the same group only (e.g. site): the stratified Mann-Whitney.
 

@@ -173,9 +173,7 @@ def auroc_standard_error(y: np.ndarray, score: np.ndarray) -> float | None:
     a = float(tm.auroc(y, score))
     if n1 < 1 or n0 < 1 or not math.isfinite(a):
         return None
-    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
-    return float(math.sqrt(max(var, 0.0)))
+    return float(tm.auroc_standard_error(a, n1, n0))
 
 
 def ece_noise_floor(risk: np.ndarray, *, draws: int = NOISE_FLOOR_DRAWS, seed: int = 0) -> float | None:

@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 from scipy.special import kolmogorov
 
+from chronorisk.training.metrics import auroc_standard_error as auroc_se
 from chronorisk.training.performance_estimate import rounded  # one rounding rule for reports
 
 if TYPE_CHECKING:
@@ -232,13 +233,6 @@ def realized_performance(outcome: np.ndarray, risk: np.ndarray, config: MonitorC
         "ece": rounded(ece), "ece_null_p": p_value(_ece_null_p(ece, p, seed_of(config.seed, "ece", y.size, positives))),
         "brier": rounded(tm.brier(y, p)),
     }
-
-
-def auroc_se(auc: float, n1: int, n0: int) -> float:
-    """Standard error of an AUROC (Hanley and McNeil, 1982)."""
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc * auc) + (n0 - 1) * (q2 - auc * auc)) / (n1 * n0)
-    return math.sqrt(max(var, 0.0))
 
 
 def _slope_se(y: np.ndarray, p: np.ndarray) -> float:
