@@ -41,6 +41,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -79,11 +80,13 @@ async def _one_connection(host, port, requests, deadline, latencies, statuses):
             raw = requests[i % len(requests)]
             i += 1
             start = time.perf_counter()
+            if reader is None:  # the next call opens a new connection: its latency includes the connect
+                reader, writer = await asyncio.open_connection(host, port)
             writer.write(raw)
             head = await reader.readuntil(b"\r\n\r\n")
             status = int(head[9:12])
             length = 0
-            chunked = False
+            chunked = closing = False
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
@@ -91,6 +94,8 @@ async def _one_connection(host, port, requests, deadline, latencies, statuses):
                     length = int(value.strip())
                 elif name == b"transfer-encoding" and b"chunked" in value.lower():
                     chunked = True
+                elif name == b"connection" and b"close" in value.lower():
+                    closing = True
             if chunked:
                 while True:
                     size = int((await reader.readline()).strip(), 16)
@@ -101,6 +106,9 @@ async def _one_connection(host, port, requests, deadline, latencies, statuses):
                 await reader.readexactly(length)
             latencies.append(time.perf_counter() - start)
             statuses[status] = statuses.get(status, 0) + 1
+            if closing:  # the server ended this connection (serve.keepalive_max_requests)
+                writer.close()
+                reader = None
     finally:
         writer.close()
 
@@ -269,6 +277,47 @@ def _server_cpu() -> float:
     return total
 
 
+def _worker_cpu() -> dict[int, float]:
+    """CPU seconds so far of each process under the server (the arbiter and each worker), by pid."""
+    import psutil
+
+    if SERVER_PID is None:
+        return {}
+    out = {}
+    try:
+        procs = [psutil.Process(SERVER_PID), *psutil.Process(SERVER_PID).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _connections_by_worker(port: int) -> list[int]:
+    """How many established client connections each server process holds on `port` (largest first)."""
+    import psutil
+
+    if SERVER_PID is None:
+        return []
+    counts = []
+    try:
+        procs = [psutil.Process(SERVER_PID), *psutil.Process(SERVER_PID).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        try:
+            held = sum(1 for c in p.net_connections(kind="tcp")
+                       if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
+        except psutil.NoSuchProcess:
+            continue
+        counts.append(held)
+    return sorted((c for c in counts if c), reverse=True)
+
+
 def _client_cpu() -> float:
     """CPU seconds of this process and its finished children (wrk)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -284,14 +333,32 @@ def load(url: str, reqs: Requests, concurrency: int, seconds: float) -> dict:
     def start() -> None:
         cpu["server"], cpu["client"] = _server_cpu(), _client_cpu()
 
-    if WRK is not None:
-        result = wrk_load(WRK, url, reqs, concurrency, seconds, SCRATCH, before=start)
-    else:  # its warm-up second runs inside: the CPU figures include it (slight overestimates)
-        start()
-        result = asyncio.run(_load(host, int(port), reqs.raw(), concurrency, seconds))
-        result = {"client": "python", **result, "socket_errors": 0}
+    seen: list[list[int]] = []  # connections held per worker, sampled each second during the run
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            seen.append(_connections_by_worker(int(port)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    workers_before = _worker_cpu()
+    sampler.start()
+    try:
+        if WRK is not None:
+            result = wrk_load(WRK, url, reqs, concurrency, seconds, SCRATCH, before=start)
+        else:  # its warm-up second runs inside: the CPU figures include it (slight overestimates)
+            start()
+            result = asyncio.run(_load(host, int(port), reqs.raw(), concurrency, seconds))
+            result = {"client": "python", **result, "socket_errors": 0}
+    finally:
+        stop.set()
+        sampler.join()
     before_server, before_client = cpu["server"], cpu["client"]
     n = result["requests"] or 1
+    workers_after = _worker_cpu()
+    result["server_cpu_s_by_process"] = sorted(
+        (round(workers_after[pid] - workers_before.get(pid, 0.0), 2) for pid in workers_after), reverse=True)
+    result["connections_by_worker"] = seen
     result["server_cpu_ms_per_request"] = round(1000 * (_server_cpu() - before_server) / n, 3)
     result["client_cpu_ms_per_request"] = round(1000 * (_client_cpu() - before_client) / n, 3)
     return result

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from chronorisk.serving.middleware import CatchAll, MetricsMiddleware, PayloadLimit
+from chronorisk.serving.middleware import CatchAll, ConnectionRecycle, MetricsMiddleware, PayloadLimit
 from chronorisk.serving.routes import cds_hooks, cohort, fhir, patients, score, system, whatif
 from chronorisk.serving.routes.errors import install_error_handlers
 
@@ -40,8 +40,13 @@ def create_app() -> FastAPI:
         mb = state.config.max_payload_mb if state is not None else 5.0
         return int(mb * 1_000_000)
 
+    def keepalive_of(_scope) -> int:
+        state = getattr(app.state, "serving", None)
+        return state.config.keepalive_max_requests if state is not None else 0
+
     app.add_middleware(CatchAll)
     app.add_middleware(PayloadLimit, get_limit=lambda scope: limit_of({"app": app, **scope}))
+    app.add_middleware(ConnectionRecycle, get_limit=keepalive_of)
     app.add_middleware(MetricsMiddleware)
     return app
 

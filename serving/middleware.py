@@ -98,6 +98,47 @@ class PayloadLimit:
         await self.app(scope, limited_receive, guarded_send)
 
 
+class ConnectionRecycle:
+    """Close a keep-alive connection after `serve.keepalive_max_requests` answers (`Connection: close`).
+
+    BentoML's workers accept from one shared listening socket, and a worker's event loop takes every
+    connection waiting when it wakes: 8 clients that connect together all land on one worker while the
+    other stays idle (measured: 8/0 in every run of benchmarks/cds_bench.py). Persistent connections
+    keep that split for their whole life. Ending each after a bounded number of answers (as nginx's
+    `keepalive_requests` and Envoy's `max_requests_per_connection` do) lets the client's next
+    connection go to whichever worker is free to accept it, so the load evens out within seconds.
+    Counted per client address and port in this worker; an answer already closing is left alone."""
+
+    MAX_TRACKED = 4096  # connections counted at once; the oldest count is forgotten beyond that
+
+    def __init__(self, app, get_limit):
+        self.app = app
+        self.get_limit = get_limit
+        self._answers: dict[tuple, int] = {}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope.get("client"):
+            return await self.app(scope, receive, send)
+        limit = self.get_limit(scope)
+        if limit <= 0:
+            return await self.app(scope, receive, send)
+        client = tuple(scope["client"])
+        answers = self._answers.pop(client, 0) + 1
+        closing = answers >= limit
+        if not closing:
+            self._answers[client] = answers  # re-inserted: the dict's order is the order of last use
+            if len(self._answers) > self.MAX_TRACKED:
+                del self._answers[next(iter(self._answers))]
+
+        async def recycling_send(message):
+            if closing and message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, recycling_send)
+
+
 def _too_large(limit: int) -> dict:
     return error_body(
         f"body: larger than the limit of {limit / 1e6:g} MB (serve.max_payload_mb)",
