@@ -49,19 +49,26 @@ def _subject_table_of_roles(events: pl.LazyFrame, roles: dict[str, tuple[str, ..
     concepts from the concept map's memo instead of in the plan."""
     cmap = concepts or load_concepts()
     timed = events.select("subject_id", "time", "code").filter(pl.col("time").is_not_null())
-    base = timed.group_by("subject_id").agg(
+    facts = [
         pl.col("time").filter(pl.col("code") == vocab.BIRTH).min().alias("birth"),
         pl.col("time").filter(pl.col("code") == vocab.DEATH).min().alias("death"),
         pl.col("time").filter(pl.col("code") != vocab.BIRTH).min().alias("first_event"),
         pl.col("time").max().alias("last_event"),
-    )
+    ]
     needed = sorted({c for group in roles.values() for c in group})
     if not needed:
-        return base
-    if codes is None:
-        table = cmap.concept_table(timed, needed)
-    else:
-        table = cmap.concept_table_of_codes(codes.to_list(), needed).lazy()
+        return timed.group_by("subject_id").agg(facts)
+    if codes is not None:
+        # the events' codes are known: each role's codes come from the memo, and one aggregation makes
+        # the table (no join; the same first times as the join below gives, tests/features/test_features_labels.py)
+        table = cmap.concept_table_of_codes(codes.to_list(), needed)
+        role_codes = {role: sorted({code for code, concept in table.iter_rows() if concept in group})
+                      for role, group in roles.items()}
+        return timed.group_by("subject_id").agg(
+            *facts, *(pl.col("time").filter(pl.col("code").is_in(role_codes[role])).min().alias(f"first_{role}")
+                      for role in roles))
+    base = timed.group_by("subject_id").agg(facts)
+    table = cmap.concept_table(timed, needed)
     tagged = timed.join(table, on="code", how="inner")
     firsts = tagged.group_by("subject_id").agg(
         pl.col("time").filter(pl.col("concept").is_in(list(group))).min().alias(f"first_{role}")

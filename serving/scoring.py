@@ -37,6 +37,7 @@ from chronorisk.caching import IdentityCache
 from chronorisk.data import codes as vocab
 from chronorisk.data.meds_io import EVENT_SCHEMA
 from chronorisk.errors import ChronoriskError, InputError
+from chronorisk.frames import pick_columns
 from chronorisk.serving.patient_batch import PatientBatcher
 from chronorisk.serving.store import ScoreStore, to_json_factors, utcnow
 
@@ -228,7 +229,7 @@ def fhir_record(bundle: dict, field: str = "fhir") -> FhirRecord:
 
 def check_event_frame(events: pl.DataFrame, prediction_time: datetime) -> None:
     """Patient-level checks the row validators cannot make (a birth after the prediction time)."""
-    births = events.filter(pl.col("code") == vocab.BIRTH)["time"]
+    births = events.get_column("time").filter(events.get_column("code") == vocab.BIRTH)  # eager: no plan
     if births.len() and births.min() is not None and births.min() > prediction_time:
         raise InputError("events", "MEDS_BIRTH is after the prediction time (a negative age)")
 
@@ -787,7 +788,7 @@ def monitoring_records(
         cols = [c for c in model.feature_names if c in present]
         if "subject_id" in present:
             cols = ["subject_id", *cols]
-        frame = feats.select(cols)
+        frame = pick_columns(feats, cols)
     return frame.with_columns(
         pl.lit(site or "unknown").alias("site"),
         pl.lit(prediction_time).cast(_US).alias("prediction_time"),

@@ -51,6 +51,10 @@ def service_environment(args, ctx) -> dict[str, str]:
         env["CHRONORISK_DEMO"] = "1"
     workers = args.workers or cfg.workers
     env["BENTOML_CONFIG_OVERRIDES"] = json.dumps({"services": {"ChronoriskService": {"workers": int(workers)}}})
+    # each worker's polars pool gets its share of the cores (a request's frames are small: a pool per
+    # worker as wide as the machine only adds threads waking and spinning; 0.9 -> 0.75 ms of pool CPU a
+    # CDS call at concurrency 8 on 2 cores, benchmarks/cds_bench.py); a value set by the caller wins
+    env.setdefault("POLARS_MAX_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
     return env
 
 

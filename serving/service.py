@@ -36,7 +36,7 @@ class ChronoriskService:
 
         self.state = state_from_env()
         app.state.serving = self.state
-        _freeze_loaded_objects()
+        _tune_garbage_collector()
 
     def __is_ready__(self) -> bool:
         return self.state.store.ping()
@@ -49,15 +49,27 @@ class ChronoriskService:
         self.state.store.dispose()
 
 
-def _freeze_loaded_objects() -> None:
-    """Move everything loaded so far (models, libraries) out of the garbage collector's view.
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
+
+
+def _tune_garbage_collector() -> None:
+    """Move everything loaded so far out of the collector's view, and collect the young less often.
 
     A worker holds millions of long-lived objects after import and model load;
     every full collection walks them all, which shows up as 50-100 ms pauses
     in a request's tail latency. `gc.freeze` (the documented remedy for
     pre-loaded servers) leaves them alone; objects made later are collected as usual.
+
+    A request builds tens of thousands of containers (a CDS Hooks prefetch of 3 years is
+    ~60 kB of JSON): at the default threshold the collector runs every 700 of them, walking the
+    half-built, still-live structure again and again and promoting it to older generations. At
+    50,000 most of a request's temporaries are freed by reference counting before a collection
+    comes: parsing that prefetch went from 0.53 to 0.16 ms of CPU, a CDS call from 6.6 to 6.0 ms
+    in process (measured on the cds benchmark's records). Cycles are still collected.
     """
     import gc
 
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)

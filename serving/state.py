@@ -102,7 +102,8 @@ class MonitoringSink:
         """Write what is buffered: one table per model, built at once (ready-made feature rows are
         stacked into one matrix; per-request frames of the events path are concatenated)."""
         import numpy as np
-        import polars as pl
+
+        from chronorisk.frames import stack
 
         with self._lock:
             rows, self._rows = self._rows, []
@@ -118,9 +119,8 @@ class MonitoringSink:
                 if matrix:
                     frames.append(_stacked_records(model, matrix, np.vstack([g[1] for g in matrix])))
                 if tables:  # one concat and one select for all requests, not one select per request
-                    frames.append(_stacked_records(model, tables, pl.concat([g[1] for g in tables],
-                                                                            how="diagonal_relaxed")))
-                self.log.append(pl.concat(frames, how="diagonal_relaxed"), model.task, model.version, "api",
+                    frames.append(_stacked_records(model, tables, stack([g[1] for g in tables])))
+                self.log.append(stack(frames), model.task, model.version, "api",
                                 model_name=model.name, feature_names=model.feature_names)
             except Exception as exc:
                 log.warning("prediction log: append failed (%s)", type(exc).__name__)

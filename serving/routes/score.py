@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from chronorisk.errors import InputError
+from chronorisk.frames import pick_columns, without_column
 from chronorisk.serving import schemas as S
 from chronorisk.serving.access import Principal
 from chronorisk.serving.middleware import METRICS
@@ -72,7 +73,7 @@ def score_results(body: S.ScoreRequest, principal: Principal, state: ServingStat
         if state.monitor is not None:
             known = feats
             if subject is None and hasattr(feats, "drop"):  # no id given: no join key either
-                known = feats.drop("subject_id", strict=False)
+                known = without_column(feats, "subject_id")
             state.monitor.live(model, known, risk, tiers, site, when)
             if events is not None and hasattr(feats, "columns"):  # values the features read and dropped
                 live_input_checks(state.monitor.log, model, events, feats, site)
@@ -96,7 +97,7 @@ def live_input_checks(prediction_log, model, events, feats, site: str | None) ->
     from chronorisk.serving.prediction_log import input_check_buffer
 
     try:
-        rows = feats.select("subject_id", "prediction_time")
+        rows = pick_columns(feats, ["subject_id", "prediction_time"])
         input_check_buffer(prediction_log).add_request(model.spec, events, rows, model.task, site or "unknown")
     except Exception as exc:
         log.warning("prediction log: input checks failed (%s)", type(exc).__name__)
