@@ -30,3 +30,22 @@ def write_result(path: Path, record: dict, *, indent: int = 2) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=indent, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def speed_probe_ms() -> float:
+    """CPU milliseconds of a fixed single-threaded workload (a chain of 300,000 SHA-256 digests, best of 3).
+
+    This machine's speed drifts by tens of percent between runs (a shared host), so a result records the
+    probe beside its figures: two runs compare after scaling by their probes. About 130 ms here when fast."""
+    import hashlib
+    import time
+
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        digest = b"chronorisk"
+        for _ in range(300_000):
+            digest = hashlib.sha256(digest).digest()
+        best = min(best, time.process_time() - start)
+    return round(best * 1000, 1)
+

@@ -72,7 +72,9 @@ def machine() -> dict:
 # -- load generator -------------------------------------------------------------------------
 
 
-async def _one_connection(host, port, requests, deadline, latencies, statuses):
+async def _one_connection(host, port, requests, counted_from, deadline, latencies, statuses):
+    """Closed-loop calls on one keep-alive connection until `deadline`; calls started before
+    `counted_from` (the warm-up) are not counted. A connection the server closes is opened again."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         i = random.randrange(len(requests))
@@ -104,8 +106,9 @@ async def _one_connection(host, port, requests, deadline, latencies, statuses):
                         break
             elif length:
                 await reader.readexactly(length)
-            latencies.append(time.perf_counter() - start)
-            statuses[status] = statuses.get(status, 0) + 1
+            if start >= counted_from:
+                latencies.append(time.perf_counter() - start)
+                statuses[status] = statuses.get(status, 0) + 1
             if closing:  # the server ended this connection (serve.keepalive_max_requests)
                 writer.close()
                 reader = None
@@ -116,12 +119,11 @@ async def _one_connection(host, port, requests, deadline, latencies, statuses):
 async def _load(host, port, requests, concurrency, seconds):
     latencies: list[float] = []
     statuses: dict[int, int] = {}
-    # warm-up, not counted
-    await asyncio.gather(*(_one_connection(host, port, requests, time.perf_counter() + 1.0, [], {})
-                           for _ in range(concurrency)))
-    start = time.perf_counter()
+    # a warm-up second on the same connections, not counted (the server may meanwhile spread them
+    # over its workers, as it would for a client that has been connected a while)
+    start = time.perf_counter() + 1.0
     deadline = start + seconds
-    await asyncio.gather(*(_one_connection(host, port, requests, deadline, latencies, statuses)
+    await asyncio.gather(*(_one_connection(host, port, requests, start, deadline, latencies, statuses)
                            for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
     lat = np.array(latencies) * 1000

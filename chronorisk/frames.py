@@ -32,9 +32,10 @@ def without_column(frame: pl.DataFrame, name: str) -> pl.DataFrame:
 
 
 def stack(frames: Sequence[pl.DataFrame]) -> pl.DataFrame:
-    """`pl.concat(frames, how="diagonal_relaxed")`, taking the plain vertical concat when every frame has
-    the same schema (the usual case: one model's feature rows)."""
-    first = frames[0].schema
-    if all(f.schema == first for f in frames[1:]):
+    """`pl.concat(frames, how="diagonal_relaxed")`, by the plain vertical concat when every frame has
+    the same columns and types (the usual case: one model's feature rows). Vertical refuses any other
+    frames, so it is tried first (comparing ~400-column schemas in Python costs more than the concat)."""
+    try:
         return pl.concat(frames, how="vertical")
-    return pl.concat(frames, how="diagonal_relaxed")
+    except (pl.exceptions.SchemaError, pl.exceptions.ShapeError, pl.exceptions.ColumnNotFoundError):
+        return pl.concat(frames, how="diagonal_relaxed")

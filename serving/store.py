@@ -260,12 +260,20 @@ def _sqlite_write_lock(engine: Engine) -> AbstractContextManager:
     database = engine.url.database if engine.dialect.name == "sqlite" else None
     if not database or database == ":memory:" or database.startswith("file:"):
         return nullcontext()
+    where = database if os.path.isabs(database) else (os.getcwd(), database)
+    lock = _LOCK_OF_DATABASE.get(where)  # resolving the path on every write cost more than the write's lock
+    if lock is not None:
+        return lock
     path = str(Path(database).resolve()) + "-writer.lock"
     with _FILE_LOCKS_GUARD:
         lock = _FILE_LOCKS.get(path)
         if lock is None:
             lock = _FILE_LOCKS[path] = _FileLock(Path(path))
+        _LOCK_OF_DATABASE[where] = lock
     return lock
+
+
+_LOCK_OF_DATABASE: dict[object, _FileLock] = {}  # the database as named (relative: with the cwd) -> its lock
 
 
 def _insert(engine_or_conn):
