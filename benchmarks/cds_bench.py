@@ -232,7 +232,8 @@ def main(argv=None) -> int:
         "machine": sb.machine(),
         "speed_probe_ms_at_start": speed_probe_ms(),
         "workers": args.workers,
-        "client": "python asyncio (serving_bench), one fresh ES384 JWT per call, signed before the run (SignedCalls.sign_ahead)",
+        "client": "python asyncio (serving_bench), one fresh ES384 JWT per call, signed before the run "
+                  "(SignedCalls.sign_ahead)",
         "records": {"patients": len(hooks), "resources_per_call_median": sorted(sizes)[len(sizes) // 2],
                     "resources_per_call_max": max(sizes), "window": f"{RECORD_START} to {RECORD_END} (3 years)"},
         "targets": {"cds_prefetch": "p99 <= 100 ms at concurrency 1, >= 200 calls/s at concurrency 8",
