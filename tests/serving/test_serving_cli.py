@@ -150,3 +150,23 @@ def test_demo_mode_creates_the_secret_and_one_key_per_role(tmp_path):
     out = cli(tmp_path / "w", "audit", "--demo", "--store", f"sqlite:///{tmp_path / 'store.db'}", "verify",
               secret=False)
     assert out.returncode == 0 and (tmp_path / "w" / "secrets" / "serve.key").is_file()
+
+
+def test_each_worker_gets_its_share_of_the_cores_for_polars(tmp_path, monkeypatch):
+    """`chronorisk serve` gives each worker's polars pool cores // workers threads (at least 1), unless
+    the caller set POLARS_MAX_THREADS."""
+    from types import SimpleNamespace
+
+    from chronorisk.config import Params
+    from chronorisk.serving.serve_cli import service_environment
+
+    ctx = SimpleNamespace(params=Params(), params_path=None, paths=SimpleNamespace(root=tmp_path, meds=tmp_path))
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    for workers, threads in ((1, "8"), (2, "4"), (3, "2"), (16, "1")):
+        args = SimpleNamespace(workers=workers, store=None, model_dir=None, meds=None, demo=False)
+        env = service_environment(args, ctx)
+        assert env["POLARS_MAX_THREADS"] == threads
+        assert json.loads(env["BENTOML_CONFIG_OVERRIDES"])["services"]["ChronoriskService"]["workers"] == workers
+    monkeypatch.setenv("POLARS_MAX_THREADS", "3")
+    assert service_environment(args, ctx)["POLARS_MAX_THREADS"] == "3"
