@@ -46,8 +46,9 @@ class ServeConfig(BaseModel):
     model_alias: str = "champion"
     max_payload_mb: float = Field(5.0, gt=0)
     keepalive_max_requests: int = Field(
-        25, ge=0, description="answers on one keep-alive connection before the server closes it (0: never); "
-        "the client's next connection may go to another worker, which keeps the workers evenly loaded"
+        25, ge=0, description="most answers on one keep-alive connection before the server closes it (each "
+        "connection draws its quota between half this and this; 0: never); the client's next connection may go "
+        "to another worker, which keeps the workers evenly loaded"
     )
     max_events: int = Field(200_000, ge=1, description="events per /score request")
     small_cell: int = Field(10, ge=1, description="aggregate counts below this are suppressed")

@@ -99,7 +99,7 @@ class PayloadLimit:
 
 
 class ConnectionRecycle:
-    """Close a keep-alive connection after `serve.keepalive_max_requests` answers (`Connection: close`).
+    """Close a keep-alive connection after at most `serve.keepalive_max_requests` answers (`Connection: close`).
 
     BentoML's workers accept from one shared listening socket, and a worker's event loop takes every
     connection waiting when it wakes: 8 clients that connect together all land on one worker while the
@@ -107,14 +107,21 @@ class ConnectionRecycle:
     keep that split for their whole life. Ending each after a bounded number of answers (as nginx's
     `keepalive_requests` and Envoy's `max_requests_per_connection` do) lets the client's next
     connection go to whichever worker is free to accept it, so the load evens out within seconds.
-    Counted per client address and port in this worker; an answer already closing is left alone."""
+
+    Each connection's quota is drawn between half the limit and the limit (gRPC jitters its maximum
+    connection age the same way): connections opened together would otherwise all end together, and
+    their reconnections arrive as one burst that a single worker takes again. Counted per client
+    address and port in this worker; an answer already closing is left alone."""
 
     MAX_TRACKED = 4096  # connections counted at once; the oldest count is forgotten beyond that
 
     def __init__(self, app, get_limit):
+        import random
+
         self.app = app
         self.get_limit = get_limit
-        self._answers: dict[tuple, int] = {}
+        self._answers: dict[tuple, tuple[int, int]] = {}  # client -> (answers so far, this connection's quota)
+        self._quota = random.Random()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope.get("client"):
@@ -123,10 +130,11 @@ class ConnectionRecycle:
         if limit <= 0:
             return await self.app(scope, receive, send)
         client = tuple(scope["client"])
-        answers = self._answers.pop(client, 0) + 1
-        closing = answers >= limit
+        answers, quota = self._answers.pop(client, None) or (0, self._quota.randint((limit + 1) // 2, limit))
+        answers += 1
+        closing = answers >= quota
         if not closing:
-            self._answers[client] = answers  # re-inserted: the dict's order is the order of last use
+            self._answers[client] = (answers, quota)  # re-inserted: the dict's order is the order of last use
             if len(self._answers) > self.MAX_TRACKED:
                 del self._answers[next(iter(self._answers))]
 
