@@ -36,7 +36,8 @@ def speed_probe_ms() -> float:
     """CPU milliseconds of a fixed single-threaded workload (a chain of 300,000 SHA-256 digests, best of 3).
 
     This machine's speed drifts by tens of percent between runs (a shared host), so a result records the
-    probe beside its figures: two runs compare after scaling by their probes. About 130 ms here when fast."""
+    probe beside its figures: two runs compare after scaling by their probes. About 95 ms here when fast,
+    up to ~130 ms when slow (2026-12-05)."""
     import hashlib
     import time
 

@@ -258,39 +258,25 @@ WRK: str | None = None
 SCRATCH: Path | None = None
 
 
-def _server_cpu() -> float:
-    """CPU seconds used so far by the server's processes (the BentoML arbiter and its workers)."""
+def _server_processes() -> list:
+    """The server's processes (the BentoML arbiter and its workers); none before the server started."""
     import psutil
 
     if SERVER_PID is None:
-        return 0.0
+        return []
     try:
         root = psutil.Process(SERVER_PID)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for p in procs:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
+        return []
 
 
 def _worker_cpu() -> dict[int, float]:
-    """CPU seconds so far of each process under the server (the arbiter and each worker), by pid."""
+    """CPU seconds so far of each of the server's processes, by pid."""
     import psutil
 
-    if SERVER_PID is None:
-        return {}
     out = {}
-    try:
-        procs = [psutil.Process(SERVER_PID), *psutil.Process(SERVER_PID).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
-    for p in procs:
+    for p in _server_processes():
         try:
             t = p.cpu_times()
             out[p.pid] = t.user + t.system
@@ -299,18 +285,17 @@ def _worker_cpu() -> dict[int, float]:
     return out
 
 
+def _server_cpu() -> float:
+    """CPU seconds used so far by the server's processes (the BentoML arbiter and its workers)."""
+    return sum(_worker_cpu().values())
+
+
 def _connections_by_worker(port: int) -> list[int]:
     """How many established client connections each server process holds on `port` (largest first)."""
     import psutil
 
-    if SERVER_PID is None:
-        return []
     counts = []
-    try:
-        procs = [psutil.Process(SERVER_PID), *psutil.Process(SERVER_PID).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-    for p in procs:
+    for p in _server_processes():
         try:
             held = sum(1 for c in p.net_connections(kind="tcp")
                        if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
@@ -361,7 +346,7 @@ def load(url: str, reqs: Requests, concurrency: int, seconds: float) -> dict:
     result["server_cpu_s_by_process"] = sorted(
         (round(workers_after[pid] - workers_before.get(pid, 0.0), 2) for pid in workers_after), reverse=True)
     result["connections_by_worker"] = seen
-    result["server_cpu_ms_per_request"] = round(1000 * (_server_cpu() - before_server) / n, 3)
+    result["server_cpu_ms_per_request"] = round(1000 * (sum(workers_after.values()) - before_server) / n, 3)
     result["client_cpu_ms_per_request"] = round(1000 * (_client_cpu() - before_client) / n, 3)
     return result
 
